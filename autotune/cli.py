@@ -1,0 +1,47 @@
+"""`autotune <command> [--flags] [hydra overrides]`: profile, estimate, search, train, report.
+
+Each command lives in its own module and exposes `cli(argv) -> int`; this file only dispatches
+and turns a user's mistake (ConfigError) into one `error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from engine.config import ConfigError
+
+COMMANDS = {
+    "profile": ("autotune.profile", "the model and hardware profile -> profile.json"),
+    "estimate": ("autotune.estimate", "predicted memory and step time of one plan"),
+    "search": ("autotune.search", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
+    "train": ("engine.train", "train from a config (launches torchrun when the plan needs several processes)"),
+    "report": ("reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
+}
+
+USAGE = "usage: autotune {" + ",".join(COMMANDS) + "} [--flags] [key=value ...]\n\n" + "\n".join(
+    f"  {name:9s} {doc}" for name, (_, doc) in COMMANDS.items()
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.cli(rest) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The planner's configuration: the engine's model/job/plan plus cluster and search, from Hydra.
+
+`compose(overrides)` reads the tree in `conf/` with Hydra's compose API (no working-directory
+change, no log folders) and turns every Hydra or OmegaConf complaint into one ConfigError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.config import (
+    ConfigError,
+    JobConfig,
+    ModelConfig,
+    PlanConfig,
+    TrainConfig,
+    _structured,
+    build_train_config,
+)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a job runs on; `gpu` names a file of conf/gpu/ or is `auto` (probe this one)."""
+
+    name: str = "local"
+    gpu: str = "auto"
+    gpus_per_node: int = 1
+    nodes: int = 1
+    intra_node_gbps: Optional[float] = None  # GB/s per GPU per direction; None: the GPU's link
+    inter_node_gbps: Optional[float] = None  # GB/s per GPU per direction across nodes
+    host_memory_gb: Optional[float] = None  # per node; None: probe or unlimited
+
+    @property
+    def n_gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+@dataclass
+class SearchConfig:
+    mode: str = "auto"  # auto | measure | analytic
+    trials: int = 6
+    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid
+    storage: Optional[str] = None
+    probe_steps: int = 4
+    warmup_steps: int = 1
+    final_steps: int = 8
+    finalists: int = 2
+    trial_timeout_s: float = 300.0
+    objective: str = "throughput"  # throughput | cost | pareto
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp16"])
+    max_dp: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class PlannerConfig:
+    train: TrainConfig
+    cluster: ClusterConfig
+    search: SearchConfig
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level sections (e.g. estimate)
+
+
+@dataclass
+class _Schema:
+    """The typed shape of conf/config.yaml: group files merge into it, so every key is known."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+ConfigStore.instance().store(name="autotune_schema", node=_Schema)
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The raw composed config for `overrides` (e.g. ["model=gpt2", "plan.zero_stage=3"])."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except MissingConfigException as e:
+        missing = getattr(e, "missing_cfg_file", "") or ""
+        group = missing.split("/")[0] if "/" in missing else ""
+        if group and (CONF_DIR / group).is_dir():
+            name = missing.split("/", 1)[1]
+            raise ConfigError(f"unknown {group} {name!r}; available: {', '.join(_group_options(group))}")
+        raise ConfigError(str(e).splitlines()[0])
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"bad override in {list(overrides)}: {str(e).splitlines()[0]}")
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig:
+    """A validated PlannerConfig from Hydra overrides."""
+    raw = OmegaConf.to_container(compose(overrides), resolve=True)
+    train = build_train_config({k: raw.pop(k, {}) for k in ("model", "job", "plan")})
+    cluster = _structured(ClusterConfig, raw.pop("cluster", {}), "cluster")
+    search = _structured(SearchConfig, raw.pop("search", {}), "search")
+    if cluster.gpus_per_node < 1 or cluster.nodes < 1:
+        raise ConfigError(
+            f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
+            "both must be at least 1"
+        )
+    return PlannerConfig(train=train, cluster=cluster, search=search, extra=raw)

@@ -1,0 +1,339 @@
+"""The schema of what the engine runs: model, job and plan, as OmegaConf structured configs.
+
+The engine owns this schema; the planner imports it, the Hydra tree in `conf/` fills it and the
+search writes it back out. Every check that can be made without hardware is made here, when a
+config is built, and each violation is one `ConfigError` that says what to change.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A mistake of the user's: reported as one `error: ...` line and exit status 2."""
+
+
+FAMILIES = ("llama", "gpt2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINTING = ("none", "full", "selective")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+KERNELS = ("torch", "triton")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer architecture (see conf/model/)."""
+
+    name: str = "tiny"
+    family: str = "llama"  # llama | gpt2
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouped-query attention)
+    d_ff: int = 128
+    vocab_size: int = 256
+    max_seq_len: int = 128
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v only
+    init_std: float = 0.02
+    hf_config: Optional[str] = None  # a Hugging Face config.json on disk; overrides the fields above
+    init_from: Optional[str] = None  # a folder of Hugging Face safetensors weights to start from
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def norm(self) -> str:
+        return "layernorm" if self.family == "gpt2" else "rmsnorm"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | a path to a uint16/uint32 token .bin file
+    dtype: str = "uint16"  # of the .bin file
+
+
+@dataclass
+class JobConfig:
+    """What the user decided and the tuner must not change."""
+
+    seq_len: int = 64
+    global_batch: int = 8  # sequences per optimizer step
+    steps: int = 20
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+    out_dir: str = "outputs/train"
+    log_every: int = 1
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
+    resume: bool = True  # continue from the newest complete checkpoint in out_dir
+
+
+@dataclass
+class PlanConfig:
+    """How the job is executed: the thing being tuned."""
+
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch: int = 1
+    grad_accum: Optional[int] = None  # derived: global_batch / (micro_batch * dp)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    loss_scale: str = "dynamic"  # fp16 only: dynamic | none | a fixed number
+    activation_checkpointing: str = "none"  # none | full | selective
+    checkpoint_every_k: int = 2  # selective: checkpoint every k-th block
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b needs >= 2)
+    sequence_parallel: bool = False
+    kernels: str = "torch"  # torch | triton
+    compile: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+@dataclass
+class TrainConfig:
+    """Everything the engine needs to train: a generated best.yaml is one of these."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    job: JobConfig = field(default_factory=JobConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+# --- Hugging Face config.json ---------------------------------------------------------------
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def model_from_hf_config(path: str | Path) -> dict[str, Any]:
+    """Map a Hugging Face config.json to ModelConfig fields."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"model.hf_config: no such file {path}; give the path of a Hugging Face config.json")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.hf_config: cannot read {path} as JSON ({e})")
+    kind = hf.get("model_type")
+    if kind not in HF_MODEL_TYPES:
+        raise ConfigError(
+            f"model.hf_config: model_type {kind!r} is not supported; supported: {', '.join(HF_MODEL_TYPES)}"
+        )
+    name = hf.get("_name_or_path") or path.parent.name or kind
+    try:
+        if kind == "gpt2":
+            d = hf["n_embd"]
+            return dict(
+                name=name, family="gpt2", n_layers=hf["n_layer"], d_model=d, n_heads=hf["n_head"],
+                n_kv_heads=None, d_ff=hf.get("n_inner") or 4 * d, vocab_size=hf["vocab_size"],
+                max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=True,
+            )
+        return dict(
+            name=name, family="llama", n_layers=hf["num_hidden_layers"], d_model=hf["hidden_size"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            d_ff=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)), qkv_bias=(kind == "qwen2"),
+        )
+    except KeyError as e:
+        raise ConfigError(f"model.hf_config: {path} lacks the key {e.args[0]!r} that a {kind} config has")
+
+
+# --- building and validating ----------------------------------------------------------------
+
+def _structured(schema: type, data: Any, what: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{what}: {_omegaconf_message(e)}")
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def build_train_config(data: Any) -> TrainConfig:
+    """A validated TrainConfig from a dict/DictConfig (model, job, plan)."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data, resolve=True)
+    data = dict(data or {})
+    unknown = set(data) - {"model", "job", "plan"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; a training config has model, job, plan")
+    model = dict(data.get("model") or {})
+    if model.get("hf_config"):
+        model.update(model_from_hf_config(model["hf_config"]))
+    cfg = TrainConfig(
+        model=_structured(ModelConfig, model, "model"),
+        job=_structured(JobConfig, data.get("job") or {}, "job"),
+        plan=_structured(PlanConfig, data.get("plan") or {}, "plan"),
+    )
+    validate(cfg)
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file plus `section.key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    try:
+        base = OmegaConf.load(path)
+        dot = OmegaConf.from_dotlist(list(overrides))
+    except (OmegaConfBaseException, ValueError, OSError) as e:
+        raise ConfigError(f"cannot read {path} with overrides {list(overrides)}: {e}")
+    keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    if keys & {"plan.micro_batch", "plan.dp", "job.global_batch"} and "plan.grad_accum" not in keys and "plan" in base:
+        base.plan.grad_accum = None  # derived: follow the overridden batch shape
+    return build_train_config(OmegaConf.merge(base, dot))
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def validate_model(m: ModelConfig) -> None:
+    if m.family not in FAMILIES:
+        raise ConfigError(f"model.family={m.family!r}: use one of {', '.join(FAMILIES)}")
+    for key in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.kv_heads}")
+    if m.family == "llama" and m.head_dim % 2:
+        raise ConfigError(f"rotary embeddings need an even head dim; d_model/n_heads={m.head_dim}")
+    if m.family == "gpt2" and m.kv_heads != m.n_heads:
+        raise ConfigError("model.n_kv_heads: gpt2 has no grouped-query attention; leave it unset")
+
+
+def validate_job(j: JobConfig) -> None:
+    if j.seq_len < 1 or j.global_batch < 1 or j.steps < 1:
+        raise ConfigError("job.seq_len, job.global_batch and job.steps must be at least 1")
+    if j.optimizer.name != "adamw":
+        raise ConfigError(f"job.optimizer.name={j.optimizer.name!r}: only adamw is supported")
+    if j.data.dtype not in ("uint16", "uint32"):
+        raise ConfigError(f"job.data.dtype={j.data.dtype!r}: use uint16 or uint32")
+
+
+def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
+    """Check a plan against its model and job, and fill in the derived grad_accum."""
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"plan.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
+    if p.precision not in PRECISIONS:
+        raise ConfigError(f"plan.precision={p.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if p.activation_checkpointing not in CHECKPOINTING:
+        raise ConfigError(
+            f"plan.activation_checkpointing={p.activation_checkpointing!r}: use one of {', '.join(CHECKPOINTING)}"
+        )
+    if p.checkpoint_every_k < 1:
+        raise ConfigError(f"plan.checkpoint_every_k={p.checkpoint_every_k} must be at least 1")
+    if p.kernels not in KERNELS:
+        raise ConfigError(f"plan.kernels={p.kernels!r}: use one of {', '.join(KERNELS)}")
+    if p.pp_schedule not in PP_SCHEDULES:
+        raise ConfigError(f"plan.pp_schedule={p.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}")
+    for key in ("micro_batch", "dp", "tp", "pp", "pp_virtual_stages"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"plan.{key}={getattr(p, key)} must be at least 1")
+    if p.precision == "fp16":
+        if p.loss_scale == "none":
+            raise ConfigError("plan.precision=fp16 needs loss scaling: set plan.loss_scale=dynamic (or a number)")
+        if p.loss_scale != "dynamic":
+            try:
+                scale = float(p.loss_scale)
+            except ValueError:
+                raise ConfigError(f"plan.loss_scale={p.loss_scale!r}: use dynamic, none or a positive number")
+            if not scale > 0 or math.isinf(scale):
+                raise ConfigError(f"plan.loss_scale={p.loss_scale!r}: use dynamic, none or a positive number")
+    if p.offload_optimizer and p.zero_stage < 1:
+        raise ConfigError("plan.offload_optimizer needs plan.zero_stage >= 1")
+    if p.offload_params and p.zero_stage < 3:
+        raise ConfigError("plan.offload_params needs plan.zero_stage=3")
+    if p.tp > 1:
+        if model.n_heads % p.tp or model.kv_heads % p.tp:
+            raise ConfigError(
+                f"plan.tp={p.tp} must divide model.n_heads={model.n_heads} and "
+                f"model.n_kv_heads={model.kv_heads}; try a tp that divides {math.gcd(model.n_heads, model.kv_heads)}"
+            )
+        if model.d_ff % p.tp:
+            raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
+    if p.sequence_parallel and job.seq_len % p.tp:
+        raise ConfigError(f"plan.sequence_parallel needs job.seq_len={job.seq_len} divisible by plan.tp={p.tp}")
+    stages = p.pp * p.pp_virtual_stages
+    if stages > model.n_layers:
+        raise ConfigError(
+            f"plan.pp={p.pp} x plan.pp_virtual_stages={p.pp_virtual_stages} = {stages} stages "
+            f"exceeds model.n_layers={model.n_layers}"
+        )
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
+        raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
+    if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:
+        raise ConfigError(f"plan.pp_virtual_stages={p.pp_virtual_stages} needs plan.pp_schedule=interleaved_1f1b")
+    if job.seq_len > model.max_seq_len:
+        raise ConfigError(f"job.seq_len={job.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    per_step = p.micro_batch * p.dp
+    if job.global_batch % per_step:
+        raise ConfigError(
+            f"job.global_batch={job.global_batch} is not divisible by plan.micro_batch={p.micro_batch} "
+            f"x plan.dp={p.dp} = {per_step}; pick a micro_batch that divides {job.global_batch // p.dp or 1}"
+        )
+    accum = job.global_batch // per_step
+    if p.grad_accum is not None and p.grad_accum != accum:
+        raise ConfigError(
+            f"plan.grad_accum={p.grad_accum} disagrees with job.global_batch={job.global_batch} / "
+            f"(micro_batch={p.micro_batch} x dp={p.dp}) = {accum}; leave grad_accum unset"
+        )
+    p.grad_accum = accum
+    if p.pp > 1 and p.pp_schedule == "interleaved_1f1b" and accum % p.pp:
+        raise ConfigError(
+            f"plan.pp_schedule=interleaved_1f1b needs grad_accum={accum} (micro-batches) divisible by plan.pp={p.pp}"
+        )
+
+
+def validate(cfg: TrainConfig) -> None:
+    validate_model(cfg.model)
+    validate_job(cfg.job)
+    validate_plan(cfg.plan, cfg.model, cfg.job)

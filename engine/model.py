@@ -1,0 +1,225 @@
+"""A decoder-only transformer in two families.
+
+llama: RMSNorm, rotary embeddings (theta), SwiGLU MLP, grouped-query attention, optional q/k/v
+biases (Qwen2), head tied or not. gpt2: LayerNorm, learned positions, GELU MLP, biases on every
+linear, head tied to the token embedding.
+
+The model builds on the meta device for planning (`build_model(cfg, device="meta")`) and is
+materialised with `to_empty` + `init_weights` on the device it trains on. Blocks live in a
+ModuleDict keyed by their index so that a pipeline stage can drop the blocks it does not own and
+keep the parameter names of the full model (checkpoints stay interchangeable).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from engine.config import ModelConfig
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_seq_len, head_dim // 2], in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [b, s, a, d] and k [b, s, g, d] with cos/sin [s, d/2] (halves layout, as in HF llama)."""
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
+
+    return rotate(q), rotate(k)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        bias = cfg.family == "gpt2"
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        self.use_rope = cfg.family == "llama"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1 rather than the head counts: under tensor parallelism each rank holds a slice of heads
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, k, cos[:s], sin[:s])
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head among its group
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        bias = cfg.family == "gpt2"
+        if self.gated:
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.family == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s]."""
+        x = self.tok_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for block in self.layers.values():
+            x = block(x, rope)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab] or, given targets, the mean cross-entropy loss (fp32)."""
+        h = self.hidden(tokens)
+        logits = F.linear(h, self.head_weight())
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = 0) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty`).
+
+        Normal(0, init_std) for weights, residual output projections scaled by 1/sqrt(2 n_layers)
+        (GPT-2), zeros for biases, ones for norm weights. Each tensor is drawn on the CPU from a
+        generator seeded by (seed, its name): the values do not depend on the device, the rank, the
+        order of initialisation or which blocks a pipeline stage holds, and sharded (DTensor)
+        parameters receive their slice of the same full tensor.
+        """
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                full = torch.zeros(p.shape)
+            elif "norm" in name:
+                full = torch.ones(p.shape)
+            else:
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
+                gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + zlib.crc32(name.encode()))
+                full = torch.empty(p.shape).normal_(0.0, s, generator=gen)
+            _copy_full(p, full)
+        if self.rope_cos is not None:
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+
+def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-shape CPU tensor into a parameter, plain or sharded (DTensor)."""
+    if isinstance(p, DTensor):
+        p.copy_(distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements))
+    else:
+        p.copy_(full)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
+    """The model on `device`; on "meta" it is only shapes (for planning), elsewhere initialised."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if str(device) != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed)
+    return model
+
+
+# --- exact parameter counts -----------------------------------------------------------------
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per module kind, closed form; equals the instantiated model's count exactly."""
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    bias = cfg.family == "gpt2"
+    qkv_bias = bias or cfg.qkv_bias
+    norm = 2 * d if cfg.family == "gpt2" else d
+    attn = d * q_out + 2 * d * kv_out + q_out * d + (q_out + 2 * kv_out if qkv_bias else 0) + (d if bias else 0)
+    if cfg.family == "llama":
+        mlp = 3 * d * f
+    else:
+        mlp = 2 * d * f + f + d
+    counts = {
+        "embedding": v * d,
+        "position_embedding": cfg.max_seq_len * d if cfg.family == "gpt2" else 0,
+        "attention": cfg.n_layers * attn,
+        "mlp": cfg.n_layers * mlp,
+        "norms": cfg.n_layers * 2 * norm + norm,
+        "lm_head": 0 if cfg.tie_embeddings else v * d,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return param_counts(cfg)["total"]

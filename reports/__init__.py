@@ -1,0 +1,1 @@
+"""Study results -> tables (pandas) and figures (matplotlib). Knows nothing of torch."""
