@@ -104,9 +104,23 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             raise ConfigError(f"unknown {group} {name!r}; available: {', '.join(_group_options(group))}")
         raise ConfigError(str(e).splitlines()[0])
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"bad override in {list(overrides)}: {str(e).splitlines()[0]}")
+        raise ConfigError(_override_message(e, overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _override_message(e: Exception, overrides) -> str:
+    """One line naming the bad override and what Hydra/OmegaConf found wrong with it."""
+    cause = e.__cause__
+    first = str(e).splitlines()[0]
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", "") or ""
+        detail = str(cause).splitlines()[0]
+        if "not in" in detail and key:
+            section = key.rsplit(".", 1)[0]
+            return f"{key} is not a setting of {section}; check the spelling (the keys are in conf/{section}/)"
+        return f"{first.replace('Error merging override ', '')}: {detail}"
+    return f"bad override in {list(overrides)}: {first}; write overrides as key=value or group=option"
 
 
 def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig:
