@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, build_train_config
-from engine.data import micro_batches, prepare, synthetic_offsets, token_file
+from engine.data import main, micro_batches, prepare, synthetic_offsets, token_file
 from engine.model import build_model
 
 
@@ -139,6 +139,16 @@ def test_prepare_command(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert np.fromfile(out, dtype=np.uint16).tolist() == list(b"abc" * 100)
-    bad = subprocess.run([sys.executable, "-m", "engine.data", "prepare", str(tmp_path / "nope.txt"), str(out)],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
+def test_prepare_errors(tmp_path, capsys):
+    assert main(["prepare", str(tmp_path / "nope.txt"), str(tmp_path / "out.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such text file") and len(err.splitlines()) == 1
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        prepare(tmp_path / "empty.txt", tmp_path / "out.bin")
+    (tmp_path / "in.txt").write_text("x")
+    with pytest.raises(ConfigError, match="no folder"):
+        prepare(tmp_path / "in.txt", tmp_path / "sub" / "out.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "in.txt"]
