@@ -1,0 +1,215 @@
+"""Write what a search chose: `best.yaml` for the engine, `ds_config.json` for DeepSpeed, `launch.sh`.
+
+All three are rendered before any is written, and each is written atomically, so a bad plan or a
+crash never leaves a run folder with a half-written or mismatched file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from autotune.config import ClusterConfig
+from engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
+from engine.model import param_counts
+from reports.files import write_atomic
+
+# fp16 dynamic loss scaling as torch.amp.GradScaler does it by default (the engine's scaler): start
+# at 2^16, halve on every overflow (no hysteresis), double after 2000 clean steps.
+FP16_INITIAL_SCALE_POWER = 16
+FP16_SCALE_WINDOW = 2000
+FP16_HYSTERESIS = 1
+FP16_MIN_SCALE = 1
+MASTER_PORT = 29500
+
+
+def write_outputs(run_dir: Path, best: TrainConfig, cluster: ClusterConfig) -> None:
+    """Write best.yaml, ds_config.json and launch.sh for `best` on `cluster` into `run_dir`."""
+    text = to_yaml(best)
+    # What we write is what `autotune train best.yaml` will read: rebuild it from the text so an
+    # invalid plan is refused here, before anything is written, and grad_accum is filled in.
+    checked = build_train_config(OmegaConf.to_container(OmegaConf.create(text)))
+    files = {
+        "best.yaml": to_yaml(checked),
+        "ds_config.json": json.dumps(ds_config(checked), indent=2) + "\n",
+        "launch.sh": launch_script(checked, cluster),
+    }
+    for name, data in files.items():
+        write_atomic(Path(run_dir) / name, data, executable=name.endswith(".sh"))
+
+
+def block_params(model: ModelConfig) -> int:
+    """Parameters of one transformer block, the unit the engine gathers and reduces at a time."""
+    counts = param_counts(model)
+    return (counts["attention"] + counts["mlp"] + counts["norms"]) // model.n_layers
+
+
+def checkpointed_blocks(cfg: TrainConfig) -> int:
+    """How many blocks recompute their forward in backward under the plan's checkpointing."""
+    policy, layers = cfg.plan.activation_checkpointing, cfg.model.n_layers
+    if policy == "full":
+        return layers
+    if policy == "selective":
+        return len(range(0, layers, cfg.plan.checkpoint_every_k))
+    return 0
+
+
+def ds_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The plan of `cfg` in DeepSpeed's own config keys (plus one `autotune` key DeepSpeed ignores)."""
+    model, job, plan, opt = cfg.model, cfg.job, cfg.plan, cfg.job.optimizer
+    # Buckets of one block's parameters mirror the engine, which gathers and reduces per block.
+    bucket = block_params(model)
+    zero: dict[str, Any] = {"stage": plan.zero_stage}
+    if plan.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=bucket)
+    if plan.zero_stage in (1, 2):
+        zero.update(reduce_scatter=True, allgather_bucket_size=bucket)
+    if plan.zero_stage == 3:
+        # Prefetch the next block while computing this one; keep vectors (norms, biases) unsharded.
+        zero.update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=10 * model.d_model)
+    if plan.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if plan.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+
+    fp16: dict[str, Any] = {"enabled": plan.precision == "fp16"}
+    if fp16["enabled"]:
+        fp16.update(
+            loss_scale=0 if plan.loss_scale == "dynamic" else float(plan.loss_scale),  # 0: dynamic
+            initial_scale_power=FP16_INITIAL_SCALE_POWER,
+            loss_scale_window=FP16_SCALE_WINDOW,
+            hysteresis=FP16_HYSTERESIS,
+            min_loss_scale=FP16_MIN_SCALE,
+        )
+
+    config: dict[str, Any] = {
+        "train_batch_size": job.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "fp16": fp16,
+        "gradient_clipping": opt.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": opt.lr,
+                "betas": [opt.beta1, opt.beta2],
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+            },
+        },
+        # The engine's schedule: linear warmup from 0, then cosine to lr * min_lr_ratio at job.steps.
+        # DeepSpeed needs at least one warmup step (it uses at least two).
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": job.steps,
+                "warmup_num_steps": max(1, opt.warmup_steps),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": opt.min_lr_ratio,
+            },
+        },
+        "steps_per_print": job.log_every,
+        "wall_clock_breakdown": False,
+    }
+    blocks = checkpointed_blocks(cfg)
+    if blocks:
+        # Read by deepspeed.checkpointing.checkpoint, which the model code must call per block.
+        config["activation_checkpointing"] = {
+            "partition_activations": False,
+            "cpu_checkpointing": False,
+            "contiguous_memory_optimization": False,
+            "number_checkpoints": blocks,
+            "synchronize_checkpoint_boundary": False,
+            "profile": False,
+        }
+    config["autotune"] = _not_deepspeed(cfg, blocks)
+    return config
+
+
+def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
+    """The parts of the plan that DeepSpeed's config cannot express, stated rather than claimed."""
+    plan = cfg.plan
+    notes = ["DeepSpeed ignores this key; it records the plan parts that have no DeepSpeed config key."]
+    if plan.tp > 1 or plan.pp > 1:
+        notes.append(
+            f"tensor_parallel={plan.tp} and pipeline_parallel={plan.pp} are not set by this file: they come "
+            "from the model code (e.g. a Megatron-DeepSpeed mpu, deepspeed.pipe.PipelineModule). "
+            f"train_batch_size counts sequences over the {plan.dp} data-parallel ranks, so DeepSpeed must be "
+            f"given an mpu whose data-parallel world size is {plan.dp}."
+        )
+    if blocks:
+        notes.append(
+            f"activation_checkpointing={plan.activation_checkpointing}: the model must checkpoint {blocks} of "
+            f"{cfg.model.n_layers} blocks itself (selective: every {plan.checkpoint_every_k}-th block)."
+        )
+    return {
+        "note": " ".join(notes),
+        "model": cfg.model.name,
+        "seq_len": cfg.job.seq_len,
+        "data_parallel": plan.dp,
+        "tensor_parallel": plan.tp,
+        "sequence_parallel": plan.sequence_parallel,
+        "pipeline_parallel": plan.pp,
+        "pipeline_schedule": plan.pp_schedule,
+        "pipeline_virtual_stages": plan.pp_virtual_stages,
+        "activation_checkpointing": plan.activation_checkpointing,
+        "checkpoint_every_k": plan.checkpoint_every_k,
+        "kernels": plan.kernels,
+        "compile": plan.compile,
+    }
+
+
+def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
+    """A bash script that runs `torchrun -m engine.train best.yaml` with the plan's process count."""
+    world, per_node = cfg.plan.world_size, cluster.gpus_per_node
+    if world > cluster.n_gpus:
+        raise ConfigError(
+            f"the plan needs dp x tp x pp = {world} GPUs but cluster {cluster.name!r} has {cluster.n_gpus}; "
+            "pick a plan with fewer ranks or a larger cluster"
+        )
+    if world > per_node and world % per_node:
+        raise ConfigError(
+            f"the plan's {world} ranks do not fill whole nodes of {per_node} GPUs; "
+            f"use a dp x tp x pp that is a multiple of {per_node}"
+        )
+    nodes, nproc = (1, world) if world <= per_node else (world // per_node, per_node)
+    head = [
+        "#!/usr/bin/env bash",
+        f"# Generated by autotune: trains {_one_line(cfg.model.name)} with the plan in best.yaml",
+        f"# (dp={cfg.plan.dp} tp={cfg.plan.tp} pp={cfg.plan.pp}) on {nodes} node(s) x {nproc} GPU(s) "
+        f"of cluster {_one_line(cluster.name)}.",
+        "# Extra arguments are config overrides for the engine, e.g. ./launch.sh job.steps=1000",
+    ]
+    if nodes == 1:
+        body = [
+            "set -euo pipefail",
+            'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+            f'exec torchrun --standalone --nproc_per_node={nproc} -m engine.train "$HERE/best.yaml" "$@"',
+        ]
+    else:
+        head += [
+            f"# Run it once on each of the {nodes} nodes, from a folder every node sees (shared filesystem).",
+            f"#   NODE_RANK    this node's index, 0..{nodes - 1} (default: $SLURM_NODEID, else 0)",
+            "#   MASTER_ADDR  address of node 0, reachable from every node (required)",
+            f"#   MASTER_PORT  rendezvous port on node 0 (default {MASTER_PORT})",
+        ]
+        body = [
+            "set -euo pipefail",
+            'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+            'NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"',
+            'MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"',
+            f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
+            f"exec torchrun --nnodes={nodes} --nproc_per_node={nproc} --node_rank=\"$NODE_RANK\" \\",
+            '    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-autotune}" \\',
+            '    -m engine.train "$HERE/best.yaml" "$@"',
+        ]
+    return "\n".join(head + body) + "\n"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())

@@ -1,0 +1,188 @@
+"""autotune.emit: best.yaml, ds_config.json and launch.sh for a chosen plan, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import autotune.emit as emit
+import reports.files
+from autotune.config import ClusterConfig
+from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config, load_train_config
+
+FILES = ("best.yaml", "ds_config.json", "launch.sh")
+
+
+def train_config(global_batch: int = 8, **plan) -> TrainConfig:
+    return build_train_config({"job": {"global_batch": global_batch}, "plan": plan})
+
+
+def test_best_yaml_round_trips_through_the_engine_loader(tmp_path):
+    cfg = train_config(zero_stage=2, micro_batch=2, precision="bf16", activation_checkpointing="full")
+    emit.write_outputs(tmp_path, cfg, ClusterConfig(gpus_per_node=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+    loaded = load_train_config(tmp_path / "best.yaml")
+    assert loaded == cfg
+    assert loaded.plan.grad_accum == 4
+
+
+PLANS = [
+    dict(zero_stage=0, precision="fp32"),
+    dict(zero_stage=1, precision="bf16", offload_optimizer=True, micro_batch=2),
+    dict(zero_stage=2, precision="fp16", dp=2),
+    dict(zero_stage=3, precision="bf16", offload_optimizer=True, offload_params=True, activation_checkpointing="full"),
+    dict(zero_stage=3, precision="fp16", loss_scale="1024", dp=4, micro_batch=2),
+]
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"zero{p['zero_stage']}-{p['precision']}")
+def test_ds_config_carries_the_plan(plan):
+    cfg = train_config(global_batch=16, **plan)
+    ds = emit.ds_config(cfg)
+    p, opt = cfg.plan, cfg.job.optimizer
+    assert ds["train_batch_size"] == 16
+    assert ds["train_micro_batch_size_per_gpu"] == p.micro_batch
+    assert ds["gradient_accumulation_steps"] * p.micro_batch * p.dp == 16
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == p.zero_stage
+    assert ("offload_optimizer" in zero) == p.offload_optimizer
+    assert ("offload_param" in zero) == p.offload_params
+    if p.offload_optimizer:
+        assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["bf16"]["enabled"] == (p.precision == "bf16")
+    assert ds["fp16"]["enabled"] == (p.precision == "fp16")
+    if p.precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == (0 if p.loss_scale == "dynamic" else float(p.loss_scale))
+        assert ds["fp16"]["initial_scale_power"] == 16
+    assert ds["gradient_clipping"] == opt.grad_clip
+    assert ds["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps, "weight_decay": opt.weight_decay},
+    }
+    sched = ds["scheduler"]["params"]
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert (sched["total_num_steps"], sched["warmup_num_steps"]) == (cfg.job.steps, opt.warmup_steps)
+    assert sched["cos_min_ratio"] == opt.min_lr_ratio
+    assert ("activation_checkpointing" in ds) == (p.activation_checkpointing != "none")
+    json.dumps(ds)  # plain JSON types only
+
+
+def test_ds_config_checkpointing_counts_blocks():
+    cfg = build_train_config({"model": {"n_layers": 5}, "plan": {"activation_checkpointing": "selective", "checkpoint_every_k": 2}})
+    assert emit.ds_config(cfg)["activation_checkpointing"]["number_checkpoints"] == 3  # blocks 0, 2, 4
+
+
+def test_ds_config_does_not_claim_tensor_or_pipeline_parallel():
+    cfg = train_config(dp=1, tp=2, pp=2)
+    ds = emit.ds_config(cfg)
+    extra = ds["autotune"]
+    assert (extra["tensor_parallel"], extra["pipeline_parallel"], extra["data_parallel"]) == (2, 2, 1)
+    assert "mpu" in extra["note"] and "tensor_parallel=2" in extra["note"]
+    # batch size is per data-parallel rank group, as DeepSpeed with an mpu counts it
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 1
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"zero{p['zero_stage']}-{p['precision']}")
+def test_ds_config_accepted_by_deepspeed(plan):
+    runtime_config = pytest.importorskip("deepspeed.runtime.config")
+    cfg = train_config(global_batch=16, **plan)
+
+    class DataParallelOnly:  # DeepSpeed asks an mpu for the data-parallel world size
+        def get_data_parallel_world_size(self):
+            return cfg.plan.dp
+
+    parsed = runtime_config.DeepSpeedConfig(emit.ds_config(cfg), mpu=DataParallelOnly())
+    assert parsed.zero_optimization_stage == cfg.plan.zero_stage
+    assert parsed.train_batch_size == 16
+
+
+def fake_torchrun(tmp_path: Path) -> dict[str, str]:
+    """A `torchrun` on PATH that prints its arguments, one per line, instead of training."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "torchrun"
+    tool.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NODEID")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def run_launch(script: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(script), *args], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_launch_single_node(tmp_path):
+    out = tmp_path / "run"
+    emit.write_outputs(out, train_config(dp=2), ClusterConfig(gpus_per_node=4))
+    script = out / "launch.sh"
+    assert script.stat().st_mode & stat.S_IXUSR
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "set -euo pipefail" in script.read_text()
+    done = run_launch(script, fake_torchrun(tmp_path), "job.steps=3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "--standalone", "--nproc_per_node=2", "-m", "engine.train", str(out.resolve() / "best.yaml"), "job.steps=3",
+    ]
+
+
+def test_launch_multi_node(tmp_path):
+    out = tmp_path / "run"
+    emit.write_outputs(out, train_config(global_batch=16, dp=8, tp=2), ClusterConfig(gpus_per_node=8, nodes=2))
+    script = out / "launch.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = fake_torchrun(tmp_path)
+    done = run_launch(script, {**env, "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7"})
+    assert done.returncode == 0, done.stderr
+    args = done.stdout.splitlines()
+    for expected in ("--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--rdzv_backend=c10d",
+                     "--rdzv_endpoint=10.0.0.7:29500", "engine.train", str(out.resolve() / "best.yaml")):
+        assert expected in args
+    missing = run_launch(script, env)  # no MASTER_ADDR: refuse rather than hang at rendezvous
+    assert missing.returncode != 0 and "MASTER_ADDR" in missing.stderr
+
+
+def test_launch_refuses_plans_the_cluster_cannot_hold():
+    with pytest.raises(ConfigError, match="needs dp x tp x pp = 4 GPUs"):
+        emit.launch_script(train_config(dp=4), ClusterConfig(gpus_per_node=2, nodes=1))
+    with pytest.raises(ConfigError, match="whole nodes"):
+        emit.launch_script(train_config(global_batch=6, dp=3), ClusterConfig(gpus_per_node=2, nodes=2))
+
+
+def test_invalid_plan_writes_nothing(tmp_path):
+    bad = train_config()
+    bad.plan = PlanConfig(micro_batch=3)  # 8 sequences do not split into micro-batches of 3
+    with pytest.raises(ConfigError, match="not divisible"):
+        emit.write_outputs(tmp_path, bad, ClusterConfig())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_rendering_keeps_the_old_files(tmp_path, monkeypatch):
+    emit.write_outputs(tmp_path, train_config(), ClusterConfig())
+    before = {name: (tmp_path / name).read_bytes() for name in FILES}
+
+    def broken(cfg):
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(emit, "ds_config", broken)
+    with pytest.raises(RuntimeError):
+        emit.write_outputs(tmp_path, train_config(zero_stage=1, micro_batch=4), ClusterConfig())
+    assert {name: (tmp_path / name).read_bytes() for name in FILES} == before
+
+
+def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "ds_config.json"
+    reports.files.write_atomic(target, "old\n")
+
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(reports.files.os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        reports.files.write_atomic(target, "new and longer\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ds_config.json"]  # no temp file left behind
