@@ -1,0 +1,113 @@
+"""Tensor parallelism (Megatron-style) with DTensor `parallelize_module`.
+
+Inside each block, attention wq/wk/wv and the MLP's gate/up projections are column-parallel (each
+tp rank holds n_heads/tp query heads, n_kv_heads/tp kv heads and d_ff/tp hidden units, biases
+sliced with them) and wo / w_down are row-parallel, so a block costs one all-reduce forward and one
+backward per sublayer. `Attention` reshapes with -1 heads, so the local head counts just work,
+and grouped-query attention repeats the local kv heads (tp divides n_kv_heads: engine/config.py).
+
+The token embedding and the LM head are sharded over the vocabulary (weight Shard(0)), not
+replicated: in llama-3 they are the two largest matrices (128k x d each) and the logits
+[batch, seq, vocab] are the largest activation, so replicating them would cost every tp rank the
+full memory and the full head matmul. The embedding all-reduces (or, with sequence parallel,
+reduce-scatters) its output; the head produces vocabulary-sharded logits and the cross-entropy is
+computed on the shards under `loss_parallel()` (a max, a sum of exponentials and the target's logit
+are all-reduced per token) without ever gathering the logits. The train step enters
+`loss_context(plan)` around forward and backward. A tied head (gpt2) is the same Shard(0) weight
+as the embedding, so tying survives sharding.
+
+Sequence parallel (`plan.sequence_parallel`) keeps the residual stream sharded over the sequence
+between the sublayers: the norms run on [b, s/tp, d] (`SequenceParallel`, weights replicated and
+their gradients summed over tp by DTensor), attention and MLP all-gather their input
+(`PrepareModuleInput`) and wo / w_down reduce-scatter their output; the same bytes move as in the
+all-reduce, but norm activations and the residual stream take 1/tp of the memory.
+
+Replicated parameters outside the blocks (norms without sequence parallel, gpt2 positions) stay
+plain tensors: every tp rank computes the same gradient for them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from engine.config import PlanConfig
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
+    """Shard a Transformer (or a pipeline stage of one: missing modules are skipped) over tp_mesh."""
+    # Layout of the residual stream between sublayers: sharded on the sequence or replicated.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    if model.tok_emb is not None:
+        parallelize_module(model.tok_emb, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
+    if model.pos_emb is not None and sequence_parallel:
+        # positions [s, d] are computed whole; each rank adds its slice of the sequence
+        parallelize_module(
+            model.pos_emb, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
+        )
+    for block in model.layers.values():
+        plan = {
+            # one DTensor input per sublayer: the gradients of q, k and v (or gate and up) meet
+            # as a partial sum and are all-reduced once, not once per projection
+            "attn": PrepareModuleInput(
+                input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False
+            ),
+            "attn.wq": ColwiseParallel(),
+            "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=stream),
+            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_output=False),
+            "mlp.w_up": ColwiseParallel(),
+            "mlp.w_down": RowwiseParallel(output_layouts=stream),
+        }
+        if block.mlp.gated:
+            plan["mlp.w_gate"] = ColwiseParallel()
+        if sequence_parallel:
+            plan["attn_norm"] = SequenceParallel()
+            plan["mlp_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+    if model.norm is not None:
+        if sequence_parallel:
+            parallelize_module(model.norm, tp_mesh, SequenceParallel())
+        # the head multiplies replicated hidden states by its vocabulary shard
+        parallelize_module(
+            model.norm, tp_mesh,
+            PrepareModuleOutput(output_layouts=stream, desired_output_layouts=Replicate(), use_local_output=False),
+        )
+        if model.lm_head is not None:
+            # the head is applied as F.linear(h, weight) (it may be tied), so only its weight is sharded
+            model.lm_head.weight = nn.Parameter(distribute_tensor(model.lm_head.weight, tp_mesh, [Shard(0)]))
+        model.register_forward_hook(_local_loss)
+    return model
+
+
+def _local_loss(module: nn.Module, args, output):
+    """The loss leaves the model as a plain scalar tensor (identical on every tp rank); logits stay a
+    vocabulary-sharded DTensor."""
+    if isinstance(output, DTensor) and output.ndim == 0:
+        return output.to_local()
+    return output
+
+
+def loss_context(plan: PlanConfig) -> contextlib.AbstractContextManager:
+    """Enter around forward and backward: cross-entropy on vocabulary-sharded logits under tp."""
+    return loss_parallel() if plan.tp > 1 else contextlib.nullcontext()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy (fp32) of logits [b, s, vocab], plain or vocabulary-sharded (inside
+    `loss_context`), as a plain scalar tensor."""
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return loss.to_local() if isinstance(loss, DTensor) else loss
