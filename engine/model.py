@@ -133,18 +133,25 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s]."""
-        x = self.tok_emb(tokens)
+        """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s].
+
+        A pipeline stage (engine/pipeline.py) holds only some modules: without `tok_emb` it takes
+        hidden states [b, s, d_model] instead of token ids; without `norm` it returns the output
+        of its last block.
+        """
+        x = self.tok_emb(tokens) if self.tok_emb is not None else tokens
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.layers.values():
             x = block(x, rope)
-        return self.norm(x)
+        return self.norm(x) if self.norm is not None else x
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [b, s, vocab] or, given targets, the mean cross-entropy loss (fp32)."""
         h = self.hidden(tokens)
+        if self.norm is None:  # a pipeline stage before the last: its output feeds the next stage
+            return h
         logits = F.linear(h, self.head_weight())
         if targets is None:
             return logits
