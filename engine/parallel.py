@@ -1,0 +1,230 @@
+"""Apply a plan to a model: one small function per concern, in the order DESIGN.md's table implies.
+
+    mesh = build_mesh(plan, device.type)
+    model = apply_plan(model, plan, mesh, device, seed)   # checkpointing -> compile -> ZeRO
+    optimizer = build_optimizer(model, plan, job, mesh)
+
+ZeRO 0 is DDP, ZeRO 1 is DDP plus torch's ZeroRedundancyOptimizer, ZeRO 2/3 are FSDP2
+`fully_shard` per block and at the root (keeping the gathered parameters between forward and
+backward for 2, freeing them after forward for 3). Offload (ZeRO 2/3) is FSDP2's CPUOffloadPolicy:
+the sharded fp32 master parameters, their gradients and the AdamW states live in host memory and
+the optimizer step runs on the CPU, so under FSDP2 offload_optimizer and offload_params are one
+mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 2/3) or autocast (ZeRO 0/1);
+the parameters the optimizer updates stay fp32 either way.
+
+Tensor and pipeline parallelism plug in at `apply_plan` (before checkpointing and sharding) and
+replace `check_supported`'s refusal when they are wired.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from engine.config import ConfigError, JobConfig, PlanConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_supported(plan: PlanConfig) -> None:
+    """Refuse what the engine cannot run yet, before anything is built."""
+    if plan.tp > 1 or plan.pp > 1:
+        raise ConfigError(
+            f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism are not supported "
+            "yet by the engine; use plan.tp=1 plan.pp=1 (data parallel with ZeRO)"
+        )
+    if plan.kernels != "torch":
+        raise ConfigError(f"plan.kernels={plan.kernels!r} is not wired into the engine yet; use plan.kernels=torch")
+
+
+def build_mesh(plan: PlanConfig, device_type: str) -> DeviceMesh:
+    """The (pp, dp, tp) device mesh of the job; tp innermost so that it stays within a node."""
+    return init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+
+
+def compute_dtype(plan: PlanConfig) -> torch.dtype:
+    return DTYPES[plan.precision]
+
+
+def uses_fsdp(plan: PlanConfig) -> bool:
+    return plan.zero_stage >= 2
+
+
+# --- activation checkpointing -----------------------------------------------------------------
+
+def checkpointed_blocks(plan: PlanConfig, n_layers: int) -> list[int]:
+    """Indices of the blocks whose activations are recomputed in backward."""
+    if plan.activation_checkpointing == "full":
+        return list(range(n_layers))
+    if plan.activation_checkpointing == "selective":
+        return list(range(0, n_layers, plan.checkpoint_every_k))
+    return []
+
+
+def apply_activation_checkpointing(model: nn.Module, plan: PlanConfig) -> None:
+    """Recompute the chosen blocks in backward. The block's forward is wrapped in place rather than
+    the block replaced by a wrapper module, so parameter names (checkpoints, init seeds) stay as they are."""
+    for i in checkpointed_blocks(plan, len(model.layers)):
+        block = model.layers[str(i)]
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_compile(model: nn.Module, plan: PlanConfig) -> None:
+    """torch.compile each block in place (its names unchanged); blocks share one compiled graph."""
+    if plan.compile:
+        for block in model.layers.values():
+            block.compile()
+
+
+# --- data parallel: DDP (ZeRO 0/1) or FSDP2 (ZeRO 2/3) ------------------------------------------
+
+def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> None:
+    """FSDP2 per block and at the root (embeddings, final norm, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(plan), reduce_dtype=torch.float32)
+    offload = plan.offload_optimizer or plan.offload_params
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else None
+    kwargs = dict(mesh=dp_mesh, mp_policy=mp, **({"offload_policy": policy} if policy else {}))
+    reshard = plan.zero_stage == 3
+    for block in model.layers.values():
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    # The root's parameters are used last in forward and first in backward: never worth freeing.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """DDP over the dp ranks; a lone rank needs no wrapper (and pays no bucket copies)."""
+    if plan.dp == 1:
+        return model
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=dp_mesh.get_group(),
+        gradient_as_bucket_view=True,  # no second copy of the gradients in the buckets
+    )
+
+
+def materialize(model: nn.Module, plan: PlanConfig, device: torch.device, seed: int) -> None:
+    """Allocate a meta-built model (sharded or not) and initialise it; a loaded model is left alone."""
+    if not any(p.is_meta for p in model.parameters()):
+        return
+    offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
+    model.to_empty(device="cpu" if offload else device)
+    model.init_weights(seed)
+    # Buffers (rotary tables) are not sharded or offloaded: they live where the compute runs.
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+
+
+def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: torch.device, seed: int) -> nn.Module:
+    """The model as the plan runs it. `model` is a Transformer built on meta (initialised here,
+    after sharding, so no rank ever holds the full model) or already materialised (loaded weights)."""
+    check_supported(plan)
+    # Tensor parallel (parallelize_module) goes here, before checkpointing and sharding.
+    apply_activation_checkpointing(model, plan)
+    apply_compile(model, plan)
+    dp_mesh = mesh["dp"]
+    if uses_fsdp(plan):
+        apply_fsdp(model, plan, dp_mesh, device)
+        materialize(model, plan, device, seed)
+        return model
+    materialize(model, plan, device, seed)
+    return apply_ddp(model, plan, dp_mesh, device)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+# --- optimizer, precision, accumulation, clipping -------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embeddings), none on norms and biases (as nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: DeviceMesh) -> torch.optim.Optimizer:
+    """AdamW: fused on CUDA parameters, foreach elsewhere; ZeRO 1 shards its states across dp."""
+    o = job.optimizer
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    kwargs.update({"fused": True} if on_cuda else {"foreach": True})
+    groups = param_groups(model, o.weight_decay)
+    if plan.zero_stage == 1 and plan.offload_optimizer:
+        raise ConfigError(
+            "plan.offload_optimizer with plan.zero_stage=1 is not supported by the engine; "
+            "use plan.zero_stage=2 (FSDP2 offloads the sharded optimizer states to the host)"
+        )
+    if plan.zero_stage == 1 and plan.dp > 1:
+        return ZeroRedundancyOptimizer(
+            groups, optimizer_class=torch.optim.AdamW, process_group=mesh["dp"].get_group(), **kwargs
+        )
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_grad_scaler(plan: PlanConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs its loss scaled: dynamic (grows and backs off) or fixed (`plan.loss_scale`)."""
+    if plan.precision != "fp16":
+        return None
+    init = 2.0**16 if plan.loss_scale == "dynamic" else float(plan.loss_scale)
+    if uses_fsdp(plan):
+        # Sharded gradients: the inf/nan check must agree across ranks.
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, init_scale=init)
+    return torch.amp.GradScaler(device.type, init_scale=init)
+
+
+def fixed_loss_scale(plan: PlanConfig) -> float | None:
+    """The scale to pin after every update when plan.loss_scale is a number (None: dynamic)."""
+    if plan.precision == "fp16" and plan.loss_scale != "dynamic":
+        return float(plan.loss_scale)
+    return None
+
+
+def autocast(plan: PlanConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Low-precision compute for replicated models; FSDP2 casts through its MixedPrecisionPolicy."""
+    if plan.precision == "fp32" or uses_fsdp(plan):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype(plan))
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients across dp only on the last micro-step of an accumulation."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, DDP) and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (over all shards), clipping to max_norm when it is > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

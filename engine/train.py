@@ -1,0 +1,396 @@
+"""Train a model under a plan: `autotune train CONFIG.yaml [key=value ...]` or
+`torchrun --nproc_per_node N -m engine.train CONFIG.yaml [key=value ...]`.
+
+`autotune train` launches torchrun itself (single node, `--standalone`) when the plan needs more
+than one process; everything a user can get wrong (config, data, checkpoint) is checked before
+that, so a mistake is one `error:` line and exit status 2, not N tracebacks.
+
+`Engine` holds what a plan builds (model, optimizer, lr schedule, loss scaler) and `Engine.step`
+is the one training step that both this loop and the probe (engine/probe.py) run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as tdist
+
+from engine import checkpoint, dist
+from engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
+from engine.data import micro_batches
+from engine.model import build_model, param_counts
+from engine.parallel import (
+    apply_plan,
+    autocast,
+    build_grad_scaler,
+    build_mesh,
+    build_optimizer,
+    check_supported,
+    clip_grad_norm,
+    fixed_loss_scale,
+    gradient_sync,
+    uses_fsdp,
+)
+
+# Dense peak TFLOP/s per compute dtype (REFERENCE.md GPU catalog), matched on the device name in order.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+)
+
+
+# --- throughput accounting --------------------------------------------------------------------
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6N + 12·L·a·d·s (PaLM; N = the parameters that do matmul work:
+    the input embedding counts only when it is tied to the head; learned positions never)."""
+    c = param_counts(model)
+    n = c["total"] - c["position_embedding"] - (0 if model.tie_embeddings else c["embedding"])
+    return 6.0 * n + 12.0 * model.n_layers * model.n_heads * model.head_dim * seq_len
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak for the plan's compute dtype; None on a CPU or an unknown GPU."""
+    name = device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryMeter:
+    """Peak memory of this rank. CUDA: max_memory_allocated / max_memory_reserved. CPU: growth of the
+    process's peak resident set (ru_maxrss) over its resident set when the meter was made."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.base = _rss_bytes()
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
+
+    def reserved_bytes(self) -> int | None:
+        return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
+
+
+class PhaseTimer:
+    """Seconds spent in forward / backward / optimizer. CUDA events on a GPU (no extra syncs: read
+    after the step's own sync), wall clock on a CPU (where every op is synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: dict[str, list] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.spans.setdefault(phase, []).append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.spans.setdefault(phase, []).append(time.perf_counter() - t)
+
+    def seconds(self) -> dict[str, float]:
+        """Totals per phase since the last call (call after the step has synchronised)."""
+        if self.cuda:
+            totals = {k: sum(s.elapsed_time(e) for s, e in v) / 1e3 for k, v in self.spans.items()}
+        else:
+            totals = {k: sum(v) for k, v in self.spans.items()}
+        self.spans = {}
+        return totals
+
+
+# --- the engine: model, optimizer and the training step --------------------------------------
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches (not yet reduced across ranks)
+    grad_norm: torch.Tensor  # global (all shards), before clipping
+
+
+class Engine:
+    """Everything a plan builds on this rank, and the training step."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        model_cfg, job, plan = cfg.model, cfg.job, cfg.plan
+        check_supported(plan)
+        if plan.world_size != dist.world_size():
+            raise ConfigError(
+                f"the plan needs dp x tp x pp = {plan.world_size} processes but {dist.world_size()} were "
+                f"launched; launch with --nproc_per_node {plan.world_size} (or `autotune train`, which does)"
+            )
+        torch.manual_seed(job.seed)
+        self.mesh = build_mesh(plan, device.type)
+        self.dp_rank, self.dp_size = self.mesh["dp"].get_local_rank(), plan.dp
+        if model_cfg.init_from:
+            from engine.hf import load_hf_weights
+
+            offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
+            model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed)
+            load_hf_weights(model, model_cfg.init_from)  # before sharding: every rank loads, then keeps its shard
+        else:
+            model = build_model(model_cfg, device="meta")  # materialised after sharding, in apply_plan
+        self.model = apply_plan(model, plan, self.mesh, device, job.seed)
+        self.optimizer = build_optimizer(self.model, plan, job, self.mesh)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = build_grad_scaler(plan, device)
+        self.fixed_scale = fixed_loss_scale(plan)
+        self.timer = PhaseTimer(device)
+        self.tokens_per_step = job.global_batch * job.seq_len
+        self.flops_per_token = flops_per_token(model_cfg, job.seq_len)
+        self.peak_flops = peak_tflops(device, plan.precision)
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+        o, steps = self.cfg.job.optimizer, self.cfg.job.steps
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return micro_batches(self.cfg.job, self.cfg.model, self.cfg.plan, step, self.dp_rank, self.dp_size)
+
+    def step(self, step: int) -> StepResult:
+        """One optimizer step over this rank's micro-batches of global step `step` (0-based)."""
+        model, plan, timer = self.model, self.cfg.plan, self.timer
+        batches = self.batches(step)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(batches):
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with gradient_sync(model, enabled=i == len(batches) - 1):
+                with timer("forward"), autocast(plan, self.device):
+                    loss = model(inputs, targets) / len(batches)
+                with timer("backward"):
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        with timer("optimizer"):
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = clip_grad_norm(model, self.cfg.job.optimizer.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+                self.scaler.update(self.fixed_scale)
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return StepResult(loss_sum, grad_norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak_flops is None:
+            return None
+        return tokens_per_s * self.flops_per_token / (dist.world_size() * self.peak_flops * 1e12)
+
+    # --- checkpoint state ---
+    def extra_state(self, next_step: int) -> dict:
+        return {
+            "step": next_step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+        }
+
+    def save(self, root: Path, next_step: int) -> Path:
+        return checkpoint.save(root, next_step, self.model, self.optimizer, self._zero1, self.extra_state(next_step))
+
+    def load(self, path: Path) -> int:
+        """Restore from a checkpoint; returns the step to continue from."""
+        extra = checkpoint.load(path, self.model, self.optimizer, self._zero1, self.extra_state(0))
+        self.scheduler.load_state_dict(extra["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule's lr, whatever the optimizer state carried
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+        return int(extra["step"])
+
+    @property
+    def _zero1(self) -> bool:
+        return self.cfg.plan.zero_stage == 1
+
+
+def reduce_loss(loss: torch.Tensor, flag: bool = False) -> tuple[float, bool]:
+    """Mean loss over the data-parallel ranks, and whether any rank raised `flag` (one all-reduce)."""
+    both = torch.stack([loss.float(), torch.tensor(float(flag), device=loss.device)])
+    if dist.world_size() > 1:
+        tdist.all_reduce(both)
+        both[0] /= dist.world_size()
+    loss_value, any_flag = both.tolist()
+    return loss_value, any_flag > 0
+
+
+# --- the training loop -----------------------------------------------------------------------
+
+class StopFlag:
+    """Set by SIGTERM: the loop saves at the end of the current step and exits 0."""
+
+    def __init__(self):
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+def train(cfg: TrainConfig) -> int:
+    device = dist.init_distributed()
+    try:
+        return _train(cfg, device)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: TrainConfig, device: torch.device) -> int:
+    job, rank0 = cfg.job, dist.rank() == 0
+    stop = StopFlag()
+    engine = Engine(cfg, device)
+    root = checkpoint.checkpoint_root(job)
+    start = 0
+    resume_from = checkpoint.latest_checkpoint(root) if job.resume else None
+    if resume_from is not None:
+        start = engine.load(resume_from)
+        if rank0:
+            print(f"resumed from {resume_from} at step {start}", flush=True)
+    out_dir = Path(job.out_dir)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = open(out_dir / "metrics.jsonl", "a") if rank0 else None
+    meter = MemoryMeter(device)
+    try:
+        t_last, steps_since_log = time.perf_counter(), 0
+        for step in range(start, job.steps):
+            lr = engine.lr()
+            result = engine.step(step)
+            loss, stopping = reduce_loss(result.loss, stop.raised)
+            done = step + 1
+            steps_since_log += 1
+            if done % job.log_every == 0 or done == job.steps or stopping:
+                elapsed = time.perf_counter() - t_last
+                tokens_per_s = engine.tokens_per_step * steps_since_log / elapsed
+                record = {
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(result.grad_norm),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": engine.mfu(tokens_per_s),
+                    "peak_mem_bytes": meter.peak_bytes(),
+                }
+                if rank0:
+                    _log(record, metrics)
+                t_last, steps_since_log = time.perf_counter(), 0
+            if stopping or done == job.steps or (job.checkpoint_every and done % job.checkpoint_every == 0):
+                path = engine.save(root, done)
+                if rank0:
+                    print(f"saved {path}", flush=True)
+            if stopping:
+                if rank0:
+                    print(f"stopped by SIGTERM after step {done}", flush=True)
+                break
+    finally:
+        if metrics:
+            metrics.close()
+    return 0
+
+
+def _log(record: dict, metrics) -> None:
+    mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+    print(
+        f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+        f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
+        f"mem {record['peak_mem_bytes'] / 2**30:.2f} GiB",
+        flush=True,
+    )
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything a user can get wrong, checked before a process is launched or a file written."""
+    check_supported(cfg.plan)
+    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
+        raise ConfigError(f"model.init_from: no such file or folder {cfg.model.init_from}")
+    micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable, tokens in vocab
+    if cfg.job.resume:
+        latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(cfg.job))
+        if latest is not None:
+            checkpoint.check_readable(latest)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="autotune train", description="Train a model under a plan.")
+    parser.add_argument("config", help="a training config (model, job, plan), e.g. outputs/<run>/best.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. plan.micro_batch=4")
+    return parser.parse_args(argv)
+
+
+def cli(argv: list[str]) -> int:
+    """`autotune train`: run in this process, or launch torchrun when the plan needs several."""
+    args = parse_args(argv)
+    cfg = load_train_config(args.config, args.overrides)
+    preflight(cfg)
+    world = cfg.plan.world_size
+    if world == 1 or "WORLD_SIZE" in os.environ:
+        return train(cfg)
+    if torch.cuda.is_available() and world > torch.cuda.device_count():
+        raise ConfigError(
+            f"the plan needs {world} GPUs but this machine has {torch.cuda.device_count()}; run "
+            f"`torchrun --nnodes ... -m engine.train` on several nodes or pick a plan with fewer ranks"
+        )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "engine.train", args.config, *args.overrides]
+    child = subprocess.Popen(command)
+    # torchrun forwards SIGTERM to its workers, which save and exit: pass ours on to it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    return child.wait()
+
+
+def main() -> int:
+    try:
+        args = parse_args(sys.argv[1:])
+        return train(load_train_config(args.config, args.overrides))
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
