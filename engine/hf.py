@@ -1,0 +1,313 @@
+"""Hugging Face safetensors weights in and out of the engine's model (`model.init_from=DIR`).
+
+A folder holds either `model.safetensors` or shards listed by `model.safetensors.index.json`
+({"weight_map": {tensor name: shard file}}). A safetensors file is an 8-byte little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional
+"__metadata__"), then the raw little-endian tensor bytes; it is read here through mmap, with no
+package beyond torch.
+
+Names: llama / mistral / qwen2 (`model.layers.N.self_attn.q_proj.weight`, ...) and gpt2 (`h.N.attn.
+c_attn.weight`, ..., with or without a `transformer.` prefix). HF llama keeps q/k in the
+"rotate_half" (halves) rotary layout that `engine.model.apply_rope` uses, so they load unpermuted.
+gpt2's Conv1D weights are stored [in, out] and its q, k, v fused in `c_attn`: they are transposed
+and split.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+
+from engine.config import ConfigError, ModelConfig
+from engine.model import Transformer, _copy_full
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class Rule(NamedTuple):
+    """Where an engine parameter lives in a HF checkpoint."""
+
+    hf_name: str
+    transpose: bool = False  # gpt2 Conv1D stores [in, out]
+    part: int | None = None  # index into gpt2's fused q|k|v
+
+
+LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+LLAMA_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    **{f"attn.{w}.{kind}": f"self_attn.{p}_proj.{kind}"
+       for w, p in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")) for kind in ("weight", "bias")},
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_down.weight": "mlp.down_proj.weight",
+}
+GPT2_TOP = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
+            "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias"}
+GPT2_BLOCK = {
+    "attn_norm.weight": Rule("ln_1.weight"), "attn_norm.bias": Rule("ln_1.bias"),
+    "mlp_norm.weight": Rule("ln_2.weight"), "mlp_norm.bias": Rule("ln_2.bias"),
+    **{f"attn.{w}.weight": Rule("attn.c_attn.weight", True, i) for i, w in enumerate(("wq", "wk", "wv"))},
+    **{f"attn.{w}.bias": Rule("attn.c_attn.bias", False, i) for i, w in enumerate(("wq", "wk", "wv"))},
+    "attn.wo.weight": Rule("attn.c_proj.weight", True), "attn.wo.bias": Rule("attn.c_proj.bias"),
+    "mlp.w_up.weight": Rule("mlp.c_fc.weight", True), "mlp.w_up.bias": Rule("mlp.c_fc.bias"),
+    "mlp.w_down.weight": Rule("mlp.c_proj.weight", True), "mlp.w_down.bias": Rule("mlp.c_proj.bias"),
+}
+
+
+def hf_rules(model: Transformer, prefix: str = "") -> dict[str, Rule]:
+    """Engine parameter name -> its Rule, for the parameters this model (or pipeline stage) holds."""
+    gpt2 = model.cfg.family == "gpt2"
+    rules = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            rule = GPT2_BLOCK[rest] if gpt2 else Rule(LLAMA_BLOCK[rest])
+            rule = rule._replace(hf_name=(f"h.{i}." if gpt2 else f"model.layers.{i}.") + rule.hf_name)
+        else:
+            rule = Rule((GPT2_TOP if gpt2 else LLAMA_TOP)[name])
+        rules[name] = rule._replace(hf_name=prefix + rule.hf_name)
+    return rules
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    """Tensors a HF checkpoint may hold that the engine recomputes or shares."""
+    if name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):  # rope table, causal masks
+        return True
+    return cfg.tie_embeddings and name == "lm_head.weight"
+
+
+# --- reading --------------------------------------------------------------------------------
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and its tensors as views of a private mmap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= size - 8:
+                raise ConfigError(f"model.init_from: {path} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"model.init_from: {path} has a corrupt safetensors header ({e})")
+            # copy-on-write keeps the buffer writable, as torch.frombuffer wants, without touching the file
+            self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header.pop("__metadata__", None)
+        self.header: dict[str, dict] = header
+        self._data_start = 8 + n
+        self._size = size
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        if entry.get("dtype") not in DTYPES:
+            raise ConfigError(
+                f"model.init_from: tensor {name} in {self.path} has dtype {entry.get('dtype')}; "
+                f"supported: {', '.join(DTYPES)}"
+            )
+        dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or self._data_start + end > self._size:
+            raise ConfigError(f"model.init_from: tensor {name} in {self.path} has bad data offsets; the file is corrupt")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._buffer, dtype=dtype, count=numel, offset=self._data_start + begin)
+        return flat.view(shape)
+
+
+class HFCheckpoint:
+    """All tensors of a HF weights folder (single file or sharded), opened lazily by name."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            self.folder, files = path.parent, {None: path.name}
+        elif (path / INDEX_FILE).is_file():
+            self.folder = path
+            try:
+                weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"model.init_from: {path / INDEX_FILE} is not a safetensors index ({e})")
+            files = weight_map
+        elif (path / SINGLE_FILE).is_file():
+            self.folder, files = path, {None: SINGLE_FILE}
+        else:
+            raise ConfigError(
+                f"model.init_from: no {SINGLE_FILE} or {INDEX_FILE} in {path}; give a folder of Hugging Face "
+                "safetensors weights (pytorch_model.bin is not read)"
+            )
+        self._files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        if None in files:  # one file: its header lists the names
+            self.where = {name: files[None] for name in self._open(files[None]).header}
+        else:
+            self.where = dict(files)
+            for file in sorted(set(files.values())):
+                if not (self.folder / file).is_file():
+                    raise ConfigError(f"model.init_from: the index names {file}, which is not in {self.folder}")
+
+    def _open(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(self.folder / file)
+        return self._files[file]
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        st = self._open(self.where[name])
+        if name not in st.header:
+            raise ConfigError(f"model.init_from: the index puts tensor {name} in {st.path}, which lacks it")
+        return st.get(name)
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, path: str | Path) -> None:
+    """Copy the Hugging Face weights at `path` (folder or .safetensors file) into `model`'s parameters.
+
+    Every parameter of the model must be found with its exact shape, and every tensor of the
+    checkpoint must have a place in the full model (else the model config does not match the
+    weights). A pipeline stage that dropped blocks loads the blocks it holds. Works on plain and
+    sharded (DTensor) parameters; loading before sharding is cheapest.
+    """
+    ckpt = HFCheckpoint(path)
+    names = ckpt.names()
+    prefix = "transformer." if model.cfg.family == "gpt2" and "transformer.wte.weight" in names else ""
+    with torch.device("meta"):  # the full model's names, whatever part of it this model holds
+        expected = {r.hf_name for r in hf_rules(Transformer(model.cfg), prefix).values()}
+    extra = sorted(n for n in names - expected if not _ignorable(n, model.cfg))
+    if extra:
+        raise ConfigError(
+            f"model.init_from: {path} holds tensors the model has no place for ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}); the model config does not match these weights "
+            f"(give model.hf_config=DIR/config.json of the same weights)"
+        )
+    params = dict(model.named_parameters())
+    for name, rule in hf_rules(model, prefix).items():
+        if rule.hf_name not in names:
+            raise ConfigError(
+                f"model.init_from: {path} lacks tensor {rule.hf_name} (for the engine's {name}); "
+                "the model config does not match these weights"
+            )
+        t = ckpt.get(rule.hf_name)
+        if rule.transpose:
+            t = t.t()
+        if rule.part is not None:
+            t = t.chunk(3, dim=0)[rule.part] if t.shape[0] % 3 == 0 else t
+        p = params[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ConfigError(
+                f"model.init_from: tensor {rule.hf_name} has shape {list(t.shape)}"
+                f"{' (as the engine reads it)' if rule.transpose or rule.part is not None else ''}, the engine's "
+                f"{name} needs {list(p.shape)}; the model config does not match these weights"
+            )
+        _copy_full(p, t.to(p.dtype))
+
+
+# --- writing (tests, and handing a trained model to Hugging Face tools) ---------------------
+
+@torch.no_grad()
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's parameters under Hugging Face names and layouts (gpt2: fused, [in, out])."""
+    params = dict(model.named_parameters())
+    grouped: dict[str, list[tuple[Rule, torch.Tensor]]] = {}
+    for name, rule in hf_rules(model).items():
+        p = params[name]
+        grouped.setdefault(rule.hf_name, []).append((rule, p.full_tensor() if hasattr(p, "full_tensor") else p))
+    out = {}
+    for hf_name, parts in grouped.items():
+        parts.sort(key=lambda rp: rp[0].part or 0)
+        t = torch.cat([p for _, p in parts]) if len(parts) > 1 else parts[0][1]
+        out[hf_name] = (t.t() if parts[0][0].transpose else t).detach().cpu().contiguous()
+    return out
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """A Hugging Face config.json for the model (what `model.hf_config` reads back)."""
+    if cfg.family == "gpt2":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                    n_head=cfg.n_heads, n_inner=cfg.d_ff, vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
+                    layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", tie_word_embeddings=True)
+    kind, arch = ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
+    return dict(model_type=kind, architectures=[arch], hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+                vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu")
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` as one safetensors file, atomically."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"cannot write {name}: dtype {t.dtype} is not one of {list(DTYPE_NAMES)}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the reference writer does
+    _atomic_write(Path(path), lambda f: _write_tensors(f, raw, tensors))
+
+
+def _write_tensors(f, raw_header: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    f.write(len(raw_header).to_bytes(8, "little"))
+    f.write(raw_header)
+    for t in tensors.values():
+        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def save_hf_weights(model: Transformer, path: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write the model as a Hugging Face folder: config.json and model.safetensors, or shards of at
+    most `max_shard_bytes` (a tensor never split) with model.safetensors.index.json."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(folder / SINGLE_FILE, shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / file, shard)
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(folder / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=2).encode()))
+    config = json.dumps(hf_config(model.cfg), indent=2).encode()
+    _atomic_write(folder / "config.json", lambda f: f.write(config))
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
