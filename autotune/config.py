@@ -62,6 +62,9 @@ class SearchConfig:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp16"])
     max_dp: Optional[int] = None
     seed: int = 0
+    pruner: str = "hyperband"  # hyperband | halving | none
+    use_estimator: bool = True  # false: plain Optuna over all valid plans (a baseline)
+    trial_memory_cap_bytes: Optional[int] = None  # passed to the probe as --max-memory-bytes (tests)
 
 
 @dataclass
