@@ -15,6 +15,7 @@ and split.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import tempfile
@@ -109,23 +110,30 @@ class SafetensorsFile:
         self._data_start = 8 + n
         self._size = size
 
-    def get(self, name: str) -> torch.Tensor:
+    def entry(self, name: str) -> dict:
+        """The header entry of a tensor, checked: a dtype the engine reads, offsets inside the file."""
         entry = self.header[name]
         if entry.get("dtype") not in DTYPES:
             raise ConfigError(
                 f"model.init_from: tensor {name} in {self.path} has dtype {entry.get('dtype')}; "
                 f"supported: {', '.join(DTYPES)}"
             )
-        dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
-        begin, end = entry["data_offsets"]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * dtype.itemsize or self._data_start + end > self._size:
-            raise ConfigError(f"model.init_from: tensor {name} in {self.path} has bad data offsets; the file is corrupt")
-        if numel == 0:
+        try:
+            begin, end = entry["data_offsets"]
+            ok = end - begin == math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or not 0 <= begin <= end <= self._size - self._data_start:
+            raise ConfigError(f"model.init_from: tensor {name} in {self.path} has a corrupt header entry {entry}")
+        return entry
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.entry(name)
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+        if math.prod(shape) == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._buffer, dtype=dtype, count=numel, offset=self._data_start + begin)
+        flat = torch.frombuffer(self._buffer, dtype=dtype, count=math.prod(shape),
+                                offset=self._data_start + entry["data_offsets"][0])
         return flat.view(shape)
 
 
@@ -134,6 +142,8 @@ class HFCheckpoint:
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"model.init_from: no such file or folder {path}; give a folder of Hugging Face weights")
         if path.is_file() and path.suffix == ".safetensors":
             self.folder, files = path.parent, {None: path.name}
         elif (path / INDEX_FILE).is_file():
@@ -168,23 +178,31 @@ class HFCheckpoint:
     def names(self) -> set[str]:
         return set(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def file_of(self, name: str) -> SafetensorsFile:
         st = self._open(self.where[name])
         if name not in st.header:
             raise ConfigError(f"model.init_from: the index puts tensor {name} in {st.path}, which lacks it")
-        return st.get(name)
+        return st
+
+    def entry(self, name: str) -> dict:
+        return self.file_of(name).entry(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file_of(name).get(name)
 
 
-@torch.no_grad()
-def load_hf_weights(model: Transformer, path: str | Path) -> None:
-    """Copy the Hugging Face weights at `path` (folder or .safetensors file) into `model`'s parameters.
+def _engine_shape(hf_shape: list[int], rule: Rule) -> list[int]:
+    """The shape a HF tensor has once read into the engine's layout."""
+    shape = hf_shape[::-1] if rule.transpose else list(hf_shape)
+    if rule.part is not None and shape and shape[0] % 3 == 0:
+        shape[0] //= 3
+    return shape
 
-    Every parameter of the model must be found with its exact shape, and every tensor of the
-    checkpoint must have a place in the full model (else the model config does not match the
-    weights). A pipeline stage that dropped blocks loads the blocks it holds. Works on plain and
-    sharded (DTensor) parameters; loading before sharding is cheapest.
-    """
-    ckpt = HFCheckpoint(path)
+
+def _match(model: Transformer, ckpt: HFCheckpoint, path: str | Path) -> dict[str, Rule]:
+    """The Rule of each of the model's parameters, checked against the checkpoint's headers only:
+    every parameter present with its shape and a readable dtype, every tensor with a place in the
+    full model (else the model config does not match the weights)."""
     names = ckpt.names()
     prefix = "transformer." if model.cfg.family == "gpt2" and "transformer.wte.weight" in names else ""
     with torch.device("meta"):  # the full model's names, whatever part of it this model holds
@@ -197,25 +215,47 @@ def load_hf_weights(model: Transformer, path: str | Path) -> None:
             f"(give model.hf_config=DIR/config.json of the same weights)"
         )
     params = dict(model.named_parameters())
-    for name, rule in hf_rules(model, prefix).items():
+    rules = hf_rules(model, prefix)
+    for name, rule in rules.items():
         if rule.hf_name not in names:
             raise ConfigError(
                 f"model.init_from: {path} lacks tensor {rule.hf_name} (for the engine's {name}); "
                 "the model config does not match these weights"
             )
+        shape = _engine_shape(ckpt.entry(rule.hf_name)["shape"], rule)
+        if shape != list(params[name].shape):
+            raise ConfigError(
+                f"model.init_from: tensor {rule.hf_name} has shape {shape}"
+                f"{' (as the engine reads it)' if rule.transpose or rule.part is not None else ''}, the engine's "
+                f"{name} needs {list(params[name].shape)}; the model config does not match these weights"
+            )
+    return rules
+
+
+def check_hf_weights(cfg: ModelConfig, path: str | Path) -> None:
+    """Raise ConfigError unless `path` holds weights for this model (reads headers, not data)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    _match(model, HFCheckpoint(path), path)
+
+
+@torch.no_grad()
+def load_hf_weights(model: Transformer, path: str | Path) -> None:
+    """Copy the Hugging Face weights at `path` (folder or .safetensors file) into `model`'s parameters.
+
+    Checked first as `check_hf_weights` does. A pipeline stage that dropped blocks loads the blocks
+    it holds. Works on plain and sharded (DTensor) parameters; loading before sharding is cheapest.
+    """
+    ckpt = HFCheckpoint(path)
+    rules = _match(model, ckpt, path)
+    params = dict(model.named_parameters())
+    for name, rule in rules.items():
         t = ckpt.get(rule.hf_name)
         if rule.transpose:
             t = t.t()
         if rule.part is not None:
-            t = t.chunk(3, dim=0)[rule.part] if t.shape[0] % 3 == 0 else t
-        p = params[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ConfigError(
-                f"model.init_from: tensor {rule.hf_name} has shape {list(t.shape)}"
-                f"{' (as the engine reads it)' if rule.transpose or rule.part is not None else ''}, the engine's "
-                f"{name} needs {list(p.shape)}; the model config does not match these weights"
-            )
-        _copy_full(p, t.to(p.dtype))
+            t = t.chunk(3, dim=0)[rule.part]
+        _copy_full(params[name], t.to(params[name].dtype))
 
 
 # --- writing (tests, and handing a trained model to Hugging Face tools) ---------------------

@@ -31,6 +31,8 @@ from engine import checkpoint, dist
 from engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
 from engine.data import micro_batches
 from engine.model import build_model, param_counts
+from engine.pipeline import build_pipeline
+from engine.tensor_parallel import loss_context
 from engine.parallel import (
     apply_plan,
     autocast,
@@ -162,7 +164,10 @@ class Engine:
             load_hf_weights(model, model_cfg.init_from)  # before sharding: every rank loads, then keeps its shard
         else:
             model = build_model(model_cfg, device="meta")  # materialised after sharding, in apply_plan
-        self.model = apply_plan(model, plan, self.mesh, device, job.seed)
+        self.pipeline = build_pipeline(model, plan, self.mesh, device, job.seed) if plan.pp > 1 else None
+        # under pp, this rank's stages as one module with the full model's parameter names
+        self.model = self.pipeline.model if self.pipeline else apply_plan(model, plan, self.mesh, device, job.seed)
+        self.pp_group = self.mesh["pp"].get_group() if plan.pp > 1 else None
         self.optimizer = build_optimizer(self.model, plan, job, self.mesh)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = build_grad_scaler(plan, device)
@@ -188,19 +193,24 @@ class Engine:
         model, plan, timer = self.model, self.cfg.plan, self.timer
         batches = self.batches(step)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (inputs, targets) in enumerate(batches):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            with gradient_sync(model, enabled=i == len(batches) - 1):
-                with timer("forward"), autocast(plan, self.device):
-                    loss = model(inputs, targets) / len(batches)
-                with timer("backward"):
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+        if self.pipeline:
+            # the schedule interleaves the micro-batches' forwards and backwards: one phase
+            with timer("forward_backward"), loss_context(plan), autocast(plan, self.device):
+                loss_sum = self.pipeline.step(batches)
+        else:
+            for i, (inputs, targets) in enumerate(batches):
+                inputs = inputs.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                with gradient_sync(model, enabled=i == len(batches) - 1), loss_context(plan):
+                    with timer("forward"), autocast(plan, self.device):
+                        loss = model(inputs, targets) / len(batches)
+                    with timer("backward"):
+                        (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum += loss.detach()
         with timer("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_grad_norm(model, self.cfg.job.optimizer.grad_clip)
+            grad_norm = clip_grad_norm(model, self.cfg.job.optimizer.grad_clip, self.pp_group)
             if self.scaler:
                 self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
                 self.scaler.update(self.fixed_scale)
@@ -345,8 +355,10 @@ def _log(record: dict, metrics) -> None:
 def preflight(cfg: TrainConfig) -> None:
     """Everything a user can get wrong, checked before a process is launched or a file written."""
     check_supported(cfg.plan)
-    if cfg.model.init_from and not Path(cfg.model.init_from).exists():
-        raise ConfigError(f"model.init_from: no such file or folder {cfg.model.init_from}")
+    if cfg.model.init_from:
+        from engine.hf import check_hf_weights
+
+        check_hf_weights(cfg.model, cfg.model.init_from)  # names, shapes, dtypes: headers only
     micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable, tokens in vocab
     if cfg.job.resume:
         latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(cfg.job))

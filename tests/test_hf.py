@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import ConfigError, build_train_config
-from engine.hf import (INDEX_FILE, SINGLE_FILE, SafetensorsFile, hf_state_dict, load_hf_weights, save_hf_weights,
+from autotune.cli import main
+from engine.config import ConfigError, build_train_config, to_yaml
+from engine.data import micro_batches
+from engine.hf import (INDEX_FILE, SINGLE_FILE, SafetensorsFile, check_hf_weights, hf_state_dict, load_hf_weights, save_hf_weights,
                        write_safetensors)
 from engine.model import build_model
 
@@ -182,8 +184,10 @@ def test_reader_follows_the_format(tmp_path):
 def test_errors(tmp_path):
     cfg = model_cfg(**TINY_LLAMA)
     model = build_model(cfg, "cpu", seed=0)
-    with pytest.raises(ConfigError, match="no model.safetensors"):
+    with pytest.raises(ConfigError, match="no such file or folder .*nowhere"):
         load_hf_weights(model, tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        load_hf_weights(model, tmp_path)
     sd = random_hf_weights(cfg)
 
     def load(tensors):
@@ -201,6 +205,10 @@ def test_errors(tmp_path):
         load_hf_weights(model, tmp_path)
     with pytest.raises(ConfigError, match="no place for .*model.layers.2.input_layernorm.weight"):
         load({**sd, "model.layers.2.input_layernorm.weight": torch.ones(32)})
+    write_safetensors(tmp_path / SINGLE_FILE, sd)
+    (tmp_path / SINGLE_FILE).write_bytes((tmp_path / SINGLE_FILE).read_bytes()[:-8])  # truncated
+    with pytest.raises(ConfigError, match="corrupt header entry"):
+        check_hf_weights(cfg, tmp_path)  # headers alone tell
     (tmp_path / SINGLE_FILE).write_bytes(b"\xff" * 64)
     with pytest.raises(ConfigError, match="not a safetensors file"):
         load_hf_weights(model, tmp_path)
@@ -208,3 +216,33 @@ def test_errors(tmp_path):
     (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"model.norm.weight": "gone.safetensors"}}))
     with pytest.raises(ConfigError, match="gone.safetensors"):
         load_hf_weights(model, tmp_path)
+
+
+def test_train_starts_from_loaded_weights(tmp_path, capsys):
+    """`autotune train CONFIG model.init_from=DIR`: the first step's loss is the loaded model's."""
+    cfg = build_train_config({
+        "model": TINY_LLAMA,
+        "job": {"seq_len": 16, "global_batch": 2, "steps": 1, "seed": 3, "out_dir": str(tmp_path / "run")},
+        "plan": {"micro_batch": 2},
+    })
+    (tmp_path / "train.yaml").write_text(to_yaml(cfg))
+    source = build_model(cfg.model, "cpu", seed=11)
+    save_hf_weights(source, tmp_path / "hf")
+    (inputs, targets), = micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, 1)
+    with torch.no_grad():
+        want = source(inputs, targets).item()
+        from_scratch = build_model(cfg.model, "cpu", seed=cfg.job.seed)(inputs, targets).item()
+    assert abs(want - from_scratch) > 1e-3
+    assert main(["train", str(tmp_path / "train.yaml"), f"model.init_from={tmp_path / 'hf'}"]) == 0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(want, rel=1e-5)
+    # weights of another architecture: one error line before anything is written
+    other = build_model(model_cfg(**{**TINY_LLAMA, "d_ff": 64}), "cpu", seed=0)
+    save_hf_weights(other, tmp_path / "other")
+    capsys.readouterr()
+    out = tmp_path / "run2"
+    assert main(["train", str(tmp_path / "train.yaml"), f"model.init_from={tmp_path / 'other'}",
+                 f"job.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.init_from:") and "shape" in err and len(err.splitlines()) == 1
+    assert not out.exists()
