@@ -91,13 +91,13 @@ def synthetic_offsets(seed: int, vocab_size: int) -> torch.Tensor:
     """The N_OFFSETS distinct step sizes of the synthetic random walk, fixed by the job's seed."""
     gen = torch.Generator().manual_seed(seed)
     n = min(N_OFFSETS, vocab_size)
-    return torch.randperm(vocab_size, generator=gen)[:n]
+    return torch.randperm(vocab_size, generator=gen)[:n].clone()
 
 
 def _synthetic_row(seed: int, step: int, row: int, length: int, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
     gen = _row_generator(seed, step, row)
     start = torch.randint(vocab, (1,), generator=gen)
-    steps = offsets[torch.randint(len(offsets), (length - 1,), generator=gen)]
+    steps = offsets.index_select(0, torch.randint(len(offsets), (length - 1,), generator=gen))
     return torch.cat([start, start + steps.cumsum(0)]) % vocab
 
 
