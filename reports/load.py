@@ -1,0 +1,209 @@
+"""Read a run folder (search.json, the Optuna study, candidates.csv, best.yaml) into tables.
+
+One row per trial: the plan the trial ran, the estimator's prediction for it (`est_*`) and what the
+probe measured (`meas_*`). Estimates are flattened with the same column names as candidates.csv
+(`mem_<component>_bytes`, `mem_total_bytes`, `time_<component>_s`, `step_time_s`, ...).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+import pandas as pd
+from omegaconf import OmegaConf
+
+from engine.config import ConfigError, PlanConfig
+
+PLAN_FIELDS = [f.name for f in fields(PlanConfig)]
+# grad_accum is derived from the others; two records of one plan may differ only in whether it is filled.
+PLAN_KEY = [f for f in PLAN_FIELDS if f != "grad_accum"]
+PROBE_FIELDS = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_bytes", "reserved_bytes")
+FAILED = ("oom", "error", "timeout")
+
+
+@dataclass
+class Run:
+    """Everything a report is built from."""
+
+    run_dir: Path
+    search: dict[str, Any]
+    trials: pd.DataFrame  # one row per trial; empty for an analytic run without a study
+    candidates: Optional[pd.DataFrame]
+    study_attrs: dict[str, Any] = field(default_factory=dict)
+    study_name: Optional[str] = None
+    storage: Optional[str] = None
+    best_plan: Optional[dict[str, Any]] = None  # from best.yaml, when the search wrote one
+    memory_limit_bytes: Optional[float] = None
+
+    @property
+    def measured(self) -> pd.DataFrame:
+        """Trials whose probe finished and measured a throughput."""
+        if self.trials.empty:
+            return self.trials
+        return self.trials[(self.trials.status == "ok") & self.trials.meas_tokens_per_s.notna()]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"no such run folder: {run_dir}; give the folder `autotune search` wrote (--out)")
+    search = _read_json(run_dir / "search.json")
+    candidates = _read_candidates(run_dir / "candidates.csv")
+    study, storage = _open_study(run_dir, search)
+    if study is None and candidates is None:
+        raise ConfigError(
+            f"{run_dir} holds neither a study (study.db or the storage named in search.json) nor "
+            "candidates.csv; give the folder `autotune search` wrote"
+        )
+    trials = trials_table(study.get_trials(deepcopy=False)) if study is not None else pd.DataFrame()
+    return Run(
+        run_dir=run_dir,
+        search=search,
+        trials=trials,
+        candidates=candidates,
+        study_attrs=dict(study.user_attrs) if study is not None else {},
+        study_name=study.study_name if study is not None else None,
+        storage=storage,
+        best_plan=_read_best_plan(run_dir / "best.yaml"),
+        memory_limit_bytes=_memory_limit(search),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path} as JSON ({e}); rerun the search to rewrite it")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} should hold a JSON object")
+    return data
+
+
+def _read_candidates(path: Path) -> Optional[pd.DataFrame]:
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} as CSV ({e}); rerun the search to rewrite it")
+    for col in ("dropped", "why", "reason"):
+        if col in df:
+            df[col] = df[col].fillna("").astype(str)
+    if "fits" in df:
+        df["fits"] = df["fits"].map(_as_bool)
+    return df
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value) if pd.notna(value) else False
+
+
+def _open_study(run_dir: Path, search: dict[str, Any]) -> tuple[Optional[optuna.Study], Optional[str]]:
+    url = search.get("storage")
+    local_db = run_dir / "study.db"
+    if not url or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+        # No storage named, or a SQLite path that no longer exists (the folder was moved): use the
+        # study.db next to this search.json, and never let SQLAlchemy create an empty one.
+        if not local_db.is_file():
+            return None, None
+        url = f"sqlite:///{local_db.resolve()}"
+    storage: Any = url
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        # Optuna's journal file storage (several local workers): journal:///abs/path, or a bare path.
+        path = Path(url.split(":", 1)[1].removeprefix("//") if url.startswith("journal:") else url)
+        if not path.is_absolute():
+            path = run_dir / path
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        return optuna.load_study(study_name=search.get("study_name"), storage=storage), url
+    except Exception as e:  # SQLAlchemy, journal and lookup errors all mean: this study cannot be read
+        raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {url}: {e}")
+
+
+def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        plan = OmegaConf.to_container(OmegaConf.load(path)).get("plan")
+    except Exception as e:
+        raise ConfigError(f"cannot read {path} ({e}); rerun the search to rewrite it")
+    return plan if isinstance(plan, dict) else None
+
+
+def _memory_limit(search: dict[str, Any]) -> Optional[float]:
+    """The per-GPU memory a plan must fit in, wherever search.json records it."""
+    for section in (search, search.get("cluster") or {}, search.get("gpu") or {}, search.get("hardware") or {}):
+        for key in ("memory_limit_bytes", "memory_bytes", "gpu_memory_bytes"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, (int, float)) and value > 0:
+                return float(value)
+    return None
+
+
+def flatten_estimate(estimate: dict[str, Any]) -> dict[str, Any]:
+    """An estimate dict (memory {...}, time {...}, step_time_s, ...) as candidates.csv columns."""
+    flat: dict[str, Any] = {}
+    for name, value in (estimate.get("memory") or {}).items():
+        flat["mem_" + (name if name.endswith("_bytes") else name + "_bytes")] = value
+    for name, value in (estimate.get("time") or {}).items():
+        flat["time_" + (name if name.endswith("_s") else name + "_s")] = value
+    for name, value in estimate.items():
+        if name not in ("memory", "time") and not isinstance(value, (dict, list)):
+            flat[name] = value
+    return flat
+
+
+def _status(trial: optuna.trial.FrozenTrial) -> str:
+    status = trial.user_attrs.get("status")
+    if status:
+        return str(status)
+    state = trial.state
+    return {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "error"}.get(state.name, state.name.lower())
+
+
+def trials_table(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
+    """One row per trial: number, state, status, reason, plan, estimate (est_*), probe (meas_*)."""
+    rows = []
+    for t in trials:
+        attrs = t.user_attrs
+        plan = attrs.get("plan") or {}
+        probe = attrs.get("probe") or {}
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "status": _status(t),
+            "reason": attrs.get("reason") or "",
+            "final": bool(attrs.get("final", False)),
+        }
+        row.update({name: plan.get(name) for name in PLAN_FIELDS})
+        row.update({"est_" + k: v for k, v in flatten_estimate(attrs.get("estimate") or {}).items()})
+        row.update({"meas_" + k: probe.get(k) for k in PROBE_FIELDS})
+        row.update(
+            loss_first=probe.get("loss_first"),
+            loss_last=probe.get("loss_last"),
+            device=probe.get("device"),
+            error=probe.get("error") or "",
+            duration_s=t.duration.total_seconds() if t.duration else None,
+        )
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for col in ("est_mem_total_bytes", "est_step_time_s", "est_tokens_per_s", *("meas_" + k for k in PROBE_FIELDS)):
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
+    df["mem_error_pct"] = 100 * (df.est_mem_total_bytes - df.meas_peak_mem_bytes) / df.meas_peak_mem_bytes
+    df["time_error_pct"] = 100 * (df.est_step_time_s - df.meas_step_time_s) / df.meas_step_time_s
+    first = ["number", "state", "status", "reason", "final", *PLAN_FIELDS, "est_mem_total_bytes",
+             "meas_peak_mem_bytes", "mem_error_pct", "est_step_time_s", "meas_step_time_s", "time_error_pct",
+             "est_tokens_per_s", "meas_tokens_per_s", "meas_mfu", "error"]
+    df = df[first + [c for c in df.columns if c not in first]]
+    return df.sort_values("number").reset_index(drop=True)

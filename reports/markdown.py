@@ -1,0 +1,280 @@
+"""report.md: the chosen plan and why, the top plans side by side, failures, estimate vs measured."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pandas as pd
+
+from reports.load import FAILED, PLAN_KEY, Run
+from reports.tables import (
+    Choice,
+    choose,
+    component_columns,
+    component_name,
+    gib,
+    markdown_table,
+    pct,
+    plan_label,
+    rate,
+    ranked_candidates,
+    seconds,
+    share,
+    top_plans,
+)
+
+PLAN_ROWS = [
+    ("ZeRO stage", "zero_stage"), ("offload optimizer", "offload_optimizer"), ("offload params", "offload_params"),
+    ("precision", "precision"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
+    ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"), ("tp", "tp"), ("pp", "pp"),
+    ("pipeline schedule", "pp_schedule"), ("kernels", "kernels"), ("compile", "compile"),
+]
+
+
+def render(run: Run, plots: dict[str, str]) -> str:
+    """The whole report; `plots` maps a plot's title to its path relative to the run folder."""
+    choice = choose(run)
+    parts = [_header(run), _chosen(run, choice), _top(run)]
+    if not run.trials.empty:
+        parts += [_failures(run), _estimate_vs_measured(run), _short_vs_long(run)]
+    else:
+        parts.append(_analytic(run, choice))
+    parts += [_measured_and_modelled(run), _candidates(run), _plots(plots)]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _name(section: str, run: Run) -> str:
+    return str((run.search.get(section) or {}).get("name") or "?")
+
+
+def _header(run: Run) -> str:
+    mode = (run.search.get("search") or {}).get("mode") or ("measure" if not run.measured.empty else "analytic")
+    lines = [f"# autotune report: {_name('model', run)} on {_name('cluster', run)}", ""]
+    lines.append(f"- run folder: `{run.run_dir}`; search mode: **{mode}**")
+    if run.study_name:
+        lines.append(f"- study `{run.study_name}` in `{run.storage}`")
+    if not run.trials.empty:
+        counts = run.trials.status.value_counts()
+        lines.append(f"- {len(run.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if run.memory_limit_bytes:
+        lines.append(f"- memory limit per GPU: {gib(run.memory_limit_bytes)}")
+    return "\n".join(lines)
+
+
+KEY_ROWS = ("zero_stage", "precision", "micro_batch", "grad_accum", "activation_checkpointing", "dp")
+
+
+def _plan_rows(rows: list[pd.Series]) -> list[tuple[str, str]]:
+    """The plan fields worth a row: the key ones, and any on which these plans differ."""
+    def shown(key: str) -> bool:
+        if key == "pp_schedule":
+            return any(int(r.get("pp") or 1) > 1 for r in rows)
+        if len(rows) > 1 and key not in KEY_ROWS:
+            return len({str(r.get(key)) for r in rows}) > 1
+        return True
+    return [(label, key) for label, key in PLAN_ROWS if key in rows[0] and shown(key)]
+
+
+def _plan_value(row: pd.Series, key: str) -> Any:
+    value = row.get(key)
+    if key == "activation_checkpointing" and value == "selective":
+        return f"selective (every {row.get('checkpoint_every_k')})"
+    return "–" if value is None or (isinstance(value, float) and pd.isna(value)) else value
+
+
+def _chosen(run: Run, choice: Optional[Choice]) -> str:
+    lines = ["## Chosen plan", ""]
+    if choice is None:
+        lines.append("No plan fits and none was measured: see the candidates below for why each was dropped.")
+        return "\n".join(lines)
+    row = choice.row
+    where = f"trial {choice.trial}" + (" (finalist, long run)" if row.get("final") else "") if choice.trial is not None \
+        else "the estimator (no trial measured it)"
+    lines.append(f"**{plan_label(row)}**, from {where}." + (" Written to `best.yaml`, `ds_config.json`, `launch.sh`."
+                                                            if (run.run_dir / "best.yaml").is_file() else ""))
+    lines.append("")
+    rows = [[label, _plan_value(row, key)] for label, key in _plan_rows([row])]
+    lines.append(markdown_table(rows, ["plan", "value"]))
+    lines += ["", "### Why", ""]
+    lines += [f"- {reason}" for reason in _why(run, choice)]
+    return "\n".join(lines)
+
+
+def _why(run: Run, choice: Choice) -> list[str]:
+    row, limit = choice.row, run.memory_limit_bytes
+    if choice.source == "measured":
+        reasons = [
+            f"fastest measured plan that ran without error: {rate(row.meas_tokens_per_s)} tokens/s, "
+            f"MFU {share(row.get('meas_mfu'))}, step {seconds(row.meas_step_time_s)}"
+        ]
+        others = run.measured[run.measured.apply(lambda r: plan_label(r) != plan_label(row), axis=1)]
+        alike = others[others.final == row.final]  # a long run is compared with long runs
+        others = alike if not alike.empty else others
+        if not others.empty:
+            second = others.loc[others.meas_tokens_per_s.idxmax()]
+            reasons.append(_lead(row.meas_tokens_per_s, second.meas_tokens_per_s) +
+                           f" the next measured plan, trial {int(second.number)} ({plan_label(second)}, "
+                           f"{rate(second.meas_tokens_per_s)} tokens/s){_differences(row, second)}")
+        memory = row.meas_peak_mem_bytes
+    else:
+        reasons = [f"highest estimated throughput of the plans that fit: {rate(row.tokens_per_s)} tokens/s, "
+                   f"MFU {share(row.get('mfu'))}, step {seconds(row.step_time_s)}"]
+        memory = row.get("mem_total_bytes")
+    if limit and memory == memory and memory is not None:
+        reasons.append(f"peak memory {gib(memory)} of the {gib(limit)} limit ({100 * (1 - memory / limit):.0f}% headroom)")
+    return reasons
+
+
+def _lead(ours: float, theirs: float) -> str:
+    lead = 100 * (ours / theirs - 1)
+    return f"{lead:.1f}% ahead of" if lead >= 0.05 else "as fast as"
+
+
+def _differences(a: pd.Series, b: pd.Series) -> str:
+    diff = [f"{key} {a.get(key)} vs {b.get(key)}" for key in PLAN_KEY if str(a.get(key)) != str(b.get(key))]
+    return f"; it differs in {', '.join(diff)}" if diff else ""
+
+
+def _top(run: Run) -> str:
+    top, ranked_by = top_plans(run, 5)
+    if top.empty:
+        return ""
+    measured = ranked_by == "measured"
+    pre = "est_" if measured else ""
+    names = [f"trial {int(r.number)}" if measured else f"#{i + 1}" for i, (_, r) in enumerate(top.iterrows())]
+    rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
+    plans = [r for _, r in top.iterrows()]
+    rows += [[label] + [_plan_value(r, key) for r in plans] for label, key in _plan_rows(plans)]
+    metrics = [("estimated tokens/s", pre + "tokens_per_s", rate), ("estimated memory", pre + "mem_total_bytes", gib),
+               ("estimated step", pre + "step_time_s", seconds), ("estimated MFU", pre + "mfu", share)]
+    if measured:
+        metrics += [("measured tokens/s", "meas_tokens_per_s", rate), ("measured peak memory", "meas_peak_mem_bytes", gib),
+                    ("measured step", "meas_step_time_s", seconds), ("measured MFU", "meas_mfu", share)]
+    rows += [[label] + [fmt(r.get(col)) for _, r in top.iterrows()] for label, col, fmt in metrics]
+    return "\n".join([f"## Top plans (by {ranked_by} throughput)", "", markdown_table(rows, [""] + names)])
+
+
+def _failures(run: Run) -> str:
+    failed = run.trials[run.trials.status.isin((*FAILED, "pruned"))]
+    lines = ["## Failed and pruned trials", ""]
+    if failed.empty:
+        lines.append("Every trial ran to completion.")
+        return "\n".join(lines)
+    rows = [[int(r.number), r.status, plan_label(r), gib(r.get("est_mem_total_bytes")), r.reason or r.error or "–"]
+            for _, r in failed.iterrows()]
+    lines.append(markdown_table(rows, ["trial", "status", "plan", "estimated memory", "reason"]))
+    return "\n".join(lines)
+
+
+def _estimate_vs_measured(run: Run) -> str:
+    df = run.measured
+    lines = ["## Estimate vs measured", ""]
+    if df.empty:
+        lines.append("No trial finished, so nothing was measured to compare with.")
+        return "\n".join(lines)
+    rows = [[int(r.number), plan_label(r), gib(r.est_mem_total_bytes), gib(r.meas_peak_mem_bytes), pct(r.mem_error_pct),
+             seconds(r.est_step_time_s), seconds(r.meas_step_time_s), pct(r.time_error_pct),
+             rate(r.est_tokens_per_s), rate(r.meas_tokens_per_s)] for _, r in df.iterrows()]
+    lines.append(markdown_table(rows, ["trial", "plan", "est. memory", "meas. peak", "error", "est. step",
+                                       "meas. step", "error", "est. tokens/s", "meas. tokens/s"]))
+    lines += ["", f"Mean absolute error: memory {df.mem_error_pct.abs().mean():.1f}%, step time "
+              f"{df.time_error_pct.abs().mean():.1f}% over {len(df)} measured trials. Error = (estimate - measured) "
+              "/ measured; measured memory is the probe's peak allocated bytes (max over ranks)."]
+    return "\n".join(lines)
+
+
+def _short_vs_long(run: Run) -> str:
+    tau = run.study_attrs.get("kendall_tau")
+    finals = run.measured[run.measured.final]
+    if tau is None and finals.empty:
+        return ""
+    lines = ["## Short runs vs long runs", ""]
+    if isinstance(tau, dict):
+        tau = tau.get("tau")
+    if tau is not None:
+        lines.append(f"Kendall tau between the finalists' ranking by their short runs and by their long runs: "
+                     f"**{float(tau):.2f}** (1: the short runs ranked them exactly as the long runs did).")
+    short = run.measured[~run.measured.final]
+    rows = []
+    for _, final in finals.iterrows():
+        match = short[short.apply(lambda r: plan_label(r) == plan_label(final), axis=1)]
+        rows.append([plan_label(final), rate(match.meas_tokens_per_s.max()) if not match.empty else "–",
+                     rate(final.meas_tokens_per_s)])
+    if rows:
+        lines += ["", markdown_table(rows, ["finalist", "short run tokens/s", "long run tokens/s"])]
+    return "\n".join(lines)
+
+
+def _analytic(run: Run, choice: Optional[Choice]) -> str:
+    ranked = ranked_candidates(run)
+    if ranked is None or ranked.empty or choice is None:
+        return ""
+    top = ranked.head(5)
+    names = [f"#{i + 1}" for i in range(len(top))]
+    mem_cols, time_cols = component_columns(top, "", "mem"), component_columns(top, "", "time")
+    rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
+    rows += [[f"memory: {component_name(c)}"] + [gib(v) for v in top[c]] for c in mem_cols]
+    rows += [["memory: total"] + [gib(v) for v in top.mem_total_bytes]]
+    rows += [[f"time: {component_name(c)}"] + [seconds(v) for v in top[c]] for c in time_cols]
+    rows += [["step time"] + [seconds(v) for v in top.step_time_s], ["tokens/s"] + [rate(v) for v in top.tokens_per_s]]
+    lines = ["## Top plans by estimate: breakdown", "", "Analytic run: every figure here is modelled, none measured.",
+             "", markdown_table(rows, [""] + names), "", "### Why it wins", ""]
+    win = choice.row
+    if len(ranked) > 1:
+        second = ranked.iloc[1]
+        lines.append(f"- {_lead(win.tokens_per_s, second.tokens_per_s)} #2 ({plan_label(second)}, "
+                     f"{gib(second.mem_total_bytes)}){_differences(win, second)}.")
+        for col in time_cols:
+            delta = second[col] - win[col]
+            if abs(delta) > 0.001 * second.step_time_s:
+                lines.append(f"- {component_name(col)}: {seconds(win[col])} vs {seconds(second[col])} for #2")
+    cand = run.candidates
+    faster = cand[(cand.tokens_per_s > win.tokens_per_s) & ~cand.fits] if "fits" in cand else cand.iloc[:0]
+    if not faster.empty:
+        best = faster.loc[faster.tokens_per_s.idxmax()]
+        lines.append(f"- {len(faster)} plans with a higher estimate do not fit; the fastest ({plan_label(best)}, "
+                     f"{rate(best.tokens_per_s)} tokens/s) needs {gib(best.mem_total_bytes)}"
+                     + (f" of {gib(run.memory_limit_bytes)}" if run.memory_limit_bytes else ""))
+    return "\n".join(lines)
+
+
+def _measured_and_modelled(run: Run) -> str:
+    lines = ["## What was measured and what was modelled", ""]
+    given = False
+    for key, title in (("measured", "Measured"), ("modelled", "Modelled")):
+        value = run.search.get(key)
+        if value:
+            given = True
+            items = value if isinstance(value, list) else (
+                [f"{k}: {v}" for k, v in value.items()] if isinstance(value, dict) else [value])
+            lines += [f"{title}:", ""] + [f"- {item}" for item in items] + [""]
+    if not given:
+        if run.measured.empty:
+            lines.append("Everything is modelled: no trial was measured.")
+        else:
+            devices = ", ".join(sorted({str(d) for d in run.measured.device.dropna()})) or "this machine"
+            lines.append(f"Step time, throughput and peak memory of each finished trial were measured by the probe "
+                         f"on {devices}; the other candidates' figures are modelled.")
+    return "\n".join(lines).rstrip()
+
+
+def _candidates(run: Run) -> str:
+    cand = run.candidates
+    if cand is None or cand.empty:
+        return ""
+    lines = ["## Candidates", "", f"{len(cand)} plans enumerated (`candidates.csv`)."]
+    if "dropped" in cand:
+        kept = int((cand.dropped == "").sum())
+        counts = cand.dropped[cand.dropped != ""].value_counts()
+        lines[-1] += f" {kept} kept; dropped: " + (", ".join(f"{n} {why}" for why, n in counts.items()) or "none") + "."
+        over = cand[cand.dropped == "does not fit"]
+        if not over.empty and "mem_total_bytes" in over:
+            small = over.loc[over.mem_total_bytes.idxmin()]
+            lines.append(f"The smallest plan that does not fit is {plan_label(small)} at {gib(small.mem_total_bytes)}"
+                         + (f": {small.why}" if small.get("why") else "") + ".")
+    return "\n".join(lines)
+
+
+def _plots(plots: dict[str, str]) -> str:
+    if not plots:
+        return ""
+    return "\n\n".join(["## Plots"] + [f"### {title}\n\n![{title}]({path})" for title, path in plots.items()])

@@ -1,0 +1,210 @@
+"""Figures of a run, drawn with matplotlib's Agg canvas (no display, no global pyplot state).
+
+Each function returns a Figure, or None when the run has nothing to draw (an analytic run has no
+measured trials and no optimisation history).
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from reports.load import FAILED, Run
+from reports.tables import GIB, Choice, component_columns, component_name, pareto_front, plan_label, top_plans
+
+THOUSANDS = FuncFormatter(lambda v, _: f"{v:,.0f}")
+CHOSEN = dict(marker="*", s=320, c="gold", edgecolors="black", linewidths=0.8, zorder=6)
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _title(run: Run) -> str:
+    model = (run.search.get("model") or {}).get("name")
+    cluster = (run.search.get("cluster") or {}).get("name")
+    return " on ".join(str(x) for x in (model, cluster) if x)
+
+
+def _memory_limit_line(ax, run: Run) -> None:
+    if run.memory_limit_bytes:
+        limit = run.memory_limit_bytes / GIB
+        ax.axvline(limit, color="tab:red", ls="--", lw=1.2, label=f"memory limit ({limit:.0f} GiB)", zorder=1)
+
+
+def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]:
+    """Every plan's throughput against its peak memory, the Pareto front and the memory limit."""
+    fig = _figure(10, 5.5)
+    ax = fig.add_subplot()
+    cand, measured, drew = run.candidates, run.measured, False
+    have_estimates = cand is not None and {"mem_total_bytes", "tokens_per_s"} <= set(cand.columns)
+    if have_estimates and measured.empty:
+        fits = cand[cand.fits] if "fits" in cand else cand
+        over = cand[~cand.index.isin(fits.index)]
+        kept = fits[fits.dropped == ""] if "dropped" in fits else fits
+        dominated = fits[~fits.index.isin(kept.index)]
+        ax.scatter(over.mem_total_bytes / GIB, over.tokens_per_s, s=9, c="silver",
+                   label=f"does not fit ({len(over)})", zorder=2)
+        ax.scatter(dominated.mem_total_bytes / GIB, dominated.tokens_per_s, s=12, c="tab:blue", alpha=0.3,
+                   label=f"fits, dominated ({len(dominated)})", zorder=3)
+        ax.scatter(kept.mem_total_bytes / GIB, kept.tokens_per_s, s=22, c="tab:blue",
+                   label=f"fits, kept ({len(kept)})", zorder=4)
+        front = fits.loc[pareto_front(fits.mem_total_bytes, fits.tokens_per_s)]
+        ax.plot(front.mem_total_bytes / GIB, front.tokens_per_s, color="tab:orange", lw=1.5,
+                drawstyle="steps-post", label="Pareto front (estimated)", zorder=5)
+        drew = not cand.empty
+    elif have_estimates:
+        ax.scatter(cand.mem_total_bytes / GIB, cand.tokens_per_s, s=8, c="silver", alpha=0.6,
+                   label=f"all candidates, estimated ({len(cand)})", zorder=2)
+    if not measured.empty:
+        ax.scatter(measured.meas_peak_mem_bytes / GIB, measured.meas_tokens_per_s, s=40, c="tab:blue",
+                   edgecolors="black", linewidths=0.5, label=f"measured trials ({len(measured)})", zorder=4)
+        front = measured.loc[pareto_front(measured.meas_peak_mem_bytes, measured.meas_tokens_per_s)]
+        ax.plot(front.meas_peak_mem_bytes / GIB, front.meas_tokens_per_s, color="tab:orange", lw=1.5,
+                drawstyle="steps-post", label="Pareto front (measured)", zorder=5)
+        failed = run.trials[run.trials.status.isin(FAILED)]
+        if not failed.empty:
+            ax.scatter(failed.est_mem_total_bytes / GIB, failed.est_tokens_per_s, marker="x", s=60,
+                       c="tab:red", label=f"failed: {', '.join(sorted(set(failed.status)))} (at estimate)", zorder=5)
+        drew = True
+    if not drew:
+        return None
+    _memory_limit_line(ax, run)
+    if choice is not None:
+        x, y = _chosen_point(choice)
+        ax.scatter([x / GIB], [y], label=f"chosen: {plan_label(choice.row)}", **CHOSEN)
+    ax.set_xlabel("peak memory per GPU (GiB)")
+    ax.set_ylabel("throughput (tokens/s, whole job)")
+    ax.yaxis.set_major_formatter(THOUSANDS)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Throughput vs memory: {_title(run)}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def _chosen_point(choice: Choice) -> tuple[float, float]:
+    row = choice.row
+    if choice.source == "measured":
+        return row.meas_peak_mem_bytes, row.meas_tokens_per_s
+    return row.mem_total_bytes, row.tokens_per_s
+
+
+def memory_breakdown(run: Run, n: int = 8) -> Optional[Figure]:
+    """Estimated memory per component of the top plans, stacked, with measured peaks where known."""
+    top, ranked_by = top_plans(run, n)
+    prefix = "est_" if ranked_by == "measured" else ""
+    columns = component_columns(top, prefix, "mem") if not top.empty else []
+    if not columns:
+        return None
+    fig = _figure(9, 1.2 + 0.55 * len(top))
+    ax = fig.add_subplot()
+    labels = [
+        (f"trial {int(r.number)}: " if ranked_by == "measured" else f"#{i + 1} ") + plan_label(r)
+        for i, (_, r) in enumerate(top.iterrows())
+    ]
+    left = pd.Series(0.0, index=top.index)
+    colors = [f"C{i}" for i in range(10)]
+    for i, col in enumerate(columns):
+        width = top[col].fillna(0) / GIB
+        ax.barh(labels, width, left=left, color=colors[i % 10], label=component_name(col), edgecolor="white")
+        left += width
+    if ranked_by == "measured":
+        ax.scatter(top.meas_peak_mem_bytes / GIB, labels, marker="D", s=40, c="black", zorder=5,
+                   label="measured peak (allocated)")
+    _memory_limit_line(ax, run)
+    ax.invert_yaxis()  # best plan on top
+    ax.set_xlabel("memory per GPU (GiB)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"Estimated memory of the top plans (ranked by {ranked_by} throughput)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def estimate_vs_measured(run: Run) -> Optional[Figure]:
+    """Estimated against measured peak memory and step time of each measured trial, with y = x."""
+    df = run.measured
+    if df.empty:
+        return None
+    pairs = [
+        ("peak memory per GPU (GiB)", df.meas_peak_mem_bytes / GIB, df.est_mem_total_bytes / GIB, df.mem_error_pct),
+        ("step time (s)", df.meas_step_time_s, df.est_step_time_s, df.time_error_pct),
+    ]
+    if all(est.isna().all() or meas.isna().all() for _, meas, est, _ in pairs):
+        return None
+    fig = _figure(10, 4.8)
+    for ax, (what, meas, est, err) in zip(fig.subplots(1, 2), pairs):
+        ok = meas.notna() & est.notna()
+        if not ok.any():
+            ax.text(0.5, 0.5, "nothing measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        lo, hi = 0.0, 1.1 * max(meas[ok].max(), est[ok].max())
+        ax.fill_between([lo, hi], [lo * 0.8, hi * 0.8], [lo * 1.2, hi * 1.2], color="grey", alpha=0.12,
+                        label="±20%")
+        ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="estimate = measured")
+        ax.scatter(meas[ok], est[ok], s=36, c="tab:blue", edgecolors="black", linewidths=0.5, zorder=3)
+        # Trials at the same point (a finalist and its short run) share one label.
+        labels: dict[tuple[float, float], list[str]] = {}
+        for number, x, y in zip(df.number[ok], meas[ok], est[ok]):
+            labels.setdefault((round(x, 6), round(y, 6)), []).append(str(int(number)))
+        for (x, y), numbers in labels.items():
+            ax.annotate(",".join(numbers), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"measured {what}")
+        ax.set_ylabel(f"estimated {what}")
+        ax.set_title(f"{what.split(' (')[0]}: mean |error| {err[ok].abs().mean():.1f}%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Estimate vs measured (labels: trial numbers)")
+    return fig
+
+
+def history(run: Run) -> Optional[Figure]:
+    """Measured throughput of each trial in order, failures at zero, and the best so far."""
+    df = run.trials
+    if df.empty:
+        return None
+    fig = _figure(8.5, 4.8)
+    ax = fig.add_subplot()
+    ok = df[df.status == "ok"]
+    short, final = ok[~ok.final], ok[ok.final]
+    ax.scatter(short.number, short.meas_tokens_per_s, s=36, c="tab:blue", edgecolors="black", linewidths=0.5,
+               label="measured (short run)", zorder=3)
+    if not final.empty:
+        ax.scatter(final.number, final.meas_tokens_per_s, marker="D", s=40, c="tab:green", edgecolors="black",
+                   linewidths=0.5, label="finalist (long run)", zorder=3)
+    pruned = df[df.status == "pruned"]
+    if not pruned.empty:
+        ax.scatter(pruned.number, pruned.meas_tokens_per_s.fillna(0), s=36, facecolors="none",
+                   edgecolors="grey", label="pruned (at its last report)", zorder=3)
+    failed = df[df.status.isin(FAILED)]
+    if not failed.empty:
+        ax.scatter(failed.number, [0] * len(failed), marker="x", s=60, c="tab:red", clip_on=False,
+                   label=f"failed: {', '.join(sorted(set(failed.status)))} (at 0)", zorder=3)
+    best = df.meas_tokens_per_s.where(df.status == "ok").cummax().ffill()
+    ax.plot(df.number, best, color="tab:orange", drawstyle="steps-post", lw=1.5, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("measured throughput (tokens/s)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(THOUSANDS)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Optimisation history: {_title(run)}")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

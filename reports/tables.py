@@ -1,0 +1,163 @@
+"""Derived tables: the chosen plan, top plans, the Pareto front, short plan labels, number formats."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pandas as pd
+
+from reports.load import PLAN_KEY, Run
+
+GIB = 2**30
+
+
+@dataclass
+class Choice:
+    """The plan the run settles on, where that came from, and its row (a trial or a candidate)."""
+
+    row: pd.Series
+    source: str  # "measured" (a trial) or "estimated" (a candidate)
+    trial: Optional[int] = None
+
+
+def plan_label(row: pd.Series | dict[str, Any]) -> str:
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2`."""
+    get = row.get
+    zero = f"Z{int(get('zero_stage', 0))}"
+    if _true(get("offload_optimizer")):
+        zero += "+oo"
+    if _true(get("offload_params")):
+        zero += "+op"
+    ckpt = str(get("activation_checkpointing") or "none")
+    if ckpt == "selective":
+        ckpt = f"sel{int(get('checkpoint_every_k') or 1)}"
+    parts = [zero, str(get("precision")), f"mb{int(get('micro_batch') or 1)}", f"ckpt:{ckpt}",
+             f"dp{int(get('dp') or 1)}"]
+    for key in ("tp", "pp"):
+        if int(get(key) or 1) > 1:
+            parts.append(f"{key}{int(get(key))}")
+    if int(get("pp") or 1) > 1:
+        parts.append(str(get("pp_schedule")))
+    if get("kernels") == "triton":
+        parts.append("triton")
+    if _true(get("compile")):
+        parts.append("compile")
+    return " ".join(parts)
+
+
+def _true(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.lower() == "true"
+    return bool(value) and not (isinstance(value, float) and math.isnan(value))
+
+
+def same_plan(row: pd.Series, plan: dict[str, Any]) -> bool:
+    return all(str(row.get(k)) == str(plan.get(k)) for k in PLAN_KEY if k in plan)
+
+
+def choose(run: Run) -> Optional[Choice]:
+    """best.yaml's plan when there is one; else the fastest measured (finalists first); else the best estimate."""
+    measured = run.measured
+    if run.best_plan is not None and not measured.empty:
+        match = measured[measured.apply(lambda r: same_plan(r, run.best_plan), axis=1)]
+        if not match.empty:
+            measured = match
+    if not measured.empty:
+        finals = measured[measured.final]
+        pool = finals if not finals.empty else measured
+        row = pool.loc[pool.meas_tokens_per_s.idxmax()]
+        return Choice(row=row, source="measured", trial=int(row.number))
+    ranked = ranked_candidates(run)
+    if ranked is None or ranked.empty:
+        return None
+    if run.best_plan is not None:
+        match = ranked[ranked.apply(lambda r: same_plan(r, run.best_plan), axis=1)]
+        if not match.empty:
+            return Choice(row=match.iloc[0], source="estimated")
+    return Choice(row=ranked.iloc[0], source="estimated")
+
+
+def ranked_candidates(run: Run) -> Optional[pd.DataFrame]:
+    """Candidates that fit and were not dropped, fastest estimate first."""
+    df = run.candidates
+    if df is None or "tokens_per_s" not in df:
+        return None
+    keep = df["fits"] if "fits" in df else pd.Series(True, index=df.index)
+    if "dropped" in df:
+        keep &= df["dropped"] == ""
+    # Equal throughput: the plan that needs less memory is the better one.
+    return df[keep].sort_values(["tokens_per_s", "mem_total_bytes"], ascending=[False, True])
+
+
+def top_plans(run: Run, n: int = 5) -> tuple[pd.DataFrame, str]:
+    """The n best plans, one per plan, by measured throughput if any were measured, else by estimate."""
+    measured = run.measured
+    if not measured.empty:
+        # One row per plan: its finalist (long) run where it has one, else its fastest short run.
+        best = measured.sort_values(["final", "meas_tokens_per_s"], ascending=False)
+        best = best.drop_duplicates(subset=[k for k in PLAN_KEY if k in best], keep="first")
+        return best.sort_values("meas_tokens_per_s", ascending=False).head(n), "measured"
+    ranked = ranked_candidates(run)
+    return (ranked.head(n) if ranked is not None else pd.DataFrame()), "estimated"
+
+
+def pareto_front(memory: pd.Series, throughput: pd.Series) -> pd.Index:
+    """Points no other point beats on both less memory and more throughput, by increasing memory."""
+    order = pd.DataFrame({"m": memory, "t": throughput}).dropna().sort_values(["m", "t"], ascending=[True, False])
+    front, best = [], -math.inf
+    for idx, t in order.t.items():
+        if t > best:
+            front.append(idx)
+            best = t
+    return pd.Index(front)
+
+
+def component_columns(df: pd.DataFrame, prefix: str, kind: str) -> list[str]:
+    """Memory (`mem_*_bytes`) or time (`time_*_s`) component columns, totals excluded."""
+    suffix = "_bytes" if kind == "mem" else "_s"
+    start = f"{prefix}{kind}_"
+    return [c for c in df.columns if c.startswith(start) and c.endswith(suffix) and c != f"{prefix}mem_total_bytes"]
+
+
+def component_name(column: str) -> str:
+    name = column.split("mem_", 1)[-1] if "mem_" in column else column.split("time_", 1)[-1]
+    return name.removesuffix("_bytes").removesuffix("_s").replace("_", " ")
+
+
+# --- formatting for report.md ---------------------------------------------------------------
+
+def gib(value: Any) -> str:
+    return "–" if _missing(value) else f"{float(value) / GIB:.2f} GiB"
+
+
+def seconds(value: Any) -> str:
+    if _missing(value):
+        return "–"
+    value = float(value)
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def rate(value: Any) -> str:
+    return "–" if _missing(value) else f"{float(value):,.0f}"
+
+
+def pct(value: Any) -> str:
+    return "–" if _missing(value) else f"{float(value):+.1f}%"
+
+
+def share(value: Any) -> str:
+    return "–" if _missing(value) else f"{100 * float(value):.1f}%"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def markdown_table(rows: list[list[Any]], header: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

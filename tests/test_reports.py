@@ -1,0 +1,270 @@
+"""reports: trials.csv, report.md and plots rebuilt from a run folder (a real Optuna SQLite study)."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import optuna
+import pandas as pd
+import pytest
+
+import reports
+from reports.cli import cli
+from reports.files import write_atomic
+from engine.config import ConfigError, PlanConfig
+
+GIB = 2**30
+LIMIT = 80 * GIB
+PSI = 1.56e9  # gpt2-xl parameters
+LAYERS, HIDDEN, VOCAB, SEQ, GLOBAL, DP = 48, 1600, 50257, 1024, 256, 8
+PLOTS = ("throughput_vs_memory.png", "memory_breakdown.png", "estimate_vs_measured.png", "history.png")
+
+
+def estimate(zero: int, precision: str, micro: int, ckpt: str, offload: bool) -> dict:
+    """A plausible closed-form estimate (ZeRO bytes per parameter, Korthikanti activations)."""
+    half = precision == "bf16"
+    accum = GLOBAL // (micro * DP)
+    memory = {
+        "params": PSI * (4 + (2 if half else 0)) / (DP if zero == 3 else 1),
+        "grads": PSI * 4 / (DP if zero >= 2 else 1),
+        "optimizer": 0.0 if offload else PSI * 8 / (DP if zero >= 1 else 1),
+        "activations": micro * SEQ * HIDDEN * LAYERS * (2 if ckpt == "full" else 34) * (1 if half else 2),
+        "logits": micro * SEQ * VOCAB * 6.0,
+        "overhead": 1.0 * GIB,
+    }
+    memory["total_bytes"] = sum(memory.values())
+    flops = 6 * PSI * micro * SEQ * accum * (4 / 3 if ckpt == "full" else 1)
+    time = {
+        "compute": flops / ((989e12 if half else 67e12) * (0.35 + 0.05 * min(micro, 4))),
+        "comm": (3 if zero == 3 else 2) * PSI * (2 if half else 4) / 300e9 * 0.3,
+        "offload": PSI * 12 / DP / 25e9 if offload else 0.0,
+    }
+    step = sum(time.values())
+    tokens = GLOBAL * SEQ / step
+    return {
+        "memory": memory,
+        "time": time,
+        "step_time_s": step,
+        "tokens_per_s": tokens,
+        "mfu": tokens * 6 * PSI / (DP * (989e12 if half else 67e12)),
+        "fits": memory["total_bytes"] <= LIMIT,
+        "reason": "" if memory["total_bytes"] <= LIMIT else f"needs {memory['total_bytes'] / GIB:.1f} GiB > 80 GiB",
+    }
+
+
+def enumerate_plans() -> list[tuple[dict, dict]]:
+    plans = []
+    for zero, precision, micro, ckpt, offload in itertools.product(
+        (0, 1, 2, 3), ("fp32", "bf16"), (1, 2, 4, 8, 16), ("none", "full"), (False, True)
+    ):
+        if offload and zero == 0:
+            continue
+        plan = {f: getattr(PlanConfig(), f) for f in PlanConfig.__dataclass_fields__}
+        plan.update(zero_stage=zero, precision=precision, micro_batch=micro, activation_checkpointing=ckpt,
+                    offload_optimizer=offload, dp=DP, grad_accum=GLOBAL // (micro * DP))
+        plans.append((plan, estimate(zero, precision, micro, ckpt, offload)))
+    return plans
+
+
+def write_candidates(run_dir: Path, plans: list[tuple[dict, dict]]) -> pd.DataFrame:
+    rows = []
+    best_by_memory: list[float] = []
+    for plan, est in sorted(plans, key=lambda pe: (-pe[1]["tokens_per_s"], pe[1]["memory"]["total_bytes"])):
+        row = dict(plan)
+        row.update({f"mem_{k}_bytes" if k != "total_bytes" else "mem_total_bytes": v for k, v in est["memory"].items()})
+        row.update({f"time_{k}_s": v for k, v in est["time"].items()})
+        row.update({k: est[k] for k in ("step_time_s", "tokens_per_s", "mfu", "fits", "reason")})
+        mem = est["memory"]["total_bytes"]
+        if not est["fits"]:
+            row.update(dropped="does not fit", why=est["reason"])
+        elif any(m <= mem for m in best_by_memory):
+            row.update(dropped="dominated", why="a faster plan needs no more memory")
+        else:
+            row.update(dropped="", why="")
+            best_by_memory.append(mem)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.to_csv(run_dir / "candidates.csv", index=False)
+    return df
+
+
+def make_run(run_dir: Path, measured: bool = True) -> None:
+    """A run folder as `autotune search` writes it: search.json, candidates.csv, study.db."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plans = enumerate_plans()
+    candidates = write_candidates(run_dir, plans)
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    search = {
+        "model": {"name": "gpt2-xl", "n_layers": LAYERS, "d_model": HIDDEN},
+        "job": {"seq_len": SEQ, "global_batch": GLOBAL},
+        "cluster": {"name": "8xh100", "gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 1, "memory_limit_bytes": LIMIT},
+        "search": {"mode": "measure" if measured else "analytic", "trials": 8, "sampler": "tpe"},
+        "storage": storage,
+        "study_name": "autotune-gpt2-xl",
+    }
+    if measured:
+        search["measured"] = ["per-rank step time and peak memory of each trial (probe, 8 ranks on this machine)"]
+        search["modelled"] = ["nothing: the whole cluster was available"]
+    (run_dir / "search.json").write_text(json.dumps(search))
+    if not measured:
+        return
+    study = optuna.create_study(study_name=search["study_name"], storage=storage, direction="maximize")
+    fits = candidates[candidates.dropped == ""].head(6)
+    outcomes = ["ok", "ok", "oom", "ok", "pruned", "error"]
+    noise = [0.93, 1.05, None, 0.88, 0.7, None]
+    for (_, row), status, factor in zip(fits.iterrows(), outcomes, noise):
+        plan = {f: row[f] for f in PlanConfig.__dataclass_fields__}
+        plan = {k: (v.item() if hasattr(v, "item") else v) for k, v in plan.items()}
+        est = estimate(plan["zero_stage"], plan["precision"], plan["micro_batch"],
+                       plan["activation_checkpointing"], plan["offload_optimizer"])
+        trial = study.ask()
+        trial.set_user_attr("plan", plan)
+        trial.set_user_attr("estimate", est)
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("final", False)
+        probe = None
+        if factor:
+            tokens = est["tokens_per_s"] * factor
+            probe = {"status": "ok", "step_time_s": GLOBAL * SEQ / tokens, "tokens_per_s": tokens,
+                     "tflops_per_gpu": 300.0, "mfu": est["mfu"] * factor,
+                     "peak_mem_bytes": est["memory"]["total_bytes"] * (1.1 - 0.1 * factor),
+                     "reserved_bytes": est["memory"]["total_bytes"] * 1.15, "loss_first": 10.9, "loss_last": 10.2,
+                     "device": "NVIDIA H100 80GB HBM3", "breakdown": {"forward": 0.3}, "error": None}
+        if status == "oom":
+            probe = {"status": "oom", "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+            trial.set_user_attr("reason", "out of memory at step 1 (CUDA out of memory. Tried to allocate 2.00 GiB)")
+        if status == "error":
+            probe = {"status": "error", "error": "RuntimeError: NCCL error in allreduce"}
+            trial.set_user_attr("reason", "probe exited with status 1: RuntimeError: NCCL error in allreduce")
+        trial.set_user_attr("probe", probe)
+        if status == "ok":
+            study.tell(trial, probe["tokens_per_s"])
+        elif status == "pruned":
+            trial.set_user_attr("reason", "pruned at step 2: slower than the median of earlier trials")
+            trial.report(probe["tokens_per_s"], 2)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    # the two best short runs, run again longer: the finalists
+    ok = [t for t in study.trials if t.user_attrs["status"] == "ok"]
+    for t in sorted(ok, key=lambda t: -t.value)[:2]:
+        trial = study.ask()
+        for key in ("plan", "estimate"):
+            trial.set_user_attr(key, t.user_attrs[key])
+        probe = dict(t.user_attrs["probe"], tokens_per_s=t.value * 0.98, step_time_s=GLOBAL * SEQ / (t.value * 0.98))
+        trial.set_user_attr("probe", probe)
+        trial.set_user_attr("status", "ok")
+        trial.set_user_attr("final", True)
+        study.tell(trial, probe["tokens_per_s"])
+    study.set_user_attr("kendall_tau", 1.0)
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("measured")
+    make_run(run_dir, measured=True)
+    reports.build_report(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def analytic_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("analytic")
+    make_run(run_dir, measured=False)
+    reports.build_report(run_dir)
+    return run_dir
+
+
+def check_png(path: Path) -> None:
+    assert path.stat().st_size > 10_000, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
+    assert image.std() > 0.01  # not a blank canvas
+
+
+def test_measured_run_report(measured_run):
+    trials = pd.read_csv(measured_run / "trials.csv")
+    assert len(trials) == 8
+    assert trials.status.value_counts().to_dict() == {"ok": 5, "oom": 1, "pruned": 1, "error": 1}
+    for col in ("number", "state", "status", "reason", "zero_stage", "micro_batch", "est_mem_total_bytes",
+                "meas_peak_mem_bytes", "mem_error_pct", "est_step_time_s", "meas_step_time_s", "time_error_pct",
+                "meas_tokens_per_s", "error"):
+        assert col in trials, col
+    ok = trials[trials.status == "ok"].iloc[0]
+    expected = 100 * (ok.est_mem_total_bytes - ok.meas_peak_mem_bytes) / ok.meas_peak_mem_bytes
+    assert ok.mem_error_pct == pytest.approx(expected)
+
+    report = (measured_run / "report.md").read_text()
+    finals = trials[trials.final]
+    chosen = finals.loc[finals.meas_tokens_per_s.idxmax()]
+    assert f"trial {chosen.number}" in report
+    assert "out of memory at step 1" in report and "NCCL error in allreduce" in report
+    assert "pruned at step 2" in report
+    assert "Kendall" in report and "1.00" in report
+    assert "per-rank step time and peak memory" in report  # what was measured
+    for name in PLOTS:
+        check_png(measured_run / "plots" / name)
+        assert f"plots/{name}" in report
+
+
+def test_analytic_run_report(analytic_run):
+    report = (analytic_run / "report.md").read_text()
+    candidates = pd.read_csv(analytic_run / "candidates.csv", keep_default_na=False)
+    winner = candidates[candidates.dropped == ""].sort_values("tokens_per_s", ascending=False).iloc[0]
+    assert "analytic" in report.lower()
+    assert f"{winner.tokens_per_s:,.0f}" in report
+    assert "does not fit" in report
+    assert "Why it wins" in report
+    for name in ("throughput_vs_memory.png", "memory_breakdown.png"):
+        check_png(analytic_run / "plots" / name)
+    assert not (analytic_run / "plots" / "history.png").exists()
+    assert not (analytic_run / "trials.csv").exists() or pd.read_csv(analytic_run / "trials.csv").empty
+
+
+def test_rebuild_is_idempotent_and_cli_works(measured_run, capsys):
+    before = (measured_run / "report.md").read_text()
+    assert cli([str(measured_run)]) == 0
+    assert (measured_run / "report.md").read_text() == before
+    assert str(measured_run / "report.md") in capsys.readouterr().out
+
+
+def test_bad_run_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such run folder"):
+        reports.build_report(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="neither a study"):
+        reports.build_report(tmp_path)
+    (tmp_path / "search.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="search.json"):
+        reports.build_report(tmp_path)
+
+
+def test_failed_rebuild_keeps_the_old_report(measured_run, monkeypatch):
+    before = (measured_run / "report.md").read_bytes()
+    import reports.markdown
+
+    def broken(run, plots):
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(reports.markdown, "render", broken)
+    with pytest.raises(RuntimeError):
+        reports.build_report(measured_run)
+    assert (measured_run / "report.md").read_bytes() == before
+    assert not list(measured_run.glob(".*.tmp"))
+
+
+def test_write_atomic_replaces_whole_file(tmp_path):
+    target = tmp_path / "x.csv"
+    write_atomic(target, "a\n1\n")
+    write_atomic(target, b"a\n2\n")
+    assert target.read_text() == "a\n2\n"
+
+
+def test_importing_reports_does_not_import_torch():
+    code = "import sys, reports, reports.cli; reports.build_report; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
