@@ -103,6 +103,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"model.init_from: {path} has a corrupt safetensors header ({e})")
+            if not isinstance(header, dict):
+                raise ConfigError(f"model.init_from: {path} has a corrupt safetensors header (not a JSON object)")
             # copy-on-write keeps the buffer writable, as torch.frombuffer wants, without touching the file
             self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         header.pop("__metadata__", None)
