@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import kernels
 from engine.config import ModelConfig
 
 
@@ -40,24 +41,40 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, triton: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.triton = eps, triton
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            return kernels.rms_norm(x, self.weight, self.eps, impl="triton")
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and names), optionally through the Triton kernel."""
+
+    def __init__(self, dim: int, eps: float, triton: bool = False):
+        super().__init__(dim, eps=eps)
+        self.triton = triton
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
+        return super().forward(x)
+
+
+def make_norm(cfg: ModelConfig, triton: bool = False) -> nn.Module:
     if cfg.family == "gpt2":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-    return RMSNorm(cfg.d_model, cfg.norm_eps)
+        return LayerNorm(cfg.d_model, cfg.norm_eps, triton)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, triton)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, triton: bool = False):
         super().__init__()
+        self.triton = triton
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         bias = cfg.family == "gpt2"
         qkv_bias = bias or cfg.qkv_bias
@@ -75,7 +92,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.use_rope:
             cos, sin = rope
-            q, k = apply_rope(q, k, cos[:s], sin[:s])
+            if self.triton:
+                q, k = kernels.apply_rope(q, k, cos[:s], sin[:s], impl="triton")
+            else:
+                q, k = apply_rope(q, k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head among its group
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -85,8 +105,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, triton: bool = False):
         super().__init__()
+        self.triton = triton
         self.gated = cfg.family == "llama"
         bias = cfg.family == "gpt2"
         if self.gated:
@@ -95,18 +116,20 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated and self.triton:
+            return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x), impl="triton"))
         if self.gated:
             return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, triton: bool = False):
         super().__init__()
-        self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.attn_norm = make_norm(cfg, triton)
+        self.attn = Attention(cfg, triton)
+        self.mlp_norm = make_norm(cfg, triton)
+        self.mlp = MLP(cfg, triton)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope)
@@ -114,13 +137,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: str = "torch"):
+        """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `kernels/`."""
         super().__init__()
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         self.cfg = cfg
+        self.triton = triton = kernels == "triton"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
-        self.norm = make_norm(cfg)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, triton) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg, triton)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.family == "llama":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -152,6 +179,8 @@ class Transformer(nn.Module):
         h = self.hidden(tokens)
         if self.norm is None:  # a pipeline stage before the last: its output feeds the next stage
             return h
+        if targets is not None and self.triton:  # never materialises the [tokens, vocab] logits
+            return kernels.linear_cross_entropy(h, self.head_weight(), targets, ignore_index=-100, impl="triton")
         logits = F.linear(h, self.head_weight())
         if targets is None:
             return logits
@@ -192,10 +221,14 @@ def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(full)
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> Transformer:
-    """The model on `device`; on "meta" it is only shapes (for planning), elsewhere initialised."""
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0,
+                kernels: str = "torch") -> Transformer:
+    """The model on `device`; on "meta" it is only shapes (for planning), elsewhere initialised.
+
+    kernels: "torch" or "triton" (plan.kernels).
+    """
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, kernels)
     if str(device) != "meta":
         model.to_empty(device=device)
         model.init_weights(seed)

@@ -11,6 +11,7 @@ import os
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 try:
     import triton
@@ -25,8 +26,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
-    """True to run the Triton kernel, False for the reference; raises if Triton was chosen but cannot run."""
+def use_triton(impl: str, *tensors: torch.Tensor, contiguous: bool = True) -> bool:
+    """True to run the Triton kernel, False for the reference; raises if Triton was chosen but cannot run.
+
+    contiguous: the kernel reads these tensors through raw pointers, row-major.
+    """
     if impl == "torch":
         return False
     if impl == "auto":
@@ -36,6 +40,9 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     elif triton is None:
         raise RuntimeError("impl='triton' needs the triton package, which is not installed; use impl='torch'")
+    if any(isinstance(t, DTensor) for t in tensors):
+        raise ValueError("the Triton kernels take plain tensors, not DTensors (tensor parallelism); "
+                         "use kernels/impl='torch' with tensor parallelism")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -43,7 +50,7 @@ def use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         raise ValueError(f"impl='triton' needs CUDA tensors (got {tensors[0].device}); "
                          "set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU, or use impl='torch'")
     for t in tensors:
-        if not t.is_contiguous():
+        if contiguous and not t.is_contiguous():
             raise ValueError(f"the Triton kernels need contiguous tensors, got shape {tuple(t.shape)} with strides "
                              f"{t.stride()}; call .contiguous() first")
     return True

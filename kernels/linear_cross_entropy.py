@@ -77,7 +77,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         h = hidden.reshape(-1, hidden.shape[-1]).to(compute)
         w = weight.to(compute)
-        t = targets.reshape(-1)
+        t = targets.reshape(-1).contiguous()
         tokens, vocab = h.shape[0], w.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if need_h else None
@@ -150,6 +150,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if out_of_range:
         raise ValueError(f"{out_of_range} targets are outside [0, {weight.shape[0]}) and not ignore_index "
                          f"({ignore_index})")
-    if use_triton(impl, hidden, weight, targets):
+    if use_triton(impl, hidden, weight, targets, contiguous=False):  # torch ops lay out what the kernel reads
         return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, n_valid)
     return linear_cross_entropy_torch(hidden, weight, targets, ignore_index)
