@@ -1,0 +1,179 @@
+"""The hardware a plan runs on: a GPU from the catalog in conf/gpu/, or this machine, measured.
+
+`load_hardware(cluster)` reads conf/gpu/<cluster.gpu>.yaml (datasheet figures, REFERENCE.md), or,
+for `gpu: auto`, probes the local machine: its CUDA GPU when there is one, else the CPU (measured
+matmul FLOP/s per dtype, memory copy bandwidth, available RAM), so that profile -> estimate ->
+search runs end to end on a laptop. Cluster-level figures (GPUs per node, nodes, link and host
+memory overrides) come from the ClusterConfig.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from autotune.config import CONF_DIR, ClusterConfig
+from engine.config import ConfigError
+
+GiB = 1024**3
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+# Bus bandwidth between ranks on one host when there is no GPU link: gloo over loopback TCP moves
+# a few GB/s at large messages; the first calibration replaces it.
+CPU_GLOO_BYTES_PER_S = 2e9
+
+
+@dataclass
+class Hardware:
+    """Per-GPU figures plus the shape of the cluster. Rates are bytes/s and FLOP/s."""
+
+    gpu: str
+    device: str  # cuda | cpu
+    memory_bytes: int
+    hbm_bytes_per_s: float  # device memory bandwidth (copy: bytes read + written per second)
+    peak_flops: dict[str, float] = field(default_factory=dict)  # dense peak per dtype (fp32, tf32, bf16, fp16)
+    matmul_efficiency: float = 0.8  # achieved fraction of the peak on large matmuls
+    intra_node_bytes_per_s: float = 0.0  # collective bus bandwidth inside a node
+    inter_node_bytes_per_s: float = 0.0  # collective bus bandwidth per GPU across nodes
+    host_device_bytes_per_s: float = 0.0  # PCIe (or memcpy on a CPU)
+    gpus_per_node: int = 1
+    nodes: int = 1
+    host_memory_bytes: int = 0  # per node
+    measured: bool = False  # True: probed on this machine; False: catalog datasheet
+
+    @property
+    def n_gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def achieved_flops(self, dtype: str) -> float:
+        return self.peak_flops[dtype] * self.matmul_efficiency
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"n_gpus": self.n_gpus}
+
+
+def gpu_catalog() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "gpu").glob("*.yaml"))
+
+
+def load_hardware(cluster: ClusterConfig) -> Hardware:
+    """The Hardware of `cluster`: its catalog GPU, or this machine probed (`gpu: auto`)."""
+    if cluster.gpus_per_node < 1 or cluster.nodes < 1:
+        raise ConfigError(
+            f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
+            "set cluster.nodes and cluster.gpus_per_node to at least 1"
+        )
+    base = probe_local() if cluster.gpu == "auto" else catalog_gpu(cluster.gpu)
+    hw = Hardware(**{**asdict(base), "gpus_per_node": cluster.gpus_per_node, "nodes": cluster.nodes})
+    if cluster.intra_node_gbps is not None:
+        hw.intra_node_bytes_per_s = cluster.intra_node_gbps * 1e9
+    # Without a figure for the network, assume it as fast as the node's links (one-node clusters).
+    hw.inter_node_bytes_per_s = (
+        cluster.inter_node_gbps * 1e9 if cluster.inter_node_gbps is not None else hw.intra_node_bytes_per_s
+    )
+    if cluster.host_memory_gb is not None:
+        hw.host_memory_bytes = int(cluster.host_memory_gb * 1e9)
+    return hw
+
+
+def catalog_gpu(name: str) -> Hardware:
+    """Datasheet figures of conf/gpu/<name>.yaml."""
+    path = CONF_DIR / "gpu" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown gpu {name!r}; available: auto, {', '.join(gpu_catalog())}")
+    try:
+        d = OmegaConf.to_container(OmegaConf.load(path))
+        return Hardware(
+            gpu=d["name"], device="cuda", memory_bytes=int(d["memory_gib"] * GiB),
+            hbm_bytes_per_s=d["hbm_gbps"] * 1e9,
+            peak_flops={k: float(d["tflops"][k]) * 1e12 for k in DTYPES},
+            matmul_efficiency=float(d["matmul_efficiency"]),
+            intra_node_bytes_per_s=d["intra_node_gbps"] * 1e9,
+            host_device_bytes_per_s=d["host_device_gbps"] * 1e9,
+            host_memory_bytes=0, measured=False,
+        )
+    except (OmegaConfBaseException, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a valid GPU entry ({e!r}); see conf/gpu/h100-sxm.yaml for the fields")
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of fn() over reps runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _matmul_flops(n: int, dtype: torch.dtype, device: str, reps: int) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / _time(lambda: a @ b, reps)
+
+
+def _copy_bytes_per_s(nbytes: int, device: str, reps: int) -> float:
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time(lambda: dst.copy_(src), reps)  # bytes read + written
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@functools.cache
+def probe_local() -> Hardware:
+    """Measure this machine once per process: its first CUDA GPU, or the CPU.
+
+    Peaks are the measured matmul rates, so matmul_efficiency is 1 (the figures already are what
+    is achieved). On a CPU, memory is the RAM available now and the "device" bandwidth is memcpy.
+    """
+    host = _available_ram()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        flops = {
+            "fp32": _matmul_flops(4096, torch.float32, "cuda", 5),
+            "bf16": _matmul_flops(8192, torch.bfloat16, "cuda", 5),
+            "fp16": _matmul_flops(8192, torch.float16, "cuda", 5),
+        }
+        allow = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        flops["tf32"] = _matmul_flops(4096, torch.float32, "cuda", 5)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        pinned = torch.empty(256 * 2**20 // 4, pin_memory=True)
+        gpu_buf = torch.empty_like(pinned, device="cuda")
+        h2d = pinned.numel() * 4 / _time(lambda: gpu_buf.copy_(pinned, non_blocking=True), 5)
+        return Hardware(
+            gpu=props.name, device="cuda", memory_bytes=props.total_memory,
+            hbm_bytes_per_s=_copy_bytes_per_s(1 << 30, "cuda", 5), peak_flops=flops, matmul_efficiency=1.0,
+            intra_node_bytes_per_s=h2d, host_device_bytes_per_s=h2d, host_memory_bytes=host, measured=True,
+        )
+    fp32 = _matmul_flops(384, torch.float32, "cpu", 5)
+    flops = {
+        "fp32": fp32, "tf32": fp32,
+        "bf16": _matmul_flops(256, torch.bfloat16, "cpu", 3),
+        "fp16": _matmul_flops(256, torch.float16, "cpu", 3),
+    }
+    copy = _copy_bytes_per_s(64 * 2**20, "cpu", 5)
+    return Hardware(
+        gpu="cpu", device="cpu", memory_bytes=host, hbm_bytes_per_s=copy, peak_flops=flops,
+        matmul_efficiency=1.0, intra_node_bytes_per_s=CPU_GLOO_BYTES_PER_S, host_device_bytes_per_s=copy,
+        host_memory_bytes=host, measured=True,
+    )

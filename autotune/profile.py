@@ -1,0 +1,322 @@
+"""The model profile: exact parameters, FLOPs per token, and activation bytes measured on the engine.
+
+Activation memory is not guessed from a paper's formula: the bytes every block saves for backward
+are measured on the engine's own model (`torch.autograd.graph.saved_tensors_hooks` on small real
+forwards, unique storages counted once, parameters and buffers excluded) and fitted as per-element
+coefficients of the model's widths:
+
+    block bytes   = b·s·(c_tok + c_h·h + c_f·f + c_kv·g·d + c_a·a) + c_P·P_block
+    outside bytes = b·s·(c_tok + c_h·h + c_V·V) + c_s·s + c_P·P_outside   (embedding, final norm, head, loss)
+
+(b micro-batch, s sequence, h hidden, f MLP, g·d kv width, a heads, V vocab; the P terms are the
+bf16 weight copies that autocast saves for backward; c_s the learned-position indices of gpt2.) The fit is made on a few shrunk models of
+the same family and attention kind (grouped-query or not) with different widths, so the
+coefficients are bytes per element and scale to any width: a llama-3-70b block is predicted from
+tiny llama blocks, and the tests hold predictions to fresh measurements at shapes larger than the
+fit. SDPA keeps no s x s matrix (flash/efficient/CPU-flash kernels save out + logsumexp), so there
+is no s² term. One fit per (family, gqa) group is cached in memory and on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from engine.config import CHECKPOINTING, KERNELS, PRECISIONS, ModelConfig, TrainConfig
+from engine.model import build_model, param_counts
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BLOCK_FEATURES = ("tok", "h", "f", "kv", "a", "P")
+OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
+# How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
+# "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO-2/3).
+CASTS = ("params", "autocast")
+MEASURED_CHECKPOINTING = ("none", "full")  # selective = a mix of the two, per block
+CACHE_DIR = Path(os.environ.get("AUTOTUNE_CACHE", Path.home() / ".cache" / "autotune"))
+
+
+def cast_style(zero_stage: int) -> str:
+    return "params" if zero_stage >= 2 else "autocast"
+
+
+# --- parameters and FLOPs --------------------------------------------------------------------
+
+def matmul_params(model: ModelConfig) -> int:
+    """N of 6N: the weights that do matmul work (linear weights and the LM head; not the input
+    embedding unless tied, nor norms, biases or positions), as nanoGPT/torchtitan count it."""
+    d, f, v = model.d_model, model.d_ff, model.vocab_size
+    q, kv = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
+    attn = d * q + 2 * d * kv + q * d
+    mlp = (3 if model.family == "llama" else 2) * d * f
+    return model.n_layers * (attn + mlp) + v * d
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token, 6N + 12·L·a·d·s (PaLM appendix B; REFERENCE.md "FLOPs and MFU").
+
+    The attention term counts the full s x s score matrix (as PaLM and FlopCounterMode do), not
+    the causal half that llm.c and Megatron count.
+    """
+    n = matmul_params(model)
+    attention = 12 * model.n_layers * model.n_heads * model.head_dim * seq_len
+    return {"matmul_params": n, "dense": 6.0 * n, "attention": float(attention), "total": 6.0 * n + attention}
+
+
+# --- measured activations ---------------------------------------------------------------------
+
+def block_features(model: ModelConfig, b, s) -> dict:
+    """The features of BLOCK_FEATURES for micro-batch b and sequence s (numbers or numpy arrays)."""
+    bs = b * s
+    pc = param_counts(model)
+    final_norm = pc["norms"] // (2 * model.n_layers + 1)
+    block_params = (pc["attention"] + pc["mlp"] + pc["norms"] - final_norm) / model.n_layers
+    return {
+        "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "kv": bs * model.kv_heads * model.head_dim,
+        "a": bs * model.n_heads, "P": block_params + 0 * bs,
+    }
+
+
+def outside_features(model: ModelConfig, b, s) -> dict:
+    bs = b * s
+    head = model.vocab_size * model.d_model
+    # s: learned-position indices (gpt2), one row shared by the micro-batch
+    return {"tok": bs, "h": bs * model.d_model, "V": bs * model.vocab_size, "P": head + 0 * bs, "s": s + 0 * b}
+
+
+def _checkpointed(block: torch.nn.Module) -> torch.nn.Module:
+    """Wrap a block in non-reentrant activation checkpointing, as the engine applies it."""
+    forward = block.forward
+
+    def run(*args):
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    block.forward = run
+    return block
+
+
+def measure_saved_bytes(
+    model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
+    checkpointing: str = "none", kernels: str = "torch",
+) -> dict[str, float]:
+    """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU:
+    {"block": mean over blocks, "outside": embedding + final norm + head + loss}."""
+    if kernels != "torch":
+        raise NotImplementedError("the engine's model has no kernels= path yet; only kernels=torch is measured")
+    # Values do not matter to what is saved, only shapes and dtypes: skip the (slow) seeded init.
+    net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta")
+    net = net.to_empty(device="cpu")
+    with torch.no_grad():  # uninitialised memory may hold denormals, which make CPU matmuls crawl
+        for t in [*net.parameters(), *net.buffers()]:
+            t.fill_(0.01)
+    dtype = DTYPE[precision]
+    if precision != "fp32" and cast == "params":
+        net.to(dtype)
+    held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    owner = ["outside"]
+    seen: dict[int, tuple[str, int]] = {}
+    for name, block in net.layers.items():
+        block.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, name))
+        block.register_forward_hook(lambda mod, args, out: owner.__setitem__(0, "outside"))
+        if checkpointing == "full":
+            _checkpointed(block)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in held and ptr not in seen and storage.nbytes() > 0:
+            seen[ptr] = (owner[0], storage.nbytes())
+        return t
+
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    autocast = torch.autocast("cpu", dtype=dtype) if precision != "fp32" and cast == "autocast" else nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        net(tokens, tokens)
+    blocks = sum(n for who, n in seen.values() if who != "outside")
+    outside = sum(n for who, n in seen.values() if who == "outside")
+    return {"block": blocks / model.n_layers, "outside": float(outside)}
+
+
+def _fit_shapes(family: str, gqa: bool) -> list[ModelConfig]:
+    """Small models of one family and attention kind, widths varied so every feature separates."""
+    widths = [(32, 4, 80), (48, 6, 64), (64, 4, 112), (48, 3, 160), (80, 10, 96)]
+    shapes = []
+    for i, (h, a, f) in enumerate(widths):
+        g = (a // 2 if a % 2 == 0 else 1) if gqa else a
+        if family == "gpt2" or (h // a) % 2 == 0:
+            shapes.append(ModelConfig(
+                name=f"fit{i}", family=family, n_layers=2, d_model=h, n_heads=a, n_kv_heads=g, d_ff=f,
+                vocab_size=96 + 32 * i, max_seq_len=64, tie_embeddings=family == "gpt2",
+            ))
+    return shapes
+
+
+FIT_BATCHES = ((1, 16), (2, 12))
+
+
+def _engine_fingerprint() -> str:
+    import engine.model
+    src = Path(engine.model.__file__).read_bytes() + Path(__file__).read_bytes()
+    return hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:16]
+
+
+def _lstsq(rows: list[dict], ys: list[float], names: tuple[str, ...]) -> dict[str, float]:
+    x = np.array([[r[n] for n in names] for r in rows], dtype=np.float64)
+    coef = np.linalg.lstsq(x, np.array(ys, dtype=np.float64), rcond=None)[0]
+    return {n: float(c) for n, c in zip(names, coef)}
+
+
+def _fit_group(family: str, gqa: bool) -> dict[str, dict]:
+    """Coefficients for every precision x cast x checkpointing choice of one (family, gqa) group."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: more threads only contend (seconds -> minutes on a busy host)
+    try:
+        return _fit_group_measured(family, gqa)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_group_measured(family: str, gqa: bool) -> dict[str, dict]:
+    fits = {}
+    for precision in PRECISIONS:
+        for cast in CASTS if precision != "fp32" else ("params",):
+            for ckpt in MEASURED_CHECKPOINTING:
+                rows_b, rows_o, yb, yo = [], [], [], []
+                for m in _fit_shapes(family, gqa):
+                    for b, s in FIT_BATCHES:
+                        got = measure_saved_bytes(m, b, s, precision, cast, ckpt)
+                        rows_b.append(block_features(m, b, s))
+                        rows_o.append(outside_features(m, b, s))
+                        yb.append(got["block"])
+                        yo.append(got["outside"])
+                fits[activation_key(precision, cast, ckpt, "torch")] = {
+                    "block": _lstsq(rows_b, yb, BLOCK_FEATURES), "outside": _lstsq(rows_o, yo, OUTSIDE_FEATURES),
+                }
+    return fits
+
+
+def measured_kernels(kernels: str) -> str:
+    """The kernels whose activations were measured for `kernels`: the engine's model has no
+    kernels= path yet, so a triton plan is costed with the torch path's measured bytes."""
+    return "torch"
+
+
+def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) -> str:
+    return f"{precision}/{cast if precision != 'fp32' else 'params'}/{checkpointing}/{kernels}"
+
+
+@functools.cache
+def activation_fit(family: str, gqa: bool) -> dict[str, dict]:
+    """The cached coefficient table of one (family, gqa) group (fitted once per engine version)."""
+    path = CACHE_DIR / f"activations-{family}-{'gqa' if gqa else 'mha'}-{_engine_fingerprint()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    fits = _fit_group(family, gqa)
+    try:
+        write_json_atomic(path, fits)
+    except OSError:
+        pass  # a read-only home: the fit is cheap and stays in memory
+    return fits
+
+
+def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
+    return activation_fit(model.family, model.kv_heads != model.n_heads)
+
+
+def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str, kernels: str = "torch"):
+    """Predicted {"block", "outside"} saved bytes from the fitted coefficients."""
+    fit = activation_coefficients(model)[activation_key(precision, cast, checkpointing, measured_kernels(kernels))]
+    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    return {
+        "block": sum(fit["block"][k] * fb[k] for k in BLOCK_FEATURES),
+        "outside": sum(fit["outside"][k] * fo[k] for k in OUTSIDE_FEATURES),
+    }
+
+
+# --- the profile ------------------------------------------------------------------------------
+
+def model_profile(model: ModelConfig, seq_len: int | None = None, micro_batch: int = 1) -> dict:
+    """Parameters per module, FLOPs per token at `seq_len`, and the measured activation model."""
+    s = seq_len or model.max_seq_len
+    coefs = activation_coefficients(model)
+    per_choice = {}
+    for key, fit in coefs.items():
+        fb, fo = block_features(model, micro_batch, s), outside_features(model, micro_batch, s)
+        per_choice[key] = {
+            "block_bytes": sum(fit["block"][k] * fb[k] for k in BLOCK_FEATURES),
+            "outside_bytes": sum(fit["outside"][k] * fo[k] for k in OUTSIDE_FEATURES),
+        }
+    return {
+        "model": dataclasses.asdict(model),
+        "params": param_counts(model),
+        "flops_per_token": flops_per_token(model, s) | {"seq_len": s, "convention": "6N + 12·L·a·d·s, N = matmul weights"},
+        "activations": {
+            "formula": "block = b·s·(tok + h·h + f·f + kv·g·d + a·a) + P·P_block; outside = b·s·(tok + h·h + V·V) + s·s + P·P_head",
+            "coefficients": coefs,
+            "at": {"micro_batch": micro_batch, "seq_len": s, "bytes": per_choice},
+            "kernels": {"torch": "measured", "triton": "not measured: the engine's model has no kernels path yet"},
+        },
+    }
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cli(argv: list[str]) -> int:
+    from autotune.config import planner_config
+    from autotune.hardware import load_hardware
+
+    parser = argparse.ArgumentParser(prog="autotune profile", description="model and hardware profile -> profile.json")
+    parser.add_argument("--out", default=None, help="folder for profile.json (default: print only)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = planner_config(overrides)
+    train: TrainConfig = cfg.train
+    hw = load_hardware(cfg.cluster)
+    prof = model_profile(train.model, train.job.seq_len, train.plan.micro_batch)
+    prof["hardware"] = hw.to_dict()
+    prof["cluster"] = dataclasses.asdict(cfg.cluster)
+    pc, fl = prof["params"], prof["flops_per_token"]
+    print(f"model {train.model.name}: {pc['total']:,} parameters "
+          + ", ".join(f"{k} {v:,}" for k, v in pc.items() if k != "total" and v))
+    print(f"FLOPs per token at seq_len {fl['seq_len']}: {fl['total']:.4g} (6N, N = {fl['matmul_params']:,}; "
+          f"attention {fl['attention']:.3g})")
+    print(f"saved for backward per block at micro_batch {train.plan.micro_batch}, seq_len {fl['seq_len']}:")
+    for key, v in prof["activations"]["at"]["bytes"].items():
+        print(f"  {key:28s} block {v['block_bytes'] / 2**20:10.2f} MiB   outside {v['outside_bytes'] / 2**20:10.2f} MiB")
+    kind = "measured" if hw.measured else "catalog"
+    print(f"hardware ({kind}): {hw.n_gpus} x {hw.gpu}, {hw.memory_bytes / 2**30:.1f} GiB, "
+          + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in hw.peak_flops.items())
+          + f", memory {hw.hbm_bytes_per_s / 1e9:.0f} GB/s, link {hw.intra_node_bytes_per_s / 1e9:.0f} GB/s")
+    if args.out:
+        path = Path(args.out) / "profile.json"
+        write_json_atomic(path, prof)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
