@@ -40,6 +40,26 @@ class Run:
     memory_limit_bytes: Optional[float] = None
 
     @property
+    def result(self) -> dict[str, Any]:
+        """search.json's `result`: best {trial, plan, ...}, kendall_tau, stopped (why the search ended)."""
+        result = self.search.get("result")
+        return result if isinstance(result, dict) else {}
+
+    def setting(self, section: str, key: str) -> Any:
+        """A config value as search.json records it (top level, or under `config`)."""
+        for where in (self.search.get(section), (self.search.get("config") or {}).get(section)):
+            if isinstance(where, dict) and where.get(key) is not None:
+                return where[key]
+        return None
+
+    @property
+    def kendall_tau(self) -> Optional[float]:
+        tau = self.study_attrs.get("kendall_tau", self.result.get("kendall_tau"))
+        if isinstance(tau, dict):
+            tau = tau.get("tau")
+        return float(tau) if isinstance(tau, (int, float)) else None
+
+    @property
     def measured(self) -> pd.DataFrame:
         """Trials whose probe finished and measured a throughput."""
         if self.trials.empty:

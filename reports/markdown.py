@@ -42,19 +42,24 @@ def render(run: Run, plots: dict[str, str]) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def _name(section: str, run: Run) -> str:
-    return str((run.search.get(section) or {}).get("name") or "?")
-
-
 def _header(run: Run) -> str:
-    mode = (run.search.get("search") or {}).get("mode") or ("measure" if not run.measured.empty else "analytic")
-    lines = [f"# autotune report: {_name('model', run)} on {_name('cluster', run)}", ""]
-    lines.append(f"- run folder: `{run.run_dir}`; search mode: **{mode}**")
+    mode = run.search.get("mode") or run.setting("search", "mode")
+    if mode in (None, "auto"):
+        mode = "measure" if not run.measured.empty else "analytic"
+    model, cluster = run.setting("model", "name") or "?", run.setting("cluster", "name") or "?"
+    lines = [f"# autotune report: {model} on {cluster}", ""]
+    lines.append(f"- run folder: `{run.run_dir}`; search mode: **{mode}**"
+                 + (f"; objective: {run.search['objective']}" if run.search.get("objective") else ""))
+    job = [f"{k} {run.setting('job', k)}" for k in ("global_batch", "seq_len") if run.setting("job", k)]
+    if job:
+        lines.append("- job: " + ", ".join(job))
     if run.study_name:
         lines.append(f"- study `{run.study_name}` in `{run.storage}`")
     if not run.trials.empty:
         counts = run.trials.status.value_counts()
         lines.append(f"- {len(run.trials)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if run.result.get("stopped"):
+        lines.append(f"- the search stopped: {run.result['stopped']}")
     if run.memory_limit_bytes:
         lines.append(f"- memory limit per GPU: {gib(run.memory_limit_bytes)}")
     return "\n".join(lines)
@@ -157,11 +162,16 @@ def _failures(run: Run) -> str:
     failed = run.trials[run.trials.status.isin((*FAILED, "pruned"))]
     lines = ["## Failed and pruned trials", ""]
     if failed.empty:
-        lines.append("Every trial ran to completion.")
-        return "\n".join(lines)
-    rows = [[int(r.number), r.status, plan_label(r), gib(r.get("est_mem_total_bytes")), r.reason or r.error or "–"]
-            for _, r in failed.iterrows()]
-    lines.append(markdown_table(rows, ["trial", "status", "plan", "estimated memory", "reason"]))
+        lines.append("Every trial that ran, ran to completion.")
+    else:
+        rows = [[int(r.number), r.status, plan_label(r), gib(r.get("est_mem_total_bytes")),
+                 r.reason or r.error or "–"] for _, r in failed.iterrows()]
+        lines.append(markdown_table(rows, ["trial", "status", "plan", "estimated memory", "reason"]))
+    skipped = run.trials[run.trials.status == "skipped"]
+    if not skipped.empty:
+        reasons = skipped.reason.replace("", "no reason given").value_counts()
+        lines += ["", f"{len(skipped)} trial(s) closed without running a plan:", ""]
+        lines += [f"- {n} x {reason}" for reason, n in reasons.items()]
     return "\n".join(lines)
 
 
@@ -183,16 +193,15 @@ def _estimate_vs_measured(run: Run) -> str:
 
 
 def _short_vs_long(run: Run) -> str:
-    tau = run.study_attrs.get("kendall_tau")
+    tau = run.kendall_tau
     finals = run.measured[run.measured.final]
     if tau is None and finals.empty:
         return ""
     lines = ["## Short runs vs long runs", ""]
-    if isinstance(tau, dict):
-        tau = tau.get("tau")
     if tau is not None:
         lines.append(f"Kendall tau between the finalists' ranking by their short runs and by their long runs: "
-                     f"**{float(tau):.2f}** (1: the short runs ranked them exactly as the long runs did).")
+                     f"**{tau:.2f}** (1: the short runs ranked them exactly as the long runs did)"
+                     + (f", over {run.result['kendall_pairs']} finalists." if run.result.get("kendall_pairs") else "."))
     short = run.measured[~run.measured.final]
     rows = []
     for _, final in finals.iterrows():

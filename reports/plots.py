@@ -33,8 +33,7 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _title(run: Run) -> str:
-    model = (run.search.get("model") or {}).get("name")
-    cluster = (run.search.get("cluster") or {}).get("name")
+    model, cluster = run.setting("model", "name"), run.setting("cluster", "name")
     return " on ".join(str(x) for x in (model, cluster) if x)
 
 

@@ -57,10 +57,16 @@ def same_plan(row: pd.Series, plan: dict[str, Any]) -> bool:
 
 
 def choose(run: Run) -> Optional[Choice]:
-    """best.yaml's plan when there is one; else the fastest measured (finalists first); else the best estimate."""
+    """The search's own choice (search.json's result, else best.yaml's plan); without either, the
+    fastest measured plan (finalists first), else the best estimate."""
     measured = run.measured
-    if run.best_plan is not None and not measured.empty:
-        match = measured[measured.apply(lambda r: same_plan(r, run.best_plan), axis=1)]
+    chosen = run.result.get("best") or {}
+    trial = chosen.get("trial")
+    if isinstance(trial, int) and not measured.empty and (measured.number == trial).any():
+        return Choice(row=measured[measured.number == trial].iloc[0], source="measured", trial=trial)
+    plan = run.best_plan or chosen.get("plan")
+    if plan and not measured.empty:
+        match = measured[measured.apply(lambda r: same_plan(r, plan), axis=1)]
         if not match.empty:
             measured = match
     if not measured.empty:
@@ -71,8 +77,8 @@ def choose(run: Run) -> Optional[Choice]:
     ranked = ranked_candidates(run)
     if ranked is None or ranked.empty:
         return None
-    if run.best_plan is not None:
-        match = ranked[ranked.apply(lambda r: same_plan(r, run.best_plan), axis=1)]
+    if plan:
+        match = ranked[ranked.apply(lambda r: same_plan(r, plan), axis=1)]
         if not match.empty:
             return Choice(row=match.iloc[0], source="estimated")
     return Choice(row=ranked.iloc[0], source="estimated")

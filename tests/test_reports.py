@@ -98,21 +98,33 @@ def make_run(run_dir: Path, measured: bool = True) -> None:
     plans = enumerate_plans()
     candidates = write_candidates(run_dir, plans)
     storage = f"sqlite:///{run_dir / 'study.db'}"
-    search = {
-        "model": {"name": "gpt2-xl", "n_layers": LAYERS, "d_model": HIDDEN},
-        "job": {"seq_len": SEQ, "global_batch": GLOBAL},
-        "cluster": {"name": "8xh100", "gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 1, "memory_limit_bytes": LIMIT},
-        "search": {"mode": "measure" if measured else "analytic", "trials": 8, "sampler": "tpe"},
-        "storage": storage,
-        "study_name": "autotune-gpt2-xl",
+    mode = "measure" if measured else "analytic"
+    search = {  # as autotune.search writes it
+        "name": "gpt2-xl-8xh100", "study_name": "gpt2-xl-8xh100", "storage": storage, "mode": mode,
+        "objective": "throughput",
+        "config": {
+            "model": {"name": "gpt2-xl", "n_layers": LAYERS, "d_model": HIDDEN},
+            "job": {"seq_len": SEQ, "global_batch": GLOBAL},
+            "cluster": {"name": "8xh100", "gpu": "h100-sxm", "gpus_per_node": 8, "nodes": 1},
+            "search": {"mode": mode, "trials": 8, "sampler": "tpe"},
+        },
+        "memory_limit_bytes": LIMIT,
+        "measured": "per-rank step time and peak memory of each trial (probe, 8 ranks on this machine)"
+        if measured else "nothing: no trial was run",
+        "modelled": "the ranking of plans not run" if measured else "everything: memory and step time of every plan",
     }
-    if measured:
-        search["measured"] = ["per-rank step time and peak memory of each trial (probe, 8 ranks on this machine)"]
-        search["modelled"] = ["nothing: the whole cluster was available"]
-    (run_dir / "search.json").write_text(json.dumps(search))
     if not measured:
+        best = candidates[candidates.dropped == ""].iloc[0]
+        search["result"] = {"best": {"trial": None, "plan": {f: best[f] for f in PlanConfig.__dataclass_fields__}},
+                            "kendall_tau": None, "stopped": "analytic mode: ranked by the estimator alone"}
+        (run_dir / "search.json").write_text(json.dumps(search, default=str))
         return
     study = optuna.create_study(study_name=search["study_name"], storage=storage, direction="maximize")
+    skipped = study.ask()
+    for key, value in {"plan": enumerate_plans()[0][0], "estimate": None, "probe": None, "status": "skipped",
+                       "reason": "its optimistic estimate cannot beat the best measured", "final": False}.items():
+        skipped.set_user_attr(key, value)
+    study.tell(skipped, state=optuna.trial.TrialState.FAIL)
     fits = candidates[candidates.dropped == ""].head(6)
     outcomes = ["ok", "ok", "oom", "ok", "pruned", "error"]
     noise = [0.93, 1.05, None, 0.88, 0.7, None]
@@ -160,7 +172,11 @@ def make_run(run_dir: Path, measured: bool = True) -> None:
         trial.set_user_attr("status", "ok")
         trial.set_user_attr("final", True)
         study.tell(trial, probe["tokens_per_s"])
-    study.set_user_attr("kendall_tau", 1.0)
+    finals = [t for t in study.trials if t.user_attrs.get("final")]
+    best = max(finals, key=lambda t: t.value)
+    search["result"] = {"best": {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.value},
+                        "kendall_tau": 1.0, "kendall_pairs": 2, "stopped": "search.trials=8 trials run"}
+    (run_dir / "search.json").write_text(json.dumps(search))
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +204,8 @@ def check_png(path: Path) -> None:
 
 def test_measured_run_report(measured_run):
     trials = pd.read_csv(measured_run / "trials.csv")
-    assert len(trials) == 8
-    assert trials.status.value_counts().to_dict() == {"ok": 5, "oom": 1, "pruned": 1, "error": 1}
+    assert len(trials) == 9
+    assert trials.status.value_counts().to_dict() == {"ok": 5, "oom": 1, "pruned": 1, "error": 1, "skipped": 1}
     for col in ("number", "state", "status", "reason", "zero_stage", "micro_batch", "est_mem_total_bytes",
                 "meas_peak_mem_bytes", "mem_error_pct", "est_step_time_s", "meas_step_time_s", "time_error_pct",
                 "meas_tokens_per_s", "error"):
@@ -206,6 +222,7 @@ def test_measured_run_report(measured_run):
     assert "pruned at step 2" in report
     assert "Kendall" in report and "1.00" in report
     assert "per-rank step time and peak memory" in report  # what was measured
+    assert "1 x its optimistic estimate cannot beat" in report  # the skipped trial
     for name in PLOTS:
         check_png(measured_run / "plots" / name)
         assert f"plots/{name}" in report
