@@ -267,11 +267,17 @@ def reduce_loss(loss: torch.Tensor, flag: bool = False) -> tuple[float, bool]:
 # --- the training loop -----------------------------------------------------------------------
 
 class StopFlag:
-    """Set by SIGTERM: the loop saves at the end of the current step and exits 0."""
+    """Set by SIGTERM while the loop runs: it saves at the end of the current step and exits 0."""
 
     def __init__(self):
         self.raised = False
-        signal.signal(signal.SIGTERM, self._handle)
+
+    def __enter__(self) -> "StopFlag":
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
@@ -280,14 +286,14 @@ class StopFlag:
 def train(cfg: TrainConfig) -> int:
     device = dist.init_distributed()
     try:
-        return _train(cfg, device)
+        with StopFlag() as stop:
+            return _train(cfg, device, stop)
     finally:
         dist.shutdown()
 
 
-def _train(cfg: TrainConfig, device: torch.device) -> int:
+def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     job, rank0 = cfg.job, dist.rank() == 0
-    stop = StopFlag()
     engine = Engine(cfg, device)
     root = checkpoint.checkpoint_root(job)
     start = 0
