@@ -1,21 +1,17 @@
 """`autotune report DIR`: rebuild report.md, trials.csv and plots/ of a run folder from its study."""
 from __future__ import annotations
 
-import argparse
-
 from engine.config import ConfigError
 from reports import build_report
 
+USAGE = "usage: autotune report DIR\n\n" + __doc__.split(": ", 1)[1]
+
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="autotune report", description=__doc__)
-    parser.add_argument("run_dir", help="the folder `autotune search` wrote (its --out)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed the usage line
-        if e.code:
-            raise ConfigError("give one run folder: autotune report DIR") from None
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
         return 0
-    report = build_report(args.run_dir)
-    print(f"wrote {report}")
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise ConfigError(f"autotune report takes one run folder (the --out of autotune search), got {argv}")
+    print(f"wrote {build_report(argv[0])}")
     return 0

@@ -186,9 +186,12 @@ def _estimate_vs_measured(run: Run) -> str:
              rate(r.est_tokens_per_s), rate(r.meas_tokens_per_s)] for _, r in df.iterrows()]
     lines.append(markdown_table(rows, ["trial", "plan", "est. memory", "meas. peak", "error", "est. step",
                                        "meas. step", "error", "est. tokens/s", "meas. tokens/s"]))
-    lines += ["", f"Mean absolute error: memory {df.mem_error_pct.abs().mean():.1f}%, step time "
-              f"{df.time_error_pct.abs().mean():.1f}% over {len(df)} measured trials. Error = (estimate - measured) "
-              "/ measured; measured memory is the probe's peak allocated bytes (max over ranks)."]
+    errors = [f"{what} {err.abs().mean():.1f}% over {err.notna().sum()} trials"
+              for what, err in (("memory", df.mem_error_pct.dropna()), ("step time", df.time_error_pct.dropna()))
+              if not err.empty]
+    lines += ["", ("Mean absolute error: " + "; ".join(errors) + ". " if errors else "")
+              + "Error = (estimate - measured) / measured; measured memory is the probe's peak allocated bytes "
+              "(max over ranks)."]
     return "\n".join(lines)
 
 

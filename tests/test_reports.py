@@ -249,6 +249,15 @@ def test_rebuild_is_idempotent_and_cli_works(measured_run, capsys):
     assert str(measured_run / "report.md") in capsys.readouterr().out
 
 
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from autotune.cli import main
+
+    for argv in (["report"], ["report", str(tmp_path / "missing")], ["report", "a", "b"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_bad_run_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no such run folder"):
         reports.build_report(tmp_path / "missing")
