@@ -5,7 +5,9 @@ any kernel is jitted: `kernels` jits on first launch), on small shapes; on a GPU
 the compiled kernels, and the tests marked gpu add bf16 runs at LLM-like shapes.
 """
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +291,52 @@ def test_bad_input_is_a_clear_error(case):
     message, error, call = _bad_inputs()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_benchmark_script_imports_and_explains_itself_on_cpu():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_kernels.py"), "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "--out" in done.stdout and "Liger" in done.stdout
+
+
+# --- compiled kernels on a GPU, bf16, at LLM-like shapes ---------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm", "swiglu", "apply_rope", "linear_cross_entropy"])
+def test_compiled_kernels_bf16_on_gpu(op):
+    bf16 = torch.bfloat16
+    if op == "rms_norm":
+        x, w = randn(4096, 4096, dtype=bf16), randn(4096, dtype=bf16, scale=0.1, shift=1.0, seed=1)
+        check_against_float64(lambda x, w: kernels.rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm_torch(x, w, 1e-5),
+                              [x, w], [True, True], bf16)
+    elif op == "layer_norm":
+        args = [randn(4096, 3000, dtype=bf16, shift=2.0), randn(3000, dtype=bf16, shift=1.0, seed=1),
+                randn(3000, dtype=bf16, seed=2)]
+        check_against_float64(lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5),
+                              lambda x, w, b: kernels.layer_norm_torch(x, w, b, 1e-5), args, [True] * 3, bf16)
+    elif op == "swiglu":
+        args = [randn(4096, 11008, dtype=bf16, scale=2.0), randn(4096, 11008, dtype=bf16, seed=1)]
+        check_against_float64(kernels.swiglu, kernels.swiglu_torch, args, [True, True], bf16)
+    elif op == "apply_rope":
+        from engine.model import rope_tables
+
+        cos, sin = (t.to(DEVICE) for t in rope_tables(128, 1024, 500000.0))
+        args = [randn(2, 1024, 32, 128, dtype=bf16), randn(2, 1024, 8, 128, dtype=bf16, seed=1), cos, sin]
+        check_against_float64(kernels.apply_rope, kernels.apply_rope_torch, args, [True, True, False, False], bf16)
+    else:
+        tokens, hidden, vocab = 8192, 512, 32000
+        targets = torch.randint(0, vocab, (tokens,), device=DEVICE)
+        targets[::7] = -100
+        args = [randn(tokens, hidden, dtype=bf16), randn(vocab, hidden, dtype=bf16, scale=0.05, seed=1), targets]
+        check_against_float64(kernels.linear_cross_entropy, kernels.linear_cross_entropy_torch, args,
+                              [True, True, False], bf16)
+        # the [tokens, vocab] logits never exist: the extra peak stays well under their size
+        h, w = (a.detach().requires_grad_() for a in args[:2])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        kernels.linear_cross_entropy(h, w, targets).backward()
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < 0.5 * tokens * vocab * 2
