@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -105,23 +105,50 @@ def _checkpointed(block: torch.nn.Module) -> torch.nn.Module:
     return block
 
 
+@contextmanager
+def _triton_shapes_only():
+    """Run the Triton path on the CPU without its arithmetic: launches become no-ops.
+
+    What a kernel keeps for backward is decided by its autograd.Function (`ctx.save_for_backward`
+    on tensors allocated by torch), not by the kernel's arithmetic, so shapes, dtypes and storages
+    are those of a real run; the values are not needed. (Triton's interpreter would take about a
+    second per tiny forward; tests compare the two at one shape.)
+    """
+    from kernels._common import LazyKernel
+
+    launch, interpret = LazyKernel.__getitem__, os.environ.get("TRITON_INTERPRET")
+    LazyKernel.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+    os.environ["TRITON_INTERPRET"] = "1"  # lets impl="triton" accept CPU tensors
+    try:
+        yield
+    finally:
+        LazyKernel.__getitem__ = launch
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
 def measure_saved_bytes(
     model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
-    checkpointing: str = "none", kernels: str = "torch",
+    checkpointing: str = "none", kernels: str = "torch", triton_arithmetic: bool = False,
 ) -> dict[str, float]:
     """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU:
-    {"block": mean over blocks, "outside": embedding + final norm + head + loss}."""
-    if kernels != "torch":
-        raise NotImplementedError("the engine's model has no kernels= path yet; only kernels=torch is measured")
+    {"block": mean over blocks, "outside": embedding + final norm + head + loss}.
+
+    triton_arithmetic: run kernels=triton through Triton's interpreter (slow) instead of
+    skipping the kernels' arithmetic.
+    """
     # Values do not matter to what is saved, only shapes and dtypes: skip the (slow) seeded init.
-    net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta")
+    net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
     net = net.to_empty(device="cpu")
+    dtype = DTYPE[precision]
     with torch.no_grad():  # uninitialised memory may hold denormals, which make CPU matmuls crawl
         for t in [*net.parameters(), *net.buffers()]:
             t.fill_(0.01)
-    dtype = DTYPE[precision]
-    if precision != "fp32" and cast == "params":
-        net.to(dtype)
+        if precision != "fp32" and cast == "params":  # 16-bit parameters, fp32 buffers (rotary tables)
+            for p in net.parameters():
+                p.data = p.data.to(dtype)
     held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
     owner = ["outside"]
     seen: dict[int, tuple[str, int]] = {}
@@ -140,11 +167,26 @@ def measure_saved_bytes(
 
     tokens = torch.randint(0, model.vocab_size, (b, s))
     autocast = torch.autocast("cpu", dtype=dtype) if precision != "fp32" and cast == "autocast" else nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    triton = _triton_shapes_only() if kernels == "triton" and not triton_arithmetic else nullcontext()
+    interpret = _env("TRITON_INTERPRET", "1") if kernels == "triton" and triton_arithmetic else nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton, interpret:
         net(tokens, tokens)
     blocks = sum(n for who, n in seen.values() if who != "outside")
     outside = sum(n for who, n in seen.values() if who == "outside")
     return {"block": blocks / model.n_layers, "outside": float(outside)}
+
+
+@contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _fit_shapes(family: str, gqa: bool) -> list[ModelConfig]:
@@ -191,24 +233,19 @@ def _fit_group_measured(family: str, gqa: bool) -> dict[str, dict]:
     for precision in PRECISIONS:
         for cast in CASTS if precision != "fp32" else ("params",):
             for ckpt in MEASURED_CHECKPOINTING:
-                rows_b, rows_o, yb, yo = [], [], [], []
-                for m in _fit_shapes(family, gqa):
-                    for b, s in FIT_BATCHES:
-                        got = measure_saved_bytes(m, b, s, precision, cast, ckpt)
-                        rows_b.append(block_features(m, b, s))
-                        rows_o.append(outside_features(m, b, s))
-                        yb.append(got["block"])
-                        yo.append(got["outside"])
-                fits[activation_key(precision, cast, ckpt, "torch")] = {
-                    "block": _lstsq(rows_b, yb, BLOCK_FEATURES), "outside": _lstsq(rows_o, yo, OUTSIDE_FEATURES),
-                }
+                for kernels in KERNELS:
+                    rows_b, rows_o, yb, yo = [], [], [], []
+                    for m in _fit_shapes(family, gqa):
+                        for b, s in FIT_BATCHES:
+                            got = measure_saved_bytes(m, b, s, precision, cast, ckpt, kernels)
+                            rows_b.append(block_features(m, b, s))
+                            rows_o.append(outside_features(m, b, s))
+                            yb.append(got["block"])
+                            yo.append(got["outside"])
+                    fits[activation_key(precision, cast, ckpt, kernels)] = {
+                        "block": _lstsq(rows_b, yb, BLOCK_FEATURES), "outside": _lstsq(rows_o, yo, OUTSIDE_FEATURES),
+                    }
     return fits
-
-
-def measured_kernels(kernels: str) -> str:
-    """The kernels whose activations were measured for `kernels`: the engine's model has no
-    kernels= path yet, so a triton plan is costed with the torch path's measured bytes."""
-    return "torch"
 
 
 def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) -> str:
@@ -237,7 +274,7 @@ def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
 
 def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str, kernels: str = "torch"):
     """Predicted {"block", "outside"} saved bytes from the fitted coefficients."""
-    fit = activation_coefficients(model)[activation_key(precision, cast, checkpointing, measured_kernels(kernels))]
+    fit = activation_coefficients(model)[activation_key(precision, cast, checkpointing, kernels)]
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
     return {
         "block": sum(fit["block"][k] * fb[k] for k in BLOCK_FEATURES),
@@ -266,7 +303,7 @@ def model_profile(model: ModelConfig, seq_len: int | None = None, micro_batch: i
             "formula": "block = b·s·(tok + h·h + f·f + kv·g·d + a·a) + P·P_block; outside = b·s·(tok + h·h + V·V) + s·s + P·P_head",
             "coefficients": coefs,
             "at": {"micro_batch": micro_batch, "seq_len": s, "bytes": per_choice},
-            "kernels": {"torch": "measured", "triton": "not measured: the engine's model has no kernels path yet"},
+            "kernels_triton": "measured with the Triton kernels' launches skipped (what they save does not depend on their arithmetic)",
         },
     }
 
