@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 from autotune.config import ClusterConfig
 from engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
 from engine.model import param_counts
+from engine.parallel import checkpointed_blocks
 from reports.files import write_atomic
 
-# fp16 dynamic loss scaling as torch.amp.GradScaler does it by default (the engine's scaler): start
-# at 2^16, halve on every overflow (no hysteresis), double after 2000 clean steps.
+# fp16 dynamic loss scaling as the engine does it (torch.amp.GradScaler, default settings): start at
+# 2^16, halve on every overflow (no hysteresis), double after 2000 clean steps.
 FP16_INITIAL_SCALE_POWER = 16
 FP16_SCALE_WINDOW = 2000
 FP16_HYSTERESIS = 1
@@ -44,16 +45,6 @@ def block_params(model: ModelConfig) -> int:
     """Parameters of one transformer block, the unit the engine gathers and reduces at a time."""
     counts = param_counts(model)
     return (counts["attention"] + counts["mlp"] + counts["norms"]) // model.n_layers
-
-
-def checkpointed_blocks(cfg: TrainConfig) -> int:
-    """How many blocks recompute their forward in backward under the plan's checkpointing."""
-    policy, layers = cfg.plan.activation_checkpointing, cfg.model.n_layers
-    if policy == "full":
-        return layers
-    if policy == "selective":
-        return len(range(0, layers, cfg.plan.checkpoint_every_k))
-    return 0
 
 
 def ds_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -101,8 +92,8 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
                 "weight_decay": opt.weight_decay,
             },
         },
-        # The engine's schedule: linear warmup from 0, then cosine to lr * min_lr_ratio at job.steps.
-        # DeepSpeed needs at least one warmup step (it uses at least two).
+        # The engine's schedule: linear warmup, then cosine to lr * min_lr_ratio at job.steps. DeepSpeed
+        # warms up from 0 where the engine starts at lr / warmup_steps, and needs a warmup of >= 1 step.
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -116,7 +107,7 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": job.log_every,
         "wall_clock_breakdown": False,
     }
-    blocks = checkpointed_blocks(cfg)
+    blocks = len(checkpointed_blocks(plan, model.n_layers))
     if blocks:
         # Read by deepspeed.checkpointing.checkpoint, which the model code must call per block.
         config["activation_checkpointing"] = {
