@@ -308,6 +308,16 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             f"plan.pp={p.pp} x plan.pp_virtual_stages={p.pp_virtual_stages} = {stages} stages "
             f"exceeds model.n_layers={model.n_layers}"
         )
+    if p.pp > 1 and model.tie_embeddings:
+        raise ConfigError(
+            f"plan.pp={p.pp} with model.tie_embeddings=true ({model.name}) is not supported: the head on the "
+            "last stage would share the first stage's embedding; use plan.pp=1 (tensor or data parallel)"
+        )
+    if p.zero_stage == 1 and p.tp > 1:
+        raise ConfigError(
+            "plan.zero_stage=1 with plan.tp > 1 is not supported (torch's ZeroRedundancyOptimizer cannot "
+            "shard tensor-parallel parameters); use plan.zero_stage=2, which also shards gradients"
+        )
     if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
         raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
     if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:
@@ -330,6 +340,11 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
     if p.pp > 1 and p.pp_schedule == "interleaved_1f1b" and accum % p.pp:
         raise ConfigError(
             f"plan.pp_schedule=interleaved_1f1b needs grad_accum={accum} (micro-batches) divisible by plan.pp={p.pp}"
+        )
+    if p.pp > 1 and p.pp_schedule == "1f1b" and accum < p.pp:
+        raise ConfigError(
+            f"plan.pp_schedule=1f1b needs at least plan.pp={p.pp} micro-batches per step, but grad_accum={accum}; "
+            "use a smaller plan.micro_batch or plan.pp_schedule=gpipe"
         )
 
 

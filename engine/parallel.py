@@ -12,8 +12,9 @@ the optimizer step runs on the CPU, so under FSDP2 offload_optimizer and offload
 mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 2/3) or autocast (ZeRO 0/1);
 the parameters the optimizer updates stay fp32 either way.
 
-Tensor and pipeline parallelism plug in at `apply_plan` (before checkpointing and sharding) and
-replace `check_supported`'s refusal when they are wired.
+Tensor parallelism (engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
+FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
+(engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -30,16 +32,22 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.config import ConfigError, JobConfig, PlanConfig
+from engine.tensor_parallel import apply_tp
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_supported(plan: PlanConfig) -> None:
     """Refuse what the engine cannot run yet, before anything is built."""
-    if plan.tp > 1 or plan.pp > 1:
+    if plan.pp > 1 and plan.precision == "fp16":
         raise ConfigError(
-            f"plan.tp={plan.tp}, plan.pp={plan.pp}: tensor and pipeline parallelism are not supported "
-            "yet by the engine; use plan.tp=1 plan.pp=1 (data parallel with ZeRO)"
+            "plan.precision=fp16 with plan.pp > 1 is not supported by the engine (the loss scaler would "
+            "have to agree across pipeline stages); use plan.precision=bf16"
+        )
+    if plan.tp > 1 and plan.kernels == "triton":
+        raise ConfigError(
+            "plan.kernels=triton with plan.tp > 1 is not supported: the fused kernels take whole tensors, "
+            "not tensor-parallel shards; use plan.kernels=torch or plan.tp=1"
         )
     if plan.kernels != "torch":
         raise ConfigError(f"plan.kernels={plan.kernels!r} is not wired into the engine yet; use plan.kernels=torch")
@@ -72,9 +80,10 @@ def checkpointed_blocks(plan: PlanConfig, n_layers: int) -> list[int]:
 def apply_activation_checkpointing(model: nn.Module, plan: PlanConfig) -> None:
     """Recompute the chosen blocks in backward. The block's forward is wrapped in place rather than
     the block replaced by a wrapper module, so parameter names (checkpoints, init seeds) stay as they are."""
-    for i in checkpointed_blocks(plan, len(model.layers)):
-        block = model.layers[str(i)]
-        block.forward = _checkpointed(block.forward)
+    chosen = set(checkpointed_blocks(plan, model.cfg.n_layers))
+    for name, block in model.layers.items():  # a pipeline stage holds some of the blocks
+        if int(name) in chosen:
+            block.forward = _checkpointed(block.forward)
 
 
 def _checkpointed(forward):
@@ -107,9 +116,18 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
 
 
 def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """DDP over the dp ranks; a lone rank needs no wrapper (and pays no bucket copies)."""
+    """DDP over the dp ranks; a lone rank needs no wrapper (and pays no bucket copies).
+
+    DDP cannot hold tensor-parallel (DTensor) parameters; under tp the same all-reduce of gradients
+    is FSDP2's `replicate`, per block (so each block's reduction overlaps the rest of backward)."""
     if plan.dp == 1:
         return model
+    if plan.tp > 1:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        for block in model.layers.values():
+            replicate(block, mesh=dp_mesh)
+        return replicate(model, mesh=dp_mesh)
     return DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
@@ -136,7 +154,8 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
     """The model as the plan runs it. `model` is a Transformer built on meta (initialised here,
     after sharding, so no rank ever holds the full model) or already materialised (loaded weights)."""
     check_supported(plan)
-    # Tensor parallel (parallelize_module) goes here, before checkpointing and sharding.
+    if plan.tp > 1:
+        apply_tp(model, mesh["tp"], plan.sequence_parallel)
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
     dp_mesh = mesh["dp"]
@@ -223,8 +242,26 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm (over all shards), clipping to max_norm when it is > 0."""
+def clip_grad_norm(model: nn.Module, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The global gradient norm (over all shards and, given pp_group, all pipeline stages), clipping
+    to max_norm when it is > 0.
+
+    Gradients can live on different meshes (tp-sharded, dp-sharded, both, or plain tensors that
+    every rank holds whole), so each kind's norm is reduced over its own mesh and the squares summed.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    kinds: dict = {}
+    for p in params:
+        g = p.grad
+        kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, []).append(g)
+    squares = torch.zeros((), device=params[0].device if params else "cpu")
+    for grads in kinds.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(squares, group=pp_group)
+    total = squares.sqrt()
+    if max_norm > 0:
+        for grads in kinds.values():  # one foreach multiply per mesh
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total

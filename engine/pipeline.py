@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from engine.config import PlanConfig
+from engine.parallel import apply_plan, unwrap
 from engine.tensor_parallel import cross_entropy
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -72,6 +73,22 @@ def build_stages(
     return [(s, split_stage(model, s, n_stages)) for s in local_stage_ids(plan, pp_mesh.get_local_rank())]
 
 
+class LocalStages(nn.Module):
+    """This rank's stages seen as one module whose parameters carry the full model's names, for the
+    optimizer, gradient clipping and checkpoints (DCP merges the stages' partial state dicts). It
+    shares the stages' modules and is never called: the schedule runs the stages."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        self.cfg = stages[0].cfg
+        self.layers = nn.ModuleDict()
+        for stage in stages:
+            for name in ("tok_emb", "pos_emb", "norm", "lm_head"):
+                if getattr(stage, name) is not None:
+                    setattr(self, name, getattr(stage, name))
+            self.layers.update(stage.layers)
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs one optimizer step's micro-batches through them."""
 
@@ -80,7 +97,7 @@ class Pipeline:
     ):
         n_stages = plan.pp * plan.pp_virtual_stages
         group = pp_mesh.get_group()
-        self.modules = [module for _, module in stages]
+        self.model = LocalStages([unwrap(module) for _, module in stages])
         self.stages = [PipelineStage(module, s, n_stages, device, group=group) for s, module in stages]
         self.has_first = any(s == 0 for s, _ in stages)
         self.has_last = any(s == n_stages - 1 for s, _ in stages)
@@ -107,3 +124,12 @@ class Pipeline:
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.group)  # only the last stage holds it
         return loss
+
+
+def build_pipeline(
+    model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: torch.device, seed: int
+) -> Pipeline:
+    """Cut a Transformer (built on meta, or loaded) into this rank's stages, apply the plan to each
+    (tensor parallel, checkpointing, ZeRO over dp; materialised after sharding) and schedule them."""
+    stages = [(s, apply_plan(module, plan, mesh, device, seed)) for s, module in build_stages(model, plan, mesh["pp"])]
+    return Pipeline(stages, plan, mesh["pp"], device)
