@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     _init_optim_state,
-    get_state_dict,
-    set_state_dict,
+    get_model_state_dict,
+    set_model_state_dict,
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -66,22 +67,30 @@ def check_readable(path: Path) -> None:
     """Fail early, before any process is launched, on a checkpoint whose metadata cannot be read."""
     try:
         dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as e:  # any failure to parse is the same user-facing problem
+    except (Exception, CheckpointException) as e:  # any failure to parse is the same user-facing problem
         raise _corrupt(path, e) from None
 
 
 def _corrupt(path: Path, e: BaseException) -> ConfigError:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    # DCP wraps the per-rank tracebacks: their last line is the real failure
+    detail = lines[-1] if isinstance(e, CheckpointException) else f"{type(e).__name__}: {lines[0]}"
     return ConfigError(
-        f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-        f"delete that folder to resume from an older one, or set job.resume=false to start afresh"
+        f"checkpoint {path} cannot be read ({detail[:300]}); delete that folder to resume from an "
+        f"older one, or set job.resume=false to start afresh"
     )
 
 
 # --- what goes into a checkpoint ---------------------------------------------------------------
 
-def _zero1_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """This rank's ZeRO-1 optimizer states, keyed by parameter name: each rank holds other names, so
-    DCP writes every state once and a rank reloading under any dp degree finds its own."""
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """This rank's optimizer states keyed by parameter name ("layers.0.attn.wq.weight.exp_avg").
+
+    One format for every plan: under FSDP2 the states are DTensor shards, under ZeRO-1 each rank
+    holds the states of other parameters, under DDP every rank holds all (DCP writes one copy). DCP
+    reshards on load, so a checkpoint resumes under another dp degree or ZeRO stage. Hyperparameters
+    are not saved: they come from the config, and the lr from the schedule.
+    """
     local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
     _init_optim_state(local)  # states exist before the first step too, so loading can fill them
     names = {p: n for n, p in unwrap(model).named_parameters()}
@@ -93,27 +102,23 @@ def _zero1_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     }
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, zero1: bool) -> dict[str, Any]:
-    if zero1:
-        model_sd, optim_sd = get_state_dict(model, []), _zero1_optimizer_state(model, optimizer)
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": get_model_state_dict(model),
+        "optim": optimizer_state(model, optimizer),
+        "extra": extra,
+        "rng": torch.get_rng_state(),
+    }
 
 
-def save(
-    root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, zero1: bool, extra: dict[str, Any]
-) -> Path:
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
     """Write checkpoint `step-<step>` atomically (collective: every rank calls it)."""
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving this step
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _state(model, optimizer, zero1)
-    state["extra"] = extra
-    state["rng"] = torch.get_rng_state()
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp.save(_state(model, optimizer, extra), checkpoint_id=str(tmp))
     dist.barrier()
     if dist.rank() == 0:
         _fsync_tree(tmp)
@@ -127,22 +132,15 @@ def save(
     return final
 
 
-def load(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, zero1: bool, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """Load a checkpoint into the model and optimizer in place; returns its `extra` (step, schedule, ...).
-    `extra` is a template of the same structure (the fresh run's values)."""
-    state = _state(model, optimizer, zero1)
-    state["extra"] = extra
-    state["rng"] = torch.get_rng_state()
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint into the model and optimizer in place and return its `extra` (step,
+    schedule, scaler); `extra` is a template of the same structure (the fresh run's values)."""
+    state = _state(model, optimizer, extra)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise _corrupt(path, e) from None
-    if zero1:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(model, state["model"])  # the optimizer's states were loaded in place
     torch.set_rng_state(state["rng"])
     return state["extra"]
 

@@ -237,21 +237,17 @@ class Engine:
         }
 
     def save(self, root: Path, next_step: int) -> Path:
-        return checkpoint.save(root, next_step, self.model, self.optimizer, self._zero1, self.extra_state(next_step))
+        return checkpoint.save(root, next_step, self.model, self.optimizer, self.extra_state(next_step))
 
     def load(self, path: Path) -> int:
         """Restore from a checkpoint; returns the step to continue from."""
-        extra = checkpoint.load(path, self.model, self.optimizer, self._zero1, self.extra_state(0))
+        extra = checkpoint.load(path, self.model, self.optimizer, self.extra_state(0))
         self.scheduler.load_state_dict(extra["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the schedule's lr, whatever the optimizer state carried
         if self.scaler and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
         return int(extra["step"])
-
-    @property
-    def _zero1(self) -> bool:
-        return self.cfg.plan.zero_stage == 1
 
 
 def reduce_loss(loss: torch.Tensor, flag: bool = False) -> tuple[float, bool]:

@@ -1,0 +1,164 @@
+"""The training command: SIGTERM saves and resume continues the same trajectory, checkpoints are
+atomic and reshard across ZeRO stages, and a user's mistake is one `error:` line, exit 2, no output."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autotune.cli import main as autotune_main
+from engine.checkpoint import COMPLETE, LATEST, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,
+            vocab_size=256, max_seq_len=128)
+
+
+def write_config(tmp_path: Path, steps: int = 6, out: str = "run", **plan) -> Path:
+    cfg = {
+        "model": TINY,
+        "job": {"seq_len": 32, "global_batch": 8, "steps": steps, "out_dir": str(tmp_path / out),
+                "optimizer": {"warmup_steps": 2}},
+        "plan": {"micro_batch": 8, **plan},
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def by_step(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records}
+
+
+def train_command(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "engine.train", str(config), *overrides]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
+    steps = 40  # enough that the signal lands mid-run, however loaded the machine
+    config = write_config(tmp_path, steps=steps)
+    reference = write_config(tmp_path, steps=steps, out="reference")
+    subprocess.run(train_command(reference), env=ENV, check=True, capture_output=True, timeout=600)
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_command(config), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "stopped by SIGTERM" in stdout
+    stopped_at = len(metrics(out))
+    assert 3 <= stopped_at < steps
+    assert latest_checkpoint(out / "ckpt").name == f"step-{stopped_at}"
+
+    resumed = subprocess.run(train_command(config), env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'ckpt' / f'step-{stopped_at}'}" in resumed.stdout
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    expected = by_step(metrics(tmp_path / "reference"))
+    for step, loss in by_step(records).items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_resume_under_another_zero_stage(tmp_path):
+    """A ZeRO-1 checkpoint of step 3 resumes under FSDP2 (ZeRO 2) on the same trajectory."""
+    config = write_config(tmp_path, zero_stage=1)
+    assert autotune_main(["train", str(config), "job.checkpoint_every=3"]) == 0
+    out = tmp_path / "run"
+    first = by_step(metrics(out))
+    shutil.rmtree(out / "ckpt" / "step-6")  # `latest` now names a missing folder: step-3 is the newest
+    (out / "metrics.jsonl").unlink()
+    assert autotune_main(["train", str(config), "plan.zero_stage=2"]) == 0
+    resumed = by_step(metrics(out))
+    assert sorted(resumed) == [4, 5, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(first[step], rel=1e-5), step
+
+
+def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
+    root = tmp_path / "ckpt"
+    for name, complete in (("step-2", True), ("step-4", False), ("step-6.tmp", True)):
+        (root / name).mkdir(parents=True)
+        (root / name / ".metadata").write_bytes(b"x")
+        if complete:
+            (root / name / COMPLETE).write_text("done\n")
+    assert latest_checkpoint(root) == root / "step-2"
+    (root / LATEST).write_text("step-4\n")  # names an unfinished one: ignored
+    assert latest_checkpoint(root) == root / "step-2"
+    assert latest_checkpoint(tmp_path / "none") is None
+
+
+def assert_user_error(capsys, argv: list[str], *words: str) -> str:
+    assert autotune_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for word in words:
+        assert word in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.family=gpt3"], ["model.family"]),
+        (["model.hf_config=/no/such/config.json"], ["model.hf_config"]),
+        (["plan.micro_batch=3"], ["job.global_batch=8", "micro_batch=3"]),
+        (["plan.dp=3"], ["plan.dp=3"]),
+        (["job.data.source=/no/such/tokens.bin"], ["/no/such/tokens.bin"]),
+    ],
+)
+def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys, overrides, words):
+    config = write_config(tmp_path)
+    assert_user_error(capsys, ["train", str(config), *overrides], *words)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["metadata", "shard"])
+def test_corrupt_checkpoint_is_a_user_error(tmp_path, capsys, damage):
+    config = write_config(tmp_path, steps=2)
+    assert autotune_main(["train", str(config)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    ckpt = out / "ckpt" / "step-2"
+    if damage == "metadata":
+        (ckpt / ".metadata").write_bytes(b"not a checkpoint")
+    else:
+        shard = next(ckpt.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    before = (out / "metrics.jsonl").read_text()
+    message = assert_user_error(capsys, ["train", str(config), "job.steps=4"], str(ckpt), "job.resume=false")
+    assert "delete" in message
+    assert (out / "metrics.jsonl").read_text() == before  # nothing appended
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [LATEST, "step-2"]
+    # the way out the message names works
+    assert autotune_main(["train", str(config), "job.steps=4", "job.resume=false"]) == 0
+
+
+@pytest.mark.slow
+def test_cli_error_is_one_line_from_a_real_process(tmp_path):
+    config = write_config(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "autotune", "train", str(config), "plan.micro_batch=3"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "run").exists()
