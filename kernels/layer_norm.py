@@ -157,6 +157,11 @@ class LayerNormFunction(torch.autograd.Function):
         return dx, dw_partial.sum(0).to(weight.dtype), db, None
 
 
+@torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
+def _layer_norm_triton(x, weight, bias, eps):
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
 def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """The reference: statistics in fp32 (or the input's precision when higher), output in x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -180,5 +185,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         check_shape("bias", bias, (x.shape[-1],))
         tensors += (bias,)
     if use_triton(impl, *tensors):
-        return LayerNormFunction.apply(x, weight, bias, eps)
+        return _layer_norm_triton(x, weight, bias, eps)
     return layer_norm_torch(x, weight, bias, eps)

@@ -116,6 +116,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+@torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
+def _linear_cross_entropy_triton(hidden, weight, targets, ignore_index, n_valid):
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, n_valid)
+
+
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                ignore_index: int = -100) -> torch.Tensor:
     """The reference: full logits in fp32 (or higher), mean over non-ignored targets, 0 when all are ignored."""
@@ -151,5 +156,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"{out_of_range} targets are outside [0, {weight.shape[0]}) and not ignore_index "
                          f"({ignore_index})")
     if use_triton(impl, hidden, weight, targets, contiguous=False):  # torch ops lay out what the kernel reads
-        return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, n_valid)
+        return _linear_cross_entropy_triton(hidden, weight, targets, ignore_index, n_valid)
     return linear_cross_entropy_torch(hidden, weight, targets, ignore_index)

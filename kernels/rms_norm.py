@@ -126,6 +126,11 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw_partial.sum(0).to(weight.dtype), None
 
 
+@torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
+def _rms_norm_triton(x, weight, eps):
+    return RMSNormFunction.apply(x, weight, eps)
+
+
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference: statistics in fp32 (or the input's precision when higher), output in x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -139,5 +144,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, impl: str
     check_float("weight", weight)
     check_shape("weight", weight, (x.shape[-1],))
     if use_triton(impl, x, weight):
-        return RMSNormFunction.apply(x, weight, eps)
+        return _rms_norm_triton(x, weight, eps)
     return rms_norm_torch(x, weight, eps)

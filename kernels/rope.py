@@ -72,6 +72,11 @@ class RoPEFunction(torch.autograd.Function):
         return dq, dk, None, None
 
 
+@torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
+def _rope_triton(q, k, cos, sin):
+    return RoPEFunction.apply(q, k, cos, sin)
+
+
 def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference, `engine.model.apply_rope` in fp32 (or the input's precision when higher)."""
@@ -104,5 +109,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         if tuple(t.shape) != (s, d // 2):
             raise ValueError(f"{name} must have shape (seq, head_dim/2) = {(s, d // 2)}, got {tuple(t.shape)}")
     if use_triton(impl, q, k, cos, sin):
-        return RoPEFunction.apply(q, k, cos, sin)
+        return _rope_triton(q, k, cos, sin)
     return apply_rope_torch(q, k, cos, sin)

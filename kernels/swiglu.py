@@ -59,6 +59,11 @@ class SwiGLUFunction(torch.autograd.Function):
         return dgate, dup
 
 
+@torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
+def _swiglu_triton(gate, up):
+    return SwiGLUFunction.apply(gate, up)
+
+
 def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The reference: math in fp32 (or the input's precision when higher), output in the inputs' dtype."""
     g = gate.to(torch.promote_types(gate.dtype, torch.float32))
@@ -74,5 +79,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str = "auto") -> torch.Te
     if gate.dtype != up.dtype:
         raise TypeError(f"gate and up must have one dtype, got {gate.dtype} and {up.dtype}")
     if use_triton(impl, gate, up):
-        return SwiGLUFunction.apply(gate, up)
+        return _swiglu_triton(gate, up)
     return swiglu_torch(gate, up)
