@@ -218,6 +218,8 @@ def trials_table(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    for name in PLAN_FIELDS:  # as recorded: a trial without a plan must not turn 3 into 3.0
+        df[name] = pd.Series([row[name] for row in rows], index=df.index, dtype=object)
     for col in ("est_mem_total_bytes", "est_step_time_s", "est_tokens_per_s", *("meas_" + k for k in PROBE_FIELDS)):
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else float("nan")
     df["mem_error_pct"] = 100 * (df.est_mem_total_bytes - df.meas_peak_mem_bytes) / df.meas_peak_mem_bytes

@@ -13,6 +13,8 @@ from reports.tables import (
     component_name,
     gib,
     markdown_table,
+    match_plan,
+    norm,
     pct,
     plan_label,
     rate,
@@ -111,7 +113,7 @@ def _why(run: Run, choice: Choice) -> list[str]:
             f"fastest measured plan that ran without error: {rate(row.meas_tokens_per_s)} tokens/s, "
             f"MFU {share(row.get('meas_mfu'))}, step {seconds(row.meas_step_time_s)}"
         ]
-        others = run.measured[run.measured.apply(lambda r: plan_label(r) != plan_label(row), axis=1)]
+        others = run.measured[~run.measured.index.isin(match_plan(run.measured, row).index)]
         alike = others[others.final == row.final]  # a long run is compared with long runs
         others = alike if not alike.empty else others
         if not others.empty:
@@ -135,7 +137,8 @@ def _lead(ours: float, theirs: float) -> str:
 
 
 def _differences(a: pd.Series, b: pd.Series) -> str:
-    diff = [f"{key} {a.get(key)} vs {b.get(key)}" for key in PLAN_KEY if str(a.get(key)) != str(b.get(key))]
+    diff = [f"{key} {norm(a.get(key))} vs {norm(b.get(key))}" for key in PLAN_KEY
+            if norm(a.get(key)) != norm(b.get(key))]
     return f"; it differs in {', '.join(diff)}" if diff else ""
 
 
@@ -208,7 +211,7 @@ def _short_vs_long(run: Run) -> str:
     short = run.measured[~run.measured.final]
     rows = []
     for _, final in finals.iterrows():
-        match = short[short.apply(lambda r: plan_label(r) == plan_label(final), axis=1)]
+        match = match_plan(short, final)
         rows.append([plan_label(final), rate(match.meas_tokens_per_s.max()) if not match.empty else "–",
                      rate(final.meas_tokens_per_s)])
     if rows:

@@ -24,6 +24,8 @@ class Choice:
 def plan_label(row: pd.Series | dict[str, Any]) -> str:
     """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2`."""
     get = row.get
+    if norm(get("zero_stage")) == "None":
+        return "(no plan recorded)"
     zero = f"Z{int(get('zero_stage', 0))}"
     if _true(get("offload_optimizer")):
         zero += "+oo"
@@ -52,8 +54,22 @@ def _true(value: Any) -> bool:
     return bool(value) and not (isinstance(value, float) and math.isnan(value))
 
 
-def same_plan(row: pd.Series, plan: dict[str, Any]) -> bool:
-    return all(str(row.get(k)) == str(plan.get(k)) for k in PLAN_KEY if k in plan)
+def norm(value: Any) -> str:
+    """One spelling per value, whether it came from JSON, a CSV column or a float column with gaps."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "None"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value.item() if hasattr(value, "item") else value)
+
+
+def match_plan(df: pd.DataFrame, plan: dict[str, Any]) -> pd.DataFrame:
+    """The rows of `df` that are `plan` (grad_accum aside, which is derived)."""
+    mask = pd.Series(True, index=df.index)
+    for key in PLAN_KEY:
+        if key in plan and key in df:
+            mask &= df[key].map(norm) == norm(plan[key])
+    return df[mask]
 
 
 def choose(run: Run) -> Optional[Choice]:
@@ -66,7 +82,7 @@ def choose(run: Run) -> Optional[Choice]:
         return Choice(row=measured[measured.number == trial].iloc[0], source="measured", trial=trial)
     plan = run.best_plan or chosen.get("plan")
     if plan and not measured.empty:
-        match = measured[measured.apply(lambda r: same_plan(r, plan), axis=1)]
+        match = match_plan(measured, plan)
         if not match.empty:
             measured = match
     if not measured.empty:
@@ -78,7 +94,7 @@ def choose(run: Run) -> Optional[Choice]:
     if ranked is None or ranked.empty:
         return None
     if plan:
-        match = ranked[ranked.apply(lambda r: same_plan(r, plan), axis=1)]
+        match = match_plan(ranked, plan)
         if not match.empty:
             return Choice(row=match.iloc[0], source="estimated")
     return Choice(row=ranked.iloc[0], source="estimated")

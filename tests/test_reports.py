@@ -172,6 +172,7 @@ def make_run(run_dir: Path, measured: bool = True) -> None:
         trial.set_user_attr("status", "ok")
         trial.set_user_attr("final", True)
         study.tell(trial, probe["tokens_per_s"])
+    study.enqueue_trial({}, user_attrs={"source": "finalist"})  # queued, not yet run: no plan recorded
     finals = [t for t in study.trials if t.user_attrs.get("final")]
     best = max(finals, key=lambda t: t.value)
     search["result"] = {"best": {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.value},
@@ -204,12 +205,15 @@ def check_png(path: Path) -> None:
 
 def test_measured_run_report(measured_run):
     trials = pd.read_csv(measured_run / "trials.csv")
-    assert len(trials) == 9
-    assert trials.status.value_counts().to_dict() == {"ok": 5, "oom": 1, "pruned": 1, "error": 1, "skipped": 1}
+    assert len(trials) == 10
+    assert trials.status.value_counts().to_dict() == {"ok": 5, "oom": 1, "pruned": 1, "error": 1, "skipped": 1,
+                                                      "waiting": 1}
     for col in ("number", "state", "status", "reason", "zero_stage", "micro_batch", "est_mem_total_bytes",
                 "meas_peak_mem_bytes", "mem_error_pct", "est_step_time_s", "meas_step_time_s", "time_error_pct",
                 "meas_tokens_per_s", "error"):
         assert col in trials, col
+    as_written = pd.read_csv(measured_run / "trials.csv", dtype=str)
+    assert not as_written.micro_batch.dropna().str.contains(".", regex=False).any()  # 4, not 4.0
     ok = trials[trials.status == "ok"].iloc[0]
     expected = 100 * (ok.est_mem_total_bytes - ok.meas_peak_mem_bytes) / ok.meas_peak_mem_bytes
     assert ok.mem_error_pct == pytest.approx(expected)
