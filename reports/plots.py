@@ -156,11 +156,15 @@ def estimate_vs_measured(run: Run) -> Optional[Figure]:
                         label="±20%")
         ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=1, label="estimate = measured")
         ax.scatter(meas[ok], est[ok], s=36, c="tab:blue", edgecolors="black", linewidths=0.5, zorder=3)
-        # Trials at the same point (a finalist and its short run) share one label.
-        labels: dict[tuple[float, float], list[str]] = {}
-        for number, x, y in zip(df.number[ok], meas[ok], est[ok]):
-            labels.setdefault((round(x, 6), round(y, 6)), []).append(str(int(number)))
-        for (x, y), numbers in labels.items():
+        # Trials within 2% of the axis of each other (a finalist and its short run) share one label.
+        groups: list[tuple[float, float, list[str]]] = []
+        for number, x, y in sorted(zip(df.number[ok], meas[ok], est[ok]), key=lambda p: p[1]):
+            near = next((g for g in groups if abs(g[0] - x) < 0.02 * hi and abs(g[1] - y) < 0.02 * hi), None)
+            if near is None:
+                groups.append((x, y, [str(int(number))]))
+            else:
+                near[2].append(str(int(number)))
+        for x, y, numbers in groups:
             ax.annotate(",".join(numbers), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
