@@ -17,7 +17,9 @@ writes ONE JSON object to --out (atomically):
     reserved_bytes  max over ranks of torch.cuda.max_memory_reserved (null on a CPU)
     loss_first, loss_last, device, world_size, versions {torch, triton, python}
     breakdown       median seconds per step in {forward_s, backward_s, optimizer_s}; comm_s is
-                    null: the collectives overlap compute and are not timed apart
+                    null: the collectives overlap compute and are not timed apart; under pp the
+                    schedule interleaves forwards and backwards: forward_backward_s holds both
+                    (forward_s and backward_s are null), elsewhere it is null
     error           the failure's message (null when ok), plan (the plan that ran)
 
 `--progress PATH`: rank 0 appends a flushed JSON line {"step", "step_time_s", "loss"} per step, so
@@ -59,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--progress", help="append one JSON line per step here (rank 0)")
     p.add_argument("--max-memory-bytes", type=int, help="per-process memory cap")
     p.add_argument("--timeout", type=float, help="stop after this many seconds with status timeout")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -149,8 +151,8 @@ def run(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dic
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "breakdown": {
-            f"{k}_s": statistics.median(p.get(k, 0.0) for p in phases) if phases else None
-            for k in ("forward", "backward", "optimizer")
+            f"{k}_s": statistics.median(p[k] for p in phases) if phases and k in phases[0] else None
+            for k in ("forward", "backward", "forward_backward", "optimizer")
         } | {"comm_s": None},
     }
 
@@ -171,7 +173,8 @@ def result_template(cfg: TrainConfig | None, device: torch.device | None) -> dic
         "reserved_bytes": None, "loss_first": None, "loss_last": None,
         "device": device_name(device) if device else None, "world_size": dist.world_size(),
         "versions": versions(),
-        "breakdown": {"forward_s": None, "backward_s": None, "optimizer_s": None, "comm_s": None},
+        "breakdown": {"forward_s": None, "backward_s": None, "forward_backward_s": None, "optimizer_s": None,
+                      "comm_s": None},
         "error": None, "plan": dataclasses.asdict(cfg.plan) if cfg else None,
     }
 

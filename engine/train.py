@@ -160,10 +160,10 @@ class Engine:
             from engine.hf import load_hf_weights
 
             offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
-            model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed)
+            model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed, kernels=plan.kernels)
             load_hf_weights(model, model_cfg.init_from)  # before sharding: every rank loads, then keeps its shard
         else:
-            model = build_model(model_cfg, device="meta")  # materialised after sharding, in apply_plan
+            model = build_model(model_cfg, device="meta", kernels=plan.kernels)  # materialised after sharding, in apply_plan
         self.pipeline = build_pipeline(model, plan, self.mesh, device, job.seed) if plan.pp > 1 else None
         # under pp, this rank's stages as one module with the full model's parameter names
         self.model = self.pipeline.model if self.pipeline else apply_plan(model, plan, self.mesh, device, job.seed)
@@ -372,7 +372,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="autotune train", description="Train a model under a plan.")
     parser.add_argument("config", help="a training config (model, job, plan), e.g. outputs/<run>/best.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. plan.micro_batch=4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def cli(argv: list[str]) -> int:
