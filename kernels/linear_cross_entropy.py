@@ -72,14 +72,15 @@ def chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                n_valid: int) -> torch.Tensor:
+                n_valid: int, grad_enabled: bool) -> torch.Tensor:
         device_type = hidden.device.type
         compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         h = hidden.reshape(-1, hidden.shape[-1]).to(compute)
         w = weight.to(compute)
         t = targets.reshape(-1).contiguous()
         tokens, vocab = h.shape[0], w.shape[0]
-        need_h, need_w = ctx.needs_input_grad[:2]
+        # needs_input_grad stays True under no_grad: without grad mode (evaluation) only the loss is made
+        need_h, need_w = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None
         loss_rows = torch.empty(tokens, dtype=torch.float32, device=h.device)
@@ -113,12 +114,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_h = grad_h.mul_(grad_loss).to(hidden_dtype).view(hidden_shape)
         if grad_w is not None:
             grad_w = grad_w.mul_(grad_loss).to(weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 @torch.compiler.disable  # under torch.compile the kernels run as they are, between compiled graphs
 def _linear_cross_entropy_triton(hidden, weight, targets, ignore_index, n_valid):
-    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, n_valid)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, n_valid, torch.is_grad_enabled())
 
 
 def linear_cross_entropy_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

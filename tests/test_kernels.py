@@ -174,6 +174,28 @@ def test_linear_cross_entropy_backward_runs_once():
         loss.backward()
 
 
+@needs_triton
+def test_linear_cross_entropy_under_no_grad_makes_only_the_loss(monkeypatch):
+    module, launches = MODULES["linear_cross_entropy"], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs["WRITE_GRAD"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    kernel = module._kernel
+    monkeypatch.setattr(module, "_kernel", Recorder())
+    h, w, t = randn(5, 8).requires_grad_(), randn(20, 8, seed=1).requires_grad_(), torch.arange(5, device=DEVICE)
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy(h, w, t, impl="triton")
+    assert launches and not any(launches)  # no gradient of the logits was written
+    assert rel_err(loss, kernels.linear_cross_entropy_torch(h.double(), w.double(), t)) < 1e-5
+    kernels.linear_cross_entropy(h, w, t, impl="triton").backward()
+    assert launches[-1] and h.grad is not None
+
+
 # --- what is saved for backward ------------------------------------------------------------------
 
 @needs_triton
