@@ -118,11 +118,13 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
 def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> nn.Module:
     """DDP over the dp ranks; a lone rank needs no wrapper (and pays no bucket copies).
 
-    DDP cannot hold tensor-parallel (DTensor) parameters; under tp the same all-reduce of gradients
-    is FSDP2's `replicate`, per block (so each block's reduction overlaps the rest of backward)."""
+    DDP cannot hold tensor-parallel (DTensor) parameters, and its bucket rebuild fails when a
+    pipeline schedule runs several forwards before a backward (GPipe); under tp or pp the same
+    all-reduce of gradients is FSDP2's `replicate`, per block (so each block's reduction overlaps
+    the rest of backward)."""
     if plan.dp == 1:
         return model
-    if plan.tp > 1:
+    if plan.tp > 1 or plan.pp > 1:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         for block in model.layers.values():
@@ -183,23 +185,57 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class HostOffloadAdamW(torch.optim.Optimizer):
+    """AdamW whose states live in host memory and whose update runs on the CPU (ZeRO-1 offload).
+
+    The parameters stay where they are (fp32 on the device; autocast makes the low-precision compute
+    copies), so the host holds no second master copy: each step copies this rank's gradients and
+    parameters to the host, updates them with torch's foreach AdamW there, and copies the parameters
+    back. `state` is keyed by the device parameters (as any optimizer's), holding host tensors.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
+                 **_implementation):  # fused/foreach choices are for the device: the update runs here
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        pin = any(p.device.type == "cuda" for g in self.param_groups for p in g["params"])
+        self.host = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                h = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+                h.grad = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+                self.host[p] = h
+        self.inner = torch.optim.AdamW(
+            [dict(g, params=[self.host[p] for p in g["params"]]) for g in self.param_groups], foreach=True
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        pairs = [(p, self.host[p]) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p, h in pairs:
+            h.copy_(p, non_blocking=True)
+            h.grad.copy_(p.grad, non_blocking=True)
+        if any(p.device.type == "cuda" for p, _ in pairs):
+            torch.cuda.synchronize()
+        for group, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
+        self.inner.step()
+        for p, h in pairs:
+            p.copy_(h, non_blocking=True)
+            self.state[p] = self.inner.state[h]
+
+
 def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: DeviceMesh) -> torch.optim.Optimizer:
-    """AdamW: fused on CUDA parameters, foreach elsewhere; ZeRO 1 shards its states across dp."""
+    """AdamW: fused on CUDA parameters, foreach elsewhere. ZeRO 1 shards its states across dp, and
+    with offload_optimizer keeps them on the host (FSDP2 offloads ZeRO 2/3's itself)."""
     o = job.optimizer
     on_cuda = next(model.parameters()).device.type == "cuda"
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     kwargs.update({"fused": True} if on_cuda else {"foreach": True})
     groups = param_groups(model, o.weight_decay)
-    if plan.zero_stage == 1 and plan.offload_optimizer:
-        raise ConfigError(
-            "plan.offload_optimizer with plan.zero_stage=1 is not supported by the engine; "
-            "use plan.zero_stage=2 (FSDP2 offloads the sharded optimizer states to the host)"
-        )
+    adamw = HostOffloadAdamW if plan.zero_stage == 1 and plan.offload_optimizer else torch.optim.AdamW
     if plan.zero_stage == 1 and plan.dp > 1:
-        return ZeroRedundancyOptimizer(
-            groups, optimizer_class=torch.optim.AdamW, process_group=mesh["dp"].get_group(), **kwargs
-        )
-    return torch.optim.AdamW(groups, **kwargs)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=mesh["dp"].get_group(), **kwargs)
+    return adamw(groups, **kwargs)
 
 
 def build_grad_scaler(plan: PlanConfig, device: torch.device) -> torch.amp.GradScaler | None:

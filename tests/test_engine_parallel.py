@@ -31,6 +31,7 @@ JOB = dict(seq_len=32, global_batch=8, steps=STEPS, optimizer=dict(warmup_steps=
 TWO_RANK_PLANS = {
     "zero0": dict(zero_stage=0, micro_batch=4),
     "zero1": dict(zero_stage=1, micro_batch=4),
+    "zero1_offload": dict(zero_stage=1, micro_batch=4, offload_optimizer=True),
     "zero2": dict(zero_stage=2, micro_batch=4),
     "zero3": dict(zero_stage=3, micro_batch=4),
     "zero2_offload": dict(zero_stage=2, micro_batch=4, offload_optimizer=True),

@@ -80,19 +80,26 @@ def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
         assert loss == pytest.approx(expected[step], rel=1e-6), step
 
 
-def test_resume_under_another_zero_stage(tmp_path):
-    """A ZeRO-1 checkpoint of step 3 resumes under FSDP2 (ZeRO 2) on the same trajectory."""
-    config = write_config(tmp_path, zero_stage=1)
-    assert autotune_main(["train", str(config), "job.checkpoint_every=3"]) == 0
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (["plan.zero_stage=1"], ["plan.zero_stage=2"]),
+        (["plan.zero_stage=1", "plan.offload_optimizer=true"], ["plan.zero_stage=3", "plan.micro_batch=4"]),
+    ],
+)
+def test_resume_under_another_plan(tmp_path, first, second):
+    """A checkpoint of step 3 resumes under another ZeRO stage (and micro-batch) on the same trajectory."""
+    config = write_config(tmp_path)
+    assert autotune_main(["train", str(config), "job.checkpoint_every=3", *first]) == 0
     out = tmp_path / "run"
-    first = by_step(metrics(out))
+    reference = by_step(metrics(out))
     shutil.rmtree(out / "ckpt" / "step-6")  # `latest` now names a missing folder: step-3 is the newest
     (out / "metrics.jsonl").unlink()
-    assert autotune_main(["train", str(config), "plan.zero_stage=2"]) == 0
+    assert autotune_main(["train", str(config), *second]) == 0
     resumed = by_step(metrics(out))
     assert sorted(resumed) == [4, 5, 6]
     for step, loss in resumed.items():
-        assert loss == pytest.approx(first[step], rel=1e-5), step
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
 
 
 def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
