@@ -57,7 +57,7 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
         if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp:
             continue
         for pp in _divisors(world // tp):
-            if model.n_layers % pp:
+            if model.n_layers % pp or (pp > 1 and model.tie_embeddings):  # a tied head cannot be staged
                 continue
             dp = world // (tp * pp)
             if global_batch % dp or (max_dp is not None and dp > max_dp):
@@ -113,17 +113,20 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     layout = layout.explode("micro_batch", ignore_index=True)
     layout["micro_batch"] = layout["micro_batch"].astype(np.int64)
     layout["grad_accum"] = job.global_batch // (layout["micro_batch"] * layout["dp"])
-    # the interleaved schedule needs its micro-batch count divisible by pp
-    layout = layout[(layout["pp_schedule"] != "interleaved_1f1b") | (layout["grad_accum"] % layout["pp"] == 0)]
+    # the interleaved schedule needs its micro-batch count divisible by pp; 1F1B at least pp of them
+    schedule, pp, accum = layout["pp_schedule"], layout["pp"], layout["grad_accum"]
+    layout = layout[((schedule != "interleaved_1f1b") | (accum % pp == 0)) & ((schedule != "1f1b") | (accum >= pp))]
 
     memory = _frame([dict(zero_stage=z, offload_optimizer=o, offload_params=p) for z, o, p in ZERO_OFFLOAD])
     checkpointing = [("none", _DEFAULTS.checkpoint_every_k), ("full", _DEFAULTS.checkpoint_every_k)]
-    checkpointing += [("selective", k) for k in SELECTIVE_EVERY_K if k < model.n_layers]
+    checkpointing += [("selective", k) for k in SELECTIVE_EVERY_K if k <= model.n_layers]
     kernels = ["torch", "triton"] if device == "cuda" else ["torch"]
     compute = _frame([dict(precision=pr, activation_checkpointing=ac, checkpoint_every_k=k, kernels=kn)
                       for pr in allowed for ac, k in checkpointing for kn in kernels])
 
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
+    # ZeRO-1 is torch's ZeroRedundancyOptimizer under DDP: no tensor-parallel params, no pipeline
+    plans = plans[(plans["zero_stage"] != 1) | ((plans["tp"] == 1) & (plans["pp"] == 1))]
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
