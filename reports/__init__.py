@@ -26,7 +26,7 @@ def build_report(run_dir: str | Path) -> Path:
     choice = choose(run)
     figures = {
         "throughput_vs_memory.png": plots.throughput_vs_memory(run, choice),
-        "memory_breakdown.png": plots.memory_breakdown(run),
+        "memory_breakdown.png": plots.memory_breakdown(run, choice),
         "estimate_vs_measured.png": plots.estimate_vs_measured(run),
         "history.png": plots.history(run),
     }

@@ -35,7 +35,7 @@ PLAN_ROWS = [
 def render(run: Run, plots: dict[str, str]) -> str:
     """The whole report; `plots` maps a plot's title to its path relative to the run folder."""
     choice = choose(run)
-    parts = [_header(run), _chosen(run, choice), _top(run)]
+    parts = [_header(run), _chosen(run, choice), _top(run, choice)]
     if not run.trials.empty:
         parts += [_failures(run), _estimate_vs_measured(run), _short_vs_long(run)]
     else:
@@ -142,13 +142,19 @@ def _differences(a: pd.Series, b: pd.Series) -> str:
     return f"; it differs in {', '.join(diff)}" if diff else ""
 
 
-def _top(run: Run) -> str:
+def _column_names(top: pd.DataFrame, choice: Optional[Choice], measured: bool) -> list[str]:
+    names = [f"trial {int(r.number)}" if measured else f"#{i + 1}" for i, (_, r) in enumerate(top.iterrows())]
+    chosen = choice.row.name if choice is not None else None
+    return [name + (" (chosen)" if idx == chosen else "") for name, idx in zip(names, top.index)]
+
+
+def _top(run: Run, choice: Optional[Choice]) -> str:
     top, ranked_by = top_plans(run, 5)
     if top.empty:
         return ""
     measured = ranked_by == "measured"
     pre = "est_" if measured else ""
-    names = [f"trial {int(r.number)}" if measured else f"#{i + 1}" for i, (_, r) in enumerate(top.iterrows())]
+    names = _column_names(top, choice, measured)
     rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
     plans = [r for _, r in top.iterrows()]
     rows += [[label] + [_plan_value(r, key) for r in plans] for label, key in _plan_rows(plans)]
@@ -224,7 +230,7 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
     if ranked is None or ranked.empty or choice is None:
         return ""
     top = ranked.head(5)
-    names = [f"#{i + 1}" for i in range(len(top))]
+    names = _column_names(top, choice, measured=False)
     mem_cols, time_cols = component_columns(top, "", "mem"), component_columns(top, "", "time")
     rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
     rows += [[f"memory: {component_name(c)}"] + [gib(v) for v in top[c]] for c in mem_cols]
@@ -234,14 +240,20 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
     lines = ["## Top plans by estimate: breakdown", "", "Analytic run: every figure here is modelled, none measured.",
              "", markdown_table(rows, [""] + names), "", "### Why it wins", ""]
     win = choice.row
-    if len(ranked) > 1:
-        second = ranked.iloc[1]
-        lines.append(f"- {_lead(win.tokens_per_s, second.tokens_per_s)} #2 ({plan_label(second)}, "
-                     f"{gib(second.mem_total_bytes)}){_differences(win, second)}.")
+    others = ranked.drop(index=win.name, errors="ignore")
+    if not others.empty:
+        second = others.iloc[0]
+        rank = f"#{ranked.index.get_loc(second.name) + 1}"
+        lead = 100 * (win.tokens_per_s / second.tokens_per_s - 1)
+        if lead >= 0.05:
+            lines.append(f"- {lead:.1f}% ahead of the next plan, {rank} ({plan_label(second)})"
+                         f"{_differences(win, second)}.")
+        else:
+            lines.append(f"- ties with {rank} ({plan_label(second)}) on estimated throughput; that plan needs "
+                         f"{gib(second.mem_total_bytes)} against {gib(win.mem_total_bytes)}{_differences(win, second)}.")
         for col in time_cols:
-            delta = second[col] - win[col]
-            if abs(delta) > 0.001 * second.step_time_s:
-                lines.append(f"- {component_name(col)}: {seconds(win[col])} vs {seconds(second[col])} for #2")
+            if abs(second[col] - win[col]) > 0.001 * second.step_time_s:
+                lines.append(f"- {component_name(col)}: {seconds(win[col])} vs {seconds(second[col])} for {rank}")
     cand = run.candidates
     faster = cand[(cand.tokens_per_s > win.tokens_per_s) & ~cand.fits] if "fits" in cand else cand.iloc[:0]
     if not faster.empty:

@@ -14,7 +14,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from reports.load import FAILED, Run
-from reports.tables import GIB, Choice, component_columns, component_name, pareto_front, plan_label, top_plans
+from reports.tables import (
+    Choice,
+    component_columns,
+    component_name,
+    memory_unit,
+    pareto_front,
+    plan_label,
+    top_plans,
+)
 
 THOUSANDS = FuncFormatter(lambda v, _: f"{v:,.0f}")
 CHOSEN = dict(marker="*", s=320, c="gold", edgecolors="black", linewidths=0.8, zorder=6)
@@ -37,10 +45,17 @@ def _title(run: Run) -> str:
     return " on ".join(str(x) for x in (model, cluster) if x)
 
 
-def _memory_limit_line(ax, run: Run) -> None:
-    if run.memory_limit_bytes:
-        limit = run.memory_limit_bytes / GIB
-        ax.axvline(limit, color="tab:red", ls="--", lw=1.2, label=f"memory limit ({limit:.0f} GiB)", zorder=1)
+def _memory_limit_line(ax, run: Run, unit: tuple[float, str], largest: float) -> None:
+    """The per-GPU memory limit; when it is far off the scale (a CPU run), named in the legend only."""
+    if not run.memory_limit_bytes:
+        return
+    div, name = unit
+    limit = run.memory_limit_bytes / div
+    text = f"memory limit ({limit:,.0f} {name})"
+    if limit <= 3 * largest:
+        ax.axvline(limit, color="tab:red", ls="--", lw=1.2, label=text, zorder=1)
+    else:
+        ax.plot([], [], color="tab:red", ls="--", lw=1.2, label=text + ", off the scale")
 
 
 def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]:
@@ -49,50 +64,71 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
     ax = fig.add_subplot()
     cand, measured, drew = run.candidates, run.measured, False
     have_estimates = cand is not None and {"mem_total_bytes", "tokens_per_s"} <= set(cand.columns)
+    right = _right_edge(run)
+    div, unit_name = unit = memory_unit(pd.Series([right]))
     if have_estimates and measured.empty:
         fits = cand[cand.fits] if "fits" in cand else cand
         over = cand[~cand.index.isin(fits.index)]
         kept = fits[fits.dropped == ""] if "dropped" in fits else fits
         dominated = fits[~fits.index.isin(kept.index)]
-        ax.scatter(over.mem_total_bytes / GIB, over.tokens_per_s, s=9, c="silver",
+        ax.scatter(over.mem_total_bytes / div, over.tokens_per_s, s=9, c="silver",
                    label=f"does not fit ({len(over)})", zorder=2)
-        ax.scatter(dominated.mem_total_bytes / GIB, dominated.tokens_per_s, s=12, c="tab:blue", alpha=0.3,
+        ax.scatter(dominated.mem_total_bytes / div, dominated.tokens_per_s, s=12, c="tab:blue", alpha=0.3,
                    label=f"fits, dominated ({len(dominated)})", zorder=3)
-        ax.scatter(kept.mem_total_bytes / GIB, kept.tokens_per_s, s=22, c="tab:blue",
+        ax.scatter(kept.mem_total_bytes / div, kept.tokens_per_s, s=22, c="tab:blue",
                    label=f"fits, kept ({len(kept)})", zorder=4)
         front = fits.loc[pareto_front(fits.mem_total_bytes, fits.tokens_per_s)]
-        ax.plot(front.mem_total_bytes / GIB, front.tokens_per_s, color="tab:orange", lw=1.5,
+        ax.plot(front.mem_total_bytes / div, front.tokens_per_s, color="tab:orange", lw=1.5,
                 drawstyle="steps-post", label="Pareto front (estimated)", zorder=5)
         drew = not cand.empty
     elif have_estimates:
-        ax.scatter(cand.mem_total_bytes / GIB, cand.tokens_per_s, s=8, c="silver", alpha=0.6,
+        ax.scatter(cand.mem_total_bytes / div, cand.tokens_per_s, s=8, c="silver", alpha=0.6,
                    label=f"all candidates, estimated ({len(cand)})", zorder=2)
     if not measured.empty:
-        ax.scatter(measured.meas_peak_mem_bytes / GIB, measured.meas_tokens_per_s, s=40, c="tab:blue",
+        ax.scatter(measured.meas_peak_mem_bytes / div, measured.meas_tokens_per_s, s=40, c="tab:blue",
                    edgecolors="black", linewidths=0.5, label=f"measured trials ({len(measured)})", zorder=4)
         front = measured.loc[pareto_front(measured.meas_peak_mem_bytes, measured.meas_tokens_per_s)]
-        ax.plot(front.meas_peak_mem_bytes / GIB, front.meas_tokens_per_s, color="tab:orange", lw=1.5,
+        ax.plot(front.meas_peak_mem_bytes / div, front.meas_tokens_per_s, color="tab:orange", lw=1.5,
                 drawstyle="steps-post", label="Pareto front (measured)", zorder=5)
         failed = run.trials[run.trials.status.isin(FAILED)]
         if not failed.empty:
-            ax.scatter(failed.est_mem_total_bytes / GIB, failed.est_tokens_per_s, marker="x", s=60,
+            ax.scatter(failed.est_mem_total_bytes / div, failed.est_tokens_per_s, marker="x", s=60,
                        c="tab:red", label=f"failed: {', '.join(sorted(set(failed.status)))} (at estimate)", zorder=5)
         drew = True
     if not drew:
         return None
-    _memory_limit_line(ax, run)
+    _memory_limit_line(ax, run, unit, right / div)
+    beyond = int((cand.mem_total_bytes > right).sum()) if have_estimates else 0
+    if beyond:
+        ax.plot([], [], " ", label=f"{beyond} plans beyond {right / div:,.0f} {unit_name}, not shown")
     if choice is not None:
         x, y = _chosen_point(choice)
-        ax.scatter([x / GIB], [y], label=f"chosen: {plan_label(choice.row)}", **CHOSEN)
-    ax.set_xlabel("peak memory per GPU (GiB)")
+        ax.scatter([x / div], [y], label=f"chosen: {plan_label(choice.row)}", **CHOSEN)
+    ax.set_xlabel(f"peak memory per GPU ({unit_name})")
     ax.set_ylabel("throughput (tokens/s, whole job)")
     ax.yaxis.set_major_formatter(THOUSANDS)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, right / div)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(f"Throughput vs memory: {_title(run)}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def _right_edge(run: Run) -> float:
+    """Bytes at the plot's right edge: room past the memory limit, not plans needing 100x of it."""
+    columns = []
+    if run.candidates is not None and "mem_total_bytes" in run.candidates:
+        fits = run.candidates["fits"] if "fits" in run.candidates else True
+        columns.append(run.candidates.mem_total_bytes.where(fits) if run.memory_limit_bytes
+                       else run.candidates.mem_total_bytes)
+    if not run.trials.empty:
+        columns += [run.trials.meas_peak_mem_bytes, run.trials.est_mem_total_bytes.where(run.trials.status != "skipped")]
+    largest = max((float(c.max()) for c in columns if c.notna().any()), default=0.0)
+    limit = run.memory_limit_bytes
+    if limit and limit / 3 <= largest <= 3 * limit:
+        return max(1.25 * limit, 1.05 * largest)
+    return 1.05 * largest or 1.0  # no limit, or one far from every plan (shown in the legend only)
 
 
 def _chosen_point(choice: Choice) -> tuple[float, float]:
@@ -102,31 +138,37 @@ def _chosen_point(choice: Choice) -> tuple[float, float]:
     return row.mem_total_bytes, row.tokens_per_s
 
 
-def memory_breakdown(run: Run, n: int = 8) -> Optional[Figure]:
+def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional[Figure]:
     """Estimated memory per component of the top plans, stacked, with measured peaks where known."""
     top, ranked_by = top_plans(run, n)
     prefix = "est_" if ranked_by == "measured" else ""
     columns = component_columns(top, prefix, "mem") if not top.empty else []
     if not columns:
         return None
+    totals = top[columns].fillna(0).sum(axis=1)
+    peaks = top.meas_peak_mem_bytes if ranked_by == "measured" else None
+    div, unit_name = unit = memory_unit(totals, peaks)
     fig = _figure(9, 1.2 + 0.55 * len(top))
     ax = fig.add_subplot()
+    chosen = choice.row.name if choice is not None else None
     labels = [
         (f"trial {int(r.number)}: " if ranked_by == "measured" else f"#{i + 1} ") + plan_label(r)
-        for i, (_, r) in enumerate(top.iterrows())
+        + (" (chosen)" if idx == chosen else "")
+        for i, (idx, r) in enumerate(top.iterrows())
     ]
     left = pd.Series(0.0, index=top.index)
     colors = [f"C{i}" for i in range(10)]
     for i, col in enumerate(columns):
-        width = top[col].fillna(0) / GIB
+        width = top[col].fillna(0) / div
         ax.barh(labels, width, left=left, color=colors[i % 10], label=component_name(col), edgecolor="white")
         left += width
     if ranked_by == "measured":
-        ax.scatter(top.meas_peak_mem_bytes / GIB, labels, marker="D", s=40, c="black", zorder=5,
+        ax.scatter(top.meas_peak_mem_bytes / div, labels, marker="D", s=40, c="black", zorder=5,
                    label="measured peak (allocated)")
-    _memory_limit_line(ax, run)
+    largest = max(totals.max(), peaks.max() if peaks is not None and peaks.notna().any() else 0) / div
+    _memory_limit_line(ax, run, unit, largest)
     ax.invert_yaxis()  # best plan on top
-    ax.set_xlabel("memory per GPU (GiB)")
+    ax.set_xlabel(f"memory per GPU ({unit_name})")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(f"Estimated memory of the top plans (ranked by {ranked_by} throughput)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -138,8 +180,10 @@ def estimate_vs_measured(run: Run) -> Optional[Figure]:
     df = run.measured
     if df.empty:
         return None
+    div, unit_name = memory_unit(df.meas_peak_mem_bytes, df.est_mem_total_bytes)
     pairs = [
-        ("peak memory per GPU (GiB)", df.meas_peak_mem_bytes / GIB, df.est_mem_total_bytes / GIB, df.mem_error_pct),
+        (f"peak memory per GPU ({unit_name})", df.meas_peak_mem_bytes / div, df.est_mem_total_bytes / div,
+         df.mem_error_pct),
         ("step time (s)", df.meas_step_time_s, df.est_step_time_s, df.time_error_pct),
     ]
     if all(est.isna().all() or meas.isna().all() for _, meas, est, _ in pairs):

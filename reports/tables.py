@@ -10,6 +10,7 @@ import pandas as pd
 from reports.load import PLAN_KEY, Run
 
 GIB = 2**30
+MIB = 2**20
 
 
 @dataclass
@@ -136,10 +137,11 @@ def pareto_front(memory: pd.Series, throughput: pd.Series) -> pd.Index:
 
 
 def component_columns(df: pd.DataFrame, prefix: str, kind: str) -> list[str]:
-    """Memory (`mem_*_bytes`) or time (`time_*_s`) component columns, totals excluded."""
+    """Memory (`mem_*_bytes`) or time (`time_*_s`) component columns that are not zero for every row."""
     suffix = "_bytes" if kind == "mem" else "_s"
     start = f"{prefix}{kind}_"
-    return [c for c in df.columns if c.startswith(start) and c.endswith(suffix) and c != f"{prefix}mem_total_bytes"]
+    return [c for c in df.columns if c.startswith(start) and c.endswith(suffix) and c != f"{prefix}mem_total_bytes"
+            and pd.to_numeric(df[c], errors="coerce").abs().fillna(0).max() > 1e-9 * (2**30 if kind == "mem" else 1)]
 
 
 def component_name(column: str) -> str:
@@ -150,7 +152,19 @@ def component_name(column: str) -> str:
 # --- formatting for report.md ---------------------------------------------------------------
 
 def gib(value: Any) -> str:
-    return "–" if _missing(value) else f"{float(value) / GIB:.2f} GiB"
+    """Bytes in GiB, or MiB below one GiB (a tiny model on a CPU)."""
+    if _missing(value):
+        return "–"
+    value = float(value)
+    if abs(value) < 0.5:
+        return "0"
+    return f"{value / GIB:.2f} GiB" if abs(value) >= 0.1 * GIB else f"{value / MIB:.1f} MiB"
+
+
+def memory_unit(*columns: pd.Series) -> tuple[float, str]:
+    """GiB for plots of real models, MiB when every value is below one GiB."""
+    largest = max((c.max() for c in columns if c is not None and c.notna().any()), default=0.0)
+    return (GIB, "GiB") if largest >= 0.5 * GIB else (MIB, "MiB")
 
 
 def seconds(value: Any) -> str:
