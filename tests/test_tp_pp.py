@@ -1,0 +1,122 @@
+"""Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
+
+One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/3 and sequence parallel, pp x dp
+with ZeRO 0 and 3, tp x pp, for each pipeline schedule; a gpt2 with tp for biases, positions and the
+tied head) and checkpoints and resumes a tp x pp x sequence-parallel run; one plain process gives
+the references. Refused plans are one `error:` line and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autotune.cli import main as autotune_main
+from engine.pipeline import stage_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "tp_pp_worker.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+TINY = dict(name="tiny", family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
+            vocab_size=128, max_seq_len=64)
+TINY_GPT2 = dict(name="tiny-gpt2", family="gpt2", n_layers=2, d_model=32, n_heads=4, d_ff=64,
+                 vocab_size=128, max_seq_len=64, tie_embeddings=True)
+STEPS = 5
+SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2}  # schedule -> virtual stages per rank
+
+
+def config(out_dir: Path, model: dict = TINY, **plan) -> dict:
+    # lr high enough that the trajectory moves well beyond rounding in 5 steps
+    job = {"seq_len": 16, "global_batch": 8, "steps": STEPS, "seed": 7, "out_dir": str(out_dir),
+           "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
+    return {"model": model, "job": job, "plan": {"micro_batch": 2, **plan}}
+
+
+def run_worker(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
+    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
+    spec_path.write_text(json.dumps(spec))
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run([*launcher, str(WORKER), str(spec_path), str(out_path)], env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(out_path.read_text())
+
+
+def four_rank_plans() -> dict[str, dict]:
+    plans = {
+        "tp2_dp2_zero0": dict(tp=2, dp=2),
+        "tp2_dp2_zero3_sp": dict(tp=2, dp=2, zero_stage=3, sequence_parallel=True),
+    }
+    for schedule, virtual in SCHEDULES.items():
+        pp = dict(pp=2, pp_schedule=schedule, pp_virtual_stages=virtual)
+        plans[f"pp2_dp2_zero0_{schedule}"] = dict(dp=2, **pp)
+        plans[f"pp2_dp2_zero3_{schedule}"] = dict(dp=2, zero_stage=3, **pp)
+        plans[f"tp2_pp2_{schedule}"] = dict(tp=2, **pp)
+    return plans
+
+
+@pytest.mark.slow
+def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
+    reference = run_worker(tmp_path, "reference", {"runs": {
+        "llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2)}}, nproc=1)
+    runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
+    runs["gpt2_tp2_dp2_zero2"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2)
+    resume = {"tp2_pp2_sp_resume": {"save_at": 3, "config": config(
+        tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)}}
+    result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume}, nproc=4)
+
+    for name in runs:
+        expected = reference["gpt2" if name.startswith("gpt2") else "llama"]
+        assert len(result[name]) == STEPS
+        for step, (got, want) in enumerate(zip(result[name], expected)):
+            assert abs(got - want) / want < 1e-4, (name, step, got, want)
+    assert reference["llama"][-1] < reference["llama"][0] - 0.05  # the trajectory really moves
+
+    resumed = result["tp2_pp2_sp_resume"]
+    assert resumed["start"] == 3
+    assert resumed["resumed"] == pytest.approx(resumed["straight"][3:], rel=1e-6)
+    assert resumed["straight"] == pytest.approx(reference["llama"], rel=1e-4)
+
+
+def test_stage_layers_are_balanced_and_consecutive():
+    assert stage_layers(4, 4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
+    assert stage_layers(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    for n, s in ((32, 6), (80, 16), (7, 7)):
+        sizes = [len(r) for r in stage_layers(n, s)]
+        assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+
+
+REFUSED = [
+    (dict(tp=3, dp=1), {}, "must divide model.n_heads=4"),
+    (dict(pp=8), {}, "exceeds model.n_layers=4"),
+    (dict(pp=2, pp_schedule="interleaved_1f1b"), {}, "needs plan.pp_virtual_stages >= 2"),
+    (dict(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, micro_batch=8), {"global_batch": 24},
+     "divisible by plan.pp=2"),
+    (dict(pp=4, pp_schedule="1f1b", micro_batch=4), {}, "needs at least plan.pp=4 micro-batches"),
+    (dict(pp=2, pp_virtual_stages=2), {}, "needs plan.pp_schedule=interleaved_1f1b"),
+    (dict(tp=2, zero_stage=1, dp=2), {}, "plan.zero_stage=1 with plan.tp=2"),
+    (dict(sequence_parallel=True), {}, "sequence_parallel needs plan.tp > 1"),
+    (dict(tp=2, sequence_parallel=True), {"seq_len": 15}, "divisible by plan.tp=2"),
+    (dict(pp=2, precision="fp16"), {}, "fp16 with plan.pp > 1"),
+    (dict(pp=2, model="gpt2"), {}, "model.tie_embeddings=true"),
+]
+
+
+@pytest.mark.parametrize("plan,job,message", REFUSED)
+def test_refused_plan_is_one_error_line_exit_2(tmp_path, capsys, plan, job, message):
+    plan = dict(plan)
+    model = TINY_GPT2 if plan.pop("model", None) == "gpt2" else TINY
+    cfg = config(tmp_path / "run", model, **plan)
+    cfg["job"].update(job)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert autotune_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()
