@@ -1,0 +1,174 @@
+"""Tokens/s, MFU and peak memory of the engine on one GPU in bf16, next to a plain PyTorch eager
+training loop and torch.compile on the same model, for micro-batches 1..16.
+
+    python benchmarks/bench_engine.py --out benchmarks/results/engine.json
+    python benchmarks/bench_engine.py --models gpt2 --micro-batches 1 4 --modes engine eager --out /tmp/e.json
+
+Modes:
+- engine          `python -m engine.probe` with plan zero_stage=0, precision=bf16, micro_batch=b
+                  (one micro-batch per step): the engine's own step, data pipeline and optimizer
+- engine_compile  the same with plan.compile=true (each block torch.compiled)
+- eager           the textbook loop: bf16 autocast, model(x, y).backward(), clip, fused AdamW
+- compile         that loop on torch.compile(model)
+
+Every (model, mode, micro-batch) runs in its own process, so an OOM is one row's status and the
+peak memory (torch.cuda.max_memory_allocated) is that configuration's alone. Timing: median wall
+time of the measured steps, each ending in a device sync (a loss.item()); MFU against the dense
+bf16 peak with 6N + 12·L·a·d·s FLOPs per token (REFERENCE.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+MODES = ("engine", "engine_compile", "eager", "compile")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gpt2", "llama-3.2-1b"], help="names in conf/model/")
+    p.add_argument("--micro-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10, help="measured steps")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring (compile, allocator)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
+    p.add_argument("--one", nargs=3, metavar=("MODEL", "MODE", "MICRO"), help=argparse.SUPPRESS)  # worker
+    return p.parse_args(argv)
+
+
+def train_config(model: str, micro: int, seq_len: int, steps: int, out_dir: str, compile_blocks: bool = False) -> dict:
+    """The engine config of one row: the named architecture, one micro-batch per step, bf16, ZeRO 0."""
+    from omegaconf import OmegaConf
+
+    return {
+        "model": OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml")),
+        "job": {"seq_len": seq_len, "global_batch": micro, "steps": steps, "out_dir": out_dir},
+        "plan": {"zero_stage": 0, "precision": "bf16", "micro_batch": micro, "compile": compile_blocks},
+    }
+
+
+def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace) -> dict:
+    """The baseline: what a user writes by hand with PyTorch, eager or torch.compile'd."""
+    import torch
+
+    from engine.config import build_train_config
+    from engine.model import build_model
+    from engine.train import flops_per_token, peak_tflops
+
+    cfg = build_train_config(train_config(model_name, micro, args.seq_len, args.steps + args.warmup, "unused"))
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, device=device, seed=0)
+    step_model = torch.compile(model) if mode == "compile" else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    tokens = torch.randint(cfg.model.vocab_size, (micro, args.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)  # as the engine (job default)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    step_time = statistics.median(times)
+    tokens_per_s = micro * args.seq_len / step_time
+    peak = peak_tflops(device, "bf16")
+    return {
+        "status": "ok", "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(cfg.model, args.seq_len) / (peak * 1e12) if peak else None,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name(),
+    }
+
+
+def engine_probe(model_name: str, mode: str, micro: int, args: argparse.Namespace) -> dict:
+    """The engine, measured by its own probe (the same numbers the search sees)."""
+    import yaml
+
+    from engine.config import build_train_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = train_config(model_name, micro, args.seq_len, args.steps + args.warmup, tmp,
+                           compile_blocks=mode == "engine_compile")
+        build_train_config(raw)  # validate here: a bad name is this script's error, not a row
+        config, out = Path(tmp) / "config.yaml", Path(tmp) / "metrics.json"
+        config.write_text(yaml.safe_dump(raw))
+        subprocess.run(
+            [sys.executable, "-m", "engine.probe", str(config), "--steps", str(args.steps), "--warmup",
+             str(args.warmup), "--out", str(out)],
+            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=args.timeout,
+        )
+        r = json.loads(out.read_text())
+    return {k: r[k] for k in ("status", "step_time_s", "tokens_per_s", "mfu", "peak_mem_bytes", "device", "error")}
+
+
+def run_one(model: str, mode: str, micro: int, args: argparse.Namespace) -> dict:
+    import torch
+
+    try:
+        if mode.startswith("engine"):
+            return engine_probe(model, mode, micro, args)
+        return plain_loop(model, mode, micro, args)
+    except torch.OutOfMemoryError as e:
+        return {"status": "oom", "error": str(e).splitlines()[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        model, mode, micro = args.one
+        print(json.dumps(run_one(model, mode, int(micro), args)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: bench_engine needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for model in args.models:
+        for micro in args.micro_batches:
+            for mode in args.modes:
+                argv_one = [sys.executable, __file__, "--one", model, mode, str(micro), "--seq-len", str(args.seq_len),
+                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.timeout)]
+                try:
+                    proc = subprocess.run(argv_one, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout + 60)
+                    lines = proc.stdout.strip().splitlines()
+                    row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+                        "status": "error", "error": proc.stderr.strip().splitlines()[-1:] or None}
+                except subprocess.TimeoutExpired:
+                    row = {"status": "timeout"}
+                row = {"model": model, "mode": mode, "micro_batch": micro, "seq_len": args.seq_len, **row}
+                rows.append(row)
+                tps, mfu, mem = row.get("tokens_per_s"), row.get("mfu"), row.get("peak_mem_bytes")
+                print(f"{model:14s} {mode:15s} b={micro:<3d} {row['status']:7s} "
+                      f"{tps or 0:>12,.0f} tok/s  mfu {100 * (mfu or 0):5.1f}%  mem {(mem or 0) / 2**30:6.2f} GiB",
+                      flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+                               "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
