@@ -68,11 +68,17 @@ class SearchConfig:
 
 
 @dataclass
+class EstimateConfig:
+    calibration: Optional[str] = None  # a Calibration JSON (autotune.estimate.fit_calibration) to apply
+
+
+@dataclass
 class PlannerConfig:
     train: TrainConfig
     cluster: ClusterConfig
     search: SearchConfig
-    extra: dict[str, Any] = field(default_factory=dict)  # other top-level sections (e.g. estimate)
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level sections
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class _Schema:
     plan: PlanConfig = field(default_factory=PlanConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
 ConfigStore.instance().store(name="autotune_schema", node=_Schema)
@@ -132,9 +139,10 @@ def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig
     train = build_train_config({k: raw.pop(k, {}) for k in ("model", "job", "plan")})
     cluster = _structured(ClusterConfig, raw.pop("cluster", {}), "cluster")
     search = _structured(SearchConfig, raw.pop("search", {}), "search")
+    estimate = _structured(EstimateConfig, raw.pop("estimate", {}), "estimate")
     if cluster.gpus_per_node < 1 or cluster.nodes < 1:
         raise ConfigError(
             f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
             "both must be at least 1"
         )
-    return PlannerConfig(train=train, cluster=cluster, search=search, extra=raw)
+    return PlannerConfig(train=train, cluster=cluster, search=search, extra=raw, estimate=estimate)

@@ -1,0 +1,616 @@
+"""The cost model: per-rank peak memory and step time of a plan, closed form and vectorised.
+
+`estimate_frame(model, job, plans, hw)` costs a DataFrame of plans (one column per PlanConfig
+field) with numpy over the columns: 100,000 plans in well under two seconds. `estimate(train, hw)`
+is the one-row case. Every term names its source (REFERENCE.md section in brackets); the engine's
+behaviour (engine/parallel.py, engine/pipeline.py, engine/tensor_parallel.py) decides what each
+plan means:
+
+- parameters are fp32 on every path and are the optimizer's master weights (no separate master
+  copy: `master_bytes` is 0); 16-bit compute uses copies: autocast's cast weights (ZeRO 0/1) or
+  FSDP2's all-gathered 16-bit units (ZeRO 2/3), counted in `param_copies_bytes`;
+- ZeRO 0 = DDP with gradient_as_bucket_view (no bucket copy), ZeRO 1 = DDP + torch
+  ZeroRedundancyOptimizer (greedy whole-tensor partition), ZeRO 2/3 = FSDP2 per block + root
+  (root never resharded), reduce in fp32; offload (ZeRO 2/3) = CPUOffloadPolicy: sharded params,
+  grads and AdamW states on the host, the step on the CPU;
+- activations are the bytes measured on the engine's model (autotune.profile), per block and
+  outside the blocks, for the plan's precision x cast x checkpointing x kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from autotune.hardware import Hardware, load_hardware
+from autotune.profile import (
+    BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, cast_style,
+    flops_per_token, outside_features, write_json_atomic,
+)
+from engine.config import (
+    CHECKPOINTING, KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan,
+)
+from engine.model import build_model
+from engine.pipeline import stage_layers
+
+GiB = 2**30
+PLAN_COLUMNS = (
+    "zero_stage", "offload_optimizer", "offload_params", "micro_batch", "grad_accum", "precision",
+    "activation_checkpointing", "checkpoint_every_k", "dp", "tp", "pp", "pp_schedule", "pp_virtual_stages",
+    "sequence_parallel", "kernels", "compile",
+)
+MEMORY = ("params", "grads", "master", "optimizer", "param_copies", "activations", "logits", "comm", "context", "allocator")
+TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "tp_comm", "pp_bubble", "pp_comm", "offload", "overhead")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context with lazy loading [Fixed overheads]
+NCCL_BYTES = 0.5 * GiB  # NCCL communicators and their buffers, several ranks [Fixed overheads]
+FRAGMENTATION = 0.05  # allocator slack on the dynamic part (Megatron adds 5% for temporaries) [Activations]
+ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
+HOST_ADAM_BYTES_PER_S = 10e9  # CPU AdamW over host memory (ZeRO-Offload reports a few GB/s per socket)
+LAUNCHES_PER_BLOCK = 60  # kernels per block, forward + backward (eager PyTorch)
+LAUNCH_S = 5e-6  # per kernel launch on a GPU
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """The model's efficiency factors. Defaults come from the hardware profile; measured probe
+    results refine them (`fit_calibration`), and `changes()` says what moved."""
+
+    matmul_efficiency: float | None = None  # achieved / peak matmul FLOP/s; None: the hardware's
+    collective_efficiency: float = 1.0  # achieved / assumed collective bus bandwidth
+    fragmentation: float = FRAGMENTATION  # allocator overhead as a fraction of the dynamic memory
+    context_bytes: float | None = None  # CUDA context + NCCL; None: the defaults above
+    step_overhead_s: float = 0.0  # fixed time per optimizer step (data, logging, host syncs)
+    source: str = "defaults"
+    records: int = 0
+
+    def changes(self, hw: Hardware | None = None) -> dict[str, dict[str, float]]:
+        """{factor: {"default": d, "calibrated": c}} for every factor a calibration moved."""
+        base = Calibration()
+        out = {}
+        for f in ("matmul_efficiency", "collective_efficiency", "fragmentation", "context_bytes", "step_overhead_s"):
+            new, old = getattr(self, f), getattr(base, f)
+            if f == "matmul_efficiency" and hw is not None:
+                old = hw.matmul_efficiency
+            if new is not None and new != old:
+                out[f] = {"default": old, "calibrated": new}
+        return out
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise ConfigError(f"estimate.calibration: no such file {path}; write one with fit_calibration(...).save(path)")
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"estimate.calibration: {path} is not a calibration JSON ({e})")
+
+
+# --- what one rank holds ------------------------------------------------------------------------
+
+_LAYOUTS: dict[tuple, dict] = {}
+_SHAPES: dict[str, list] = {}
+
+
+def _param_shapes(model: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    key = repr(model)
+    if key not in _SHAPES:
+        _SHAPES[key] = [(n, tuple(p.shape)) for n, p in build_model(model, device="meta").named_parameters()]
+    return _SHAPES[key]
+
+
+def _tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """A parameter's shape on one tensor-parallel rank (engine/tensor_parallel.py)."""
+    if tp == 1:
+        return shape
+    colwise = any(k in name for k in ("attn.wq", "attn.wk", "attn.wv", "mlp.w_gate", "mlp.w_up"))
+    rowwise = any(k in name for k in ("attn.wo", "mlp.w_down"))
+    if colwise or name in ("tok_emb.weight", "lm_head.weight"):
+        return (math.ceil(shape[0] / tp),) + shape[1:]
+    if rowwise and name.endswith("weight"):
+        return (shape[0], math.ceil(shape[1] / tp))
+    return shape  # norms, row-parallel biases, learned positions: replicated
+
+
+def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int) -> dict[str, dict[str, int]]:
+    """Numels held by the first and the last pipeline rank: whole on the rank (`local`), the FSDP2
+    shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk), the largest ZeroRedundancyOptimizer
+    partition (`zero1`, greedy over the engine's two param groups), tensor counts, and the units
+    FSDP2 gathers (`block`: largest block, `root`: embeddings, final norm, head)."""
+    key = (repr(model), dp, tp, pp, v)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    named = _param_shapes(model)
+    stages = stage_layers(model.n_layers, pp * v)
+    out = {}
+    for kind, pp_rank in (("first", 0), ("last", pp - 1)):
+        layers = {i for k in range(v) for i in stages[pp_rank + k * pp]}
+        is_first, is_last = pp_rank == 0, pp_rank == pp - 1
+        held, blocks = [], {}
+        for name, shape in named:
+            if name.startswith("layers."):
+                i = int(name.split(".")[1])
+                if i not in layers:
+                    continue
+            elif name.startswith(("tok_emb", "pos_emb")):
+                # a tied head reads the embedding on the last stage too (the engine refuses pp with a tied head)
+                if not (is_first or (model.tie_embeddings and is_last)):
+                    continue
+            elif not is_last:  # final norm, lm_head
+                continue
+            local = _tp_local_shape(name, shape, tp)
+            numel = math.prod(local)
+            shard = math.ceil(local[0] / dp) * math.prod(local[1:])
+            held.append((name, numel, shard, len(local)))
+            if name.startswith("layers."):
+                blocks[int(name.split(".")[1])] = blocks.get(int(name.split(".")[1]), 0) + numel
+        sizes = [0] * dp  # ZeroRedundancyOptimizer._partition_parameters: greedy, largest first, per group
+        counts = [0] * dp
+        for group in ([h for h in held if h[3] >= 2], [h for h in held if h[3] < 2]):
+            for _, numel, _, _ in sorted(group, key=lambda h: h[1], reverse=True):
+                r = sizes.index(min(sizes))
+                sizes[r] += numel
+                counts[r] += 1
+        r = sizes.index(max(sizes))
+        out[kind] = {
+            "local": sum(h[1] for h in held), "shard": sum(h[2] for h in held), "tensors": len(held),
+            "zero1": sizes[r], "zero1_tensors": counts[r], "layers": len(layers),
+            "block": max(blocks.values(), default=0),
+            "root": sum(h[1] for h in held if not h[0].startswith("layers.")),
+        }
+    _LAYOUTS[key] = out
+    return out
+
+
+# --- the vectorised model ---------------------------------------------------------------------
+
+def _col(plans: pd.DataFrame, name: str, default: Any) -> np.ndarray:
+    if name in plans:
+        return plans[name].to_numpy()
+    return np.full(len(plans), default)
+
+
+def _in_flight(sched: np.ndarray, pp: np.ndarray, m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Micro-batches whose activations the first stage holds at once [Activations, Pipeline]:
+    GPipe all m; 1F1B min(p, m); interleaved min(p, m)·(1 + (p−1)/(p·v)); no pipeline: 1."""
+    one_f = np.minimum(pp, m).astype(float)
+    n = np.where(sched == "gpipe", m, np.where(sched == "interleaved_1f1b", one_f * (1 + (pp - 1) / (pp * v)), one_f))
+    return np.where(pp > 1, n, 1.0)
+
+
+def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: Hardware,
+                   calib: Calibration | None = None) -> pd.DataFrame:
+    """The plans with their estimate: mem_<component>_bytes, mem_total_bytes, time_<component>_s,
+    step_time_s, tokens_per_s, mfu, fits, reason (and peak_stage, allocated_bytes)."""
+    calib = calib or Calibration()
+    n = len(plans)
+    z = _col(plans, "zero_stage", 0).astype(np.int64)
+    offload = (_col(plans, "offload_optimizer", False).astype(bool) | _col(plans, "offload_params", False).astype(bool)) & (z >= 2)
+    b = _col(plans, "micro_batch", 1).astype(np.int64)
+    dp = _col(plans, "dp", 1).astype(np.int64)
+    tp = _col(plans, "tp", 1).astype(np.int64)
+    pp = _col(plans, "pp", 1).astype(np.int64)
+    v = _col(plans, "pp_virtual_stages", 1).astype(np.int64)
+    ga = pd.to_numeric(pd.Series(_col(plans, "grad_accum", None)), errors="coerce").to_numpy()
+    m = np.where(np.isnan(ga), job.global_batch // np.maximum(b * dp, 1), ga).astype(np.int64)
+    prec = _col(plans, "precision", "fp32").astype(str)
+    ckpt = _col(plans, "activation_checkpointing", "none").astype(str)
+    every_k = _col(plans, "checkpoint_every_k", 2).astype(np.int64)
+    sched = _col(plans, "pp_schedule", "1f1b").astype(str)
+    sp = _col(plans, "sequence_parallel", False).astype(bool)
+    kern = _col(plans, "kernels", "torch").astype(str)
+    s = job.seq_len
+    h, V = model.d_model, model.vocab_size
+    beta = np.select([prec == "fp32"], [4], 2).astype(float)  # compute dtype bytes
+    autocast = (prec != "fp32") & (z < 2)  # engine: autocast for ZeRO 0/1, FSDP2 MixedPrecisionPolicy for 2/3
+    world = dp * tp * pp
+
+    # What each rank holds: one layout per distinct (dp, tp, pp, v)
+    packed = ((dp * 4096 + tp) * 4096 + pp) * 4096 + v  # one int64 key per (dp, tp, pp, v)
+    keys, inverse = np.unique(packed, return_inverse=True)
+    uniq = np.stack([keys >> 36, (keys >> 24) & 4095, (keys >> 12) & 4095, keys & 4095], axis=1)
+    lay = {kind: {k: np.empty(len(uniq)) for k in ("local", "shard", "tensors", "zero1", "zero1_tensors", "layers", "block", "root")}
+           for kind in ("first", "last")}
+    for i, (d_, t_, p_, v_) in enumerate(uniq):
+        got = rank_layout(model, int(d_), int(t_), int(p_), int(v_))
+        for kind in lay:
+            for k in lay[kind]:
+                lay[kind][k][i] = got[kind][k]
+    lay = {kind: {k: a[inverse] for k, a in d.items()} for kind, d in lay.items()}
+
+    # Measured activation coefficients for each row's (precision, cast, checkpointing, kernels)
+    coefs = activation_coefficients(model)
+    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    act = {k: np.zeros(n) for k in ("none_tok", "none_P", "full_tok", "full_P", "out_tok", "out_V", "out_P")}
+    is_prec = {p_: prec == p_ for p_ in PRECISIONS}
+    is_kern = {kn: kern == kn for kn in KERNELS}
+    for p_ in PRECISIONS:
+        for cast in ("autocast", "params"):
+            for kn in KERNELS:
+                rows = is_prec[p_] & (autocast == (cast == "autocast")) & is_kern[kn]
+                if not rows.any():
+                    continue
+                for mode in ("none", "full"):
+                    c = coefs[activation_key(p_, cast, mode, kn)]["block"]
+                    act[f"{mode}_tok"][rows] = sum(c[k] * fb[k][rows] for k in BLOCK_FEATURES if k != "P")
+                    act[f"{mode}_P"][rows] = c["P"] * fb["P"][rows]
+                c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
+                act["out_V"][rows] = c["V"] * fo["V"][rows]
+                act["out_P"][rows] = c["P"] * fo["P"][rows]
+                act["out_tok"][rows] = sum(c[k] * fo[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+
+    # Tensor parallel split of a block's activations [Activations, Korthikanti et al. 2022]:
+    # sequence parallel divides everything by t; without it the 10/34 outside the parallel
+    # regions (norms, residual inputs) stays whole.
+    tp_share = np.where(sp, 1.0 / tp, np.where(tp > 1, (10 + 24 / tp) / 34, 1.0))
+    flops = flops_per_token(model, s)
+    block_fwd_share = (flops["total"] - 6.0 * V * h) / flops["total"]  # of the work: blocks, not the head
+
+    total = {}
+    parts_by_stage = {}
+    for kind in ("first", "last"):
+        L = lay[kind]
+        layers = L["layers"]
+        # checkpointed blocks on this rank: engine.parallel.checkpointed_blocks (full: all,
+        # selective: every k-th from block 0), spread evenly over the stages
+        n_ck = np.where(ckpt == "full", layers, np.where(ckpt == "selective", np.ceil(layers / every_k), 0))
+        inflight = _in_flight(sched, pp, m, v) if kind == "first" else np.ones(n)
+        holds_head = (pp == 1) | (kind == "last")
+        mem = {}
+        # Model states [Model states]: fp32 params are the master weights; grads fp32 (reduce_dtype fp32)
+        persistent = np.where(z >= 2, L["shard"], L["local"])
+        mem["params"] = np.where(offload, 0, 4 * persistent)
+        # FSDP2 without gradient sync (every micro-batch but the last) accumulates unsharded
+        # gradients in the compute dtype on the device
+        mem["grads"] = np.where(offload, 0, 4 * persistent) + np.where((z >= 2) & (m > 1), beta * L["local"], 0)
+        mem["master"] = np.zeros(n)
+        opt_numel = np.where(z == 1, L["zero1"], persistent)
+        opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
+        # AdamW exp_avg + exp_avg_sq fp32, plus one fp32 `step` scalar per parameter tensor
+        mem["optimizer"] = np.where(offload, 0, 8 * opt_numel + 4 * opt_tensors)
+        # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
+        # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
+        # current and the prefetched block [Model states, FSDP2 derived]
+        autocast_copies = (act["none_P"] * (layers - n_ck) + act["full_P"] * n_ck + np.where(n_ck > 0, act["none_P"], 0)) / tp * inflight
+        mem["param_copies"] = np.select(
+            [z == 2, z == 3], [beta * L["local"], beta * (L["root"] + 2 * L["block"])], autocast_copies,
+        )
+        # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
+        # and backward recomputes one block's full set at a time
+        per_mb = (act["none_tok"] * (layers - n_ck) + act["full_tok"] * n_ck + np.where(n_ck > 0, act["none_tok"], 0)) * tp_share
+        mem["activations"] = per_mb * inflight + np.where(holds_head, act["out_tok"] / np.where(sp, tp, 1), 0)
+        # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
+        # gradient of the logits and its 16-bit cast at the start of backward, vocab-sharded by tp
+        logits_grad = np.where(kern == "torch", b * s * V * (4 + np.where(beta < 4, beta, 0)), 0)
+        mem["logits"] = np.where(holds_head, (act["out_V"] + act["out_P"] + logits_grad) / tp, 0)
+        # Communication buffers: FSDP2 reduce-scatter input of one unit (16-bit grads and their fp32
+        # cast); pipeline send/recv of one micro-batch's boundary activations
+        unit = np.maximum(L["block"], L["root"])
+        mem["comm"] = np.where(z >= 2, unit * (beta + np.where(beta < 4, 4, 0)), 0) + np.where(pp > 1, 2 * b * s * h * beta, 0)
+        ctx = calib.context_bytes if calib.context_bytes is not None else (CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0.0)
+        mem["context"] = np.full(n, ctx) + np.where((world > 1) & (hw.device == "cuda") & (calib.context_bytes is None), NCCL_BYTES, 0)
+        dynamic = mem["param_copies"] + mem["activations"] + mem["logits"] + mem["comm"]
+        mem["allocator"] = calib.fragmentation * dynamic
+        parts_by_stage[kind] = mem
+        total[kind] = sum(mem.values())
+    last_peaks = total["last"] > total["first"]
+    mem = {k: np.where(last_peaks, parts_by_stage["last"][k], parts_by_stage["first"][k]) for k in MEMORY}
+    mem_total = np.where(last_peaks, total["last"], total["first"])
+    allocated = mem_total - mem["context"]
+    host_bytes = np.where(offload, 16 * lay["first"]["shard"], 0) * hw.gpus_per_node  # params, grads, AdamW
+
+    # --- time per optimizer step [FLOPs and MFU, Communication] -------------------------------
+    peak = np.select([prec == "bf16", prec == "fp16"], [hw.peak_flops["bf16"], hw.peak_flops["fp16"]], hw.peak_flops["fp32"])
+    eff = calib.matmul_efficiency if calib.matmul_efficiency is not None else hw.matmul_efficiency
+    achieved = peak * eff
+    L = lay["first"]
+    layers = L["layers"]
+    n_ck = np.where(ckpt == "full", layers, np.where(ckpt == "selective", np.ceil(layers / every_k), 0))
+    stage_share = layers / model.n_layers  # of the blocks' work; the head is on one stage
+    fwd_flops_mb = b * s * flops["total"] / 3 * (block_fwd_share * stage_share + (1 - block_fwd_share) / pp) / tp
+    # activation traffic: each saved byte written in forward, read and its gradient written in backward
+    act_mb = (act["none_tok"] * layers * tp_share + act["out_tok"] + act["out_V"])
+    fwd_mb = fwd_flops_mb / achieved + act_mb / hw.hbm_bytes_per_s
+    bwd_mb = 2 * fwd_flops_mb / achieved + 2 * act_mb / hw.hbm_bytes_per_s
+    rec_mb = np.where(layers > 0, n_ck / np.maximum(layers, 1), 0) * (fwd_mb * block_fwd_share)
+    t = {}
+    t["forward"] = m * fwd_mb
+    t["backward"] = m * bwd_mb
+    t["recompute"] = m * rec_mb
+    opt_numel = np.where(z == 1, L["zero1"], np.where(z >= 2, L["shard"], L["local"]))
+    t["optimizer"] = np.where(offload, ADAM_BYTES_PER_PARAM * opt_numel / HOST_ADAM_BYTES_PER_S,
+                              ADAM_BYTES_PER_PARAM * opt_numel / hw.hbm_bytes_per_s)
+    # data parallel: the dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp)
+    bw_dp = np.where(tp * dp <= hw.gpus_per_node, hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) * calib.collective_efficiency
+    ring = (dp - 1) / dp
+    allreduce = 2 * ring * 4 * L["local"] / bw_dp  # fp32 gradients, once per step (no_sync until the last)
+    zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp, 0)  # updated partitions broadcast
+    gather = ring * beta * L["local"] / bw_dp  # FSDP2 all-gather of 16-bit params
+    scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on the last micro-batch only
+    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + scatter
+    # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
+    exposed = np.select(
+        [z <= 1, z >= 2],
+        [np.maximum(0, allreduce - bwd_mb) + zero1_gather, np.maximum(0, fsdp - t["forward"] - t["backward"]) + gather / np.maximum(layers, 1)],
+    )
+    t["dp_comm"] = np.where(dp > 1, exposed, 0)
+    # tensor parallel: 4 all-reduces of b·s·h per block per micro-batch (2 forward, 2 backward),
+    # 2 more for a recomputed block; the same volume as gather + scatter with sp [Communication]
+    bw_tp = hw.intra_node_bytes_per_s * calib.collective_efficiency
+    tp_bytes = 2 * (tp - 1) / tp * b * s * h * beta
+    t["tp_comm"] = np.where(tp > 1, m * (4 * layers + 2 * n_ck) * tp_bytes / bw_tp, 0)
+    # pipeline: bubble (p−1)/v of one micro-batch's work [Communication]; one activation forward
+    # and one gradient backward per micro-batch per boundary
+    t["pp_bubble"] = np.where(pp > 1, (pp - 1) / v * (fwd_mb + bwd_mb + rec_mb), 0)
+    bw_pp = np.where(world <= hw.gpus_per_node, hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) * calib.collective_efficiency
+    t["pp_comm"] = np.where(pp > 1, m * 2 * b * s * h * beta / bw_pp, 0)
+    # offload: sharded fp32 params up and their gradients down, per micro-batch (ZeRO-3 twice)
+    moves = np.where(z == 3, 2 * m, m) * 4 * L["shard"] + 4 * L["shard"]
+    t["offload"] = np.where(offload, moves / hw.host_device_bytes_per_s, 0)
+    launches = m * layers * LAUNCHES_PER_BLOCK * LAUNCH_S if hw.device == "cuda" else np.zeros(n)
+    t["overhead"] = launches + calib.step_overhead_s
+    step = sum(t.values())
+    tokens_per_s = job.global_batch * s / step
+    mfu = tokens_per_s * flops["total"] / (world * peak)
+
+    capacity = hw.memory_bytes
+    fits_gpu = mem_total <= capacity
+    fits_host = (hw.host_memory_bytes <= 0) | (host_bytes <= hw.host_memory_bytes)
+    fits = fits_gpu & fits_host
+    out = plans.copy()
+    for k in MEMORY:
+        out[f"mem_{k}_bytes"] = mem[k]
+    out["mem_total_bytes"] = mem_total
+    for k in TIME:
+        out[f"time_{k}_s"] = t[k]
+    out["step_time_s"] = step
+    out["tokens_per_s"] = tokens_per_s
+    out["mfu"] = mfu
+    out["fits"] = fits
+    out["peak_stage"] = np.where(last_peaks, "last", "first")
+    out["allocated_bytes"] = allocated
+    out["reason"] = _reasons(fits_gpu, fits_host, mem, mem_total, capacity, host_bytes, hw.host_memory_bytes)
+    return out
+
+
+def _reasons(fits_gpu, fits_host, mem, total, capacity, host_bytes, host_capacity) -> np.ndarray:
+    reason = pd.Series("fits", index=range(len(total)), dtype=object)
+    parts = np.stack([mem[k] for k in MEMORY])
+    top = np.argmax(parts, axis=0)
+    gib = lambda x: pd.Series(np.round(x / GiB, 2)).astype(str)  # noqa: E731
+    over = ~fits_gpu
+    if over.any():
+        text = ("needs " + gib(total) + f" GiB per GPU, has {capacity / GiB:.2f} GiB (largest: "
+                + pd.Series(np.array(MEMORY)[top]) + " " + gib(parts[top, np.arange(len(total))]) + " GiB)")
+        reason[over] = text[over]
+    host = fits_gpu & ~fits_host
+    if host.any():
+        text = "offload needs " + gib(host_bytes) + f" GiB of host memory per node, has {host_capacity / GiB:.1f} GiB"
+        reason[host] = text[host]
+    return reason.to_numpy()
+
+
+# --- one plan ---------------------------------------------------------------------------------
+
+@dataclass
+class Estimate:
+    params: int
+    memory: dict[str, int]
+    time: dict[str, float]
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    fits: bool
+    reason: str
+    peak_stage: str = "first"
+    allocated_bytes: int = 0  # what torch.cuda.max_memory_allocated would show (no context)
+    flops_per_token: float = 0.0
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    to_fit: str = ""  # for a plan that does not fit: the changes that would make it fit
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_frame(plans: list[PlanConfig]) -> pd.DataFrame:
+    return pd.DataFrame([{k: getattr(p, k) for k in PLAN_COLUMNS} for p in plans])
+
+
+def estimate(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> Estimate:
+    """The estimate of one plan: `estimate_frame` on a one-row frame, so the two agree exactly."""
+    row = estimate_frame(train.model, train.job, plan_frame([train.plan]), hw, calib).iloc[0]
+    return _from_row(row, train, hw, calib)
+
+
+def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibration | None) -> Estimate:
+    from engine.model import count_params
+
+    memory = {f"{k}_bytes": int(row[f"mem_{k}_bytes"]) for k in MEMORY}
+    memory["total_bytes"] = int(row["mem_total_bytes"])
+    return Estimate(
+        params=count_params(train.model), memory=memory, time={f"{k}_s": float(row[f"time_{k}_s"]) for k in TIME},
+        step_time_s=float(row["step_time_s"]), tokens_per_s=float(row["tokens_per_s"]), mfu=float(row["mfu"]),
+        fits=bool(row["fits"]), reason=str(row["reason"]), peak_stage=str(row["peak_stage"]),
+        allocated_bytes=int(row["allocated_bytes"]), flops_per_token=flops_per_token(train.model, train.job.seq_len)["total"],
+        calibration=(calib or Calibration()).changes(hw),
+    )
+
+
+def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> str:
+    """The fastest nearby plan that fits, as the overrides that reach it ("" if none does)."""
+    p = train.plan
+    options = {
+        "activation_checkpointing": sorted({p.activation_checkpointing, "full"}),
+        "zero_stage": list(range(p.zero_stage, 4)),
+        # every micro-batch that divides the rank's share: smaller saves activations, larger
+        # (fewer micro-batches) saves FSDP2's unsharded gradient accumulation
+        "micro_batch": [mb for mb in range(1, train.job.global_batch // p.dp + 1) if (train.job.global_batch // p.dp) % mb == 0][:12],
+        "precision": sorted({p.precision, "bf16"}),
+        "offload_optimizer": sorted({p.offload_optimizer, True}),
+    }
+    variants = []
+    for values in __import__("itertools").product(*options.values()):
+        q = dataclasses.replace(p, **dict(zip(options, values)), grad_accum=None)
+        if q.offload_optimizer and q.zero_stage < 2:
+            continue
+        try:
+            validate_plan(q, train.model, train.job)
+        except ConfigError:
+            continue
+        variants.append(q)
+    if not variants:
+        return ""
+    frame = estimate_frame(train.model, train.job, plan_frame(variants), hw, calib)
+    ok = frame[frame["fits"]]
+    if ok.empty:
+        return ""
+    best = ok.sort_values("tokens_per_s", ascending=False).iloc[0]
+    edits = [f"plan.{k}={best[k]}".replace("True", "true").replace("False", "false")
+             for k in options if best[k] != getattr(p, k)]
+    return f"{' '.join(edits)} ({best['mem_total_bytes'] / GiB:.2f} GiB, {best['tokens_per_s']:,.0f} tokens/s)"
+
+
+# --- calibration from measured probes -----------------------------------------------------------
+
+def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibration:
+    """Efficiency factors fitted to probe results: records of {"model", "job", "plan"} (dicts) with
+    the measured "step_time_s" and "peak_mem_bytes" (torch.cuda.max_memory_allocated).
+
+    Memory: measured = static + (1 + fragmentation)·dynamic, least squares in fragmentation.
+    Time: measured = (matmul time)/k + other terms + overhead, least squares in k and overhead;
+    matmul_efficiency = default·k. With dp/tp communication in at least three records, the
+    collective efficiency is fitted the same way.
+    """
+    from engine.config import build_train_config
+
+    if not records:
+        raise ConfigError("fit_calibration needs at least one probe record")
+    if hw is None:
+        from autotune.hardware import probe_local
+        hw = probe_local()
+    base = Calibration()
+    rows = []
+    for r in records:
+        cfg = build_train_config({"model": r["model"], "job": r["job"], "plan": r["plan"]})
+        row = estimate_frame(cfg.model, cfg.job, plan_frame([cfg.plan]), hw, base).iloc[0]
+        rows.append((row, float(r["step_time_s"]), float(r["peak_mem_bytes"])))
+    dyn = np.array([sum(row[f"mem_{k}_bytes"] for k in ("param_copies", "activations", "logits", "comm")) for row, _, _ in rows])
+    static = np.array([sum(row[f"mem_{k}_bytes"] for k in ("params", "grads", "master", "optimizer")) for row, _, _ in rows])
+    peak = np.array([p for _, _, p in rows])
+    frag = float(np.clip(np.dot(dyn, peak - static - dyn) / max(np.dot(dyn, dyn), 1.0), 0.0, 1.0))
+
+    eff0 = hw.matmul_efficiency
+    compute = np.array([sum(row[f"time_{k}_s"] for k in ("forward", "backward", "recompute")) for row, _, _ in rows])
+    comm = np.array([row["time_dp_comm_s"] + row["time_tp_comm_s"] for row, _, _ in rows])
+    rest = np.array([row["step_time_s"] for row, _, _ in rows]) - compute - comm
+    y = np.array([t for _, t, _ in rows])
+    fit_comm = (comm > 0).sum() >= 3
+    cols = [compute, np.ones(len(rows))] + ([comm] if fit_comm else [])
+    target = y - rest - (0 if fit_comm else comm)
+    coef = np.linalg.lstsq(np.stack(cols, axis=1), target, rcond=None)[0] if len(rows) > 1 else np.array([target[0] / compute[0], 0.0])
+    scale = max(float(coef[0]), 1e-3)
+    return Calibration(
+        matmul_efficiency=float(np.clip(eff0 / scale, 0.01, 1.0)),
+        collective_efficiency=float(np.clip(1.0 / max(coef[2], 1e-3), 0.01, 1.0)) if fit_comm else 1.0,
+        fragmentation=frag, step_overhead_s=max(float(coef[1]), 0.0), source="fit", records=len(records),
+    )
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def resolve_world(cfg, overrides: list[str]) -> str:
+    """dp x tp x pp must equal the cluster's GPUs [DESIGN]: when the user set none of dp, tp, pp,
+    dp fills the cluster; otherwise a mismatch is an error that says what to set."""
+    plan, n_gpus = cfg.train.plan, cfg.cluster.n_gpus
+    if plan.world_size == n_gpus:
+        return ""
+    set_keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    if "plan.dp" not in set_keys and n_gpus % (plan.tp * plan.pp) == 0:
+        plan.dp = n_gpus // (plan.tp * plan.pp)
+        plan.grad_accum = None
+        validate_plan(plan, cfg.train.model, cfg.train.job)
+        return f"plan.dp={plan.dp}: fills the cluster's {n_gpus} GPUs (tp={plan.tp} x pp={plan.pp})"
+    hint = f"plan.dp={n_gpus // (plan.tp * plan.pp)}" if n_gpus % (plan.tp * plan.pp) == 0 else "a tp x pp that divides it"
+    raise ConfigError(
+        f"plan.dp={plan.dp} x plan.tp={plan.tp} x plan.pp={plan.pp} = {plan.world_size} but cluster "
+        f"{cfg.cluster.name!r} has {n_gpus} GPUs; set {hint}"
+    )
+
+
+def load_calibration(cfg) -> Calibration | None:
+    path = getattr(getattr(cfg, "estimate", None), "calibration", None)
+    return Calibration.load(path) if path else None
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:9.2f} {unit}"
+    return f"{n:9.0f} B  "
+
+
+def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, calib_path: str | None) -> None:
+    p = train.plan
+    print(f"{train.model.name}: {est.params:,} params on {hw.n_gpus} x {hw.gpu} "
+          f"({'measured' if hw.measured else 'catalog'}), {hw.memory_bytes / GiB:.2f} GiB each")
+    print(f"plan: zero {p.zero_stage}, {p.precision}, micro_batch {p.micro_batch} x grad_accum {p.grad_accum}, "
+          f"dp {p.dp} tp {p.tp} pp {p.pp}, checkpointing {p.activation_checkpointing}, kernels {p.kernels}"
+          + (f", offload" if (p.offload_optimizer or p.offload_params) else ""))
+    if note:
+        print(f"note: {note}")
+    print(f"\nmemory per GPU (peak rank: {est.peak_stage} pipeline stage)")
+    for k, val in est.memory.items():
+        if k != "total_bytes":
+            print(f"  {k[:-6]:14s} {_size(val)}")
+    print(f"  {'total':14s} {_size(est.memory['total_bytes'])}   of {hw.memory_bytes / GiB:.2f} GiB")
+    print("\ntime per step")
+    for k, val in est.time.items():
+        print(f"  {k[:-2]:14s} {val * 1e3:12.3f} ms")
+    print(f"  {'total':14s} {est.step_time_s * 1e3:12.3f} ms")
+    print(f"\ntokens/s {est.tokens_per_s:,.0f}   MFU {est.mfu:.1%}   FLOPs/token {est.flops_per_token:.4g}")
+    if est.calibration:
+        print(f"calibration {calib_path}: " + ", ".join(
+            f"{k} {v['default']:.4g} -> {v['calibrated']:.4g}" for k, v in est.calibration.items()))
+    print(f"fits: {'yes' if est.fits else 'NO'} ({est.reason})")
+    if not est.fits:
+        print(f"would fit with: {est.to_fit or 'no nearby plan fits; add GPUs or choose a smaller model'}")
+
+
+def cli(argv: list[str]) -> int:
+    from autotune.config import planner_config
+    from engine.parallel import check_supported
+
+    parser = argparse.ArgumentParser(prog="autotune estimate", description="predicted memory and step time of one plan")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = planner_config(overrides)
+    hw = load_hardware(cfg.cluster)
+    note = resolve_world(cfg, overrides)
+    check_supported(cfg.train.plan)
+    calib = load_calibration(cfg)
+    est = estimate(cfg.train, hw, calib)
+    if not est.fits:
+        est.to_fit = fit_suggestion(cfg.train, hw, calib)
+    if args.json:
+        print(json.dumps(est.to_dict() | {"note": note}))
+    else:
+        _print_table(est, cfg.train, hw, note, getattr(getattr(cfg, "estimate", None), "calibration", None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
