@@ -23,7 +23,7 @@ class Choice:
 
 
 def plan_label(row: pd.Series | dict[str, Any]) -> str:
-    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2`."""
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton`."""
     get = row.get
     if norm(get("zero_stage")) == "None":
         return "(no plan recorded)"
@@ -37,11 +37,11 @@ def plan_label(row: pd.Series | dict[str, Any]) -> str:
         ckpt = f"sel{int(get('checkpoint_every_k') or 1)}"
     parts = [zero, str(get("precision")), f"mb{int(get('micro_batch') or 1)}", f"ckpt:{ckpt}",
              f"dp{int(get('dp') or 1)}"]
-    for key in ("tp", "pp"):
-        if int(get(key) or 1) > 1:
-            parts.append(f"{key}{int(get(key))}")
+    if int(get("tp") or 1) > 1:
+        parts.append(f"tp{int(get('tp'))}" + ("+sp" if _true(get("sequence_parallel")) else ""))
     if int(get("pp") or 1) > 1:
-        parts.append(str(get("pp_schedule")))
+        virtual = int(get("pp_virtual_stages") or 1)
+        parts += [f"pp{int(get('pp'))}", str(get("pp_schedule")) + (f"/v{virtual}" if virtual > 1 else "")]
     if get("kernels") == "triton":
         parts.append("triton")
     if _true(get("compile")):

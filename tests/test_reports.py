@@ -298,3 +298,17 @@ def test_importing_reports_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_pareto_front_and_plan_label():
+    from reports.tables import pareto_front, plan_label
+
+    memory = pd.Series([4.0, 1.0, 2.0, 3.0, 2.0])
+    throughput = pd.Series([10.0, 2.0, 5.0, 4.0, 6.0])
+    # by memory: 1 (2), then 2 with 6 beats 2 with 5, 3 with 4 is beaten, 4 with 10
+    assert list(pareto_front(memory, throughput)) == [1, 4, 0]
+    plan = {"zero_stage": 3, "offload_optimizer": True, "offload_params": False, "precision": "bf16",
+            "micro_batch": 2, "activation_checkpointing": "selective", "checkpoint_every_k": 3, "dp": 2, "tp": 2,
+            "sequence_parallel": True, "pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2,
+            "kernels": "triton", "compile": False}
+    assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
