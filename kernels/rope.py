@@ -1,7 +1,7 @@
 """Rotary position embedding on q and k, matching `engine.model.apply_rope` exactly.
 
 q [b, s, a, d] and k [b, s, g, d] (g may differ from a: grouped-query attention), cos and sin
-[s, d/2] in fp32, "halves" layout as in Hugging Face llama: x1, x2 = the two halves of the last
+[s, d/2] (fp32 from the engine; FSDP's mixed precision may hand them over in bf16), "halves" layout as in Hugging Face llama: x1, x2 = the two halves of the last
 dimension, out = cat(x1*cos - x2*sin, x2*cos + x1*sin). Math in fp32, output in the input's dtype.
 
 Triton: one program per (batch, position) rotates every head of q and of k there, loading cos and
@@ -27,8 +27,8 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, seq_len, q_heads, k_heads, half,
     pos = row % seq_len
     d = tl.arange(0, BLOCK_HALF)
     d_mask = d < half
-    cos = tl.load(COS + pos * half + d, mask=d_mask, other=0.0)[None, :]
-    sin = tl.load(SIN + pos * half + d, mask=d_mask, other=0.0)[None, :]
+    cos = tl.load(COS + pos * half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(SIN + pos * half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     if INVERSE:
         sin = -sin
     heads = tl.arange(0, BLOCK_Q)[:, None]
@@ -91,7 +91,7 @@ def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [b, s, a, d] and k [b, s, g, d] by cos/sin [s, d/2] (fp32); impl "auto", "triton" or "torch"."""
+    """Rotate q [b, s, a, d] and k [b, s, g, d] by cos/sin [s, d/2]; impl "auto", "triton" or "torch"."""
     check_float("q", q)
     check_float("k", k)
     if q.dtype != k.dtype:
@@ -104,8 +104,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if d % 2:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {d}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        check_float(name, t)
         if tuple(t.shape) != (s, d // 2):
             raise ValueError(f"{name} must have shape (seq, head_dim/2) = {(s, d // 2)}, got {tuple(t.shape)}")
     if use_triton(impl, q, k, cos, sin):

@@ -292,7 +292,7 @@ def _bad_inputs():
         ("one shape", ValueError, lambda: kernels.swiglu(x, x[:, :4])),
         ("one dtype", TypeError, lambda: kernels.swiglu(x, x.to(torch.bfloat16))),
         ("need contiguous", ValueError, lambda: kernels.swiglu(x.T, x.T, impl="triton")),
-        ("cos must be float32", TypeError, lambda: kernels.apply_rope(q, k, cos.double(), sin)),
+        ("cos must be float32", TypeError, lambda: kernels.apply_rope(q, k, cos.long(), sin)),
         ("sin must have shape", ValueError, lambda: kernels.apply_rope(q, k, cos, sin[:2])),
         ("must share batch", ValueError, lambda: kernels.apply_rope(q, k[:, :2], cos, sin)),
         ("head_dim must be even", ValueError, lambda: kernels.apply_rope(q[..., :7], k[..., :7], cos, sin)),
