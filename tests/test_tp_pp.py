@@ -120,3 +120,23 @@ def test_refused_plan_is_one_error_line_exit_2(tmp_path, capsys, plan, job, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_tp_slice_slices_each_projection_by_tp():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_tp_slice.py"), "--help"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--tp" in r.stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_tp_slice import block_flops, load_model_config, sliced_block
+
+    cfg = load_model_config("llama-3-8b")
+    full = {n: p.numel() for n, p in sliced_block(cfg, 1).named_parameters()}
+    for tp in (2, 4, 8):
+        part = {n: p.numel() for n, p in sliced_block(cfg, tp).named_parameters()}
+        assert part.keys() == full.keys()
+        for name, count in part.items():
+            assert count == (full[name] if "norm" in name else full[name] // tp), name
+        assert block_flops(cfg, tp, 4096, 4096) == pytest.approx(block_flops(cfg, 1, 4096, 4096) / tp)
+    # tp=1: 6 x matmul parameters per token, plus causal attention
+    matmul = sum(c for n, c in full.items() if "norm" not in n)
+    assert block_flops(cfg, 1, 1, 1) == pytest.approx(6 * matmul + 3 * 2 * cfg.d_model)
