@@ -89,7 +89,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+    """Warps for a row of `block` columns: at most 32 values per thread and tensor (register pressure)."""
+    return 4 if block < 2048 else 8 if block < 8192 else 16
 
 
 def num_programs(device: torch.device, rows: int) -> int:
