@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from engine.config import CHECKPOINTING, KERNELS, PRECISIONS, ModelConfig, TrainConfig
+from engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig, TrainConfig
 from engine.model import build_model, param_counts
+from engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BLOCK_FEATURES = ("tok", "h", "f", "kv", "a", "P")
@@ -94,17 +94,6 @@ def outside_features(model: ModelConfig, b, s) -> dict:
     return {"tok": bs, "h": bs * model.d_model, "V": bs * model.vocab_size, "P": head + 0 * bs, "s": s + 0 * b}
 
 
-def _checkpointed(block: torch.nn.Module) -> torch.nn.Module:
-    """Wrap a block in non-reentrant activation checkpointing, as the engine applies it."""
-    forward = block.forward
-
-    def run(*args):
-        return checkpoint(forward, *args, use_reentrant=False)
-
-    block.forward = run
-    return block
-
-
 @contextmanager
 def _triton_shapes_only():
     """Run the Triton path on the CPU without its arithmetic: launches become no-ops.
@@ -131,13 +120,14 @@ def _triton_shapes_only():
 
 def measure_saved_bytes(
     model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
-    checkpointing: str = "none", kernels: str = "torch", triton_arithmetic: bool = False,
+    checkpointing: str = "none", kernels: str = "torch", triton_arithmetic: bool = False, every_k: int = 2,
 ) -> dict[str, float]:
-    """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU:
-    {"block": mean over blocks, "outside": embedding + final norm + head + loss}.
+    """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU, with
+    the engine's own activation checkpointing: {"block": mean over blocks, "outside": embedding +
+    final norm + head + loss, "total": all of it}.
 
-    triton_arithmetic: run kernels=triton through Triton's interpreter (slow) instead of
-    skipping the kernels' arithmetic.
+    triton_arithmetic: run kernels=triton through Triton's interpreter (slow; TRITON_INTERPRET=1
+    must be set before the kernels are imported) instead of skipping the kernels' arithmetic.
     """
     # Values do not matter to what is saved, only shapes and dtypes: skip the (slow) seeded init.
     net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
@@ -150,13 +140,12 @@ def measure_saved_bytes(
             for p in net.parameters():
                 p.data = p.data.to(dtype)
     held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    apply_activation_checkpointing(net, PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k))
     owner = ["outside"]
     seen: dict[int, tuple[str, int]] = {}
     for name, block in net.layers.items():
         block.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, name))
         block.register_forward_hook(lambda mod, args, out: owner.__setitem__(0, "outside"))
-        if checkpointing == "full":
-            _checkpointed(block)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -173,7 +162,7 @@ def measure_saved_bytes(
         net(tokens, tokens)
     blocks = sum(n for who, n in seen.values() if who != "outside")
     outside = sum(n for who, n in seen.values() if who == "outside")
-    return {"block": blocks / model.n_layers, "outside": float(outside)}
+    return {"block": blocks / model.n_layers, "outside": float(outside), "total": float(blocks + outside)}
 
 
 @contextmanager
@@ -207,8 +196,14 @@ FIT_BATCHES = ((1, 16), (2, 12))
 
 
 def _engine_fingerprint() -> str:
+    """What the measured bytes depend on: the engine's model, checkpointing and kernels, this file, torch."""
     import engine.model
-    src = Path(engine.model.__file__).read_bytes() + Path(__file__).read_bytes()
+    import engine.parallel
+    import kernels
+
+    files = [Path(engine.model.__file__), Path(engine.parallel.__file__), Path(__file__),
+             *sorted(Path(kernels.__file__).parent.glob("*.py"))]
+    src = b"".join(f.read_bytes() for f in files)
     return hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:16]
 
 
@@ -272,14 +267,23 @@ def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
     return activation_fit(model.family, model.kv_heads != model.n_heads)
 
 
-def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str, kernels: str = "torch"):
-    """Predicted {"block", "outside"} saved bytes from the fitted coefficients."""
-    fit = activation_coefficients(model)[activation_key(precision, cast, checkpointing, kernels)]
+def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str,
+                        kernels: str = "torch", every_k: int = 2) -> dict[str, float]:
+    """Predicted saved bytes from the fitted coefficients: {"block" (plain), "outside", "total"}
+    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks)."""
+    coefs = activation_coefficients(model)
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
-    return {
-        "block": sum(fit["block"][k] * fb[k] for k in BLOCK_FEATURES),
-        "outside": sum(fit["outside"][k] * fo[k] for k in OUTSIDE_FEATURES),
-    }
+
+    def block(mode: str) -> float:
+        c = coefs[activation_key(precision, cast, mode, kernels)]["block"]
+        return sum(c[k] * fb[k] for k in BLOCK_FEATURES)
+
+    c = coefs[activation_key(precision, cast, "none", kernels)]["outside"]
+    outside = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES)
+    plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k)
+    n_ck = len(checkpointed_blocks(plan, model.n_layers))
+    total = n_ck * block("full") + (model.n_layers - n_ck) * block("none") + outside
+    return {"block": block("full" if checkpointing == "full" else "none"), "outside": outside, "total": total}
 
 
 # --- the profile ------------------------------------------------------------------------------

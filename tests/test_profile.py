@@ -1,0 +1,98 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from autotune.cli import main
+from autotune.profile import flops_per_token, measure_saved_bytes, model_profile, predict_saved_bytes
+from engine.config import ModelConfig
+from engine.model import build_model, count_params
+
+LLAMA = ModelConfig(name="t-llama", family="llama", n_layers=3, d_model=96, n_heads=6, n_kv_heads=2, d_ff=256,
+                    vocab_size=320, max_seq_len=256)
+GPT2 = ModelConfig(name="t-gpt2", family="gpt2", n_layers=3, d_model=96, n_heads=4, d_ff=384, vocab_size=320,
+                   max_seq_len=256, tie_embeddings=True)
+MHA = ModelConfig(name="t-mha", family="llama", n_layers=2, d_model=128, n_heads=4, d_ff=288, vocab_size=300,
+                  max_seq_len=256, qkv_bias=True)
+
+
+@pytest.mark.parametrize("model", [LLAMA, GPT2], ids=lambda m: m.family)
+def test_flops_per_token_match_flop_counter(model):
+    """6N + 12·L·a·d·s against the matmuls torch really runs in forward + backward (the math SDPA
+    backend, so that attention is counted too; FlopCounterMode counts the full s x s scores)."""
+    b, s = 2, 64
+    net = build_model(model)
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        net(tokens, tokens).backward()
+    predicted = flops_per_token(model, s)["total"] * b * s
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+# Shapes larger than the fit (widths 32..80, b·s <= 24) in width, batch and sequence.
+CASES = [
+    (LLAMA, 2, 96, "fp32", "params", "none", "torch"),
+    (LLAMA, 1, 200, "bf16", "params", "full", "torch"),
+    (LLAMA, 3, 64, "bf16", "autocast", "selective", "torch"),
+    (LLAMA, 2, 80, "bf16", "params", "none", "triton"),
+    (LLAMA, 1, 128, "fp32", "params", "selective", "triton"),
+    (GPT2, 2, 96, "fp32", "params", "none", "torch"),
+    (GPT2, 4, 48, "fp16", "autocast", "full", "torch"),
+    (GPT2, 2, 64, "bf16", "params", "selective", "triton"),
+    (MHA, 2, 72, "bf16", "autocast", "none", "torch"),
+]
+
+
+@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels", CASES)
+def test_activation_bytes_within_5_percent(model, b, s, precision, cast, ckpt, kernels):
+    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+    predicted = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+    assert predicted["total"] == pytest.approx(measured["total"], rel=0.05)
+    assert predicted["outside"] == pytest.approx(measured["outside"], rel=0.05)
+    if ckpt != "selective":
+        assert predicted["block"] == pytest.approx(measured["block"], rel=0.05)
+
+
+INTERPRETED = """
+import json, torch
+from autotune.profile import measure_saved_bytes
+from engine.config import ModelConfig
+small = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, vocab_size=64, max_seq_len=16)
+fast = measure_saved_bytes(small, 1, 8, "fp32", "params", "none", "triton")
+real = measure_saved_bytes(small, 1, 8, "fp32", "params", "none", "triton", triton_arithmetic=True)
+print(json.dumps([fast, real]))
+"""
+
+
+def test_triton_measured_without_arithmetic_equals_interpreter():
+    """Skipping the Triton kernels' arithmetic changes nothing that is saved for backward
+    (Triton's interpreter must be chosen before the kernels are imported: a fresh process)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fast, real = json.loads(r.stdout.strip().splitlines()[-1])
+    assert fast == real and fast["total"] > 0
+
+
+def test_model_profile_has_exact_params_and_every_choice():
+    prof = model_profile(LLAMA, seq_len=64)
+    assert prof["params"]["total"] == count_params(LLAMA) == sum(p.numel() for p in build_model(LLAMA, "meta").parameters())
+    keys = prof["activations"]["at"]["bytes"].keys()
+    for precision in ("fp32", "bf16", "fp16"):
+        for ckpt in ("none", "full"):
+            for kernels in ("torch", "triton"):
+                assert f"{precision}/params/{ckpt}/{kernels}" in keys
+
+
+def test_profile_cli_writes_profile_json(tmp_path, capsys):
+    assert main(["profile", "model=tiny", "cluster=8xh100", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "205,376 parameters" in out and "H100" in out
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["params"]["total"] == 205_376 and prof["hardware"]["n_gpus"] == 8
+    assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]  # no temp file left behind
