@@ -179,7 +179,7 @@ def _failures(run: Run) -> str:
     skipped = run.trials[run.trials.status == "skipped"]
     if not skipped.empty:
         reasons = skipped.reason.replace("", "no reason given").value_counts()
-        lines += ["", f"{len(skipped)} trial(s) closed without running a plan:", ""]
+        lines += ["", f"{len(skipped)} trial{'s' * (len(skipped) != 1)} closed without running a plan:", ""]
         lines += [f"- {n} x {reason}" for reason, n in reasons.items()]
     return "\n".join(lines)
 
@@ -212,7 +212,7 @@ def _short_vs_long(run: Run) -> str:
     lines = ["## Short runs vs long runs", ""]
     if tau is not None:
         lines.append(f"Kendall tau between the finalists' ranking by their short runs and by their long runs: "
-                     f"**{tau:.2f}** (1: the short runs ranked them exactly as the long runs did)"
+                     f"**{tau:.2f}** (1: the short runs ranked them as the long runs did; -1: in reverse)"
                      + (f", over {run.result['kendall_pairs']} finalists." if run.result.get("kendall_pairs") else "."))
     short = run.measured[~run.measured.final]
     rows = []

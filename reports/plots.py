@@ -92,15 +92,22 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
                 drawstyle="steps-post", label="Pareto front (measured)", zorder=5)
         failed = run.trials[run.trials.status.isin(FAILED)]
         if not failed.empty:
-            ax.scatter(failed.est_mem_total_bytes / div, failed.est_tokens_per_s, marker="x", s=60,
-                       c="tab:red", label=f"failed: {', '.join(sorted(set(failed.status)))} (at estimate)", zorder=5)
+            ax.scatter(failed.est_mem_total_bytes / div, [0] * len(failed), marker="x", s=60, c="tab:red",
+                       clip_on=False, zorder=5,
+                       label=f"failed: {', '.join(sorted(set(failed.status)))} (at estimated memory)")
+        # The measurements set the scale: uncalibrated estimates far above them would flatten them.
+        top = 1.15 * measured.meas_tokens_per_s.max()
+        above = int((cand.tokens_per_s > top).sum()) if have_estimates else 0
+        if above:
+            ax.plot([], [], " ", label=f"{above} estimate{'s' * (above != 1)} above the top edge, not shown")
+        ax.set_ylim(0, top)
         drew = True
     if not drew:
         return None
     _memory_limit_line(ax, run, unit, right / div)
     beyond = int((cand.mem_total_bytes > right).sum()) if have_estimates else 0
     if beyond:
-        ax.plot([], [], " ", label=f"{beyond} plans beyond {right / div:,.0f} {unit_name}, not shown")
+        ax.plot([], [], " ", label=f"{beyond} plan{'s' * (beyond != 1)} beyond {right / div:,.0f} {unit_name}, not shown")
     if choice is not None:
         x, y = _chosen_point(choice)
         ax.scatter([x / div], [y], label=f"chosen: {plan_label(choice.row)}", **CHOSEN)
@@ -108,7 +115,8 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
     ax.set_ylabel("throughput (tokens/s, whole job)")
     ax.yaxis.set_major_formatter(THOUSANDS)
     ax.set_xlim(0, right / div)
-    ax.set_ylim(bottom=0)
+    if measured.empty:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(f"Throughput vs memory: {_title(run)}")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
