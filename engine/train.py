@@ -390,10 +390,22 @@ def cli(argv: list[str]) -> int:
         )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "engine.train", args.config, *args.overrides]
-    child = subprocess.Popen(command)
-    # torchrun forwards SIGTERM to its workers, which save and exit: pass ours on to it.
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+    # Its own session: a SIGTERM meant for this job reaches it only through us (below).
+    child = subprocess.Popen(command, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _terminate_workers(child.pid))
     return child.wait()
+
+
+def _terminate_workers(torchrun_pid: int) -> None:
+    """SIGTERM the workers themselves: each saves and exits 0, and torchrun then exits 0 too (a
+    SIGTERM to torchrun would reach them as well, but torchrun itself would exit with an error)."""
+    workers = []
+    for task in Path(f"/proc/{torchrun_pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            workers += [int(pid) for pid in (task / "children").read_text().split()]
+    for pid in workers or [torchrun_pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def main() -> int:

@@ -42,22 +42,21 @@ def by_step(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def train_command(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "engine.train", str(config), *overrides]
-
-
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
-    steps = 40  # enough that the signal lands mid-run, however loaded the machine
-    config = write_config(tmp_path, steps=steps)
+    """`autotune train` on 2 ranks (it launches torchrun), SIGTERM to it after step 3: the workers
+    save and it exits 0; rerunning resumes, and every step equals a single-process run's."""
+    steps = 20  # enough that the signal lands mid-run
     reference = write_config(tmp_path, steps=steps, out="reference")
-    subprocess.run(train_command(reference), env=ENV, check=True, capture_output=True, timeout=600)
+    assert autotune_main(["train", str(reference)]) == 0
+    config = write_config(tmp_path, steps=steps, zero_stage=2, dp=2, micro_batch=4)
+    command = [sys.executable, "-m", "autotune", "train", str(config)]
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_command(config), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -70,14 +69,14 @@ def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
     assert 3 <= stopped_at < steps
     assert latest_checkpoint(out / "ckpt").name == f"step-{stopped_at}"
 
-    resumed = subprocess.run(train_command(config), env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {out / 'ckpt' / f'step-{stopped_at}'}" in resumed.stdout
     records = metrics(out)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     expected = by_step(metrics(tmp_path / "reference"))
     for step, loss in by_step(records).items():
-        assert loss == pytest.approx(expected[step], rel=1e-6), step
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
 
 
 @pytest.mark.parametrize(

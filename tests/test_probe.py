@@ -88,3 +88,11 @@ def test_probe_config_error_is_reported_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     result = json.loads(out.read_text())
     assert result["status"] == "error" and "micro_batch=3" in result["error"]
+
+
+def test_probe_over_its_time_limit_reports_timeout_with_what_it_measured(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "metrics.json"
+    assert probe.main([str(config), "--steps", "5", "--warmup", "0", "--timeout", "1e-9", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == "timeout" and result["step_time_s"] > 0  # stopped after one measured step
