@@ -1,9 +1,9 @@
 """Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
 
 One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/3 and sequence parallel, pp x dp
-with ZeRO 0 and 3, tp x pp, for each pipeline schedule; a gpt2 with tp for biases, positions and the
-tied head) and checkpoints and resumes a tp x pp x sequence-parallel run; one plain process gives
-the references. Refused plans are one `error:` line and exit status 2.
+with ZeRO 0 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
+with tp and sequence parallel for biases, positions and the tied head) and checkpoints and resumes
+a tp x pp x sequence-parallel run; one plain process gives the references. Refused plans are one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def four_rank_plans() -> dict[str, dict]:
         plans[f"pp2_dp2_zero0_{schedule}"] = dict(dp=2, **pp)
         plans[f"pp2_dp2_zero3_{schedule}"] = dict(dp=2, zero_stage=3, **pp)
         plans[f"tp2_pp2_{schedule}"] = dict(tp=2, **pp)
+    # recomputation inside stages and tp blocks changes nothing either
+    plans["tp2_pp2_gpipe"]["activation_checkpointing"] = "full"
+    plans["pp2_dp2_zero3_1f1b"]["activation_checkpointing"] = "selective"
     return plans
 
 
@@ -66,7 +69,8 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     reference = run_worker(tmp_path, "reference", {"runs": {
         "llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2)}}, nproc=1)
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
-    runs["gpt2_tp2_dp2_zero2"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2)
+    runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
+                                           sequence_parallel=True)
     resume = {"tp2_pp2_sp_resume": {"save_at": 3, "config": config(
         tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)}}
     result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume}, nproc=4)
