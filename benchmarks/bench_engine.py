@@ -35,7 +35,8 @@ MODES = ("engine", "engine_compile", "eager", "compile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt2", "llama-3.2-1b"], help="names in conf/model/")
     p.add_argument("--micro-batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

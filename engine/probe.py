@@ -216,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     except Exception as e:  # a trial's failure is data: report it, do not crash the search
+        # Under an address-space cap, a thread that cannot get its stack fails with EAGAIN: memory too.
+        capped = cap is not None and cap.saved is not None
+        oom = is_oom(e) or (capped and "resource temporarily unavailable" in str(e).lower())
         if cap:
             cap.lift()
-        oom = is_oom(e)
         result.update(status="oom" if oom else "error", error=f"{type(e).__name__}: {str(e)[:2000]}")
         code = 0 if oom else 1
     if cap:

@@ -163,7 +163,8 @@ class Engine:
             model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed, kernels=plan.kernels)
             load_hf_weights(model, model_cfg.init_from)  # before sharding: every rank loads, then keeps its shard
         else:
-            model = build_model(model_cfg, device="meta", kernels=plan.kernels)  # materialised after sharding, in apply_plan
+            # materialised after sharding (apply_plan), so no rank ever holds the whole model
+            model = build_model(model_cfg, device="meta", kernels=plan.kernels)
         self.pipeline = build_pipeline(model, plan, self.mesh, device, job.seed) if plan.pp > 1 else None
         # under pp, this rank's stages as one module with the full model's parameter names
         self.model = self.pipeline.model if self.pipeline else apply_plan(model, plan, self.mesh, device, job.seed)
