@@ -7,7 +7,6 @@ probe measured (`meas_*`). Estimates are flattened with the same column names as
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -135,18 +134,27 @@ def _open_study(run_dir: Path, search: dict[str, Any]) -> tuple[Optional[optuna.
         if not local_db.is_file():
             return None, None
         url = f"sqlite:///{local_db.resolve()}"
-    storage: Any = url
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        # Optuna's journal file storage (several local workers): journal:///abs/path, or a bare path.
-        path = Path(url.split(":", 1)[1].removeprefix("//") if url.startswith("journal:") else url)
-        if not path.is_absolute():
-            path = run_dir / path
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    optuna.logging.set_verbosity(logging.WARNING)
     try:
-        return optuna.load_study(study_name=search.get("study_name"), storage=storage), url
+        return optuna.load_study(study_name=search.get("study_name"), storage=_storage(url, run_dir)), url
+    except ConfigError:
+        raise
     except Exception as e:  # SQLAlchemy, journal and lookup errors all mean: this study cannot be read
         raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {url}: {e}")
+
+
+def _storage(url: str, run_dir: Path) -> Any:
+    """The Optuna storage behind `url`, as autotune.search names it in search.json."""
+    if url.startswith("journal:") or (url.endswith((".log", ".journal")) and "://" not in url):
+        # Optuna's journal file (what several local workers share): journal:///abs/path, or a path.
+        path = Path(url.split(":", 1)[1].removeprefix("//") if url.startswith("journal:") else url)
+        path = path if path.is_absolute() else run_dir / path
+        if not path.is_file():  # opening it would create an empty one
+            raise ConfigError(f"the study's journal file {path} does not exist")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite"):
+        # Wait for a search process that is writing rather than fail on "database is locked".
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    return url
 
 
 def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:

@@ -246,11 +246,11 @@ def test_analytic_run_report(analytic_run):
     assert not (analytic_run / "trials.csv").exists() or pd.read_csv(analytic_run / "trials.csv").empty
 
 
-def test_rebuild_is_idempotent_and_cli_works(measured_run, capsys):
-    before = (measured_run / "report.md").read_text()
-    assert cli([str(measured_run)]) == 0
-    assert (measured_run / "report.md").read_text() == before
-    assert str(measured_run / "report.md") in capsys.readouterr().out
+def test_rebuild_is_idempotent_and_cli_works(analytic_run, capsys):
+    before = (analytic_run / "report.md").read_text()
+    assert cli([str(analytic_run)]) == 0
+    assert (analytic_run / "report.md").read_text() == before
+    assert str(analytic_run / "report.md") in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -312,3 +312,29 @@ def test_pareto_front_and_plan_label():
             "sequence_parallel": True, "pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2,
             "kernels": "triton", "compile": False}
     assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
+
+
+def test_journal_storage_without_candidates(tmp_path):
+    """Several local workers share a journal file; a run folder may also lack candidates.csv."""
+    journal = tmp_path / "study.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    plan = enumerate_plans()[0][0]
+    for number, (status, tokens) in enumerate([("ok", 1000.0), ("oom", None), ("ok", 1500.0)]):
+        trial = study.ask()
+        probe = {"status": status, "tokens_per_s": tokens, "step_time_s": tokens and 8.0 / tokens,
+                 "peak_mem_bytes": 3e8 + number * 1e7, "error": None if tokens else "CUDA out of memory"}
+        attrs = {"plan": dict(plan, micro_batch=2**number), "estimate": None, "probe": probe, "status": status,
+                 "reason": "" if tokens else "out of memory at step 0", "final": False}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if tokens:
+            study.tell(trial, tokens)
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    (tmp_path / "search.json").write_text(json.dumps({"storage": f"journal://{journal}", "study_name": "shared"}))
+    report = reports.build_report(tmp_path).read_text()
+    assert "trial 2" in report and "out of memory at step 0" in report
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == 3
+    for name in ("throughput_vs_memory.png", "history.png"):
+        check_png(tmp_path / "plots" / name)
