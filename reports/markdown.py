@@ -67,6 +67,11 @@ def _header(run: Run) -> str:
     return "\n".join(lines)
 
 
+OBJECTIVES = {
+    "throughput": "fastest measured plan that ran without error",
+    "cost": "most tokens per GPU-second of the measured plans",
+    "pareto": "on the measured throughput / peak-memory Pareto front",
+}
 KEY_ROWS = ("zero_stage", "precision", "micro_batch", "grad_accum", "activation_checkpointing", "dp")
 
 
@@ -76,7 +81,7 @@ def _plan_rows(rows: list[pd.Series]) -> list[tuple[str, str]]:
         if key == "pp_schedule":
             return any(int(r.get("pp") or 1) > 1 for r in rows)
         if len(rows) > 1 and key not in KEY_ROWS:
-            return len({str(r.get(key)) for r in rows}) > 1
+            return len({norm(r.get(key)) for r in rows}) > 1
         return True
     return [(label, key) for label, key in PLAN_ROWS if key in rows[0] and shown(key)]
 
@@ -94,10 +99,12 @@ def _chosen(run: Run, choice: Optional[Choice]) -> str:
         lines.append("No plan fits and none was measured: see the candidates below for why each was dropped.")
         return "\n".join(lines)
     row = choice.row
-    where = f"trial {choice.trial}" + (" (finalist, long run)" if row.get("final") else "") if choice.trial is not None \
-        else "the estimator (no trial measured it)"
-    lines.append(f"**{plan_label(row)}**, from {where}." + (" Written to `best.yaml`, `ds_config.json`, `launch.sh`."
-                                                            if (run.run_dir / "best.yaml").is_file() else ""))
+    if choice.trial is None:
+        where = "the estimator (no trial measured it)"
+    else:
+        where = f"trial {choice.trial}" + (" (finalist, long run)" if row.get("final") else "")
+    written = " Written to `best.yaml`, `ds_config.json`, `launch.sh`." if (run.run_dir / "best.yaml").is_file() else ""
+    lines.append(f"**{plan_label(row)}**, from {where}.{written}")
     lines.append("")
     rows = [[label, _plan_value(row, key)] for label, key in _plan_rows([row])]
     lines.append(markdown_table(rows, ["plan", "value"]))
@@ -108,15 +115,16 @@ def _chosen(run: Run, choice: Optional[Choice]) -> str:
 
 def _why(run: Run, choice: Choice) -> list[str]:
     row, limit = choice.row, run.memory_limit_bytes
+    objective = run.search.get("objective") or "throughput"
     if choice.source == "measured":
         reasons = [
-            f"fastest measured plan that ran without error: {rate(row.meas_tokens_per_s)} tokens/s, "
+            f"{OBJECTIVES.get(objective, 'chosen by the search')}: {rate(row.meas_tokens_per_s)} tokens/s, "
             f"MFU {share(row.get('meas_mfu'))}, step {seconds(row.meas_step_time_s)}"
         ]
         others = run.measured[~run.measured.index.isin(match_plan(run.measured, row).index)]
         alike = others[others.final == row.final]  # a long run is compared with long runs
         others = alike if not alike.empty else others
-        if not others.empty:
+        if not others.empty and objective == "throughput":
             second = others.loc[others.meas_tokens_per_s.idxmax()]
             reasons.append(_lead(row.meas_tokens_per_s, second.meas_tokens_per_s) +
                            f" the next measured plan, trial {int(second.number)} ({plan_label(second)}, "
@@ -126,14 +134,16 @@ def _why(run: Run, choice: Choice) -> list[str]:
         reasons = [f"highest estimated throughput of the plans that fit: {rate(row.tokens_per_s)} tokens/s, "
                    f"MFU {share(row.get('mfu'))}, step {seconds(row.step_time_s)}"]
         memory = row.get("mem_total_bytes")
-    if limit and memory == memory and memory is not None:
+    if limit and pd.notna(memory):
         reasons.append(f"peak memory {gib(memory)} of the {gib(limit)} limit ({100 * (1 - memory / limit):.0f}% headroom)")
     return reasons
 
 
 def _lead(ours: float, theirs: float) -> str:
     lead = 100 * (ours / theirs - 1)
-    return f"{lead:.1f}% ahead of" if lead >= 0.05 else "as fast as"
+    if abs(lead) < 0.05:
+        return "as fast as"
+    return f"{lead:.1f}% ahead of" if lead > 0 else f"{-lead:.1f}% behind"
 
 
 def _differences(a: pd.Series, b: pd.Series) -> str:
