@@ -255,12 +255,12 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
         second = others.iloc[0]
         rank = f"#{ranked.index.get_loc(second.name) + 1}"
         lead = 100 * (win.tokens_per_s / second.tokens_per_s - 1)
-        if lead >= 0.05:
-            lines.append(f"- {lead:.1f}% ahead of the next plan, {rank} ({plan_label(second)})"
-                         f"{_differences(win, second)}.")
-        else:
+        if abs(lead) < 0.05:
             lines.append(f"- ties with {rank} ({plan_label(second)}) on estimated throughput; that plan needs "
                          f"{gib(second.mem_total_bytes)} against {gib(win.mem_total_bytes)}{_differences(win, second)}.")
+        else:
+            lines.append(f"- {_lead(win.tokens_per_s, second.tokens_per_s)} {rank} ({plan_label(second)}) on "
+                         f"estimated throughput{_differences(win, second)}.")
         for col in time_cols:
             if abs(second[col] - win[col]) > 0.001 * second.step_time_s:
                 lines.append(f"- {component_name(col)}: {seconds(win[col])} vs {seconds(second[col])} for {rank}")
