@@ -195,7 +195,8 @@ def _in_flight(sched: np.ndarray, pp: np.ndarray, m: np.ndarray, v: np.ndarray) 
 def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: Hardware,
                    calib: Calibration | None = None) -> pd.DataFrame:
     """The plans with their estimate: mem_<component>_bytes, mem_total_bytes, time_<component>_s,
-    step_time_s, tokens_per_s, mfu, fits, reason (and peak_stage, allocated_bytes)."""
+    step_time_s, tokens_per_s, mfu, fits, reason; and peak_stage (first|last pipeline stage),
+    allocated_bytes (the total less the CUDA context: what max_memory_allocated shows), matmul_s."""
     calib = calib or Calibration()
     n = len(plans)
     z = _col(plans, "zero_stage", 0).astype(np.int64)
@@ -326,7 +327,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     act_mb = (act["none_tok"] * layers * tp_share + act["out_tok"] + act["out_V"])
     fwd_mb = fwd_flops_mb / achieved + act_mb / hw.hbm_bytes_per_s
     bwd_mb = 2 * fwd_flops_mb / achieved + 2 * act_mb / hw.hbm_bytes_per_s
-    rec_mb = np.where(layers > 0, n_ck / np.maximum(layers, 1), 0) * (fwd_mb * block_fwd_share)
+    rec_share = np.where(layers > 0, n_ck / np.maximum(layers, 1), 0) * block_fwd_share
+    rec_mb = rec_share * fwd_mb
     t = {}
     t["forward"] = m * fwd_mb
     t["backward"] = m * bwd_mb
@@ -378,6 +380,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     for k in TIME:
         out[f"time_{k}_s"] = t[k]
     out["step_time_s"] = step
+    out["matmul_s"] = m * (3 + rec_share) * fwd_flops_mb / achieved  # the FLOP-bound part of forward/backward/recompute
     out["tokens_per_s"] = tokens_per_s
     out["mfu"] = mfu
     out["fits"] = fits
@@ -491,9 +494,9 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     the measured "step_time_s" and "peak_mem_bytes" (torch.cuda.max_memory_allocated).
 
     Memory: measured = static + (1 + fragmentation)·dynamic, least squares in fragmentation.
-    Time: measured = (matmul time)/k + other terms + overhead, least squares in k and overhead;
-    matmul_efficiency = default·k. With dp/tp communication in at least three records, the
-    collective efficiency is fitted the same way.
+    Time: measured = k·(matmul time) + other terms + overhead, least squares in k and overhead;
+    matmul_efficiency = default/k. With dp/tp communication in at least three records, the
+    collective efficiency is fitted the same way (exposed communication taken as linear).
     """
     from engine.config import build_train_config
 
@@ -514,7 +517,7 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     frag = float(np.clip(np.dot(dyn, peak - static - dyn) / max(np.dot(dyn, dyn), 1.0), 0.0, 1.0))
 
     eff0 = hw.matmul_efficiency
-    compute = np.array([sum(row[f"time_{k}_s"] for k in ("forward", "backward", "recompute")) for row, _, _ in rows])
+    compute = np.array([row["matmul_s"] for row, _, _ in rows])
     comm = np.array([row["time_dp_comm_s"] + row["time_tp_comm_s"] for row, _, _ in rows])
     rest = np.array([row["step_time_s"] for row, _, _ in rows]) - compute - comm
     y = np.array([t for _, t, _ in rows])

@@ -1,0 +1,284 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from autotune.cli import main
+from autotune.config import ClusterConfig, planner_config
+from autotune.estimate import (
+    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
+)
+from autotune.hardware import catalog_gpu, load_hardware
+from engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
+from engine.model import build_model, count_params
+
+H100 = load_hardware(ClusterConfig(name="8xh100", gpu="h100-sxm", gpus_per_node=8))
+
+
+def states(est) -> dict[str, int]:
+    return {k: est.memory[f"{k}_bytes"] for k in ("params", "grads", "master", "optimizer")}
+
+
+def train(model="llama-3-8b", **plan):
+    return planner_config([f"model={model}", "job.seq_len=2048", "job.global_batch=64"]
+                          + [f"plan.{k}={v}" for k, v in plan.items()]).train
+
+
+# --- model states against the engine (2 gloo ranks) ---------------------------------------------
+
+WORKER = r"""
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from torch.distributed.tensor import DTensor
+from engine import dist
+from engine.config import build_train_config
+from engine.parallel import autocast, gradient_sync
+from engine.tensor_parallel import loss_context
+from engine.train import Engine
+
+def nbytes(t):
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
+
+device = dist.init_distributed()
+out = {}
+for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
+    cfg = build_train_config({"model": {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
+                                        "d_ff": 160, "vocab_size": 256, "max_seq_len": 32},
+                              "job": {"seq_len": 16, "global_batch": 2},
+                              "plan": {"zero_stage": stage, "dp": 2, "precision": precision}})
+    eng = Engine(cfg, device)
+    eng.step(0)  # AdamW states exist after a step; the step then drops the gradients (set_to_none)
+    inputs, targets = eng.batches(1)[0]
+    with gradient_sync(eng.model, True), loss_context(cfg.plan), autocast(cfg.plan, device):
+        eng.model(inputs, targets).backward()
+    opt = eng.optimizer.optim if hasattr(eng.optimizer, "optim") else eng.optimizer
+    out[stage] = {
+        "params": sum(nbytes(p) for p in eng.model.parameters()),
+        "grads": sum(nbytes(p.grad) for p in eng.model.parameters() if p.grad is not None),
+        "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
+    }
+    del eng
+json.dump(out, open(sys.argv[1] + f".{dist.rank()}", "w"))
+dist.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_model_states_equal_what_the_engine_holds(tmp_path):
+    """ZeRO 0-3 on 2 gloo ranks: params, grads, master and AdamW states per rank, in bytes, after a
+    step, equal the estimate exactly (the estimate's rank is the one that holds the most)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "held")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    held = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
+    hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=2))
+    for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
+        cfg = build_train_config({"model": {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
+                                            "d_ff": 160, "vocab_size": 256, "max_seq_len": 32},
+                                  "job": {"seq_len": 16, "global_batch": 2},
+                                  "plan": {"zero_stage": stage, "dp": 2, "precision": precision}})
+        est = states(estimate(cfg, hw))
+        for key in ("params", "grads"):
+            assert [h[str(stage)][key] for h in held] == [est[key]] * 2, (stage, key)
+        assert max(h[str(stage)]["optimizer"] for h in held) == est["optimizer"], stage
+        assert est["master"] == 0  # the engine's fp32 parameters are the master weights
+
+
+# --- published anchors [REFERENCE.md "Model states"] --------------------------------------------
+
+def test_mixed_precision_adam_is_16_bytes_per_param():
+    cfg = train(precision="bf16", zero_stage=0)
+    psi = count_params(cfg.model)
+    assert sum(states(estimate(cfg, H100)).values()) / psi == pytest.approx(16, abs=1e-6)
+    fp32 = train(precision="fp32", zero_stage=0)
+    assert sum(states(estimate(fp32, H100)).values()) / psi == pytest.approx(16, abs=1e-6)  # 4 + 4 + 8
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_zero3_divides_model_states_by_n(n):
+    # one micro-batch per step: FSDP2 accumulation would keep unsharded gradients
+    one = sum(states(estimate(train(precision="bf16", zero_stage=3, micro_batch=64), H100)).values())
+    cfg = train(precision="bf16", zero_stage=3, dp=n, micro_batch=64 // n)
+    assert sum(states(estimate(cfg, H100)).values()) == pytest.approx(one / n, rel=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_agrees_with_deepspeed_estimators_where_semantics_coincide(n):
+    """DeepSpeed `estimate_zero2_model_states_mem_needs`: 2Ψ + 18Ψ/N; `..._zero3_...`: 4·largest
+    layer + 18Ψ/N. The sharded 18Ψ/N is fp32 master 4 + Adam 8 + fp32 grads 4 + the fp16 gradient
+    partition 2; FSDP2 keeps no 16-bit gradient partition (its reduce is fp32 into the fp32 shard),
+    so ours is 18Ψ/N − 2Ψ/N. The unsharded 2Ψ of ZeRO-2 is the 16-bit copy of every parameter, ours
+    too (reshard_after_forward=False). ZeRO-3's unsharded term differs: DeepSpeed sizes 4 bytes x
+    the largest layer, FSDP2 gathers the root plus the current and the prefetched block in 16 bits."""
+    cfg2 = train(precision="bf16", zero_stage=2, dp=n, micro_batch=64 // n)  # one micro-batch: no accumulation
+    psi = count_params(cfg2.model)
+    e2 = estimate(cfg2, H100)
+    assert sum(states(e2).values()) == pytest.approx(18 * psi / n - 2 * psi / n, rel=1e-4)
+    assert e2.memory["param_copies_bytes"] == 2 * psi
+    e3 = estimate(train(precision="bf16", zero_stage=3, dp=n, micro_batch=64 // n), H100)
+    assert sum(states(e3).values()) == pytest.approx(18 * psi / n - 2 * psi / n, rel=1e-4)
+
+
+def test_zero1_shards_only_the_optimizer():
+    """ZeRO-1 (ZeroRedundancyOptimizer): fp32 params and grads whole, AdamW states split by whole
+    tensors (greedy), so the largest rank holds at least 8Ψ/N and at most one tensor more."""
+    cfg = train(precision="bf16", zero_stage=1, dp=8)
+    psi = count_params(cfg.model)
+    s = states(estimate(cfg, H100))
+    assert s["params"] == s["grads"] == 4 * psi
+    largest = max(p.numel() for p in build_model(cfg.model, device="meta").parameters())
+    assert 8 * psi / 8 <= s["optimizer"] <= 8 * (psi / 8 + largest) + 4 * 300
+
+
+# --- the frame and the single estimate ----------------------------------------------------------
+
+def valid_plans(model, job, n_gpus: int, count: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    plans = []
+    while len(plans) < count:
+        tp = int(rng.choice([1, 2, 4]))
+        pp = int(rng.choice([1, 2]))
+        sched = str(rng.choice(["1f1b", "gpipe", "interleaved_1f1b"]))
+        p = PlanConfig()
+        p.zero_stage = int(rng.integers(0, 4))
+        p.offload_optimizer = bool(p.zero_stage >= 2 and rng.random() < 0.3)
+        p.micro_batch = int(rng.choice([1, 2, 4]))
+        p.precision = str(rng.choice(["fp32", "bf16", "fp16"]))
+        p.activation_checkpointing = str(rng.choice(["none", "full", "selective"]))
+        p.kernels = str(rng.choice(["torch", "triton"]))
+        p.tp, p.pp, p.dp = tp, pp, n_gpus // (tp * pp)
+        p.pp_schedule = sched
+        p.pp_virtual_stages = 2 if sched == "interleaved_1f1b" and pp > 1 else 1
+        p.pp_schedule = sched if pp > 1 or sched != "interleaved_1f1b" else "1f1b"
+        p.sequence_parallel = bool(tp > 1 and rng.random() < 0.5)
+        p.grad_accum = None
+        try:
+            validate_plan(p, model, job)
+        except ConfigError:
+            continue
+        plans.append(p)
+    return plans
+
+
+def test_estimate_and_frame_agree_exactly():
+    cfg = planner_config(["model=qwen2.5-0.5b", "job.seq_len=1024", "job.global_batch=64"]).train
+    hw = load_hardware(ClusterConfig(gpu="a100-40g", gpus_per_node=8))
+    plans = valid_plans(cfg.model, cfg.job, 8, 40)
+    frame = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw)
+    for p, (_, row) in zip(plans, frame.iterrows()):
+        one = estimate(build_train_config({"model": vars(cfg.model), "job": cfg.job, "plan": vars(p)}), hw)
+        assert one.memory["total_bytes"] == int(row["mem_total_bytes"])
+        assert one.step_time_s == row["step_time_s"] and one.mfu == row["mfu"]
+        assert one.fits == row["fits"] and one.reason == row["reason"]
+    assert set(frame.columns) >= {f"mem_{k}_bytes" for k in ("params", "activations", "total")} | {
+        "time_forward_s", "step_time_s", "tokens_per_s", "mfu", "fits", "reason"} | set(PLAN_COLUMNS)
+
+
+def test_activations_follow_the_measured_profile():
+    """More checkpointing, smaller micro-batches, sequence parallel and the fused loss only ever
+    lower the memory they are meant to lower."""
+    base = train(precision="bf16", zero_stage=3, dp=8, micro_batch=2)
+    e = lambda **kw: estimate(train(**{**dict(precision="bf16", zero_stage=3, dp=8, micro_batch=2), **kw}), H100)  # noqa: E731
+    full, sel, none = (e(activation_checkpointing=c).memory["activations_bytes"] for c in ("full", "selective", "none"))
+    assert full < sel < none
+    assert e(micro_batch=1).memory["activations_bytes"] < none
+    assert e(kernels="triton").memory["logits_bytes"] < e().memory["logits_bytes"]
+    assert e(tp=2, dp=4, sequence_parallel=True).memory["activations_bytes"] < e(tp=2, dp=4).memory["activations_bytes"]
+    assert estimate(base, H100).memory["activations_bytes"] == none
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+def test_fit_calibration_recovers_known_factors(tmp_path):
+    """Probe records made from the model with known distortions (matmuls 25% slower, 10 ms per
+    step, 20% allocator slack) give those factors back, and the calibrated model reproduces them."""
+    cfg = planner_config(["model=gpt2", "job.seq_len=512", "job.global_batch=32"]).train
+    hw = catalog_gpu("h100-sxm")
+    plans = valid_plans(cfg.model, cfg.job, 1, 8, seed=3)
+    frame = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw)
+    compute = frame["matmul_s"]
+    dynamic = frame[[f"mem_{k}_bytes" for k in ("param_copies", "activations", "logits", "comm")]].sum(axis=1)
+    static = frame[[f"mem_{k}_bytes" for k in ("params", "grads", "master", "optimizer")]].sum(axis=1)
+    records = [
+        {"model": vars(cfg.model), "job": {"seq_len": 512, "global_batch": 32}, "plan": vars(p),
+         "step_time_s": float(frame["step_time_s"][i] + 0.25 * compute[i] + 0.010),
+         "peak_mem_bytes": float(static[i] + 1.20 * dynamic[i])}
+        for i, p in enumerate(plans)
+    ]
+    calib = fit_calibration(records, hw)
+    assert calib.matmul_efficiency == pytest.approx(hw.matmul_efficiency / 1.25, rel=1e-6)
+    assert calib.step_overhead_s == pytest.approx(0.010, abs=1e-6)
+    assert calib.fragmentation == pytest.approx(0.20, rel=1e-6)
+    path = tmp_path / "calib.json"
+    calib.save(path)
+    assert Calibration.load(path) == calib
+    again = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw, calib)
+    assert np.allclose(again["step_time_s"], [r["step_time_s"] for r in records], rtol=1e-6)
+    assert np.allclose(again["allocated_bytes"], [r["peak_mem_bytes"] for r in records], rtol=1e-6)
+
+
+def test_cli_shows_what_a_calibration_changed(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    Calibration(matmul_efficiency=0.5, step_overhead_s=0.01, source="fit", records=3).save(path)
+    assert main(["estimate", "model=gpt2", "cluster=1xh100", f"estimate.calibration={path}", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["calibration"]["matmul_efficiency"] == {"default": 0.8, "calibrated": 0.5}
+    plain = estimate(planner_config(["model=gpt2"]).train, catalog_gpu("h100-sxm"))
+    assert got["step_time_s"] > plain.step_time_s
+    assert main(["estimate", "model=gpt2", "cluster=1xh100", f"estimate.calibration={path}"]) == 0
+    assert "matmul_efficiency 0.8 -> 0.5" in capsys.readouterr().out
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_json_has_the_promised_keys(capsys):
+    assert main(["estimate", "model=llama-3-8b", "cluster=8xh100", "plan.zero_stage=3", "plan.precision=bf16",
+                 "job.seq_len=4096", "job.global_batch=64", "plan.activation_checkpointing=full", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["params"] == 8_030_261_248
+    assert got["note"].startswith("plan.dp=8")
+    for key in ("total_bytes", "params_bytes", "grads_bytes", "master_bytes", "optimizer_bytes", "activations_bytes",
+                "logits_bytes", "comm_bytes", "context_bytes", "allocator_bytes"):
+        assert key in got["memory"]
+    assert got["memory"]["total_bytes"] == sum(v for k, v in got["memory"].items() if k != "total_bytes")
+    assert got["step_time_s"] > 0 and got["tokens_per_s"] > 0 and 0 < got["mfu"] < 1
+    assert got["fits"] is True and got["reason"] == "fits"
+
+
+def test_a_plan_that_does_not_fit_is_reported_not_an_error(capsys):
+    assert main(["estimate", "model=llama-3-8b", "cluster=1xh100", "plan.precision=bf16", "job.seq_len=4096",
+                 "job.global_batch=8"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: NO (needs" in out and "would fit with: plan." in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["cluster.gpu=b200"], "error: unknown gpu 'b200'; available: auto, a100-40g"),
+    (["cluster.gpus_per_node=0"], "error: cluster 'local' has 1 node(s) x 0 GPU(s)"),
+    (["plan.tp=3"], "error: plan.tp=3 must divide model.n_heads"),
+    (["cluster=8xh100", "plan.dp=2"], "error: plan.dp=2 x plan.tp=1 x plan.pp=1 = 2 but cluster '8xh100' has 8 GPUs; set plan.dp=8"),
+])
+def test_bad_input_is_one_error_line_exit_2(args, message, capsys):
+    assert main(["estimate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
