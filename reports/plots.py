@@ -9,6 +9,7 @@ import io
 from typing import Optional
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -45,7 +46,7 @@ def _title(run: Run) -> str:
     return " on ".join(str(x) for x in (model, cluster) if x)
 
 
-def _memory_limit_line(ax, run: Run, unit: tuple[float, str], largest: float) -> None:
+def _memory_limit_line(ax: Axes, run: Run, unit: tuple[float, str], largest: float) -> None:
     """The per-GPU memory limit; when it is far off the scale (a CPU run), named in the legend only."""
     if not run.memory_limit_bytes:
         return
@@ -126,10 +127,10 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
 def _right_edge(run: Run) -> float:
     """Bytes at the plot's right edge: room past the memory limit, not plans needing 100x of it."""
     columns = []
-    if run.candidates is not None and "mem_total_bytes" in run.candidates:
-        fits = run.candidates["fits"] if "fits" in run.candidates else True
-        columns.append(run.candidates.mem_total_bytes.where(fits) if run.memory_limit_bytes
-                       else run.candidates.mem_total_bytes)
+    cand = run.candidates
+    if cand is not None and "mem_total_bytes" in cand:
+        fits = cand["fits"] if "fits" in cand and run.memory_limit_bytes else pd.Series(True, index=cand.index)
+        columns.append(cand.mem_total_bytes.where(fits))
     if not run.trials.empty:
         columns += [run.trials.meas_peak_mem_bytes, run.trials.est_mem_total_bytes.where(run.trials.status != "skipped")]
     largest = max((float(c.max()) for c in columns if c.notna().any()), default=0.0)
