@@ -66,14 +66,19 @@ def four_rank_plans() -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
-    reference = run_worker(tmp_path, "reference", {"runs": {
-        "llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2)}}, nproc=1)
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
     runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
                                            sequence_parallel=True)
     resume = {"tp2_pp2_sp_resume": {"save_at": 3, "config": config(
         tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)}}
     result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume}, nproc=4)
+    # the references, and the tp x pp checkpoint continued by one process: stages keep the full
+    # model's parameter names, so a checkpoint moves between layouts
+    reference = run_worker(tmp_path, "reference", {
+        "runs": {"llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2)},
+        "load": {"llama_from_tp2_pp2": {"config": config(tmp_path / "ref-load"),
+                                        "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")}},
+    }, nproc=1)
 
     for name in runs:
         expected = reference["gpt2" if name.startswith("gpt2") else "llama"]
@@ -86,6 +91,8 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     assert resumed["start"] == 3
     assert resumed["resumed"] == pytest.approx(resumed["straight"][3:], rel=1e-6)
     assert resumed["straight"] == pytest.approx(reference["llama"], rel=1e-4)
+    moved = reference["llama_from_tp2_pp2"]
+    assert moved["start"] == 3 and moved["losses"] == pytest.approx(reference["llama"][3:], rel=1e-4)
 
 
 def test_stage_layers_are_balanced_and_consecutive():

@@ -4,9 +4,11 @@ every config's plan must use all the launched ranks (several plans share one lau
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
-SPEC: {"runs": {name: config dict}, "resume": {name: {"config": ..., "save_at": k}}}. A resume run
-trains save_at steps, checkpoints, goes on to job.steps, then a fresh engine loads the checkpoint
-and trains from save_at again: OUT holds both trajectories.
+SPEC: {"runs": {name: config dict}, "resume": {name: {"config": ..., "save_at": k}},
+"load": {name: {"config": ..., "checkpoint": path}}}. A resume run trains save_at steps,
+checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
+checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
+checkpoint (written under any plan) and trains to job.steps.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ def main(spec_path: str, out_path: str) -> None:
             resumed = Engine(cfg, device)
             start = resumed.load(path)
             out[name] = {"straight": first, "resumed": losses(resumed, range(start, cfg.job.steps)), "start": start}
+        for name, run in spec.get("load", {}).items():
+            cfg = build_train_config(run["config"])
+            engine = Engine(cfg, device)
+            start = engine.load(Path(run["checkpoint"]))
+            out[name] = {"start": start, "losses": losses(engine, range(start, cfg.job.steps))}
     finally:
         dist.shutdown()
     if rank0:  # the losses are all-reduced: every rank holds the same
