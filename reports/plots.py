@@ -31,7 +31,7 @@ CHOSEN = dict(marker="*", s=320, c="gold", edgecolors="black", linewidths=0.8, z
 
 def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=130)
     return buf.getvalue()
 
 
@@ -157,14 +157,14 @@ def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional
     totals = top[columns].fillna(0).sum(axis=1)
     peaks = top.meas_peak_mem_bytes if ranked_by == "measured" else None
     div, unit_name = unit = memory_unit(totals, peaks)
-    fig = _figure(9, 1.2 + 0.55 * len(top))
-    ax = fig.add_subplot()
     chosen = choice.row.name if choice is not None else None
     labels = [
         (f"trial {int(r.number)}: " if ranked_by == "measured" else f"#{i + 1} ") + plan_label(r)
         + (" (chosen)" if idx == chosen else "")
         for i, (idx, r) in enumerate(top.iterrows())
     ]
+    fig = _figure(7 + 0.07 * max(len(label) for label in labels), 1.4 + 0.55 * len(top))
+    ax = fig.add_subplot()
     left = pd.Series(0.0, index=top.index)
     colors = [f"C{i}" for i in range(10)]
     for i, col in enumerate(columns):
@@ -179,7 +179,7 @@ def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional
     ax.invert_yaxis()  # best plan on top
     ax.set_xlabel(f"memory per GPU ({unit_name})")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"Estimated memory of the top plans (ranked by {ranked_by} throughput)")
+    fig.suptitle(f"Estimated memory of the top plans (ranked by {ranked_by} throughput)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
