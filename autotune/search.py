@@ -240,8 +240,8 @@ def nothing_fits_message(frame: pd.DataFrame, pc: PlannerConfig, hw: Hardware) -
              if c.startswith("mem_") and c.endswith("_bytes") and c != "mem_total_bytes"}
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
     helps = []
-    if not (plan["zero_stage"] == 3 and plan["offload_params"] and plan["offload_optimizer"]):
-        helps.append("ZeRO-3 with optimizer and parameter offload")
+    if not (plan["offload_params"] or plan["offload_optimizer"]):
+        helps.append("ZeRO-3 with offload to host memory")
     helps.append(f"more GPUs than {pc.cluster.n_gpus} (model states shard over data parallelism)")
     helps.append(f"a shorter job.seq_len than {pc.train.job.seq_len} or a smaller global batch")
     if "bf16" not in pc.search.precisions and "bf16" in supported_precisions(hw):
@@ -408,9 +408,11 @@ class Search:
         self.pc, self.s, self.run_dir, self.name, self.hw = pc, pc.search, run_dir, name, hw
         self.frame = frame
         self.pool = frame[frame["dropped"] == ""] if self.s.use_estimator else frame
-        # one categorical parameter per plan field that varies; grad_accum follows from the others
-        self.space = {k: CategoricalDistribution(sorted(self.pool[k].map(_py).unique().tolist(), key=str))
-                      for k in PLAN_FIELDS if k != "grad_accum" and self.pool[k].nunique() > 1}
+        # One categorical parameter per plan field that varies among the valid plans (grad_accum
+        # follows from the others). Taken over all valid plans, not the candidates, because those
+        # depend on the measured hardware: every process on the study must see one search space.
+        self.space = {k: CategoricalDistribution(sorted(frame[k].map(_py).unique().tolist(), key=str))
+                      for k in PLAN_FIELDS if k != "grad_accum" and frame[k].nunique() > 1}
         directions = ["maximize", "minimize"] if self.s.objective == "pareto" else ["maximize"]
         self.study = optuna.create_study(study_name=name, storage=storage, directions=directions,
                                          sampler=make_sampler(self.s, self.space), pruner=make_pruner(self.s),
@@ -481,7 +483,7 @@ class Search:
         return self.pool[~self.pool["key"].isin(self.claimed_keys(final=False))]
 
     def plan_of(self, trial: optuna.Trial) -> dict[str, Any]:
-        fixed = self.pool.iloc[0]
+        fixed = self.frame.iloc[0]
         plan = {k: _py(fixed[k]) for k in PLAN_FIELDS}
         plan.update({k: trial.suggest_categorical(k, d.choices) for k, d in self.space.items()})
         plan["grad_accum"] = self.pc.train.job.global_batch // (plan["micro_batch"] * plan["dp"])
@@ -584,8 +586,8 @@ class Search:
         def on_progress(step: int, step_time_s: float) -> bool:
             step_times.append(step_time_s)
             measured = step_times[self.s.warmup_steps:]
-            if final or self.s.objective == "pareto" or not measured:  # finalists run to the end
-                return False
+            if final or self.s.objective == "pareto" or not measured or len(measured) >= steps:
+                return False  # finalists run to the end; a finished trial is a result, not a prune
             value = tokens_per_step / float(np.median(measured)) / (world if self.s.objective == "cost" else 1)
             trial.report(value, len(measured))
             return bool(trial.should_prune())

@@ -1,0 +1,223 @@
+"""`autotune search` end to end on the local CPU with real probe runs, and in analytic mode."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from autotune.cli import main
+from autotune.config import planner_config
+from autotune.plans import PLAN_FIELDS, plan_key
+from engine.config import load_train_config
+
+REPO = Path(__file__).resolve().parent.parent
+# A small job on the tiny model: one rank on this machine, three micro-batch choices.
+TINY = ["job.global_batch=4", "job.seq_len=32", "search.probe_steps=2", "search.warmup_steps=1",
+        "search.final_steps=3", "search.trial_timeout_s=120"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _study(run_dir: Path, storage: str | None = None) -> optuna.Study:
+    info = json.loads((run_dir / "search.json").read_text())
+    url = storage or info["storage"]
+    if url.endswith(".journal"):
+        url = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+    return optuna.load_study(study_name=info["study_name"], storage=url)
+
+
+def _measured(study: optuna.Study, final: bool = False) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.user_attrs.get("claim")
+            and t.user_attrs.get("status") in ("ok", "oom", "error", "timeout", "pruned")
+            and bool(t.user_attrs.get("final")) == final]
+
+
+def _search_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "autotune", "search", *args]
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+def test_end_to_end_measure_on_cpu(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = main(["search", "--out", str(run), *TINY, "search.trials=3", "search.finalists=2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "[search] trial" in out.err  # the progress lines
+    for name in ("best.yaml", "ds_config.json", "launch.sh", "report.md", "trials.csv", "candidates.csv",
+                 "search.json", "study.db", "profile.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert list((run / "plots").glob("*.png")) and list((run / "logs").glob("trial-*.log"))
+
+    # every trial carries the contract's attributes; the budget was spent on distinct plans
+    study = _study(run)
+    for t in study.trials:
+        assert {"plan", "estimate", "probe", "status", "reason", "final"} <= set(t.user_attrs), t.user_attrs
+    short = _measured(study)
+    assert 1 <= len(short) <= 3
+    assert len({t.user_attrs["claim"] for t in short}) == len(short)
+    assert all(t.user_attrs["probe"]["status"] == "ok" for t in short if t.user_attrs["status"] == "ok")
+
+    # the chosen plan is the fastest long run, and it is what best.yaml and ds_config.json say
+    info = json.loads((run / "search.json").read_text())
+    best = info["result"]["best"]
+    finals = [t for t in _measured(study, final=True) if t.user_attrs["status"] == "ok"]
+    assert finals and best["trial"] == max(finals, key=lambda t: t.values[0]).number
+    cfg = load_train_config(run / "best.yaml")
+    assert plan_key(vars(cfg.plan)) == plan_key(best["plan"])
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == cfg.plan.micro_batch
+    assert ds["zero_optimization"]["stage"] == cfg.plan.zero_stage
+
+    # candidates.csv: every enumerated plan with its estimate and why it was dropped
+    cand = pd.read_csv(run / "candidates.csv", keep_default_na=False)
+    assert {*PLAN_FIELDS, "mem_total_bytes", "tokens_per_s", "fits", "dropped", "why"} <= set(cand.columns)
+    assert set(cand.dropped) <= {"", "does not fit", "dominated"} and (cand.dropped == "").any()
+    trials_csv = pd.read_csv(run / "trials.csv")
+    assert len(trials_csv) == len(study.trials)
+    assert info["mode"] == "measure" and info["measured"] and info["modelled"]
+
+    # best.yaml trains as it is
+    train = subprocess.run([sys.executable, "-m", "autotune", "train", str(run / "best.yaml"), "job.steps=2",
+                            f"job.out_dir={tmp_path / 'train'}"], env=ENV, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert (tmp_path / "train" / "metrics.jsonl").is_file()
+
+
+def test_oom_trial_is_recorded_and_search_finishes_with_a_plan_that_fits(tmp_path, capsys):
+    """Each probe gets a 60 MB memory cap the estimator does not know: big micro-batches run out."""
+    run = tmp_path / "run"
+    cap = 60_000_000
+    rc = main(["search", "--out", str(run), "job.global_batch=16", "job.seq_len=128", "model.d_model=128",
+               "model.d_ff=256", "search.precisions=[fp32]", "search.probe_steps=1", "search.warmup_steps=1",
+               "search.trials=3", "search.finalists=0", f"search.trial_memory_cap_bytes={cap}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    study = _study(run)
+    statuses = {t.user_attrs["status"] for t in _measured(study)}
+    assert "oom" in statuses and "ok" in statuses, statuses
+    oom = [t for t in _measured(study) if t.user_attrs["status"] == "oom"]
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs["reason"] for t in oom)
+    best = json.loads((run / "search.json").read_text())["result"]["best"]
+    best_trial = study.trials[best["trial"]]
+    assert best_trial.user_attrs["status"] == "ok" and best_trial.user_attrs["probe"]["peak_mem_bytes"] < cap
+    assert "oom" in (run / "report.md").read_text().lower()
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_then_rerun_continues_the_study(tmp_path):
+    run = tmp_path / "run"
+    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=3", "search.finalists=0")
+    proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def one_done_one_running() -> bool:
+        if not (run / "study.db").is_file() or not (run / "search.json").is_file():
+            return False
+        try:
+            trials = _study(run).get_trials(deepcopy=False)
+        except Exception:  # the study is being created
+            return False
+        running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("confirmed")]
+        return bool(_measured(_study(run))) and bool(running)
+
+    try:
+        _wait_for(one_done_one_running, 240, proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {t.number: (t.user_attrs["claim"], t.values, t.datetime_complete) for t in _measured(_study(run))}
+    killed = [t.number for t in _study(run).trials if t.state.name == "RUNNING" and t.user_attrs.get("confirmed")]
+    assert before and killed
+
+    rerun = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = _study(run)
+    after = {t.number: (t.user_attrs["claim"], t.values, t.datetime_complete) for t in _measured(study)}
+    for number, record in before.items():  # nothing finished was lost or changed
+        assert after[number] == record
+    claims = [claim for claim, _, _ in after.values()]
+    assert len(claims) == len(set(claims)) == 3  # no plan ran twice; the budget was completed
+    assert all(study.trials[n].state.name == "FAIL" and "interrupted" in study.trials[n].user_attrs["reason"]
+               for n in killed)
+    assert (run / "best.yaml").is_file()
+
+
+def test_two_processes_share_one_study(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    journal = run / "study.journal"
+    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=4", "search.finalists=1",
+                      f"search.storage={journal}")
+    procs = [subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-3000:]
+    study = _study(run, str(journal))
+    short, final = _measured(study), _measured(study, final=True)
+    short_claims = [t.user_attrs["claim"] for t in short]
+    assert len(short_claims) == len(set(short_claims)) >= 4  # shared budget, no plan twice
+    assert len(final) == 1  # the finalist ran once, though both processes reached the end
+    assert len({t.user_attrs["worker"]["pid"] for t in short}) == 2  # both did some of the work
+
+
+@pytest.mark.parametrize("model,cluster,batch", [("llama-3-8b", "8xh100", 512), ("llama-3-70b", "4x8xh100", 1024)])
+def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batch):
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    rc = main(["search", "--out", str(run), f"model={model}", f"cluster={cluster}", f"job.global_batch={batch}",
+               "job.seq_len=4096"])
+    took = time.perf_counter() - t0
+    assert rc == 0, capsys.readouterr().err
+    assert took < 60, took  # seconds on an idle machine; generous for a loaded CI host
+    info = json.loads((run / "search.json").read_text())
+    assert info["mode"] == "analytic" and info["result"]["best"]["source"] == "estimate"
+    cfg = load_train_config(run / "best.yaml")
+    cand = pd.read_csv(run / "candidates.csv", keep_default_na=False)
+    row = cand[(cand[list(PLAN_FIELDS)].astype(str) == pd.Series({k: str(v) for k, v in vars(cfg.plan).items()})).all(axis=1)]
+    assert len(row) == 1 and str(row.fits.iloc[0]) == "True" and row.dropped.iloc[0] == ""
+    assert row.mem_total_bytes.iloc[0] <= info["memory_limit_bytes"]
+    # nothing that fits is estimated faster
+    assert row.tokens_per_s.iloc[0] >= cand[cand.fits.astype(str) == "True"].tokens_per_s.max() * (1 - 1e-9)
+    assert cfg.plan.world_size == planner_config([f"cluster={cluster}"]).cluster.n_gpus
+    report = (run / "report.md").read_text()
+    assert "estimat" in report.lower() and str(cfg.plan.micro_batch) in report
+    assert not (run / "study.db").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["model=no-such-model"], "unknown model"),
+    (["cluster=no-such-cluster"], "unknown cluster"),
+    (["job.global_batch=7", "cluster.gpus_per_node=3"], "global batch"),
+    (["model=llama-3-70b", "cluster=1xh100", "job.seq_len=8192", "search.precisions=[fp32]",
+      "cluster.host_memory_gb=64"], "no plan fits"),
+    (["search.storage=sqlite:////no/such/folder/study.db"], "search.storage"),
+    (["search.storage=postgresql://nobody@127.0.0.1:1/none"], "search.storage"),
+])
+def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, args, match):
+    run = tmp_path / "run"
+    rc = main(["search", "--out", str(run), *args])
+    assert rc == 2
+    assert match in _one_error(capsys)
+    assert not run.exists()
