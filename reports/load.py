@@ -168,12 +168,10 @@ def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _memory_limit(search: dict[str, Any]) -> Optional[float]:
-    """The per-GPU memory a plan must fit in, wherever search.json records it."""
-    for section in (search, search.get("cluster") or {}, search.get("gpu") or {}, search.get("hardware") or {}):
-        for key in ("memory_limit_bytes", "memory_bytes", "gpu_memory_bytes"):
-            value = section.get(key) if isinstance(section, dict) else None
-            if isinstance(value, (int, float)) and value > 0:
-                return float(value)
+    """The per-GPU memory a plan must fit in: search.json's memory_limit_bytes, else the hardware's."""
+    for value in (search.get("memory_limit_bytes"), (search.get("hardware") or {}).get("memory_bytes")):
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
     return None
 
 
