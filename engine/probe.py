@@ -11,9 +11,9 @@ writes ONE JSON object to --out (atomically):
     tokens_per_s    global tokens per second at that median
     tflops_per_gpu  model FLOPs (6N + 12·L·a·d·s per token) per second per rank, in TFLOP/s
     mfu             tflops_per_gpu / the device's dense peak for the precision (null on a CPU)
-    peak_mem_bytes  max over ranks; CUDA: torch.cuda.max_memory_allocated; CPU: growth of the
-                    process's peak resident set over its size before the model was built
-                    (`peak_mem_kind` names which)
+    peak_mem_bytes  max over ranks; CUDA: torch.cuda.max_memory_allocated; CPU: the peak
+                    resident set (VmHWM, reset when the probe starts) minus the resident set
+                    before the model was built (`peak_mem_kind` names which)
     reserved_bytes  max over ranks of torch.cuda.max_memory_reserved (null on a CPU)
     loss_first, loss_last, device, world_size, versions {torch, triton, python}
     breakdown       median seconds per step in {forward_s, backward_s, optimizer_s}; comm_s is

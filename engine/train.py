@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -78,25 +77,32 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     return None
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
 
 
 class MemoryMeter:
-    """Peak memory of this rank. CUDA: max_memory_allocated / max_memory_reserved. CPU: growth of the
-    process's peak resident set (ru_maxrss) over its resident set when the meter was made."""
+    """Peak memory of this rank from when the meter is made. CUDA: max_memory_allocated /
+    max_memory_reserved. CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+    minus the resident set at the start, i.e. what the run added at its peak."""
 
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.base = _rss_bytes()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current resident set (Linux >= 4.0)
+            self.base = _proc_status_bytes("VmRSS")
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
+        return max(0, _proc_status_bytes("VmHWM") - self.base)
 
     def reserved_bytes(self) -> int | None:
         return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
@@ -391,9 +397,10 @@ def cli(argv: list[str]) -> int:
         )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "engine.train", args.config, *args.overrides]
-    # Its own session: a SIGTERM meant for this job reaches it only through us (below).
+    # Its own session: a signal meant for this job reaches it only through us (below).
     child = subprocess.Popen(command, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: _terminate_workers(child.pid))
+    signal.signal(signal.SIGINT, lambda signum, frame: child.send_signal(signal.SIGINT))  # Ctrl-C: stop all
     return child.wait()
 
 

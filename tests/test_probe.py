@@ -54,7 +54,8 @@ def test_probe_writes_its_whole_contract(tmp_path):
     breakdown = result["breakdown"]
     assert set(breakdown) == {"forward_s", "backward_s", "forward_backward_s", "optimizer_s", "comm_s"}
     assert breakdown["comm_s"] is None and breakdown["forward_backward_s"] is None  # pp only
-    assert 0 < breakdown["forward_s"] + breakdown["backward_s"] + breakdown["optimizer_s"] <= result["step_time_s"]
+    for phase in ("forward_s", "backward_s", "optimizer_s"):  # medians of parts of the measured steps
+        assert 0 < breakdown[phase] < measured[-1]
     # FLOPs per token: 6N + 12 L a d s, N without the (untied) input embedding
     cfg = build_train_config({"model": TINY, "job": {"seq_len": 32}})
     n = sum(p.numel() for name, p in build_model(cfg.model, "meta").named_parameters() if name != "tok_emb.weight")
