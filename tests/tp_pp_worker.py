@@ -4,7 +4,7 @@ every config's plan must use all the launched ranks (several plans share one lau
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
-SPEC: {"runs": {name: config dict}, "resume": {name: {"config": ..., "save_at": k}},
+SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step), "resume": {name: {"config": ..., "save_at": k}},
 "load": {name: {"config": ..., "checkpoint": path}}}. A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
@@ -25,6 +25,12 @@ def losses(engine: Engine, steps: range) -> list[float]:
     return [reduce_loss(engine.step(step).loss)[0] for step in steps]
 
 
+def trajectory(engine: Engine, steps: range) -> dict[str, list[float]]:
+    """Loss and global gradient norm (before clipping) of each step."""
+    results = [engine.step(step) for step in steps]
+    return {"loss": [reduce_loss(r.loss)[0] for r in results], "grad_norm": [float(r.grad_norm) for r in results]}
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     device = dist.init_distributed()
@@ -33,7 +39,7 @@ def main(spec_path: str, out_path: str) -> None:
     try:
         for name, config in spec.get("runs", {}).items():
             cfg = build_train_config(config)
-            out[name] = losses(Engine(cfg, device), range(cfg.job.steps))
+            out[name] = trajectory(Engine(cfg, device), range(cfg.job.steps))
         for name, run in spec.get("resume", {}).items():
             cfg, save_at = build_train_config(run["config"]), run["save_at"]
             root = Path(cfg.job.out_dir) / "ckpt"
