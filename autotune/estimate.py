@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -32,12 +33,10 @@ import pandas as pd
 
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
-    BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, cast_style,
-    flops_per_token, outside_features, write_json_atomic,
+    BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
+    outside_features, write_json_atomic,
 )
-from engine.config import (
-    CHECKPOINTING, KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan,
-)
+from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
 from engine.model import build_model
 from engine.pipeline import stage_layers
 
@@ -217,7 +216,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     s = job.seq_len
     h, V = model.d_model, model.vocab_size
     beta = np.select([prec == "fp32"], [4], 2).astype(float)  # compute dtype bytes
-    autocast = (prec != "fp32") & (z < 2)  # engine: autocast for ZeRO 0/1, FSDP2 MixedPrecisionPolicy for 2/3
+    autocast = (prec != "fp32") & (z < 2)  # engine.parallel.autocast: ZeRO 0/1; FSDP2 MixedPrecisionPolicy for 2/3
     world = dp * tp * pp
 
     # What each rank holds: one layout per distinct (dp, tp, pp, v)
@@ -466,7 +465,7 @@ def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None =
         "offload_optimizer": sorted({p.offload_optimizer, True}),
     }
     variants = []
-    for values in __import__("itertools").product(*options.values()):
+    for values in itertools.product(*options.values()):
         q = dataclasses.replace(p, **dict(zip(options, values)), grad_accum=None)
         if q.offload_optimizer and q.zero_stage < 2:
             continue

@@ -46,10 +46,6 @@ MEASURED_CHECKPOINTING = ("none", "full")  # selective = a mix of the two, per b
 CACHE_DIR = Path(os.environ.get("AUTOTUNE_CACHE", Path.home() / ".cache" / "autotune"))
 
 
-def cast_style(zero_stage: int) -> str:
-    return "params" if zero_stage >= 2 else "autocast"
-
-
 # --- parameters and FLOPs --------------------------------------------------------------------
 
 def matmul_params(model: ModelConfig) -> int:

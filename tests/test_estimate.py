@@ -11,7 +11,7 @@ import pytest
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
 from autotune.estimate import (
-    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
+    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame,
 )
 from autotune.hardware import catalog_gpu, load_hardware
 from engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
