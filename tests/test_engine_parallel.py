@@ -121,6 +121,17 @@ def test_bf16_on_cpu_trains(one_process_group):
     assert abs(losses[-1] - ref[-1]) < 0.05 * ref[-1]
 
 
+@pytest.mark.parametrize("zero_stage, loss_scale", [(0, "dynamic"), (2, "dynamic"), (1, "1024")])
+def test_fp16_with_loss_scaling_trains(one_process_group, zero_stage, loss_scale):
+    plan = dict(micro_batch=8, precision="fp16", zero_stage=zero_stage, loss_scale=loss_scale)
+    engine = Engine(config(plan), dist.device_for_rank())
+    losses = [reduce_loss(engine.step(step).loss)[0] for step in range(STEPS)]
+    ref, _ = run_plan(dict(micro_batch=8))
+    assert losses != ref  # the compute really ran in fp16
+    assert losses == pytest.approx(ref, rel=1e-3)  # and no step was skipped for an overflow
+    assert engine.scaler.get_scale() == (2.0**16 if loss_scale == "dynamic" else 1024.0)
+
+
 def _worker(out: str) -> None:
     """Under torchrun: every plan of TWO_RANK_PLANS on this 2-rank gloo group; rank 0 saves results."""
     torch.set_num_threads(1)
