@@ -111,7 +111,7 @@ class MemoryCap:
 def run(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dict:
     """Run the steps; returns the measured fields of the result (status ok or timeout)."""
     meter = MemoryMeter(device)
-    engine = Engine(cfg, device)
+    engine = Engine(cfg, device, timed=True)
     rank0 = dist.rank() == 0
     progress = open(args.progress, "a") if args.progress and rank0 else None
     times, losses, phases = [], [], []

@@ -112,15 +112,18 @@ class MemoryMeter:
 
 class PhaseTimer:
     """Seconds spent in forward / backward / optimizer. CUDA events on a GPU (no extra syncs: read
-    after the step's own sync), wall clock on a CPU (where every op is synchronous)."""
+    after the step's own sync), wall clock on a CPU (where every op is synchronous). Disabled, it
+    times nothing (the training loop, which never reads it)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda, self.enabled = device.type == "cuda", enabled
         self.spans: dict[str, list] = {}
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        if self.cuda:
+        if not self.enabled:
+            yield
+        elif self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -152,7 +155,7 @@ class StepResult:
 class Engine:
     """Everything a plan builds on this rank, and the training step."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, timed: bool = False):
         self.cfg, self.device = cfg, device
         model_cfg, job, plan = cfg.model, cfg.job, cfg.plan
         check_supported(plan)
@@ -181,7 +184,7 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = build_grad_scaler(plan, device)
         self.fixed_scale = fixed_loss_scale(plan)
-        self.timer = PhaseTimer(device)
+        self.timer = PhaseTimer(device, enabled=timed)  # the probe's forward/backward/optimizer breakdown
         self.tokens_per_step = job.global_batch * job.seq_len
         self.flops_per_token = flops_per_token(model_cfg, job.seq_len)
         self.peak_flops = peak_tflops(device, plan.precision)
