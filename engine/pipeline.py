@@ -113,9 +113,7 @@ class Pipeline:
         inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
         losses: list[torch.Tensor] = []
-        if self.has_first and self.has_last:
-            self.schedule.step(inputs, target=targets, losses=losses, return_outputs=False)
-        elif self.has_first:
+        if self.has_first:  # with pp > 1 the first and the last stage are on different ranks
             self.schedule.step(inputs, return_outputs=False)
         elif self.has_last:
             self.schedule.step(target=targets, losses=losses, return_outputs=False)

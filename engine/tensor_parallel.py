@@ -22,8 +22,9 @@ their gradients summed over tp by DTensor), attention and MLP all-gather their i
 (`PrepareModuleInput`) and wo / w_down reduce-scatter their output; the same bytes move as in the
 all-reduce, but norm activations and the residual stream take 1/tp of the memory.
 
-Replicated parameters outside the blocks (norms without sequence parallel, gpt2 positions) stay
-plain tensors: every tp rank computes the same gradient for them.
+Parameters that tp does not split (the norms without sequence parallel, gpt2 positions) stay plain
+tensors: every tp rank computes the same gradient for them. Under tp, `model(tokens, targets)`
+returns the loss as a plain tensor and `model(tokens)` the logits as a vocabulary-sharded DTensor.
 """
 from __future__ import annotations
 
