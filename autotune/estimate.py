@@ -453,7 +453,10 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
 
 
 def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> str:
-    """The fastest nearby plan that fits, as the overrides that reach it ("" if none does)."""
+    """The fastest nearby plan that fits (and that the engine runs), as the overrides that reach it
+    ("" if none does)."""
+    from engine.parallel import check_supported
+
     p = train.plan
     options = {
         "activation_checkpointing": sorted({p.activation_checkpointing, "full"}),
@@ -471,6 +474,7 @@ def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None =
             continue
         try:
             validate_plan(q, train.model, train.job)
+            check_supported(q)
         except ConfigError:
             continue
         variants.append(q)
