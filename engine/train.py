@@ -339,7 +339,9 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
                     _log(record, metrics)
                 t_last, steps_since_log = time.perf_counter(), 0
             if stopping or done == job.steps or (job.checkpoint_every and done % job.checkpoint_every == 0):
+                t_save = time.perf_counter()
                 path = engine.save(root, done)
+                t_last += time.perf_counter() - t_save  # tokens/s counts training, not saving
                 if rank0:
                     print(f"saved {path}", flush=True)
             if stopping:
