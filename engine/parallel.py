@@ -1,7 +1,7 @@
 """Apply a plan to a model: one small function per concern, in the order DESIGN.md's table implies.
 
     mesh = build_mesh(plan, device.type)
-    model = apply_plan(model, plan, mesh, device, seed)   # checkpointing -> compile -> ZeRO
+    model = apply_plan(model, plan, mesh, device, seed)   # tp -> checkpointing -> compile -> ZeRO
     optimizer = build_optimizer(model, plan, job, mesh)
 
 ZeRO 0 is DDP, ZeRO 1 is DDP plus torch's ZeroRedundancyOptimizer, ZeRO 2/3 are FSDP2
@@ -14,7 +14,9 @@ the parameters the optimizer updates stay fp32 either way.
 
 Tensor parallelism (engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
 FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
-(engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each.
+(engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
+ZeRO 0 is FSDP2's `replicate` rather than DDP (see `apply_ddp`) and ZeRO 1 is refused by
+engine/config.py.
 """
 from __future__ import annotations
 
