@@ -21,6 +21,7 @@ engine/config.py.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -51,8 +52,11 @@ def check_supported(plan: PlanConfig) -> None:
             "plan.kernels=triton with plan.tp > 1 is not supported: the fused kernels take whole tensors, "
             "not tensor-parallel shards; use plan.kernels=torch or plan.tp=1"
         )
-    if plan.kernels != "torch":
-        raise ConfigError(f"plan.kernels={plan.kernels!r} is not wired into the engine yet; use plan.kernels=torch")
+    if plan.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "plan.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run Triton's interpreter on the "
+            "CPU, slowly); use plan.kernels=torch here"
+        )
 
 
 def build_mesh(plan: PlanConfig, device_type: str) -> DeviceMesh:
@@ -111,8 +115,12 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else None
     kwargs = dict(mesh=dp_mesh, mp_policy=mp, **({"offload_policy": policy} if policy else {}))
     reshard = plan.zero_stage == 3
+    # Blocks get their hidden states already in the compute dtype from the root; casting their
+    # inputs would also round the fp32 rotary tables passed to each block.
+    block_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(
+        param_dtype=compute_dtype(plan), reduce_dtype=torch.float32, cast_forward_inputs=False))
     for block in model.layers.values():
-        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard, **block_kwargs)
     # The root's parameters are used last in forward and first in backward: never worth freeing.
     fully_shard(model, reshard_after_forward=False, **kwargs)
 

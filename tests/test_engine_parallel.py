@@ -144,3 +144,13 @@ def _worker(out: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_rotary_tables_stay_fp32_under_fsdp_mixed_precision(one_process_group):
+    """FSDP2 casts a module's floating inputs to the compute dtype; the rotary tables must escape it."""
+    engine = Engine(config(dict(zero_stage=3, precision="bf16", micro_batch=8)), dist.device_for_rank())
+    seen = []
+    block = next(iter(engine.model.layers.values()))
+    block.attn.register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[1][0].dtype)))
+    engine.step(0)
+    assert seen and all(x == torch.bfloat16 and rope == torch.float32 for x, rope in seen)
