@@ -44,6 +44,7 @@ class Hardware:
     nodes: int = 1
     host_memory_bytes: int = 0  # per node
     measured: bool = False  # True: probed on this machine; False: catalog datasheet
+    collectives: dict[str, float] = field(default_factory=dict)  # measured bus bytes/s (under torchrun)
 
     @property
     def n_gpus(self) -> int:
@@ -138,13 +139,51 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def measure_collectives(nbytes: int = 64 * 2**20, reps: int = 5) -> dict[str, float]:
+    """Bus bandwidth (bytes/s) of all-reduce, all-gather and reduce-scatter over the default process
+    group, with nccl-tests' factors [REFERENCE.md Communication]: busbw = bytes/time · 2(n−1)/n for
+    all-reduce, (n−1)/n for the others (bytes = the full, gathered size)."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    numel = nbytes // 4 // n * n
+    full = torch.ones(numel, device=device)
+    part = torch.ones(numel // n, device=device)
+    ops = {
+        "all_reduce": (lambda: dist.all_reduce(full), 2 * (n - 1) / n),
+        "all_gather": (lambda: dist.all_gather_into_tensor(full, part), (n - 1) / n),
+        "reduce_scatter": (lambda: dist.reduce_scatter_tensor(part, full), (n - 1) / n),
+    }
+    out = {}
+    for name, (op, factor) in ops.items():
+        dist.barrier()
+        seconds = _time(op, reps)
+        times = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        out[name] = numel * 4 * factor / times.item()
+    return out
+
+
 @functools.cache
 def probe_local() -> Hardware:
     """Measure this machine once per process: its first CUDA GPU, or the CPU.
 
     Peaks are the measured matmul rates, so matmul_efficiency is 1 (the figures already are what
     is achieved). On a CPU, memory is the RAM available now and the "device" bandwidth is memcpy.
+    Under torchrun (a process group of several ranks) the collectives are measured too, and the
+    all-reduce bus bandwidth becomes the intra-node link.
     """
+    import torch.distributed as dist
+
+    hw = _probe_device()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        hw.collectives = measure_collectives()
+        hw.intra_node_bytes_per_s = hw.collectives["all_reduce"]
+    return hw
+
+
+def _probe_device() -> Hardware:
     host = _available_ram()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

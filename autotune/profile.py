@@ -332,7 +332,19 @@ def cli(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = planner_config(overrides)
     train: TrainConfig = cfg.train
-    hw = load_hardware(cfg.cluster)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: measure the collectives too
+        from engine.dist import init_distributed, rank, shutdown
+
+        init_distributed()
+        me = rank()
+        try:
+            hw = load_hardware(cfg.cluster)
+        finally:
+            shutdown()
+        if me != 0:
+            return 0
+    else:
+        hw = load_hardware(cfg.cluster)
     prof = model_profile(train.model, train.job.seq_len, train.plan.micro_batch)
     prof["hardware"] = hw.to_dict()
     prof["cluster"] = dataclasses.asdict(cfg.cluster)
@@ -347,7 +359,8 @@ def cli(argv: list[str]) -> int:
     kind = "measured" if hw.measured else "catalog"
     print(f"hardware ({kind}): {hw.n_gpus} x {hw.gpu}, {hw.memory_bytes / 2**30:.1f} GiB, "
           + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in hw.peak_flops.items())
-          + f", memory {hw.hbm_bytes_per_s / 1e9:.0f} GB/s, link {hw.intra_node_bytes_per_s / 1e9:.0f} GB/s")
+          + f", memory {hw.hbm_bytes_per_s / 1e9:.0f} GB/s, link {hw.intra_node_bytes_per_s / 1e9:.0f} GB/s"
+          + "".join(f", {k} {v / 1e9:.2f} GB/s" for k, v in hw.collectives.items()))
     if args.out:
         path = Path(args.out) / "profile.json"
         write_json_atomic(path, prof)

@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -108,3 +109,23 @@ def test_saved_bytes_match_published_measurement(name, copies):
     b, s = 1, 4096
     block = predict_saved_bytes(model, b, s, "bf16", "params", "none")["block"]
     assert block / (2 * b * s * model.d_model) == pytest.approx(copies, rel=0.05)
+
+
+@pytest.mark.slow
+def test_profile_under_torchrun_measures_collectives(tmp_path):
+    """2 gloo ranks: all-reduce, all-gather and reduce-scatter bus bandwidth land in profile.json."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "autotune",
+         "profile", "model=tiny", "cluster.gpus_per_node=2", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    hw = json.loads((tmp_path / "profile.json").read_text())["hardware"]
+    assert set(hw["collectives"]) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(v > 0 for v in hw["collectives"].values())
+    assert hw["intra_node_bytes_per_s"] == hw["collectives"]["all_reduce"]
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone reports
