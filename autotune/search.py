@@ -40,25 +40,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import optuna
 import pandas as pd
+import sqlalchemy
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autotune.config import ClusterConfig, PlannerConfig, SearchConfig, planner_config
 from autotune.estimate import estimate, estimate_frame, fit_calibration
 from autotune.hardware import Hardware, load_hardware
-from autotune.plans import PLAN_FIELDS, enumerate_plans, mark_dominated, plan_key, plan_keys, row_plan
+from autotune.plans import (
+    DOMINANCE_MARGIN, PLAN_FIELDS, enumerate_plans, mark_dominated, plan_key, plan_keys, row_plan, to_python,
+)
 from autotune.runner import run_probe
 from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
 from reports.files import write_atomic
@@ -74,7 +77,6 @@ DONE = MEASURED + ("skipped",)  # statuses of a claim: that plan is never run ag
 OPTIMISM_FLOOR = 1.10
 STALE_HEARTBEAT_S = 180.0  # a RUNNING trial of another host silent this long is dead
 HEARTBEAT_S = 20.0
-log = logging.getLogger("autotune.search")
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -158,8 +160,14 @@ def open_storage(url: str, run_dir: Path) -> Any:
             if not path.parent.is_dir():
                 raise ConfigError(f"search.storage={url}: folder {path.parent} does not exist")
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                          if url.startswith("sqlite") else {})
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except sqlalchemy.exc.OperationalError as e:
+                if "already exists" not in str(e) or attempt == 2:
+                    raise  # not two processes creating the schema at once
+                time.sleep(1.0)
     except ConfigError:
         raise
     except Exception as e:  # SQLAlchemy, driver and OS errors all mean: cannot use this storage
@@ -180,8 +188,6 @@ def check_storage_reachable(url: str) -> None:
         if not path.parent.is_dir():
             raise ConfigError(f"search.storage={url}: folder {path.parent} does not exist")
         return
-    import sqlalchemy
-
     try:
         engine = sqlalchemy.create_engine(url)
         with engine.connect():
@@ -212,10 +218,10 @@ def objective_measured(metrics: dict[str, Any], world: int, objective: str) -> f
     return tps
 
 
-def candidate_table(pc: PlannerConfig, hw: Hardware, calib: Any = None) -> pd.DataFrame:
+def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
     """Every plan with its estimate, `key`, `objective_est`, `dropped` and `why`."""
     plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw))
-    frame = estimate_frame(pc.train.model, pc.train.job, plans, hw, calib)
+    frame = estimate_frame(pc.train.model, pc.train.job, plans, hw)
     frame["objective_est"] = objective_estimate(frame, pc.search.objective)
     fits = frame["fits"].astype(bool)
     frame["dropped"] = np.where(fits, "", "does not fit")
@@ -225,8 +231,7 @@ def candidate_table(pc: PlannerConfig, hw: Hardware, calib: Any = None) -> pd.Da
         dominated = mark_dominated(fitting, throughput="objective_est")
         frame.loc[dominated[dominated].index, "dropped"] = "dominated"
         frame.loc[dominated[dominated].index, "why"] = (
-            "another plan that fits in no more memory is estimated "
-            f"at least {100 * (1 + 0.10) - 100:.0f}% faster"
+            f"another plan that fits in no more memory is estimated at least {DOMINANCE_MARGIN:.0%} faster"
         )
     frame["key"] = plan_keys(frame)
     return frame
@@ -277,7 +282,9 @@ def describe(plan: dict[str, Any]) -> str:
 
 def write_candidates(path: Path, frame: pd.DataFrame) -> None:
     columns = [c for c in frame.columns if c not in ("key", "objective_est")]
-    write_atomic(path, frame[columns].to_csv(index=False, float_format="%.6g"))
+    # whole bytes print as integers, several times faster than formatting floats (10^5 rows)
+    whole = {c: "int64" for c in columns if c.endswith("_bytes") and frame[c].notna().all()}
+    write_atomic(path, frame[columns].astype(whole).to_csv(index=False, float_format="%.6g"))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -365,7 +372,9 @@ def make_sampler(s: SearchConfig, space: dict[str, CategoricalDistribution]) -> 
     if s.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed)
     multi = s.objective == "pareto"
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=not multi, n_startup_trials=3)
+    with warnings.catch_warnings():  # multivariate TPE is "experimental" in Optuna's terms
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=not multi, n_startup_trials=3)
 
 
 def make_pruner(s: SearchConfig) -> optuna.pruners.BasePruner:
@@ -411,7 +420,7 @@ class Search:
         # One categorical parameter per plan field that varies among the valid plans (grad_accum
         # follows from the others). Taken over all valid plans, not the candidates, because those
         # depend on the measured hardware: every process on the study must see one search space.
-        self.space = {k: CategoricalDistribution(sorted(frame[k].map(_py).unique().tolist(), key=str))
+        self.space = {k: CategoricalDistribution(sorted(frame[k].map(to_python).unique().tolist(), key=str))
                       for k in PLAN_FIELDS if k != "grad_accum" and frame[k].nunique() > 1}
         directions = ["maximize", "minimize"] if self.s.objective == "pareto" else ["maximize"]
         self.study = optuna.create_study(study_name=name, storage=storage, directions=directions,
@@ -484,7 +493,7 @@ class Search:
 
     def plan_of(self, trial: optuna.Trial) -> dict[str, Any]:
         fixed = self.frame.iloc[0]
-        plan = {k: _py(fixed[k]) for k in PLAN_FIELDS}
+        plan = {k: to_python(fixed[k]) for k in PLAN_FIELDS}
         plan.update({k: trial.suggest_categorical(k, d.choices) for k, d in self.space.items()})
         plan["grad_accum"] = self.pc.train.job.global_batch // (plan["micro_batch"] * plan["dp"])
         return canonical(plan)
@@ -492,7 +501,7 @@ class Search:
     def nearest(self, plan: dict[str, Any], rest: pd.DataFrame) -> pd.Series:
         """The plan of `rest` that differs from `plan` in the fewest fields; ties go to the best
         estimate (or, without the estimator, to a seeded random one)."""
-        distance = sum((rest[k].map(_py) != plan[k]).astype(int) for k in self.space)
+        distance = sum((rest[k].map(to_python) != plan[k]).astype(int) for k in self.space)
         tie = -rest["objective_est"] if self.s.use_estimator else pd.Series(
             np.random.default_rng(self.s.seed + len(self.trials())).random(len(rest)), index=rest.index)
         order = pd.DataFrame({"d": distance, "t": tie}).sort_values(["d", "t"], kind="stable")
@@ -558,7 +567,7 @@ class Search:
             trial.set_user_attr(k, v)
         self.study.tell(trial, state=state)
 
-    def estimate_of(self, plan: dict[str, Any]) -> Optional[dict[str, Any]]:
+    def estimate_of(self, plan: dict[str, Any]) -> dict[str, Any]:
         cfg = self.train_config(plan)
         return estimate(cfg, self.hw, self.calib).to_dict()
 
@@ -691,10 +700,6 @@ def canonical(plan: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-def _py(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -702,13 +707,13 @@ def _clock(seconds: float) -> str:
 
 # --- the command -----------------------------------------------------------------------------
 
-def analytic_result(frame: pd.DataFrame, objective: str) -> dict[str, Any]:
+def analytic_result(frame: pd.DataFrame) -> dict[str, Any]:
     pool = frame[frame["dropped"] == ""]
     best = pool.loc[pool["objective_est"].astype(float).idxmax()]
     plan = row_plan(best)
     return {"best": {"trial": None, "plan": plan, "value": float(best["objective_est"]), "final": False,
                      "source": "estimate", "describe": describe(plan),
-                     "estimate": {k: _py(best[k]) for k in frame.columns
+                     "estimate": {k: to_python(best[k]) for k in frame.columns
                                   if k not in PLAN_FIELDS and k not in ("key", "dropped", "why")}},
             "kendall_tau": None,
             "stopped": "analytic mode: ranked by the estimator alone"}
@@ -776,7 +781,7 @@ def cli(argv: list[str]) -> int:
     write_json(run_dir / "search.json", {**info, "result": previous.get("result")})
 
     if mode == "analytic":
-        result = analytic_result(frame, pc.search.objective)
+        result = analytic_result(frame)
     else:
         search = Search(pc, run_dir, name, hw, frame, open_storage(url, run_dir))
         search.explore()

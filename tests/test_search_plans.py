@@ -151,3 +151,13 @@ def test_kendall_tau():
     # tau-b with ties (the example of scipy.stats.kendalltau's documentation)
     assert kendall_tau([12, 2, 1, 12, 2], [1, 4, 7, 1, 0]) == pytest.approx(-0.47140452079103173)
     assert kendall_tau([1.0], [2.0]) is None
+
+
+def test_bench_search_imports_and_helps():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_search.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--budgets" in done.stdout

@@ -1,0 +1,185 @@
+"""How fast `autotune search` finds a near-best plan, against the exhaustive grid and two baselines.
+
+On one GPU, for each model with a fixed global batch:
+1. the grid: every valid single-GPU plan of the search space (autotune.plans, the precisions given)
+   measured once with the probe (results kept in <out>/<model>/grid.jsonl, so a rerun resumes);
+2. `autotune search` (estimator-guided), plain Optuna TPE without the estimator
+   (search.use_estimator=false) and random search (the same, search.sampler=random), each with
+   the same trial budgets and seeds;
+3. for each run: the number of probe trials and the wall time until a trial measured at least 97%
+   of the grid's best throughput.
+
+    python benchmarks/bench_search.py --models gpt2-medium llama-3.2-1b --global-batch 16 \
+        --seq-len 1024 --budgets 8 16 --seeds 0 1 2
+
+Writes <out>/results.json and prints the Markdown table for BENCHMARKS.md. The grid is the slow
+part (a few hundred probes per model); --grid-limit caps it for a dry run (the 97% target is then
+relative to the partial grid, and the table says so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+METHODS = {
+    "autotune": [],
+    "optuna-tpe": ["search.use_estimator=false"],
+    "random": ["search.use_estimator=false", "search.sampler=random"],
+}
+TARGET = 0.97
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--models", nargs="+", default=["gpt2-medium", "llama-3.2-1b"])
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--precisions", nargs="+", default=["bf16"], help="search.precisions of grid and searches")
+    p.add_argument("--budgets", nargs="+", type=int, default=[8, 16], help="search.trials of each search")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--probe-steps", type=int, default=3)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--trial-timeout", type=float, default=300.0)
+    p.add_argument("--grid-limit", type=int, default=None, help="measure at most this many grid plans")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search"))
+    return p.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace, model: str) -> list[str]:
+    return [f"model={model}", "cluster=local", f"job.global_batch={args.global_batch}",
+            f"job.seq_len={args.seq_len}", f"search.precisions=[{','.join(args.precisions)}]",
+            f"search.probe_steps={args.probe_steps}", f"search.warmup_steps={args.warmup_steps}",
+            f"search.trial_timeout_s={args.trial_timeout}", "search.finalists=0", "search.mode=measure"]
+
+
+def run_grid(args: argparse.Namespace, model: str, folder: Path) -> list[dict[str, Any]]:
+    """Every valid plan measured once (resumable: plans already in grid.jsonl are not rerun)."""
+    from autotune.config import planner_config
+    from autotune.hardware import load_hardware
+    from autotune.plans import enumerate_plans, plan_key, row_plan
+    from autotune.runner import run_probe
+    from autotune.search import supported_precisions
+    from engine.config import build_train_config
+
+    pc = planner_config(overrides(args, model))
+    hw = load_hardware(pc.cluster)
+    plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw))
+    path = folder / "grid.jsonl"
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
+    rows = [row_plan(r) for r in plans.to_dict("records")][: args.grid_limit]
+    for i, plan in enumerate(rows):
+        key = plan_key(plan)
+        if key in done:
+            continue
+        train = build_train_config({"model": vars(pc.train.model), "job": vars(pc.train.job), "plan": plan})
+        run = run_probe(train, folder / "grid" / str(i), steps=args.probe_steps, warmup=args.warmup_steps,
+                        timeout_s=args.trial_timeout)
+        tps = run.metrics.get("tokens_per_s") if run.status == "ok" and run.metrics else None
+        done[key] = {"key": key, "plan": plan, "status": run.status, "tokens_per_s": tps, "wall_s": run.wall_s,
+                     "peak_mem_bytes": (run.metrics or {}).get("peak_mem_bytes")}
+        with open(path, "a") as f:
+            f.write(json.dumps(done[key]) + "\n")
+        print(f"[grid {model}] {i + 1}/{len(rows)} {run.status} {tps or 0:.0f} tokens/s", file=sys.stderr, flush=True)
+    return [done[plan_key(p)] for p in rows]
+
+
+def run_search(args: argparse.Namespace, model: str, method: str, budget: int, seed: int, folder: Path) -> Path:
+    out = folder / f"{method}-b{budget}-s{seed}"
+    cmd = [sys.executable, "-m", "autotune", "search", "--out", str(out), *overrides(args, model),
+           f"search.trials={budget}", f"search.seed={seed}", *METHODS[method]]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1: no trial succeeded, still a result
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return out
+
+
+def time_to_target(run_dir: Path, target: float) -> dict[str, Any]:
+    """Probe trials run and seconds spent until a trial measured >= target tokens/s."""
+    import optuna
+
+    info = json.loads((run_dir / "search.json").read_text())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=info["study_name"], storage=info["storage"])
+    trials = sorted((t for t in study.trials if t.user_attrs.get("status") in ("ok", "oom", "error", "timeout", "pruned")
+                     and t.user_attrs.get("claim")), key=lambda t: t.number)
+    start = min((t.datetime_start for t in study.trials if t.datetime_start), default=None)
+    best = 0.0
+    for n, t in enumerate(trials, 1):
+        if t.user_attrs["status"] == "ok":
+            best = max(best, (t.user_attrs.get("probe") or {}).get("tokens_per_s") or 0.0)
+        if best >= target:
+            return {"reached": True, "trials": n, "wall_s": (t.datetime_complete - start).total_seconds(), "best": best}
+    return {"reached": False, "trials": len(trials), "wall_s": None, "best": best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    results: dict[str, Any] = {"args": vars(args), "models": {}}
+    for model in args.models:
+        folder = out / model
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        grid = run_grid(args, model, folder)
+        ok = [g for g in grid if g["tokens_per_s"]]
+        if not ok:
+            print(f"{model}: no grid plan ran; skipped", file=sys.stderr)
+            continue
+        grid_best = max(g["tokens_per_s"] for g in ok)
+        entry = {"grid": {"plans": len(grid), "ok": len(ok), "best_tokens_per_s": grid_best,
+                          "wall_s": sum(g["wall_s"] for g in grid), "partial": args.grid_limit is not None,
+                          "bench_wall_s": time.monotonic() - t0},
+                 "runs": []}
+        for method in args.methods:
+            for budget in args.budgets:
+                for seed in args.seeds:
+                    run_dir = run_search(args, model, method, budget, seed, folder)
+                    got = time_to_target(run_dir, TARGET * grid_best)
+                    entry["runs"].append({"method": method, "budget": budget, "seed": seed, **got})
+                    print(f"[{model}] {method} budget {budget} seed {seed}: {got}", file=sys.stderr, flush=True)
+        results["models"][model] = entry
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Trials and wall time until a trial reaches {TARGET:.0%} of the grid's best throughput "
+             "(median over seeds, of the seeds that reached it).", "",
+             "| model | grid plans (ok) | grid best tokens/s | method | budget | reached | trials | wall s | best / grid |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, entry in results["models"].items():
+        g = entry["grid"]
+        groups: dict[tuple, list] = {}
+        for r in entry["runs"]:
+            groups.setdefault((r["method"], r["budget"]), []).append(r)
+        for (method, budget), runs in groups.items():
+            hit = [r for r in runs if r["reached"]]
+            trials = statistics.median(r["trials"] for r in hit) if hit else "-"
+            wall = f"{statistics.median(r['wall_s'] for r in hit):.0f}" if hit else "-"
+            ratio = statistics.median(r["best"] / g["best_tokens_per_s"] for r in runs)
+            lines.append(f"| {model} | {g['plans']} ({g['ok']}){' partial' if g['partial'] else ''} | "
+                         f"{g['best_tokens_per_s']:,.0f} | {method} | {budget} | {len(hit)}/{len(runs)} | "
+                         f"{trials} | {wall} | {ratio:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
