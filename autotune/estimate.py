@@ -452,11 +452,22 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
     )
 
 
+def check_engine_supports(plan: PlanConfig, hw: Hardware) -> None:
+    """engine.parallel.check_supported for the target hardware: a catalog GPU has CUDA even when
+    this machine has none, so the engine's "Triton needs CUDA here" check does not apply to it."""
+    from autotune.profile import temporary_env
+    from engine.parallel import check_supported
+
+    if hw.device == "cuda":
+        with temporary_env("TRITON_INTERPRET", "1"):
+            check_supported(plan)
+    else:
+        check_supported(plan)
+
+
 def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> str:
     """The fastest nearby plan that fits (and that the engine runs), as the overrides that reach it
     ("" if none does)."""
-    from engine.parallel import check_supported
-
     p = train.plan
     options = {
         "activation_checkpointing": sorted({p.activation_checkpointing, "full"}),
@@ -474,7 +485,7 @@ def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None =
             continue
         try:
             validate_plan(q, train.model, train.job)
-            check_supported(q)
+            check_engine_supports(q, hw)
         except ConfigError:
             continue
         variants.append(q)
@@ -598,7 +609,6 @@ def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, cal
 
 def cli(argv: list[str]) -> int:
     from autotune.config import planner_config
-    from engine.parallel import check_supported
 
     parser = argparse.ArgumentParser(prog="autotune estimate", description="predicted memory and step time of one plan")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -606,7 +616,7 @@ def cli(argv: list[str]) -> int:
     cfg = planner_config(overrides)
     hw = load_hardware(cfg.cluster)
     note = resolve_world(cfg, overrides)
-    check_supported(cfg.train.plan)
+    check_engine_supports(cfg.train.plan, hw)
     calib = load_calibration(cfg)
     est = estimate(cfg.train, hw, calib)
     if not est.fits:

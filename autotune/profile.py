@@ -153,7 +153,7 @@ def measure_saved_bytes(
     tokens = torch.randint(0, model.vocab_size, (b, s))
     autocast = torch.autocast("cpu", dtype=dtype) if precision != "fp32" and cast == "autocast" else nullcontext()
     triton = _triton_shapes_only() if kernels == "triton" and not triton_arithmetic else nullcontext()
-    interpret = _env("TRITON_INTERPRET", "1") if kernels == "triton" and triton_arithmetic else nullcontext()
+    interpret = temporary_env("TRITON_INTERPRET", "1") if kernels == "triton" and triton_arithmetic else nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton, interpret:
         net(tokens, tokens)
     blocks = sum(n for who, n in seen.values() if who != "outside")
@@ -162,7 +162,7 @@ def measure_saved_bytes(
 
 
 @contextmanager
-def _env(key: str, value: str):
+def temporary_env(key: str, value: str):
     old = os.environ.get(key)
     os.environ[key] = value
     try:
