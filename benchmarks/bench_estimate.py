@@ -1,23 +1,72 @@
-"""How fast the cost model is: estimate_frame over N random plans on one CPU core.
+"""The cost model: how fast it is, and how close it comes to the engine's measurements.
 
     python benchmarks/bench_estimate.py [--plans 100000] [--model llama-3-8b] [--cluster 4x8xh100]
+    python benchmarks/bench_estimate.py --probe gpu [--calibrate]   # on a GPU: 20+ plans
+    python benchmarks/bench_estimate.py --probe cpu                 # the same path, tiny plans
 
-Prints one JSON line (plans, seconds, plans per second) and, with --out, writes it there.
-The first call (activation fit from the cache, per-rank layouts) is made before timing.
+Speed: estimate_frame over N random plans on one CPU core; prints one JSON line (plans, CPU
+seconds, plans per second) and, with --out, writes it there. The first call (activation fit from
+the cache, per-rank layouts) is made before timing.
+
+--probe: every plan of the set runs through `python -m engine.probe` (its own process) on this
+machine (cluster=auto, so the hardware figures are measured), and its measured peak_mem_bytes
+and step_time_s are set next to the estimate's allocated_bytes and step_time_s. Records go to
+benchmarks/results/estimate_vs_probe-<set>.jsonl in the format fit_calibration takes; a markdown
+table with the errors is printed. --calibrate adds leave-one-out calibrated errors (each plan
+estimated with a calibration fitted on the others).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from autotune.config import planner_config
-from autotune.estimate import estimate_frame
+from autotune.config import ClusterConfig, planner_config
+from autotune.estimate import estimate, estimate_frame, fit_calibration
 from autotune.hardware import load_hardware
+from engine.config import to_yaml
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (model, seq_len, plan overrides): gpt2 up to llama-3.2-1b on one GPU; micro-batch, precision,
+# checkpointing, kernels and offload varied. Two micro-batches per step (global = 2 x micro).
+GPU_SET = [
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=4)),
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=8)),
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=16)),
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=16, activation_checkpointing="full")),
+    ("gpt2", 1024, dict(precision="fp32", micro_batch=4)),
+    ("gpt2", 1024, dict(precision="fp16", micro_batch=8)),
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=8, kernels="triton")),
+    ("gpt2", 1024, dict(precision="bf16", micro_batch=8, zero_stage=2)),
+    ("gpt2-medium", 1024, dict(precision="bf16", micro_batch=8)),
+    ("gpt2-medium", 1024, dict(precision="bf16", micro_batch=8, activation_checkpointing="selective")),
+    ("qwen2.5-0.5b", 1024, dict(precision="bf16", micro_batch=4)),
+    ("qwen2.5-0.5b", 1024, dict(precision="bf16", micro_batch=8, activation_checkpointing="full")),
+    ("qwen2.5-0.5b", 1024, dict(precision="bf16", micro_batch=4, kernels="triton")),
+    ("qwen2.5-0.5b", 1024, dict(precision="bf16", micro_batch=4, zero_stage=3)),
+    ("qwen2.5-0.5b", 1024, dict(precision="bf16", micro_batch=4, zero_stage=2, offload_optimizer=True)),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=1)),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=2)),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=4, activation_checkpointing="full")),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=4, activation_checkpointing="selective")),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=2, kernels="triton")),
+    ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=2, zero_stage=3)),
+    ("llama-3.2-1b", 2048, dict(precision="fp32", micro_batch=1, activation_checkpointing="full")),
+]
+CPU_SET = [
+    ("tiny", 64, dict(micro_batch=2)),
+    ("tiny-gpt2", 64, dict(micro_batch=4, activation_checkpointing="full")),
+]
 
 
 def random_plans(n: int, n_gpus: int, seed: int = 0) -> pd.DataFrame:
@@ -37,14 +86,92 @@ def random_plans(n: int, n_gpus: int, seed: int = 0) -> pd.DataFrame:
     })
 
 
+def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path) -> dict:
+    """One plan through the engine's probe, with its estimate on this (probed) machine."""
+    overrides = [f"model={model}", f"job.seq_len={seq_len}", f"job.global_batch={2 * plan['micro_batch']}"]
+    overrides += [f"plan.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in plan.items()]
+    cfg = planner_config(overrides)
+    hw = load_hardware(ClusterConfig())
+    est = estimate(cfg.train, hw)
+    path = workdir / f"{len(list(workdir.glob('*.yaml')))}.yaml"
+    path.write_text(to_yaml(cfg.train))
+    out = path.with_suffix(".json")
+    subprocess.run([sys.executable, "-m", "engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
+                    "--out", str(out)], check=False, timeout=900)
+    got = json.loads(out.read_text()) if out.exists() else {"status": "error"}
+    return {
+        "model": dataclasses.asdict(cfg.train.model), "job": dataclasses.asdict(cfg.train.job),
+        "plan": dataclasses.asdict(cfg.train.plan), "status": got.get("status"),
+        "step_time_s": got.get("step_time_s"), "peak_mem_bytes": got.get("peak_mem_bytes"),
+        "peak_mem_kind": got.get("peak_mem_kind"), "device": got.get("device"),
+        "est_step_time_s": est.step_time_s, "est_allocated_bytes": est.allocated_bytes, "est_fits": est.fits,
+    }
+
+
+def error_table(records: list[dict], key: str = "est") -> str:
+    rows = ["| model | plan | measured mem GiB | est GiB | mem err | measured ms | est ms | time err |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    mem_err, time_err = [], []
+    for r in records:
+        if r["status"] != "ok":
+            rows.append(f"| {r['model']['name']} | {_plan_text(r['plan'])} | {r['status']} | | | | | |")
+            continue
+        me = r[f"{key}_allocated_bytes"] / r["peak_mem_bytes"] - 1
+        te = r[f"{key}_step_time_s"] / r["step_time_s"] - 1
+        mem_err.append(abs(me))
+        time_err.append(abs(te))
+        rows.append(f"| {r['model']['name']} | {_plan_text(r['plan'])} | {r['peak_mem_bytes'] / 2**30:.2f} | "
+                    f"{r[f'{key}_allocated_bytes'] / 2**30:.2f} | {me:+.1%} | {r['step_time_s'] * 1e3:.1f} | "
+                    f"{r[f'{key}_step_time_s'] * 1e3:.1f} | {te:+.1%} |")
+    if mem_err:
+        rows.append(f"\nmemory error: median {statistics.median(mem_err):.1%}, max {max(mem_err):.1%}; "
+                    f"step time error: median {statistics.median(time_err):.1%}, max {max(time_err):.1%} "
+                    f"({len(mem_err)} plans)")
+    return "\n".join(rows)
+
+
+def _plan_text(p: dict) -> str:
+    parts = [f"z{p['zero_stage']}", p["precision"], f"mb{p['micro_batch']}", p["activation_checkpointing"], p["kernels"]]
+    return " ".join(parts + (["offload"] if p["offload_optimizer"] or p["offload_params"] else []))
+
+
+def compare(which: str, steps: int, calibrate: bool) -> None:
+    plans = GPU_SET if which == "gpu" else CPU_SET
+    with tempfile.TemporaryDirectory() as tmp:
+        records = [probe(m, s, p, steps, Path(tmp)) for m, s, p in plans]
+    ok = [r for r in records if r["status"] == "ok"]
+    if calibrate and len(ok) >= 3:
+        hw = load_hardware(ClusterConfig())
+        for i, r in enumerate(ok):
+            from engine.config import build_train_config
+
+            calib = fit_calibration([o for j, o in enumerate(ok) if j != i], hw)
+            est = estimate(build_train_config({k: r[k] for k in ("model", "job", "plan")}), hw, calib)
+            r["cal_step_time_s"], r["cal_allocated_bytes"] = est.step_time_s, est.allocated_bytes
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"estimate_vs_probe-{which}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"device: {records[0]['device']}; records: {path}")
+    print(error_table(records))
+    if calibrate and len(ok) >= 3:
+        print("\nleave-one-out calibrated:")
+        print(error_table(ok, "cal"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--probe", choices=["gpu", "cpu"], help="compare with the engine's probe instead")
+    parser.add_argument("--steps", type=int, default=5, help="measured probe steps per plan")
+    parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--plans", type=int, default=100_000)
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--cluster", default="4x8xh100")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.probe:
+        compare(args.probe, args.steps, args.calibrate)
+        return
     torch.set_num_threads(1)
     cfg = planner_config([f"model={args.model}", f"cluster={args.cluster}", "job.seq_len=4096", "job.global_batch=512"])
     hw = load_hardware(cfg.cluster)
