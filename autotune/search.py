@@ -82,12 +82,14 @@ HEARTBEAT_S = 20.0
 # --- configuration ---------------------------------------------------------------------------
 
 def resolve_mode(pc: PlannerConfig) -> str:
-    return pc.search.mode if pc.search.mode != "auto" else ("measure" if is_local(pc.cluster) else "analytic")
+    if pc.search.mode != "auto":
+        return pc.search.mode
+    return "measure" if pc.cluster.gpu == "auto" else "analytic"
 
 
-def is_local(cluster: ClusterConfig) -> bool:
-    """Whether the cluster is this machine (its plans can be run here as they are)."""
-    return cluster.gpu == "auto" and cluster.nodes == 1
+def is_scale_out(cluster: ClusterConfig) -> bool:
+    """Several machines like this one: one node is measured here, the others are modelled."""
+    return cluster.gpu == "auto" and cluster.nodes > 1
 
 
 def check_search(s: SearchConfig, mode: str) -> None:
@@ -417,6 +419,13 @@ class Search:
         self.pc, self.s, self.run_dir, self.name, self.hw = pc, pc.search, run_dir, name, hw
         self.frame = frame
         self.pool = frame[frame["dropped"] == ""] if self.s.use_estimator else frame
+        # A scale-out cluster (cluster=local with nodes > 1) is this machine times cluster.nodes:
+        # a trial runs one node's worth of the plan here and the estimator models the rest, so only
+        # plans whose tp x pp fits in one node can be measured.
+        self.scale_out = is_scale_out(pc.cluster)
+        self.hw_local = dataclasses.replace(hw, nodes=1)
+        if self.scale_out:
+            self.pool = self.pool[self.pool["tp"] * self.pool["pp"] <= pc.cluster.gpus_per_node]
         # One categorical parameter per plan field that varies among the valid plans (grad_accum
         # follows from the others). Taken over all valid plans, not the candidates, because those
         # depend on the measured hardware: every process on the study must see one search space.
@@ -465,11 +474,12 @@ class Search:
         ok = self.ok() + self.ok(final=True)
         if not self.s.use_estimator or len(ok) == self.calibrated_on or not ok:
             return
-        model, job = dataclasses.asdict(self.pc.train.model), dataclasses.asdict(self.pc.train.job)
-        records = [{"plan": t.user_attrs["plan"], "model": model, "job": job,
+        model = dataclasses.asdict(self.pc.train.model)
+        # calibrate on what ran here: on a scale-out cluster that is the plan on this one node
+        records = [{"plan": t.user_attrs["ran"]["plan"], "model": model, "job": t.user_attrs["ran"]["job"],
                     "step_time_s": t.user_attrs["probe"]["step_time_s"],
                     "peak_mem_bytes": t.user_attrs["probe"]["peak_mem_bytes"]} for t in ok]
-        self.calib = fit_calibration(records, self.hw)
+        self.calib = fit_calibration(records, self.hw_local)
         est = estimate_frame(self.pc.train.model, self.pc.train.job, self.pool[list(PLAN_FIELDS)], self.hw, self.calib)
         self.pool = self.pool.assign(objective_est=objective_estimate(est, self.s.objective).to_numpy(),
                                      tokens_per_s=est["tokens_per_s"].to_numpy(),
@@ -567,14 +577,22 @@ class Search:
             trial.set_user_attr(k, v)
         self.study.tell(trial, state=state)
 
-    def estimate_of(self, plan: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.train_config(plan)
-        return estimate(cfg, self.hw, self.calib).to_dict()
-
     def train_config(self, plan: dict[str, Any]) -> TrainConfig:
         return build_train_config({"model": dataclasses.asdict(self.pc.train.model),
                                    "job": dataclasses.asdict(self.pc.train.job),
                                    "plan": {**plan, "grad_accum": None}})
+
+    def on_this_node(self, train: TrainConfig) -> TrainConfig:
+        """What of `train` runs on this machine: all of it, or on a scale-out cluster (this node
+        x cluster.nodes) one node's worth of its data-parallel replicas, each with the plan's own
+        micro-batch and accumulation (so the per-rank work is the plan's)."""
+        if not self.scale_out:
+            return train
+        p = train.plan
+        dp_here = min(p.dp, self.pc.cluster.gpus_per_node // (p.tp * p.pp))
+        plan = {**dataclasses.asdict(p), "dp": dp_here, "grad_accum": None}
+        job = {**dataclasses.asdict(train.job), "global_batch": p.micro_batch * p.grad_accum * dp_here}
+        return build_train_config({"model": dataclasses.asdict(train.model), "job": job, "plan": plan})
 
     def run_trial(self, trial: optuna.Trial, plan: dict[str, Any], final: bool, source: str) -> None:
         key = ("final:" if final else "") + plan_key(plan)
@@ -584,8 +602,15 @@ class Search:
             return
         steps = self.s.final_steps if final else self.s.probe_steps
         train = self.train_config(plan)
-        est = self.estimate_of(plan)
-        for k, v in {"plan": dataclasses.asdict(train.plan), "estimate": est, "final": final, "source": source}.items():
+        here = self.on_this_node(train)
+        est_here = estimate(here, self.hw_local, self.calib)
+        # the estimator carries what ran here to the whole cluster (1 when they are the same)
+        est_full = estimate(train, self.hw, self.calib) if here is not train else est_here
+        time_scale = est_full.step_time_s / est_here.step_time_s
+        mem_scale = est_full.memory["total_bytes"] / est_here.memory["total_bytes"]
+        attrs = {"plan": dataclasses.asdict(train.plan), "estimate": est_here.to_dict(), "final": final,
+                 "source": source, "ran": {"plan": dataclasses.asdict(here.plan), "job": dataclasses.asdict(here.job)}}
+        for k, v in attrs.items():
             trial.set_user_attr(k, v)
         world = train.plan.world_size
         tokens_per_step = train.job.global_batch * train.job.seq_len
@@ -597,7 +622,8 @@ class Search:
             measured = step_times[self.s.warmup_steps:]
             if final or self.s.objective == "pareto" or not measured or len(measured) >= steps:
                 return False  # finalists run to the end; a finished trial is a result, not a prune
-            value = tokens_per_step / float(np.median(measured)) / (world if self.s.objective == "cost" else 1)
+            value = tokens_per_step / (float(np.median(measured)) * time_scale)
+            value /= world if self.s.objective == "cost" else 1
             trial.report(value, len(measured))
             return bool(trial.should_prune())
 
@@ -606,7 +632,7 @@ class Search:
                 trial.set_user_attr("heartbeat", time.time())
                 last_beat[0] = time.monotonic()
 
-        run = run_probe(train, self.run_dir / "trials" / f"{trial.number}", steps=steps,
+        run = run_probe(here, self.run_dir / "trials" / f"{trial.number}", steps=steps,
                         warmup=self.s.warmup_steps, timeout_s=self.s.trial_timeout_s,
                         memory_cap_bytes=self.s.trial_memory_cap_bytes, on_progress=on_progress,
                         on_poll=on_poll, log_path=self.run_dir / "logs" / f"trial-{trial.number}.log")
@@ -616,7 +642,17 @@ class Search:
         trial.set_user_attr("reason", run.reason)
         trial.set_user_attr("steps", steps)
         if run.status == "ok":
-            self.study.tell(trial, objective_measured(run.metrics, world, self.s.objective))
+            result = run.metrics
+            if here is not train:
+                step = run.metrics["step_time_s"] * time_scale
+                result = {"step_time_s": step, "tokens_per_s": tokens_per_step / step,
+                          "peak_mem_bytes": run.metrics["peak_mem_bytes"] * mem_scale}
+                trial.set_user_attr("scaled", {
+                    "measured": f"{here.plan.world_size} rank(s) on this node: dp={here.plan.dp}, "
+                                f"global_batch={here.job.global_batch}",
+                    "modelled": "x estimate(cluster) / estimate(this node)",
+                    "time_scale": time_scale, "mem_scale": mem_scale, **result})
+            self.study.tell(trial, objective_measured(result, world, self.s.objective))
         elif run.status == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -675,10 +711,11 @@ class Search:
         if not pool:
             return {"best": None, "kendall_tau": tau, "stopped": self.stopped}
         best = max(pool, key=lambda t: t.values[0])
+        source = "measured on one node, scaled to the cluster by the estimator" if self.scale_out else "measured"
         return {
             "best": {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.values[0],
                      "values": best.values, "final": bool(best.user_attrs.get("final")),
-                     "source": "measured", "describe": describe(best.user_attrs["plan"])},
+                     "source": source, "describe": describe(best.user_attrs["plan"])},
             "kendall_tau": tau,
             "kendall_pairs": len(pairs),
             "stopped": self.stopped,
@@ -724,6 +761,14 @@ def measured_vs_modelled(mode: str, pc: PlannerConfig) -> tuple[str, str]:
         return ("nothing: no trial was run",
                 "everything: memory and step time of every plan come from the estimator "
                 f"(autotune.estimate) for {pc.cluster.n_gpus} x {pc.cluster.gpu}")
+    if is_scale_out(pc.cluster):
+        return (f"one node's worth of each trial ({pc.cluster.gpus_per_node} rank(s) of this machine: the "
+                "plan's tp x pp and as many data-parallel replicas as fit, with its micro-batch and "
+                "accumulation): step time and peak memory",
+                f"the other {pc.cluster.nodes - 1} node(s): each trial's figures are scaled by the "
+                "estimator's ratio of the whole cluster to one node (more data-parallel communication, "
+                "ZeRO states sharded wider); plans whose tp x pp spans nodes are not run; the ranking of "
+                "plans not run is the estimator, recalibrated on the measured trials")
     return ("step time, tokens/s and peak memory of every trial, run as is on this machine "
             f"({pc.cluster.n_gpus} rank(s) of the local device)",
             "the ranking of plans not run: the estimator, recalibrated on the measured trials")
@@ -743,10 +788,11 @@ def cli(argv: list[str]) -> int:
     pc = planner_config(overrides)
     mode = resolve_mode(pc)
     check_search(pc.search, mode)
-    if mode == "measure" and not is_local(pc.cluster):
+    if mode == "measure" and pc.cluster.gpu != "auto":
         raise ConfigError(
             f"search.mode=measure runs trials on this machine, but cluster={pc.cluster.name} is not it; "
-            "use search.mode=analytic for a cluster you do not have, or cluster=local"
+            "use search.mode=analytic for a cluster you do not have, or cluster=local "
+            "(cluster.nodes=N: N machines like this one, one measured and the rest modelled)"
         )
     name = args.name or (Path(args.out).name if args.out else default_name(pc))
     run_dir = Path(args.out) if args.out else Path("outputs") / name
@@ -809,7 +855,7 @@ def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any]) -> int:
               file=sys.stderr)
         return 1
     unit = "tokens/GPU-s" if pc.search.objective == "cost" else "tokens/s"
-    how = "measured" if best["source"] == "measured" else "estimated"
+    how = best["source"] if best["source"].startswith("measured") else "estimated"
     print(f"best: {best['describe']} ({how} {best['value']:.4g} {unit})")
     print(f"wrote {run_dir}/best.yaml, ds_config.json, launch.sh, report.md")
     return 0
