@@ -274,9 +274,9 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # Model states [Model states]: fp32 params are the master weights; grads fp32 (reduce_dtype fp32)
         persistent = np.where(z >= 2, L["shard"], L["local"])
         mem["params"] = np.where(offload, 0, 4 * persistent)
-        # FSDP2 without gradient sync (every micro-batch but the last) accumulates unsharded
-        # gradients in the compute dtype on the device
-        mem["grads"] = np.where(offload, 0, 4 * persistent) + np.where((z >= 2) & (m > 1), beta * L["local"], 0)
+        # FSDP2 without gradient sync (every micro-batch but the last: engine.parallel.gradient_sync)
+        # keeps whole unsharded gradients, upcast to reduce_dtype fp32 (FSDPParam.to_accumulated_grad_if_needed)
+        mem["grads"] = np.where(offload, 0, 4 * persistent) + np.where((z >= 2) & (m > 1), 4 * L["local"], 0)
         mem["master"] = np.zeros(n)
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])

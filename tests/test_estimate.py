@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -46,11 +47,13 @@ def nbytes(t):
     t = t.to_local() if isinstance(t, DTensor) else t
     return t.numel() * t.element_size()
 
+from torch.distributed.fsdp import FSDPModule
+MODEL = {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 160, "vocab_size": 256,
+         "max_seq_len": 32}
 device = dist.init_distributed()
 out = {}
 for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
-    cfg = build_train_config({"model": {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
-                                        "d_ff": 160, "vocab_size": 256, "max_seq_len": 32},
+    cfg = build_train_config({"model": MODEL,
                               "job": {"seq_len": 16, "global_batch": 2},
                               "plan": {"zero_stage": stage, "dp": 2, "precision": precision}})
     eng = Engine(cfg, device)
@@ -64,6 +67,20 @@ for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
         "grads": sum(nbytes(p.grad) for p in eng.model.parameters() if p.grad is not None),
         "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
     }
+    del eng
+
+# FSDP2 during gradient accumulation (no sync before the last micro-batch): unsharded gradients
+for stage in (2, 3):
+    cfg = build_train_config({"model": MODEL, "job": {"seq_len": 16, "global_batch": 4},
+                              "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
+    eng = Engine(cfg, device)
+    inputs, targets = eng.batches(0)[0]
+    with gradient_sync(eng.model, False), loss_context(cfg.plan), autocast(cfg.plan, device):
+        eng.model(inputs, targets).backward()
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in eng.model.modules() if isinstance(m, FSDPModule)]
+    held = [fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None else fp._unsharded_param.grad
+            for g in groups if g is not None for fp in g.fsdp_params]
+    out[f"accumulating{stage}"] = sum(nbytes(t) for t in held if t is not None)
     del eng
 json.dump(out, open(sys.argv[1] + f".{dist.rank()}", "w"))
 dist.shutdown()
@@ -79,7 +96,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_model_states_equal_what_the_engine_holds(tmp_path):
     """ZeRO 0-3 on 2 gloo ranks: params, grads, master and AdamW states per rank, in bytes, after a
-    step, equal the estimate exactly (the estimate's rank is the one that holds the most)."""
+    step, equal the estimate exactly (the estimate's rank is the one that holds the most); and under
+    FSDP2 gradient accumulation, the unsharded fp32 gradients it keeps between micro-batches."""
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -92,9 +110,10 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
         assert p.returncode == 0, out[-3000:]
     held = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
     hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=2))
+    model = {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "d_ff": 160,
+             "vocab_size": 256, "max_seq_len": 32}
     for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
-        cfg = build_train_config({"model": {"name": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2,
-                                            "d_ff": 160, "vocab_size": 256, "max_seq_len": 32},
+        cfg = build_train_config({"model": model,
                                   "job": {"seq_len": 16, "global_batch": 2},
                                   "plan": {"zero_stage": stage, "dp": 2, "precision": precision}})
         est = states(estimate(cfg, hw))
@@ -102,6 +121,12 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
             assert [h[str(stage)][key] for h in held] == [est[key]] * 2, (stage, key)
         assert max(h[str(stage)]["optimizer"] for h in held) == est["optimizer"], stage
         assert est["master"] == 0  # the engine's fp32 parameters are the master weights
+    for stage in (2, 3):  # two micro-batches: the first backward runs without gradient sync
+        cfg = build_train_config({"model": model, "job": {"seq_len": 16, "global_batch": 4},
+                                  "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
+        sharded = states(estimate(dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, micro_batch=2, grad_accum=None)), hw))
+        accumulating = states(estimate(cfg, hw))["grads"] - sharded["grads"]
+        assert [h[f"accumulating{stage}"] for h in held] == [accumulating] * 2, stage
 
 
 # --- published anchors [REFERENCE.md "Model states"] --------------------------------------------
