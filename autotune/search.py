@@ -4,9 +4,9 @@
 
 1. Enumerate every valid plan (autotune.plans), estimate each (autotune.estimate.estimate_frame)
    and drop what cannot fit or is dominated; all of it goes to candidates.csv with the reason.
-2. `search.mode=analytic` (the default for a cluster that is not this machine): the best estimate
-   is the answer. `search.mode=measure` (default for cluster=local): an Optuna study whose trials
-   are real probe runs (autotune.runner), one process each:
+2. `search.mode=analytic` (the default for a catalog cluster, one you need not have): the best
+   estimate is the answer. `search.mode=measure` (default for cluster=local): an Optuna study
+   whose trials are real probe runs (autotune.runner), one process each:
    - guided trials take the best plan by the current estimate (enqueued with study.enqueue_trial);
      after the first few they alternate with the sampler's proposals (TPE by default), snapped to
      the nearest plan still to run;
@@ -17,14 +17,20 @@
    - the probe's per-step progress feeds trial.report / should_prune (Hyperband by default);
    - the finalists (search.finalists) rerun with search.final_steps; Kendall's tau says how well
      the short runs ranked them.
+   With cluster=local and cluster.nodes=N > 1 (N machines like this one) a trial runs one node's
+   worth of its plan here (its tp x pp and the data-parallel replicas that fit, with the plan's
+   micro-batch and accumulation) and the estimator's ratio of the whole cluster to one node
+   carries the measured step time and memory to the cluster; each trial says so ("ran",
+   "scaled"), and search.json says what was measured and what modelled.
 3. Outputs: best.yaml, ds_config.json, launch.sh (autotune.emit), trials.csv, report.md, plots
    (reports.build_report), search.json, profile.json, logs/trial-<n>.log.
 
 The study. Storage: `<run_dir>/study.db` (SQLite) unless `search.storage` names a SQLAlchemy URL
 or a journal file (a path ending in .journal, or journal:///path: Optuna's JournalFileStorage,
 what several local search processes should share). Study name = run name. Every trial carries
-user_attrs: plan, estimate, probe (or None), status (ok|oom|error|timeout|pruned|skipped), reason,
-final, and the claim bookkeeping below. Rerunning the same command continues the study; two
+user_attrs: plan, estimate (of what ran), probe (or None), status (ok|oom|error|timeout|pruned|
+skipped), reason, final, source (estimate|sampler|...|finalist), ran (plan and job run here),
+steps, and the claim bookkeeping below (claim, worker, heartbeat, confirmed). Rerunning the same command continues the study; two
 processes on one storage share it. A process claims a plan before running it: it writes the
 plan's key on its trial, looks for other claims, confirms, and looks again (the lower trial
 number wins a tie), so no plan runs twice; a trial left RUNNING by a dead process is failed and
