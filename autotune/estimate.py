@@ -274,9 +274,13 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # Model states [Model states]: fp32 params are the master weights; grads fp32 (reduce_dtype fp32)
         persistent = np.where(z >= 2, L["shard"], L["local"])
         mem["params"] = np.where(offload, 0, 4 * persistent)
-        # FSDP2 without gradient sync (every micro-batch but the last: engine.parallel.gradient_sync)
-        # keeps whole unsharded gradients, upcast to reduce_dtype fp32 (FSDPParam.to_accumulated_grad_if_needed)
-        mem["grads"] = np.where(offload, 0, 4 * persistent) + np.where((z >= 2) & (m > 1), 4 * L["local"], 0)
+        # Two moments can peak. At the start of a backward the gradients are those of the earlier
+        # micro-batches (the step sets them to None): DDP accumulates in place, FSDP2 without
+        # gradient sync (engine.parallel.gradient_sync) keeps them whole, upcast to fp32
+        # (FSDPParam.to_accumulated_grad_if_needed). At the optimizer step the activations are gone
+        # and every gradient (sharded under FSDP2) exists.
+        step_grads = np.where(offload, 0, 4 * persistent)
+        mem["grads"] = np.where(m > 1, np.where(z >= 2, 4 * L["local"], step_grads), 0)
         mem["master"] = np.zeros(n)
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
@@ -294,21 +298,31 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         per_mb = (act["none_tok"] * (layers - n_ck) + act["full_tok"] * n_ck + np.where(n_ck > 0, act["none_tok"], 0)) * tp_share
         mem["activations"] = per_mb * inflight + np.where(holds_head, act["out_tok"] / np.where(sp, tp, 1), 0)
         # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
-        # gradient of the logits and its 16-bit cast at the start of backward, vocab-sharded by tp
-        logits_grad = np.where(kern == "torch", b * s * V * (4 + np.where(beta < 4, beta, 0)), 0)
+        # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
+        # comes after those are freed), vocab-sharded by tp
+        logits_grad = np.where(kern == "torch", b * s * V * 4, 0)
         mem["logits"] = np.where(holds_head, (act["out_V"] + act["out_P"] + logits_grad) / tp, 0)
-        # Communication buffers: FSDP2 reduce-scatter input of one unit (16-bit grads and their fp32
-        # cast); pipeline send/recv of one micro-batch's boundary activations
-        unit = np.maximum(L["block"], L["root"])
-        mem["comm"] = np.where(z >= 2, unit * (beta + np.where(beta < 4, 4, 0)), 0) + np.where(pp > 1, 2 * b * s * h * beta, 0)
+        # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
+        # grads and their fp32 cast; the root's comes last, when the activations are gone);
+        # pipeline send/recv of one micro-batch's boundary activations
+        mem["comm"] = np.where(z >= 2, L["block"] * (beta + np.where(beta < 4, 4, 0)), 0) + np.where(pp > 1, 2 * b * s * h * beta, 0)
         ctx = calib.context_bytes if calib.context_bytes is not None else (CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0.0)
         mem["context"] = np.full(n, ctx) + np.where((world > 1) & (hw.device == "cuda") & (calib.context_bytes is None), NCCL_BYTES, 0)
         dynamic = mem["param_copies"] + mem["activations"] + mem["logits"] + mem["comm"]
         mem["allocator"] = calib.fragmentation * dynamic
+        backward = sum(mem.values())
+        at_step = mem["params"] + mem["master"] + mem["optimizer"] + step_grads + mem["context"]
+        step_peaks = at_step > backward
+        for k in ("param_copies", "activations", "logits", "comm", "allocator"):
+            mem[k] = np.where(step_peaks, 0, mem[k])
+        mem["grads"] = np.where(step_peaks, step_grads, mem["grads"])
+        mem["step_grads"] = step_grads
+        mem["phase"] = np.where(step_peaks, "optimizer", "backward")
         parts_by_stage[kind] = mem
-        total[kind] = sum(mem.values())
+        total[kind] = np.maximum(backward, at_step)
     last_peaks = total["last"] > total["first"]
-    mem = {k: np.where(last_peaks, parts_by_stage["last"][k], parts_by_stage["first"][k]) for k in MEMORY}
+    mem = {k: np.where(last_peaks, parts_by_stage["last"][k], parts_by_stage["first"][k])
+           for k in (*MEMORY, "step_grads", "phase")}
     mem_total = np.where(last_peaks, total["last"], total["first"])
     allocated = mem_total - mem["context"]
     host_bytes = np.where(offload, 16 * lay["first"]["shard"], 0) * hw.gpus_per_node  # params, grads, AdamW
@@ -384,6 +398,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["mfu"] = mfu
     out["fits"] = fits
     out["peak_stage"] = np.where(last_peaks, "last", "first")
+    out["peak_phase"] = mem["phase"]  # backward (start of a backward) | optimizer (the step)
+    out["step_grads_bytes"] = mem["step_grads"]  # gradients held at the optimizer step (model states)
     out["allocated_bytes"] = allocated
     out["reason"] = _reasons(fits_gpu, fits_host, mem, mem_total, capacity, host_bytes, hw.host_memory_bytes)
     return out
@@ -418,7 +434,9 @@ class Estimate:
     mfu: float
     fits: bool
     reason: str
-    peak_stage: str = "first"
+    peak_stage: str = "first"  # the pipeline rank that peaks: first | last
+    peak_phase: str = "backward"  # when it peaks: backward (start of a backward) | optimizer (the step)
+    model_states: dict[str, int] = field(default_factory=dict)  # params, grads, master, optimizer at the step
     allocated_bytes: int = 0  # what torch.cuda.max_memory_allocated would show (no context)
     flops_per_token: float = 0.0
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -447,6 +465,9 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
         params=count_params(train.model), memory=memory, time={f"{k}_s": float(row[f"time_{k}_s"]) for k in TIME},
         step_time_s=float(row["step_time_s"]), tokens_per_s=float(row["tokens_per_s"]), mfu=float(row["mfu"]),
         fits=bool(row["fits"]), reason=str(row["reason"]), peak_stage=str(row["peak_stage"]),
+        peak_phase=str(row["peak_phase"]),
+        model_states={"params_bytes": memory["params_bytes"], "grads_bytes": int(row["step_grads_bytes"]),
+                      "master_bytes": memory["master_bytes"], "optimizer_bytes": memory["optimizer_bytes"]},
         allocated_bytes=int(row["allocated_bytes"]), flops_per_token=flops_per_token(train.model, train.job.seq_len)["total"],
         calibration=(calib or Calibration()).changes(hw),
     )
@@ -589,7 +610,7 @@ def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, cal
           + (f", offload" if (p.offload_optimizer or p.offload_params) else ""))
     if note:
         print(f"note: {note}")
-    print(f"\nmemory per GPU (peak rank: {est.peak_stage} pipeline stage)")
+    print(f"\nmemory per GPU (peak: {est.peak_stage} pipeline stage, at the {est.peak_phase} phase)")
     for k, val in est.memory.items():
         if k != "total_bytes":
             print(f"  {k[:-6]:14s} {_size(val)}")

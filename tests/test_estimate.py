@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import os
 import socket
@@ -22,7 +21,8 @@ H100 = load_hardware(ClusterConfig(name="8xh100", gpu="h100-sxm", gpus_per_node=
 
 
 def states(est) -> dict[str, int]:
-    return {k: est.memory[f"{k}_bytes"] for k in ("params", "grads", "master", "optimizer")}
+    """The model states held at the optimizer step (every gradient exists then)."""
+    return {k: est.model_states[f"{k}_bytes"] for k in ("params", "grads", "master", "optimizer")}
 
 
 def train(model="llama-3-8b", **plan):
@@ -124,8 +124,7 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
     for stage in (2, 3):  # two micro-batches: the first backward runs without gradient sync
         cfg = build_train_config({"model": model, "job": {"seq_len": 16, "global_batch": 4},
                                   "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
-        sharded = states(estimate(dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, micro_batch=2, grad_accum=None)), hw))
-        accumulating = states(estimate(cfg, hw))["grads"] - sharded["grads"]
+        accumulating = estimate(cfg, hw).memory["grads_bytes"]  # at the start of the second backward
         assert [h[f"accumulating{stage}"] for h in held] == [accumulating] * 2, stage
 
 
@@ -328,3 +327,46 @@ def test_100k_plans_in_under_2_cpu_seconds():
     t0 = time.process_time()
     out = estimate_frame(cfg.train.model, cfg.train.job, plans, hw)
     assert time.process_time() - t0 < 2.0 and len(out) == 100_000
+
+
+MEMTRACKED = [
+    dict(precision="fp32", micro_batch=2),
+    dict(precision="bf16", micro_batch=4, activation_checkpointing="full"),
+    dict(precision="bf16", micro_batch=4, zero_stage=3),
+    dict(precision="bf16", micro_batch=2, zero_stage=2, activation_checkpointing="selective"),
+    dict(precision="bf16", micro_batch=2, kernels="torch", zero_stage=0),
+]
+
+
+def test_peak_memory_close_to_torch_memtracker():
+    """The whole per-rank peak (allocated, without the CUDA context) against torch's MemTracker,
+    which follows every tensor of the engine's real training step on the CPU (one process):
+    states, activations, logits, FSDP2 gathers and buffers, at whichever moment peaks."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from engine import dist
+    from engine.train import Engine
+
+    device = dist.init_distributed()
+    hw = catalog_gpu("h100-sxm")
+    errors = []
+    try:
+        for plan in MEMTRACKED:
+            cfg = build_train_config({
+                "model": {"name": "m", "n_layers": 4, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352,
+                          "vocab_size": 2048, "max_seq_len": 128},
+                "job": {"seq_len": 128, "global_batch": plan["micro_batch"]}, "plan": plan})  # one micro-batch
+            eng = Engine(cfg, device)
+            eng.step(0)  # optimizer states exist from here on
+            tracker = MemTracker()
+            tracker.track_external(eng.model, eng.optimizer)
+            with tracker:
+                eng.step(1)
+            measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+            errors.append(estimate(cfg, hw).allocated_bytes / measured - 1)
+            del eng
+    finally:
+        dist.shutdown()
+    # seen: -4.1%, +1.9%, -2.6%, +4.7%, -4.5%
+    assert max(abs(e) for e in errors) < 0.10, errors
