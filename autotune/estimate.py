@@ -14,7 +14,11 @@ plan means:
   (root never resharded), reduce in fp32; offload (ZeRO 2/3) = CPUOffloadPolicy: sharded params,
   grads and AdamW states on the host, the step on the CPU;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
-  outside the blocks, for the plan's precision x cast x checkpointing x kernels.
+  outside the blocks, for the plan's precision x cast x checkpointing x kernels;
+- the peak is the larger of two moments: the start of a backward (states, gradients of earlier
+  micro-batches, activations, logits and their gradient, gathered units) and the optimizer step
+  (states with every gradient). The memory breakdown is that of the peaking moment
+  (`peak_phase`); `model_states` / `step_grads_bytes` give the states at the step.
 """
 from __future__ import annotations
 
