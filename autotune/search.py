@@ -529,10 +529,23 @@ class Search:
         seeds = max(1, self.s.trials // 3)
         return n_measured < seeds or (n_measured - seeds) % 2 == 0
 
+    def oom_ceiling(self) -> Optional[float]:
+        """The smallest estimated memory of a plan that ran out of memory here: plans estimated to
+        need as much are not worth a trial (the estimate was too low for this device)."""
+        sizes = [t.user_attrs["estimate"]["memory"]["total_bytes"] for t in self.measured() + self.measured(True)
+                 if t.user_attrs.get("status") == "oom" and t.user_attrs.get("estimate")]
+        return min(sizes) if sizes and not self.scale_out else None
+
     def hopeful(self, rest: pd.DataFrame) -> pd.DataFrame:
-        """The plans of `rest` whose optimistic estimate can still beat the best measured one."""
+        """The plans of `rest` that may still fit and whose optimistic estimate can beat the best
+        measured one."""
+        if not self.s.use_estimator:
+            return rest
+        ceiling = self.oom_ceiling()
+        if ceiling is not None:
+            rest = rest[rest["mem_total_bytes"] < ceiling]
         best = self.best_value()
-        if not self.s.use_estimator or best is None or self.s.objective == "pareto":
+        if best is None or self.s.objective == "pareto":
             return rest
         return rest[rest["objective_est"] * self.optimism() >= best]
 
@@ -551,8 +564,11 @@ class Search:
             return None
         hopeful = self.hopeful(rest)
         if hopeful.empty:
+            best = self.best_value()
             self.stopped = ("no plan left can beat the best measured one: every remaining plan's optimistic "
-                            f"estimate (x{self.optimism():.2f}) is below {self.best_value():.4g}")
+                            f"estimate (x{self.optimism():.2f}) is below {best:.4g}, or needs as much memory "
+                            "as a plan that ran out of it" if best is not None else
+                            "every remaining plan needs as much memory as a plan that ran out of it")
             return None
         if self.guided_turn(len(self.measured())):
             top = row_plan(hopeful.sort_values("objective_est", ascending=False, kind="stable").iloc[0])
@@ -565,7 +581,8 @@ class Search:
             self.tell_skipped(trial, plan, TrialState.PRUNED,
                               f"not run: its optimistic estimate ({self.optimism():.2f} x "
                               f"{float(rest.set_index('key').at[key, 'objective_est']):.4g}) cannot beat the best "
-                              f"measured {self.best_value():.4g}", claim_key=key)
+                              f"measured {self.best_value() or 0:.4g}, or it needs as much memory as a plan "
+                              "that ran out of it", claim_key=key)
         else:
             self.tell_skipped(trial, plan, TrialState.FAIL,
                               "proposal is not a candidate (invalid, does not fit, dominated or already run); "
