@@ -238,6 +238,9 @@ def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batc
       "cluster.host_memory_gb=64"], "no plan fits"),
     (["search.storage=sqlite:////no/such/folder/study.db"], "search.storage"),
     (["search.storage=postgresql://nobody@127.0.0.1:1/none"], "search.storage"),
+    (["search.sampler=cmaes"], "cmaes package"),
+    (["search.sampler=bayes"], "search.sampler"),
+    (["model=llama-3-8b", "cluster=8xh100", "search.mode=measure"], "search.mode=measure"),
 ])
 def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, args, match):
     run = tmp_path / "run"
