@@ -279,12 +279,11 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         persistent = np.where(z >= 2, L["shard"], L["local"])
         mem["params"] = np.where(offload, 0, 4 * persistent)
         # Two moments can peak. At the start of a backward the gradients are those of the earlier
-        # micro-batches (the step sets them to None): DDP accumulates in place, FSDP2 without
-        # gradient sync (engine.parallel.gradient_sync) keeps them whole, upcast to fp32
-        # (FSDPParam.to_accumulated_grad_if_needed). At the optimizer step the activations are gone
-        # and every gradient (sharded under FSDP2) exists.
+        # micro-batches (the step sets them to None): DDP accumulates them whole in place, FSDP2
+        # reduce-scatters every micro-batch (engine.parallel.gradient_sync) into its fp32 shards.
+        # At the optimizer step the activations are gone and every gradient exists.
         step_grads = np.where(offload, 0, 4 * persistent)
-        mem["grads"] = np.where(m > 1, np.where(z >= 2, 4 * L["local"], step_grads), 0)
+        mem["grads"] = np.where(m > 1, step_grads, 0)
         mem["master"] = np.zeros(n)
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
@@ -359,8 +358,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     allreduce = 2 * ring * 4 * L["local"] / bw_dp  # fp32 gradients, once per step (no_sync until the last)
     zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp, 0)  # updated partitions broadcast
     gather = ring * beta * L["local"] / bw_dp  # FSDP2 all-gather of 16-bit params
-    scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on the last micro-batch only
-    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + scatter
+    scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on every micro-batch
+    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + m * scatter
     # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
     exposed = np.select(
         [z <= 1, z >= 2],
@@ -497,8 +496,7 @@ def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None =
     options = {
         "activation_checkpointing": sorted({p.activation_checkpointing, "full"}),
         "zero_stage": list(range(p.zero_stage, 4)),
-        # every micro-batch that divides the rank's share: smaller saves activations, larger
-        # (fewer micro-batches) saves FSDP2's unsharded gradient accumulation
+        # every micro-batch that divides the rank's share: smaller saves activations
         "micro_batch": [mb for mb in range(1, train.job.global_batch // p.dp + 1) if (train.job.global_batch // p.dp) % mb == 0][:12],
         "precision": sorted({p.precision, "bf16"}),
         "offload_optimizer": sorted({p.offload_optimizer, True}),

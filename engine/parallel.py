@@ -277,11 +277,14 @@ def autocast(plan: PlanConfig, device: torch.device) -> contextlib.AbstractConte
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Reduce gradients across dp only on the last micro-step of an accumulation."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-        yield
-    elif isinstance(model, DDP) and not enabled:
+    """Whether this micro-step reduces gradients across dp.
+
+    DDP (ZeRO 0/1) skips the all-reduce until the last micro-step: its gradients are whole on every
+    rank anyway. FSDP2 (ZeRO 2/3) reduce-scatters on every micro-step, as DeepSpeed's ZeRO-2/3 do:
+    skipping it would keep every rank's gradients unsharded in fp32 (4 bytes per parameter) between
+    micro-steps, which undoes the point of sharding them.
+    """
+    if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
     else:

@@ -7,6 +7,10 @@ import torch
 # tests from oversubscribing a 2-core machine.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter. It must be chosen before the first
+# kernel is jitted in this process, whichever test module happens to get there first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -69,7 +69,7 @@ for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
     }
     del eng
 
-# FSDP2 during gradient accumulation (no sync before the last micro-batch): unsharded gradients
+# FSDP2 during gradient accumulation: the first micro-batch's gradients, reduce-scattered into shards
 for stage in (2, 3):
     cfg = build_train_config({"model": MODEL, "job": {"seq_len": 16, "global_batch": 4},
                               "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
@@ -78,9 +78,10 @@ for stage in (2, 3):
     with gradient_sync(eng.model, False), loss_context(cfg.plan), autocast(cfg.plan, device):
         eng.model(inputs, targets).backward()
     groups = [m._get_fsdp_state()._fsdp_param_group for m in eng.model.modules() if isinstance(m, FSDPModule)]
-    held = [fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None else fp._unsharded_param.grad
-            for g in groups if g is not None for fp in g.fsdp_params]
-    out[f"accumulating{stage}"] = sum(nbytes(t) for t in held if t is not None)
+    unsharded = [fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None else fp._unsharded_param.grad
+                 for g in groups if g is not None for fp in g.fsdp_params]
+    assert all(t is None for t in unsharded), "FSDP2 kept unsharded gradients between micro-batches"
+    out[f"accumulating{stage}"] = sum(nbytes(p.grad) for p in eng.model.parameters() if p.grad is not None)
     del eng
 json.dump(out, open(sys.argv[1] + f".{dist.rank()}", "w"))
 dist.shutdown()
@@ -97,7 +98,7 @@ def _free_port() -> int:
 def test_model_states_equal_what_the_engine_holds(tmp_path):
     """ZeRO 0-3 on 2 gloo ranks: params, grads, master and AdamW states per rank, in bytes, after a
     step, equal the estimate exactly (the estimate's rank is the one that holds the most); and under
-    FSDP2 gradient accumulation, the unsharded fp32 gradients it keeps between micro-batches."""
+    FSDP2 gradient accumulation, the sharded fp32 gradients it keeps between micro-batches."""
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -121,7 +122,7 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
             assert [h[str(stage)][key] for h in held] == [est[key]] * 2, (stage, key)
         assert max(h[str(stage)]["optimizer"] for h in held) == est["optimizer"], stage
         assert est["master"] == 0  # the engine's fp32 parameters are the master weights
-    for stage in (2, 3):  # two micro-batches: the first backward runs without gradient sync
+    for stage in (2, 3):  # two micro-batches: gradients of the first, sharded, at the second backward
         cfg = build_train_config({"model": model, "job": {"seq_len": 16, "global_batch": 4},
                                   "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
         accumulating = estimate(cfg, hw).memory["grads_bytes"]  # at the start of the second backward
@@ -140,7 +141,6 @@ def test_mixed_precision_adam_is_16_bytes_per_param():
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_zero3_divides_model_states_by_n(n):
-    # one micro-batch per step: FSDP2 accumulation would keep unsharded gradients
     one = sum(states(estimate(train(precision="bf16", zero_stage=3, micro_batch=64), H100)).values())
     cfg = train(precision="bf16", zero_stage=3, dp=n, micro_batch=64 // n)
     assert sum(states(estimate(cfg, H100)).values()) == pytest.approx(one / n, rel=1e-4)
