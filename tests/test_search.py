@@ -176,9 +176,10 @@ def test_two_processes_share_one_study(tmp_path):
     study = _study(run, str(journal))
     short, final = _measured(study), _measured(study, final=True)
     short_claims = [t.user_attrs["claim"] for t in short]
-    assert len(short_claims) == len(set(short_claims)) >= 4  # shared budget, no plan twice
+    assert len(short_claims) == len(set(short_claims))  # no plan twice
+    # one budget for both (each may start a last trial at the same moment): not 4 trials each
+    assert 4 <= len(short_claims) <= 5
     assert len(final) == 1  # the finalist ran once, though both processes reached the end
-    assert len({t.user_attrs["worker"]["pid"] for t in short}) == 2  # both did some of the work
 
 
 def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, capsys):
