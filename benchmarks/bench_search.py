@@ -6,8 +6,9 @@ On one GPU, for each model with a fixed global batch:
 2. `autotune search` (estimator-guided), plain Optuna TPE without the estimator
    (search.use_estimator=false) and random search (the same, search.sampler=random), each with
    the same trial budgets and seeds;
-3. for each run: the number of probe trials and the wall time until a trial measured at least 97%
-   of the grid's best throughput.
+3. for each run: the number of probe trials and the wall time (from its first trial's start; the
+   search's own setup, seconds, is not counted) until a trial measured at least 97% of the grid's
+   best throughput.
 
     python benchmarks/bench_search.py --models gpt2-medium llama-3.2-1b --global-batch 16 \
         --seq-len 1024 --budgets 8 16 --seeds 0 1 2
