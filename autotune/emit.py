@@ -15,7 +15,7 @@ from autotune.config import ClusterConfig
 from engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
 from engine.model import param_counts
 from engine.parallel import checkpointed_blocks
-from reports.files import write_atomic
+from engine.files import write_atomic
 
 # fp16 dynamic loss scaling as the engine does it (torch.amp.GradScaler, default settings): start at
 # 2^16, halve on every overflow (no hysteresis), double after 2000 clean steps.

@@ -38,9 +38,10 @@ import pandas as pd
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
-    outside_features, write_json_atomic,
+    outside_features,
 )
 from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
+from engine.files import write_atomic
 from engine.model import build_model
 from engine.pipeline import stage_layers
 
@@ -90,7 +91,7 @@ class Calibration:
         return out
 
     def save(self, path: str | Path) -> None:
-        write_json_atomic(Path(path), dataclasses.asdict(self))
+        write_atomic(path, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
@@ -609,7 +610,7 @@ def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, cal
           f"({'measured' if hw.measured else 'catalog'}), {hw.memory_bytes / GiB:.2f} GiB each")
     print(f"plan: zero {p.zero_stage}, {p.precision}, micro_batch {p.micro_batch} x grad_accum {p.grad_accum}, "
           f"dp {p.dp} tp {p.tp} pp {p.pp}, checkpointing {p.activation_checkpointing}, kernels {p.kernels}"
-          + (f", offload" if (p.offload_optimizer or p.offload_params) else ""))
+          + (", offload" if (p.offload_optimizer or p.offload_params) else ""))
     if note:
         print(f"note: {note}")
     print(f"\nmemory per GPU (peak: {est.peak_stage} pipeline stage, at the {est.peak_phase} phase)")

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig, TrainConfig
+from engine.files import write_atomic
 from engine.model import build_model, param_counts
 from engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 
@@ -253,7 +253,7 @@ def activation_fit(family: str, gqa: bool) -> dict[str, dict]:
         pass
     fits = _fit_group(family, gqa)
     try:
-        write_json_atomic(path, fits)
+        write_atomic(path, json.dumps(fits, indent=2))
     except OSError:
         pass  # a read-only home: the fit is cheap and stays in memory
     return fits
@@ -308,21 +308,6 @@ def model_profile(model: ModelConfig, seq_len: int | None = None, micro_batch: i
     }
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cli(argv: list[str]) -> int:
     from autotune.config import planner_config
     from autotune.hardware import load_hardware
@@ -363,7 +348,7 @@ def cli(argv: list[str]) -> int:
           + "".join(f", {k} {v / 1e9:.2f} GB/s" for k, v in hw.collectives.items()))
     if args.out:
         path = Path(args.out) / "profile.json"
-        write_json_atomic(path, prof)
+        write_atomic(path, json.dumps(prof, indent=2))
         print(f"wrote {path}")
     return 0
 

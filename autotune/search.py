@@ -70,7 +70,7 @@ from autotune.plans import (
 )
 from autotune.runner import run_probe
 from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
-from reports.files import write_atomic
+from engine.files import write_atomic
 
 MODES = ("auto", "measure", "analytic")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")

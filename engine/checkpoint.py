@@ -33,6 +33,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from engine import dist
 from engine.config import ConfigError, JobConfig
+from engine.files import fsync_dir, write_atomic
 from engine.parallel import unwrap
 
 COMPLETE = "COMPLETE"
@@ -122,12 +123,12 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     dist.barrier()
     if dist.rank() == 0:
         _fsync_tree(tmp)
-        _write_atomic(tmp / COMPLETE, f"{step}\n")
+        write_atomic(tmp / COMPLETE, f"{step}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / LATEST, final.name + "\n")
+        fsync_dir(root)
+        write_atomic(root / LATEST, final.name + "\n")
     dist.barrier()
     return final
 
@@ -147,27 +148,11 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: 
 
 # --- durable files ---------------------------------------------------------------------------
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,15 +27,14 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine.config import ConfigError, JobConfig, ModelConfig, PlanConfig
+from engine.files import atomic_writer
 
 SYNTHETIC = "synthetic"
 N_OFFSETS = 4  # successors of each synthetic token: the loss floor is ln(4) ~ 1.39
@@ -139,19 +138,11 @@ def prepare(text_path: str | Path, out_path: str | Path, chunk_bytes: int = 1 <<
         raise ConfigError(f"{src} is empty; there is nothing to tokenize")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: no folder {out.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as dst, src.open("rb") as f:
-            while chunk := f.read(chunk_bytes):
-                np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16).tofile(dst)
-                count += len(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(out) as dst, src.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            np.frombuffer(chunk, dtype=np.uint8).astype(np.uint16).tofile(dst)
+            count += len(chunk)
     return count
 
 

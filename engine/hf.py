@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from engine.config import ConfigError, ModelConfig
+from engine.files import atomic_writer, write_atomic
 from engine.model import Transformer, _copy_full
 
 SINGLE_FILE = "model.safetensors"
@@ -302,7 +301,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Non
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the reference writer does
-    _atomic_write(Path(path), lambda f: _write_tensors(f, raw, tensors))
+    with atomic_writer(path) as f:
+        _write_tensors(f, raw, tensors)
 
 
 def _write_tensors(f, raw_header: bytes, tensors: dict[str, torch.Tensor]) -> None:
@@ -337,19 +337,5 @@ def save_hf_weights(model: Transformer, path: str | Path, max_shard_bytes: int |
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write(folder / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=2).encode()))
-    config = json.dumps(hf_config(model.cfg), indent=2).encode()
-    _atomic_write(folder / "config.json", lambda f: f.write(config))
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_atomic(folder / INDEX_FILE, json.dumps(index, indent=2))
+    write_atomic(folder / "config.json", json.dumps(hf_config(model.cfg), indent=2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reports import markdown, plots
-from reports.files import write_atomic
+from engine.files import write_atomic
 from reports.load import load_run
 from reports.tables import choose
 

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from autotune.config import CONF_DIR, planner_config
 from engine.config import ConfigError, build_train_config, load_train_config, to_yaml

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import autotune.emit as emit
-import reports.files
+import engine.files
 from autotune.config import ClusterConfig
 from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config, load_train_config
 
@@ -176,13 +176,13 @@ def test_failure_while_rendering_keeps_the_old_files(tmp_path, monkeypatch):
 
 def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "ds_config.json"
-    reports.files.write_atomic(target, "old\n")
+    engine.files.write_atomic(target, "old\n")
 
     def fail(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(reports.files.os, "fsync", fail)
+    monkeypatch.setattr(engine.files.os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
-        reports.files.write_atomic(target, "new and longer\n")
+        engine.files.write_atomic(target, "new and longer\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ds_config.json"]  # no temp file left behind

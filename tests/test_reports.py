@@ -14,7 +14,7 @@ import pytest
 
 import reports
 from reports.cli import cli
-from reports.files import write_atomic
+from engine.files import write_atomic
 from engine.config import ConfigError, PlanConfig
 
 GIB = 2**30

@@ -10,7 +10,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import yaml
 
 from autotune.cli import main
 from autotune.config import planner_config

@@ -1,6 +1,4 @@
 """autotune.plans: the enumeration agrees with engine.config.validate_plan, and is fast."""
-import dataclasses
-import itertools
 import random
 import time
 
@@ -11,7 +9,6 @@ import pytest
 from autotune.config import ClusterConfig, SearchConfig, planner_config
 from autotune.plans import (
     MAX_VIRTUAL_STAGES,
-    PLAN_FIELDS,
     SELECTIVE_EVERY_K,
     enumerate_plans,
     mark_dominated,
