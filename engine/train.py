@@ -29,6 +29,7 @@ import torch.distributed as tdist
 from engine import checkpoint, dist
 from engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
 from engine.data import micro_batches
+from engine.files import write_atomic
 from engine.model import build_model, param_counts
 from engine.pipeline import build_pipeline
 from engine.tensor_parallel import loss_context
@@ -313,6 +314,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     out_dir = Path(job.out_dir)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _forget_metrics_after(out_dir / "metrics.jsonl", start)
     metrics = open(out_dir / "metrics.jsonl", "a") if rank0 else None
     meter = MemoryMeter(device)
     try:
@@ -352,6 +354,17 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
         if metrics:
             metrics.close()
     return 0
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the logged steps after `step`: a run that died after its last checkpoint repeats them,
+    and metrics.jsonl should hold each step once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(kept))
 
 
 def _log(record: dict, metrics) -> None:
