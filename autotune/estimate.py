@@ -560,9 +560,13 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     rest = np.array([row["step_time_s"] for row, _, _ in rows]) - compute - comm
     y = np.array([t for _, t, _ in rows])
     fit_comm = (comm > 0).sum() >= 3
-    cols = [compute, np.ones(len(rows))] + ([comm] if fit_comm else [])
+    # A per-step overhead is told apart from the matmul scale only by plans whose compute differs;
+    # records of one shape (the first trials often are) fit the scale alone, through the origin.
+    fit_overhead = len(rows) >= 3 and np.ptp(compute) > 0.2 * compute.mean()
+    cols = [compute] + ([np.ones(len(rows))] if fit_overhead else []) + ([comm] if fit_comm else [])
     target = y - rest - (0 if fit_comm else comm)
-    coef = np.linalg.lstsq(np.stack(cols, axis=1), target, rcond=None)[0] if len(rows) > 1 else np.array([target[0] / compute[0], 0.0])
+    fitted = np.linalg.lstsq(np.stack(cols, axis=1), target, rcond=None)[0]
+    coef = np.insert(fitted, 1, 0.0) if not fit_overhead else fitted  # [scale, overhead, (comm)]
     scale = max(float(coef[0]), 1e-3)
     return Calibration(
         matmul_efficiency=float(np.clip(eff0 / scale, 0.01, 1.0)),

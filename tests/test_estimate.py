@@ -261,6 +261,23 @@ def test_fit_calibration_recovers_known_factors(tmp_path):
     assert np.allclose(again["allocated_bytes"], [r["peak_mem_bytes"] for r in records], rtol=1e-6)
 
 
+def test_fit_calibration_on_records_of_one_shape_fits_the_scale_alone():
+    """Two records of plans with the same compute cannot tell a per-step overhead from the matmul
+    scale: the fit puts it all in the scale and reproduces the measured times, with no overhead."""
+    cfg = planner_config(["model=gpt2", "job.seq_len=512", "job.global_batch=32"]).train
+    hw = catalog_gpu("h100-sxm")
+    plans = [PlanConfig(micro_batch=8, zero_stage=z, precision="bf16") for z in (0, 2)]
+    frame = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw)
+    records = [
+        {"model": vars(cfg.model), "job": {"seq_len": 512, "global_batch": 32}, "plan": vars(p),
+         "step_time_s": float(frame["step_time_s"][i] + 0.5 * frame["matmul_s"][i]), "peak_mem_bytes": 1e9}
+        for i, p in enumerate(plans)
+    ]
+    calib = fit_calibration(records, hw)
+    assert calib.step_overhead_s == 0.0
+    assert calib.matmul_efficiency == pytest.approx(hw.matmul_efficiency / 1.5, rel=1e-6)
+
+
 def test_cli_shows_what_a_calibration_changed(tmp_path, capsys):
     path = tmp_path / "c.json"
     Calibration(matmul_efficiency=0.5, step_overhead_s=0.01, source="fit", records=3).save(path)
