@@ -131,8 +131,13 @@ def _why(run: Run, choice: Choice) -> list[str]:
                            f"{rate(second.meas_tokens_per_s)} tokens/s){_differences(row, second)}")
         memory = row.meas_peak_mem_bytes
     else:
-        reasons = [f"highest estimated throughput of the plans that fit: {rate(row.tokens_per_s)} tokens/s, "
-                   f"MFU {share(row.get('mfu'))}, step {seconds(row.step_time_s)}"]
+        ranked = ranked_candidates(run)
+        fastest = ranked.tokens_per_s.max() if ranked is not None and not ranked.empty else row.tokens_per_s
+        lead = ("highest estimated throughput of the plans that fit" if row.tokens_per_s >= fastest else
+                f"estimated {100 * (1 - row.tokens_per_s / fastest):.1f}% behind the fastest plan that fits "
+                f"({rate(fastest)} tokens/s), a tie within the estimate's error, and simpler or smaller")
+        reasons = [f"{lead}: {rate(row.tokens_per_s)} tokens/s, MFU {share(row.get('mfu'))}, "
+                   f"step {seconds(row.step_time_s)}"]
         memory = row.get("mem_total_bytes")
     if limit and pd.notna(memory):
         reasons.append(f"peak memory {gib(memory)} of the {gib(limit)} limit ({100 * (1 - memory / limit):.0f}% headroom)")
