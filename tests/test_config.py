@@ -117,3 +117,14 @@ def test_cli_error_is_one_line_exit_2():
     r = subprocess.run([sys.executable, "-m", "autotune", "estimate", "model=nope"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: unknown model 'nope'")
+
+
+def test_an_output_path_that_cannot_be_used_is_one_error_line(tmp_path, capsys):
+    from autotune.cli import main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("mine\n")
+    assert main(["profile", "model=tiny", "cluster=1xh100", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {taken}: File exists; give a path that can be used"]
+    assert taken.read_text() == "mine\n"  # the user's file is untouched
