@@ -129,8 +129,9 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
 def test_sigkill_then_rerun_continues_the_study(tmp_path):
     run = tmp_path / "run"
     # without the estimator the search never stops early, so the rerun must complete the budget
-    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=2", "search.finalists=0",
-                      "search.use_estimator=false", "search.sampler=random")
+    # trials of a few seconds of steps: the kill must land while the second one runs, not after it
+    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=2", "search.finalists=0", "search.probe_steps=60",
+                      "search.use_estimator=false", "search.sampler=random", "search.pruner=none")
     proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def one_done_one_running() -> bool:
