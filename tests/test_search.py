@@ -137,9 +137,10 @@ def test_sigkill_then_rerun_continues_the_study(tmp_path):
     def one_done_one_running() -> bool:
         if not list(run.glob("logs/trial-*.log")):  # until then the search may be creating study.db
             return False
-        trials = _study(run).get_trials(deepcopy=False)
-        running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("confirmed")]
-        return bool(_measured(_study(run))) and bool(running)
+        study = _study(run)  # one snapshot: a trial seen running must not be the one seen finished
+        running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING" and t.user_attrs.get("confirmed")]
+        finished = {t.number for t in _measured(study)}
+        return bool(finished) and any(t.number not in finished for t in running)
 
     try:
         _wait_for(one_done_one_running, 240, proc)
