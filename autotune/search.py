@@ -573,24 +573,29 @@ class Search:
         if self.guided_turn(len(self.measured())):
             top = row_plan(hopeful.sort_values("objective_est", ascending=False, kind="stable").iloc[0])
             self.study.enqueue_trial({k: top[k] for k in self.space}, user_attrs={"source": "estimate"})
-        trial, plan, final, source = self.ask()
-        key = plan_key(plan)
-        if final or key in set(hopeful["key"]):
-            return trial, plan, final, source
-        if key in set(rest["key"]):
-            self.tell_skipped(trial, plan, TrialState.PRUNED,
-                              f"not run: its optimistic estimate ({self.optimism():.2f} x "
-                              f"{float(rest.set_index('key').at[key, 'objective_est']):.4g}) cannot beat the best "
-                              f"measured {self.best_value() or 0:.4g}, or it needs as much memory as a plan "
-                              "that ran out of it", claim_key=key)
-        else:
-            self.tell_skipped(trial, plan, TrialState.FAIL,
-                              "proposal is not a candidate (invalid, does not fit, dominated or already run); "
-                              "the nearest candidate still to run was queued instead")
-        # every trial's params are the plan it ran: the replacement is a trial of its own
-        near = row_plan(self.nearest(plan, hopeful))
-        self.study.enqueue_trial({k: near[k] for k in self.space}, user_attrs={"source": "sampler (nearest)"})
-        return self.ask()
+        hopeful_keys, rest_keys = set(hopeful["key"]), set(rest["key"])
+        # A proposal that is not a plan worth running is closed and its nearest candidate queued;
+        # with several workers on one study another may take that queued trial first, so ask again.
+        for _ in range(MAX_PROPOSALS):
+            trial, plan, final, source = self.ask()
+            key = plan_key(plan)
+            if final or key in hopeful_keys:
+                return trial, plan, final, source
+            if key in rest_keys:
+                self.tell_skipped(trial, plan, TrialState.PRUNED,
+                                  f"not run: its optimistic estimate ({self.optimism():.2f} x "
+                                  f"{float(rest.set_index('key').at[key, 'objective_est']):.4g}) cannot beat the best "
+                                  f"measured {self.best_value() or 0:.4g}, or it needs as much memory as a plan "
+                                  "that ran out of it", claim_key=key)
+            else:
+                self.tell_skipped(trial, plan, TrialState.FAIL,
+                                  "proposal is not a candidate (invalid, does not fit, dominated or already run); "
+                                  "the nearest candidate still to run was queued instead")
+            # every trial's params are the plan it ran: the replacement is a trial of its own
+            near = row_plan(self.nearest(plan, hopeful))
+            self.study.enqueue_trial({k: near[k] for k in self.space}, user_attrs={"source": "sampler (nearest)"})
+        self.stopped = f"{MAX_PROPOSALS} proposals in a row were not plans worth running"
+        return None
 
     def tell_skipped(self, trial: optuna.Trial, plan: dict[str, Any], state: TrialState, reason: str,
                      claim_key: Optional[str] = None) -> None:
@@ -767,6 +772,7 @@ def _clock(seconds: float) -> str:
 
 # --- the command -----------------------------------------------------------------------------
 
+MAX_PROPOSALS = 50  # sampler proposals in a row that are not runnable before the search gives up
 ANALYTIC_TIE = 0.01  # plans estimated this close to the fastest count as ties
 
 
