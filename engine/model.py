@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import kernels
 from engine.config import ModelConfig
+from engine.tensor_parallel import local_rows
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +48,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.triton:
-            return kernels.rms_norm(x, self.weight, self.eps, impl="triton")
+        if self.triton:  # under sequence parallel x is sharded over the sequence: the kernel takes the local rows
+            return local_rows(kernels.rms_norm, x, self.weight, eps=self.eps, impl="triton")
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -60,8 +61,8 @@ class LayerNorm(nn.LayerNorm):
         self.triton = triton
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.triton:
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps, impl="triton")
+        if self.triton:  # as RMSNorm
+            return local_rows(kernels.layer_norm, x, self.weight, self.bias, eps=self.eps, impl="triton")
         return super().forward(x)
 
 
@@ -138,7 +139,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "torch"):
-        """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `kernels/`."""
+        """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `kernels/`
+        (the loss only where the head holds the whole vocabulary: not under tensor parallelism)."""
         super().__init__()
         if kernels not in ("torch", "triton"):
             raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
@@ -179,9 +181,13 @@ class Transformer(nn.Module):
         h = self.hidden(tokens)
         if self.norm is None:  # a pipeline stage before the last: its output feeds the next stage
             return h
-        if targets is not None and self.triton:  # never materialises the [tokens, vocab] logits
-            return kernels.linear_cross_entropy(h, self.head_weight(), targets, ignore_index=-100, impl="triton")
-        logits = F.linear(h, self.head_weight())
+        weight = self.head_weight()
+        # The fused loss never materialises the [tokens, vocab] logits, but it needs the whole
+        # vocabulary; a DTensor head is vocabulary-sharded (tensor parallel), whose sharded logits
+        # go through torch's cross-entropy under loss_parallel (engine/tensor_parallel.py).
+        if targets is not None and self.triton and not isinstance(weight, DTensor):
+            return kernels.linear_cross_entropy(h, weight, targets, ignore_index=-100, impl="triton")
+        logits = F.linear(h, weight)
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -47,11 +47,6 @@ def check_supported(plan: PlanConfig) -> None:
             "plan.precision=fp16 with plan.pp > 1 is not supported by the engine (the loss scaler would "
             "have to agree across pipeline stages); use plan.precision=bf16"
         )
-    if plan.tp > 1 and plan.kernels == "triton":
-        raise ConfigError(
-            "plan.kernels=triton with plan.tp > 1 is not supported: the fused kernels take whole tensors, "
-            "not tensor-parallel shards; use plan.kernels=torch or plan.tp=1"
-        )
     if plan.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "plan.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run Triton's interpreter on the "

@@ -25,15 +25,22 @@ all-reduce, but norm activations and the residual stream take 1/tp of the memory
 Parameters that tp does not split (the norms without sequence parallel, gpt2 positions) stay plain
 tensors: every tp rank computes the same gradient for them. Under tp, `model(tokens, targets)`
 returns the loss as a plain tensor and `model(tokens)` the logits as a vocabulary-sharded DTensor.
+
+The Triton kernels (plan.kernels=triton) take plain tensors. RoPE and SwiGLU get them anyway: the
+column-parallel projections return local tensors (this rank's heads, this rank's d_ff slice), and
+both kernels work per head or per element. Norms under sequence parallel get DTensors; `local_rows`
+runs the kernel on this rank's rows. The fused linear cross-entropy needs the whole vocabulary, so
+under tp the model takes torch's loss on the vocabulary-sharded logits (engine/model.py).
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -112,3 +119,32 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     `loss_context`), as a plain scalar tensor."""
     loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     return loss.to_local() if isinstance(loss, DTensor) else loss
+
+
+def local_rows(kernel: Callable[..., torch.Tensor], x: torch.Tensor, *params: torch.Tensor | None,
+               **kwargs) -> torch.Tensor:
+    """`kernel(x, *params, **kwargs)` for a kernel that takes plain tensors and works row by row over
+    the last dimension (the Triton norms), where x may be a DTensor sharded over other dimensions
+    (the residual stream under sequence parallel) and the params (weight, bias or None) replicated.
+
+    The kernel runs on this rank's rows and its output has x's placements. Each parameter enters as
+    its local copy, and the gradient computed from this rank's rows alone is a partial sum over the
+    ranks holding the other rows: it leaves as `Partial`, summed over tp where it is used, as
+    DTensor's own norm ops leave it.
+    """
+    if not isinstance(x, DTensor):
+        return kernel(x, *params, **kwargs)
+    for placement in x.placements:
+        if placement.is_partial() or (placement.is_shard() and placement.dim % x.ndim == x.ndim - 1):
+            raise ValueError(f"local_rows needs whole rows: x is {x.placements}, its last dim must not be "
+                             "sharded or partial")
+    grad_placements = [Partial() if placement.is_shard() else Replicate() for placement in x.placements]
+    local = []
+    for p in params:
+        if p is not None and not (isinstance(p, DTensor) and p.device_mesh == x.device_mesh
+                                  and all(pl.is_replicate() for pl in p.placements)):
+            raise ValueError(f"local_rows needs parameters replicated on x's mesh {x.device_mesh}, got "
+                             f"{p.placements if isinstance(p, DTensor) else 'a plain tensor'}")
+        local.append(None if p is None else p.to_local(grad_placements=grad_placements))
+    y = kernel(x.to_local(), *local, **kwargs)
+    return DTensor.from_local(y, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())

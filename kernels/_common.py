@@ -11,6 +11,7 @@ import os
 from typing import Callable
 
 import torch
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
 try:
@@ -42,7 +43,8 @@ def use_triton(impl: str, *tensors: torch.Tensor, contiguous: bool = True) -> bo
         raise RuntimeError("impl='triton' needs the triton package, which is not installed; use impl='torch'")
     if any(isinstance(t, DTensor) for t in tensors):
         raise ValueError("the Triton kernels take plain tensors, not DTensors (tensor parallelism); "
-                         "use kernels/impl='torch' with tensor parallelism")
+                         "run them on the local shards (.to_local(), as engine.tensor_parallel.local_rows "
+                         "does for the norms) or use impl='torch'")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -67,7 +69,12 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 
 class LazyKernel:
-    """A Triton kernel jitted at its first launch (`kernel[grid](...)`)."""
+    """A Triton kernel jitted at its first launch (`kernel[grid](...)`).
+
+    Tensor parallelism hands over the outputs of its collectives still in flight, wrapped as
+    AsyncCollectiveTensor (the residual stream after an all-reduce, the gradient reaching a norm in
+    backward): torch ops wait for them on first use, a kernel reading raw pointers must wait first.
+    """
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -76,7 +83,9 @@ class LazyKernel:
     def __getitem__(self, grid):
         if self._jitted is None:
             self._jitted = triton.jit(self.fn)
-        return self._jitted[grid]
+        launch = self._jitted[grid]
+        return lambda *args, **kwargs: launch(
+            *(a.wait() if isinstance(a, AsyncCollectiveTensor) else a for a in args), **kwargs)
 
 
 def row_block(n: int, max_block: int) -> int:

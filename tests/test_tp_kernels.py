@@ -1,0 +1,128 @@
+"""plan.kernels=triton under tensor parallelism: 2 gloo ranks with plan.tp=2 running the Triton kernels
+(Triton's interpreter) give the loss and gradient-norm trajectory of one process with plan.kernels=torch.
+
+The plans cover the kernels' two ways into a tp model: RoPE, SwiGLU and the norms on plain local
+tensors (llama, tp=2), and the norms on sequence-sharded DTensors whose weight gradients are partial
+sums over tp (llama and gpt2 with sequence parallel; gpt2's LayerNorm also has a bias, under FSDP2).
+Each rank counts the kernels it launched: the expected ones ran, and the fused linear cross-entropy
+did not (the head is vocabulary-sharded; torch's loss runs under loss_parallel).
+
+Tolerance: everything is fp32. The kernels and DTensor's collectives sum in other orders than the
+torch reference (about 1e-7 relative per reduction), and four AdamW steps at lr 1e-2 leave the
+trajectories about 1e-7 apart (observed). 1e-5 keeps a 100x margin for that, while a wrong
+gradient fails: with the norm weights' gradients left unsummed over tp (each rank's rows only),
+the gradient norm moves by 4e-4 (llama) and 1e-3 (gpt2) relative by step 1.
+
+The file is also the ranks' worker: `torchrun --nproc_per_node=2 tests/test_tp_kernels.py SPEC OUT`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+STEPS = 4
+# the interpreter runs a kernel's programs one by one (one per row for the norms and RoPE): few rows
+LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, d_ff=32,
+             vocab_size=64, max_seq_len=16)
+GPT2 = dict(name="tiny-gpt2", family="gpt2", n_layers=1, d_model=16, n_heads=4, d_ff=32, vocab_size=64,
+            max_seq_len=16, tie_embeddings=True)
+PLANS = {
+    "llama_tp2": (LLAMA, dict(tp=2)),
+    "llama_tp2_sp_full_ckpt": (LLAMA, dict(tp=2, sequence_parallel=True, activation_checkpointing="full")),
+    "gpt2_tp2_sp_zero2": (GPT2, dict(tp=2, sequence_parallel=True, zero_stage=2)),
+}
+KERNELS = {
+    "llama": {"_rms_norm_fwd", "_rms_norm_bwd", "_rope_kernel", "_swiglu_fwd", "_swiglu_bwd"},
+    "gpt2": {"_layer_norm_fwd", "_layer_norm_bwd"},
+}
+
+
+def config(out_dir: Path, model: dict, **plan) -> dict:
+    # two micro-batches of one sequence: gradients accumulate, and each kernel sees 8 rows (4 per rank with sp)
+    job = {"seq_len": 8, "global_batch": 2, "steps": STEPS, "seed": 3, "out_dir": str(out_dir),
+           "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
+    return {"model": model, "job": job, "plan": {"micro_batch": 1, **plan}}
+
+
+def train(config: dict) -> dict:
+    """Loss and gradient norm (before clipping) of each step, and the Triton kernels launched."""
+    from engine import dist
+    from engine.config import build_train_config
+    from engine.train import Engine, reduce_loss
+    from kernels._common import LazyKernel
+
+    cfg = build_train_config(config)
+    launches: collections.Counter = collections.Counter()
+    launch = LazyKernel.__getitem__
+
+    def counted(kernel: LazyKernel, grid):
+        launches[kernel.fn.__name__] += 1
+        return launch(kernel, grid)
+
+    LazyKernel.__getitem__ = counted
+    try:
+        engine = Engine(cfg, dist.device_for_rank())
+        results = [engine.step(step) for step in range(cfg.job.steps)]
+    finally:
+        LazyKernel.__getitem__ = launch
+    return {"loss": [reduce_loss(r.loss)[0] for r in results], "grad_norm": [float(r.grad_norm) for r in results],
+            "kernels": sorted(launches)}
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    from engine import dist
+
+    torch.set_num_threads(1)
+    dist.init_distributed()
+    rank0 = dist.rank() == 0
+    try:
+        out = {name: train(config) for name, config in json.loads(Path(spec_path).read_text()).items()}
+    finally:
+        dist.shutdown()
+    if rank0:  # tp ranks hold the same loss and gradient norm
+        Path(out_path).write_text(json.dumps(out))
+
+
+def test_triton_kernels_under_tp_match_one_torch_process(tmp_path):
+    spec = {name: config(tmp_path / name, model, kernels="triton", **plan) for name, (model, plan) in PLANS.items()}
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(Path(__file__)), str(spec_path), str(out_path)],
+                       env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(out_path.read_text())
+
+    from engine import dist
+
+    dist.init_distributed()
+    try:
+        reference = {family: train(config(tmp_path / f"ref-{family}", model, kernels="torch"))
+                     for family, model in (("llama", LLAMA), ("gpt2", GPT2))}
+    finally:
+        dist.shutdown()
+
+    for name, (model, _) in PLANS.items():
+        family = model["family"]
+        assert set(result[name]["kernels"]) == KERNELS[family], name
+        for key in ("loss", "grad_norm"):
+            got, want = result[name][key], reference[family][key]
+            assert len(got) == STEPS
+            for step, (g, w) in enumerate(zip(got, want)):
+                assert abs(g - w) / w < 1e-5, (name, key, step, g, w)
+    for family in ("llama", "gpt2"):
+        assert reference[family]["kernels"] == []
+        assert reference[family]["loss"][-1] < reference[family]["loss"][0] - 0.02  # the trajectory moves
+
+
+if __name__ == "__main__":
+    worker(*sys.argv[1:3])
