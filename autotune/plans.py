@@ -125,8 +125,6 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
                       for pr in allowed for ac, k in checkpointing for kn in kernels])
 
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
-    # ZeRO-1 is torch's ZeroRedundancyOptimizer under DDP: no tensor-parallel params, no pipeline
-    plans = plans[(plans["zero_stage"] != 1) | ((plans["tp"] == 1) & (plans["pp"] == 1))]
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)

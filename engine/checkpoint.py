@@ -34,7 +34,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from engine import dist
 from engine.config import ConfigError, JobConfig
 from engine.files import fsync_dir, write_atomic
-from engine.parallel import unwrap
+from engine.parallel import ShardedOptimizer, unwrap
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -88,11 +88,12 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     """This rank's optimizer states keyed by parameter name ("layers.0.attn.wq.weight.exp_avg").
 
     One format for every plan: under FSDP2 the states are DTensor shards, under ZeRO-1 each rank
-    holds the states of other parameters, under DDP every rank holds all (DCP writes one copy). DCP
+    holds the states of other parameters (their tensor-parallel shards under tp: DTensors, as the
+    parameters), under DDP every rank holds all (DCP writes one copy). DCP
     reshards on load, so a checkpoint resumes under another dp degree or ZeRO stage. Hyperparameters
     are not saved: they come from the config, and the lr from the schedule.
     """
-    local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    local = optimizer.optim if isinstance(optimizer, (ZeroRedundancyOptimizer, ShardedOptimizer)) else optimizer
     _init_optim_state(local)  # states exist before the first step too, so loading can fill them
     names = {p: n for n, p in unwrap(model).named_parameters()}
     return {

@@ -313,12 +313,6 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             f"plan.pp={p.pp} with model.tie_embeddings=true ({model.name}) is not supported: the head on the "
             "last stage would share the first stage's embedding; use plan.pp=1 (tensor or data parallel)"
         )
-    if p.zero_stage == 1 and (p.tp > 1 or p.pp > 1):
-        raise ConfigError(
-            f"plan.zero_stage=1 with plan.tp={p.tp}, plan.pp={p.pp} is not supported (torch's "
-            "ZeroRedundancyOptimizer needs DDP, which cannot hold tensor-parallel parameters or run "
-            "pipeline schedules); use plan.zero_stage=2, which also shards gradients for the same traffic"
-        )
     if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
         raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
     if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:

@@ -15,8 +15,8 @@ the parameters the optimizer updates stay fp32 either way.
 Tensor parallelism (engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
 FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
 (engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
-ZeRO 0 is FSDP2's `replicate` rather than DDP (see `apply_ddp`) and ZeRO 1 is refused by
-engine/config.py.
+DDP's gradient all-reduce is FSDP2's `replicate` instead (see `apply_ddp`), and ZeRO 1 is that
+plus `ShardedOptimizer` in place of ZeroRedundancyOptimizer (which needs DDP).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -65,6 +66,11 @@ def compute_dtype(plan: PlanConfig) -> torch.dtype:
 
 def uses_fsdp(plan: PlanConfig) -> bool:
     return plan.zero_stage >= 2
+
+
+def uses_replicate(plan: PlanConfig) -> bool:
+    """Whether ZeRO 0/1 all-reduce gradients with FSDP2's `replicate` rather than DDP (see `apply_ddp`)."""
+    return not uses_fsdp(plan) and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1)
 
 
 # --- activation checkpointing -----------------------------------------------------------------
@@ -129,9 +135,7 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
     the rest of backward)."""
     if plan.dp == 1:
         return model
-    if plan.tp > 1 or plan.pp > 1:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-
+    if uses_replicate(plan):
         for block in model.layers.values():
             replicate(block, mesh=dp_mesh)
         return replicate(model, mesh=dp_mesh)
@@ -190,13 +194,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's local shard (sharing its storage), else `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class HostOffloadAdamW(torch.optim.Optimizer):
     """AdamW whose states live in host memory and whose update runs on the CPU (ZeRO-1 offload).
 
     The parameters stay where they are (fp32 on the device; autocast makes the low-precision compute
     copies), so the host holds no second master copy: each step copies this rank's gradients and
-    parameters to the host, updates them with torch's foreach AdamW there, and copies the parameters
-    back. `state` is keyed by the device parameters (as any optimizer's), holding host tensors.
+    parameters (a DTensor's local shard) to the host, updates them with torch's foreach AdamW there,
+    and copies the parameters back. `state` is keyed by the device parameters (as any optimizer's),
+    holding host tensors: DTensors like their parameter's where that is one, for checkpoints.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
@@ -206,8 +216,9 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self.host = {}
         for group in self.param_groups:
             for p in group["params"]:
-                h = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
-                h.grad = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin)
+                shape = local_tensor(p).shape
+                h = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
+                h.grad = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
                 self.host[p] = h
         self.inner = torch.optim.AdamW(
             [dict(g, params=[self.host[p] for p in g["params"]]) for g in self.param_groups], foreach=True
@@ -217,27 +228,81 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         pairs = [(p, self.host[p]) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p, h in pairs:
-            h.copy_(p, non_blocking=True)
-            h.grad.copy_(p.grad, non_blocking=True)
+            h.copy_(local_tensor(p), non_blocking=True)
+            h.grad.copy_(local_tensor(p.grad), non_blocking=True)
         if any(p.device.type == "cuda" for p, _ in pairs):
             torch.cuda.synchronize()
         for group, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
         self.inner.step()
         for p, h in pairs:
-            p.copy_(h, non_blocking=True)
-            self.state[p] = self.inner.state[h]
+            local_tensor(p).copy_(h, non_blocking=True)
+            self.state[p] = {k: _host_dtensor(v, p) for k, v in self.inner.state[h].items()}
+
+
+def _host_dtensor(state: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A host state of a DTensor parameter as a DTensor of the same layout, sharing the host storage
+    (so that a checkpoint saves and loads it as the parameter's shards); a step count stays as it is.
+    DTensor.from_local would move the tensor to the mesh's device: built as FSDP2's CPU offload does."""
+    if not isinstance(param, DTensor) or state.dim() == 0:
+        return state
+    return DTensor(state, param._spec, requires_grad=False)
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """ZeRO-1 where FSDP2's `replicate` all-reduces the gradients (tp or pp with dp > 1), since
+    torch's ZeroRedundancyOptimizer needs DDP.
+
+    Every dp rank holds whole gradients. Each owns a partition of the parameters, chosen as
+    ZeroRedundancyOptimizer chooses (per param group, largest first, each to the rank with the fewest
+    elements so far; sizes are this rank's tensor-parallel shards, as autotune.estimate.rank_layout
+    counts them), and steps `optim`, an `optimizer_class` over only those, so it holds only their
+    states. The owners then broadcast the updated parameters (their local shards) over dp.
+    `param_groups` hold every parameter, for the lr schedule, gradient clipping and zero_grad; their
+    settings reach `optim` at each step.
+    """
+
+    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], dp_group: dist.ProcessGroup, **defaults):
+        super().__init__(params, defaults)
+        self.dp_group = dp_group
+        sizes = [0] * dist.get_world_size(dp_group)
+        self.owner: dict[torch.Tensor, int] = {}  # parameter -> its dp rank
+        for group in self.param_groups:
+            for p in sorted(group["params"], key=lambda p: local_tensor(p).numel(), reverse=True):
+                rank = sizes.index(min(sizes))
+                self.owner[p] = rank
+                sizes[rank] += local_tensor(p).numel()
+        me = dist.get_rank(dp_group)
+        # every group, even an empty one, so that group i here is group i there
+        self.optim = optimizer_class(
+            [dict(g, params=[p for p in g["params"] if self.owner[p] == me]) for g in self.param_groups], **defaults
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group, mine in zip(self.param_groups, self.optim.param_groups):
+            mine.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
+        self.optim.step()
+        handles = [
+            dist.broadcast(local_tensor(p), group=self.dp_group, group_src=self.owner[p], async_op=True)
+            for group in self.param_groups for p in group["params"]
+        ]
+        for handle in handles:
+            handle.wait()
 
 
 def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: DeviceMesh) -> torch.optim.Optimizer:
-    """AdamW: fused on CUDA parameters, foreach elsewhere. ZeRO 1 shards its states across dp, and
-    with offload_optimizer keeps them on the host (FSDP2 offloads ZeRO 2/3's itself)."""
+    """AdamW: fused on CUDA parameters, foreach elsewhere. ZeRO 1 shards its states across dp
+    (ZeroRedundancyOptimizer under DDP, ShardedOptimizer under `replicate`), and with
+    offload_optimizer keeps them on the host (FSDP2 offloads ZeRO 2/3's itself)."""
     o = job.optimizer
     on_cuda = next(model.parameters()).device.type == "cuda"
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     kwargs.update({"fused": True} if on_cuda else {"foreach": True})
     groups = param_groups(model, o.weight_decay)
     adamw = HostOffloadAdamW if plan.zero_stage == 1 and plan.offload_optimizer else torch.optim.AdamW
+    if plan.zero_stage == 1 and uses_replicate(plan):
+        return ShardedOptimizer(groups, adamw, mesh["dp"].get_group(), **kwargs)
     if plan.zero_stage == 1 and plan.dp > 1:
         return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=mesh["dp"].get_group(), **kwargs)
     return adamw(groups, **kwargs)
@@ -274,14 +339,18 @@ def autocast(plan: PlanConfig, device: torch.device) -> contextlib.AbstractConte
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Whether this micro-step reduces gradients across dp.
 
-    DDP (ZeRO 0/1) skips the all-reduce until the last micro-step: its gradients are whole on every
-    rank anyway. FSDP2 (ZeRO 2/3) reduce-scatters on every micro-step, as DeepSpeed's ZeRO-2/3 do:
+    DDP or `replicate` (ZeRO 0/1) skips the all-reduce until the last micro-step: its gradients are
+    whole on every rank anyway (a pipeline schedule does the same for its stages itself). FSDP2
+    (ZeRO 2/3) reduce-scatters on every micro-step, as DeepSpeed's ZeRO-2/3 do:
     skipping it would keep every rank's gradients unsharded in fp32 (4 bytes per parameter) between
     micro-steps, which undoes the point of sharding them.
     """
     if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
+    elif isinstance(model, ReplicateModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
     else:
         yield
 

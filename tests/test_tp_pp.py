@@ -1,9 +1,10 @@
 """Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
 
-One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/3 and sequence parallel, pp x dp
-with ZeRO 0 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
+One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
+with ZeRO 0, 1 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
 with tp and sequence parallel for biases, positions and the tied head) and checkpoints and resumes
-a tp x pp x sequence-parallel run; one plain process gives the references. Refused plans are one `error:` line and exit status 2.
+a tp x pp x sequence-parallel run and a tp x dp ZeRO-1 offload run; one plain process gives the
+references, and continues both checkpoints. Refused plans are one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def four_rank_plans() -> dict[str, dict]:
     plans = {
         "tp2_dp2_zero0": dict(tp=2, dp=2),
         "tp2_dp2_zero3_sp": dict(tp=2, dp=2, zero_stage=3, sequence_parallel=True),
+        # ZeRO-1 under replicate: engine.parallel.ShardedOptimizer (on the host with offload)
+        "tp2_dp2_zero1": dict(tp=2, dp=2, zero_stage=1),
+        "tp2_dp2_zero1_offload": dict(tp=2, dp=2, zero_stage=1, offload_optimizer=True),
+        "pp2_dp2_zero1_1f1b": dict(pp=2, dp=2, zero_stage=1),
     }
     for schedule, virtual in SCHEDULES.items():
         pp = dict(pp=2, pp_schedule=schedule, pp_virtual_stages=virtual)
@@ -69,15 +74,22 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
     runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
                                            sequence_parallel=True)
-    resume = {"tp2_pp2_sp_resume": {"save_at": 3, "config": config(
-        tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)}}
+    resume = {
+        "tp2_pp2_sp_resume": {"save_at": 3, "config": config(
+            tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)},
+        # ZeRO-1: each state saved by its dp owner only, a host DTensor of tp shards
+        "tp2_dp2_zero1_offload_resume": {"save_at": 3, "config": config(
+            tmp_path / "resume-zero1", tp=2, dp=2, zero_stage=1, offload_optimizer=True)},
+    }
     result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume}, nproc=4)
-    # the references, and the tp x pp checkpoint continued by one process: stages keep the full
-    # model's parameter names, so a checkpoint moves between layouts
+    # the references, and both checkpoints continued by one process: stages and shards keep the
+    # full model's parameter names, so a checkpoint moves between layouts
     reference = run_worker(tmp_path, "reference", {
         "runs": {"llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2)},
         "load": {"llama_from_tp2_pp2": {"config": config(tmp_path / "ref-load"),
-                                        "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")}},
+                                        "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")},
+                 "llama_from_tp2_dp2_zero1": {"config": config(tmp_path / "ref-load-zero1"),
+                                              "checkpoint": str(tmp_path / "resume-zero1" / "ckpt" / "step-3")}},
     }, nproc=1)
 
     for name in runs:
@@ -89,12 +101,13 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     llama = reference["llama"]["loss"]
     assert llama[-1] < llama[0] - 0.05  # the trajectory really moves
 
-    resumed = result["tp2_pp2_sp_resume"]
-    assert resumed["start"] == 3
-    assert resumed["resumed"] == pytest.approx(resumed["straight"][3:], rel=1e-6)
-    assert resumed["straight"] == pytest.approx(llama, rel=1e-4)
-    moved = reference["llama_from_tp2_pp2"]
-    assert moved["start"] == 3 and moved["losses"] == pytest.approx(llama[3:], rel=1e-4)
+    for name, loaded in (("tp2_pp2_sp_resume", "llama_from_tp2_pp2"),
+                         ("tp2_dp2_zero1_offload_resume", "llama_from_tp2_dp2_zero1")):
+        resumed, moved = result[name], reference[loaded]
+        assert resumed["start"] == 3
+        assert resumed["resumed"] == pytest.approx(resumed["straight"][3:], rel=1e-6), name
+        assert resumed["straight"] == pytest.approx(llama, rel=1e-4), name
+        assert moved["start"] == 3 and moved["losses"] == pytest.approx(llama[3:], rel=1e-4), loaded
 
 
 def test_stage_layers_are_balanced_and_consecutive():
@@ -113,7 +126,6 @@ REFUSED = [
      "divisible by plan.pp=2"),
     (dict(pp=4, pp_schedule="1f1b", micro_batch=4), {}, "needs at least plan.pp=4 micro-batches"),
     (dict(pp=2, pp_virtual_stages=2), {}, "needs plan.pp_schedule=interleaved_1f1b"),
-    (dict(tp=2, zero_stage=1, dp=2), {}, "plan.zero_stage=1 with plan.tp=2"),
     (dict(sequence_parallel=True), {}, "sequence_parallel needs plan.tp > 1"),
     (dict(tp=2, sequence_parallel=True), {"seq_len": 15}, "divisible by plan.tp=2"),
     (dict(pp=2, precision="fp16"), {}, "fp16 with plan.pp > 1"),
