@@ -14,7 +14,8 @@ plan means:
   (root never resharded), reduce in fp32; offload (ZeRO 2/3) = CPUOffloadPolicy: sharded params,
   grads and AdamW states on the host, the step on the CPU;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
-  outside the blocks, for the plan's precision x cast x checkpointing x kernels;
+  outside the blocks, for the plan's precision x cast x checkpointing x kernels; the logits are
+  those of the loss the engine runs (torch's under tp or pp even with kernels=triton);
 - the peak is the larger of two moments: the start of a backward (states, gradients of earlier
   micro-batches, activations, logits and their gradient, gathered units) and the optimizer step
   (states with every gradient). The memory breakdown is that of the peaking moment
@@ -218,6 +219,10 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     sched = _col(plans, "pp_schedule", "1f1b").astype(str)
     sp = _col(plans, "sequence_parallel", False).astype(bool)
     kern = _col(plans, "kernels", "torch").astype(str)
+    # The fused linear cross-entropy needs the whole head on one rank: under tp (vocabulary-sharded
+    # head, loss_parallel) and pp (the schedule's loss_fn on the last stage's logits) the engine
+    # computes torch's loss whatever plan.kernels says (engine/model.py, engine/pipeline.py).
+    loss_kern = np.where((kern == "triton") & (tp == 1) & (pp == 1), "triton", "torch")
     s = job.seq_len
     h, V = model.d_model, model.vocab_size
     beta = np.select([prec == "fp32"], [4], 2).astype(float)  # compute dtype bytes
@@ -242,21 +247,26 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
     act = {k: np.zeros(n) for k in ("none_tok", "none_P", "full_tok", "full_P", "out_tok", "out_V", "out_P")}
     is_prec = {p_: prec == p_ for p_ in PRECISIONS}
-    is_kern = {kn: kern == kn for kn in KERNELS}
     for p_ in PRECISIONS:
         for cast in ("autocast", "params"):
             for kn in KERNELS:
-                rows = is_prec[p_] & (autocast == (cast == "autocast")) & is_kern[kn]
-                if not rows.any():
-                    continue
-                for mode in ("none", "full"):
-                    c = coefs[activation_key(p_, cast, mode, kn)]["block"]
-                    act[f"{mode}_tok"][rows] = sum(c[k] * fb[k][rows] for k in BLOCK_FEATURES if k != "P")
-                    act[f"{mode}_P"][rows] = c["P"] * fb["P"][rows]
-                c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
-                act["out_V"][rows] = c["V"] * fo["V"][rows]
-                act["out_P"][rows] = c["P"] * fo["P"][rows]
-                act["out_tok"][rows] = sum(c[k] * fo[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+                same = is_prec[p_] & (autocast == (cast == "autocast"))
+                rows = same & (kern == kn)
+                if rows.any():
+                    for mode in ("none", "full"):
+                        c = coefs[activation_key(p_, cast, mode, kn)]["block"]
+                        act[f"{mode}_tok"][rows] = sum(c[k] * fb[k][rows] for k in BLOCK_FEATURES if k != "P")
+                        act[f"{mode}_P"][rows] = c["P"] * fb["P"][rows]
+                    c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
+                    act["out_tok"][rows] = sum(c[k] * fo[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+                # The head and loss save the V terms (logits) and the P term (head gradient or cast
+                # head) of the loss actually run; the per-token terms (the final norm, and the hidden
+                # states the head saves or the fused loss's d hidden, of one size) follow plan.kernels.
+                rows = same & (loss_kern == kn)
+                if rows.any():
+                    c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
+                    act["out_V"][rows] = c["V"] * fo["V"][rows]
+                    act["out_P"][rows] = c["P"] * fo["P"][rows]
 
     # Tensor parallel split of a block's activations [Activations, Korthikanti et al. 2022]:
     # sequence parallel divides everything by t; without it the 10/34 outside the parallel
@@ -304,7 +314,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
         # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
         # comes after those are freed), vocab-sharded by tp
-        logits_grad = np.where(kern == "torch", b * s * V * 4, 0)
+        logits_grad = np.where(loss_kern == "torch", b * s * V * 4, 0)
         mem["logits"] = np.where(holds_head, (act["out_V"] + act["out_P"] + logits_grad) / tp, 0)
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
         # grads and their fp32 cast; the root's comes last, when the activations are gone);

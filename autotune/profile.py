@@ -266,7 +266,11 @@ def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
 def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str,
                         kernels: str = "torch", every_k: int = 2) -> dict[str, float]:
     """Predicted saved bytes from the fitted coefficients: {"block" (plain), "outside", "total"}
-    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks)."""
+    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks).
+
+    One whole model, as measured. Under tp or pp the engine runs torch's loss even with
+    kernels="triton" (the fused loss needs the whole head); autotune.estimate then takes the
+    outside's V and P terms (logits, head) from the "torch" fit and its per-token terms from this one."""
     coefs = activation_coefficients(model)
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
 

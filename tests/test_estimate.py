@@ -231,6 +231,24 @@ def test_activations_follow_the_measured_profile():
     assert estimate(base, H100).memory["activations_bytes"] == none
 
 
+def test_triton_under_tp_or_pp_counts_the_logits_of_torchs_loss():
+    """The fused loss needs the whole head: under tp (vocabulary-sharded) and pp (the schedule's
+    loss on the last stage) the engine runs torch's loss with kernels=triton, so the blocks save
+    less and the logits stay as they are. (qwen2.5-0.5b: its large vocabulary makes the last
+    pipeline stage, the one holding the logits, the peak.)"""
+    def memory(kernels: str, **layout) -> dict:
+        est = estimate(train("qwen2.5-0.5b", precision="bf16", micro_batch=2, kernels=kernels, **layout), H100)
+        assert est.peak_stage == ("last" if layout.get("pp", 1) > 1 else "first")  # one stage: "first"
+        return est.memory
+
+    fused, unfused = memory("triton", dp=8), memory("torch", dp=8)
+    assert fused["logits_bytes"] < unfused["logits_bytes"] / 2
+    for layout in (dict(tp=2, dp=4), dict(tp=2, dp=4, sequence_parallel=True), dict(pp=2, dp=4)):
+        triton, torch_ = memory("triton", **layout), memory("torch", **layout)
+        assert triton["logits_bytes"] == torch_["logits_bytes"] > 0, layout
+        assert triton["activations_bytes"] < torch_["activations_bytes"], layout
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 def test_fit_calibration_recovers_known_factors(tmp_path):
