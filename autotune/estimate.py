@@ -151,8 +151,11 @@ def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int) -> dict[s
                 i = int(name.split(".")[1])
                 if i not in layers:
                     continue
-            elif name.startswith(("tok_emb", "pos_emb")):
-                # a tied head reads the embedding on the last stage too (the engine refuses pp with a tied head)
+            elif name.startswith("pos_emb"):
+                if not is_first:
+                    continue
+            elif name.startswith("tok_emb"):
+                # under pp the last stage holds a copy of a tied embedding as its head (engine/pipeline.py)
                 if not (is_first or (model.tie_embeddings and is_last)):
                     continue
             elif not is_last:  # final norm, lm_head
@@ -386,7 +389,10 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     # and one gradient backward per micro-batch per boundary
     t["pp_bubble"] = np.where(pp > 1, (pp - 1) / v * (fwd_mb + bwd_mb + rec_mb), 0)
     bw_pp = np.where(world <= hw.gpus_per_node, hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) * calib.collective_efficiency
-    t["pp_comm"] = np.where(pp > 1, m * 2 * b * s * h * beta / bw_pp, 0)
+    # a tied embedding's two copies (first and last stage) sum their fp32 gradients (shards under
+    # ZeRO 2/3) once per step: a two-rank all-reduce moves the bytes once each way
+    tied = 4 * V * h / tp / np.where(z >= 2, dp, 1) / bw_pp if model.tie_embeddings else np.zeros(n)
+    t["pp_comm"] = np.where(pp > 1, m * 2 * b * s * h * beta / bw_pp + tied, 0)
     # offload: sharded fp32 params up and their gradients down, per micro-batch (ZeRO-3 twice)
     moves = np.where(z == 3, 2 * m, m) * 4 * L["shard"] + 4 * L["shard"]
     t["offload"] = np.where(offload, moves / hw.host_device_bytes_per_s, 0)

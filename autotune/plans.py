@@ -57,7 +57,7 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
         if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp:
             continue
         for pp in _divisors(world // tp):
-            if model.n_layers % pp or (pp > 1 and model.tie_embeddings):  # a tied head cannot be staged
+            if model.n_layers % pp:
                 continue
             dp = world // (tp * pp)
             if global_batch % dp or (max_dp is not None and dp > max_dp):

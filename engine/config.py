@@ -308,11 +308,6 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             f"plan.pp={p.pp} x plan.pp_virtual_stages={p.pp_virtual_stages} = {stages} stages "
             f"exceeds model.n_layers={model.n_layers}"
         )
-    if p.pp > 1 and model.tie_embeddings:
-        raise ConfigError(
-            f"plan.pp={p.pp} with model.tie_embeddings=true ({model.name}) is not supported: the head on the "
-            "last stage would share the first stage's embedding; use plan.pp=1 (tensor or data parallel)"
-        )
     if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
         raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
     if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:

@@ -200,10 +200,13 @@ class Transformer(nn.Module):
         (GPT-2), zeros for biases, ones for norm weights. Each tensor is drawn on the CPU from a
         generator seeded by (seed, its name): the values do not depend on the device, the rank, the
         order of initialisation or which blocks a pipeline stage holds, and sharded (DTensor)
-        parameters receive their slice of the same full tensor.
+        parameters receive their slice of the same full tensor. A tied head held apart from the
+        embedding (the last pipeline stage's copy) is drawn as the embedding, so the copies start equal.
         """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if name == "lm_head.weight" and self.cfg.tie_embeddings:
+                name = "tok_emb.weight"
             if name.endswith("bias"):
                 full = torch.zeros(p.shape)
             elif "norm" in name:

@@ -43,11 +43,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_supported(plan: PlanConfig) -> None:
     """Refuse what the engine cannot run yet, before anything is built."""
-    if plan.pp > 1 and plan.precision == "fp16":
-        raise ConfigError(
-            "plan.precision=fp16 with plan.pp > 1 is not supported by the engine (the loss scaler would "
-            "have to agree across pipeline stages); use plan.precision=bf16"
-        )
     if plan.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "plan.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run Triton's interpreter on the "
@@ -313,11 +308,13 @@ def build_grad_scaler(plan: PlanConfig, device: torch.device) -> torch.amp.GradS
     if plan.precision != "fp16":
         return None
     init = 2.0**16 if plan.loss_scale == "dynamic" else float(plan.loss_scale)
-    if uses_fsdp(plan):
-        # Sharded gradients: the inf/nan check must agree across ranks.
+    if uses_fsdp(plan) or plan.tp > 1 or plan.pp > 1:
+        # Gradients that differ between ranks (dp shards, tp shards, pipeline stages): whether any
+        # overflowed is all-reduced over every rank (the process_group's default, WORLD), so all
+        # skip or take the step together and the scale stays the same everywhere.
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(device.type, init_scale=init)
+        return ShardedGradScaler(device.type, init_scale=init, process_group=dist.group.WORLD)
     return torch.amp.GradScaler(device.type, init_scale=init)
 
 
@@ -355,26 +352,34 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm(
+    model: nn.Module, max_norm: float, pp_group: dist.ProcessGroup | None = None,
+    duplicates: tuple[torch.Tensor, ...] = (),
+) -> torch.Tensor:
     """The global gradient norm (over all shards and, given pp_group, all pipeline stages), clipping
-    to max_norm when it is > 0.
+    to max_norm when it is > 0. `duplicates`: parameters whose gradient another pipeline rank also
+    holds and counts (a tied head's copy, engine/pipeline.py); clipped but not counted.
 
     Gradients can live on different meshes (tp-sharded, dp-sharded, both, or plain tensors that
     every rank holds whole), so each kind's norm is reduced over its own mesh and the squares summed.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    kinds: dict = {}
+    kinds: dict = {}  # (mesh, placements) -> (all its gradients, those counted in the norm)
     for p in params:
         g = p.grad
-        kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, []).append(g)
+        grads, counted = kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, ([], []))
+        grads.append(g)
+        if not any(p is d for d in duplicates):
+            counted.append(g)
     squares = torch.zeros((), device=params[0].device if params else "cpu")
-    for grads in kinds.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-        squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
+    for _, counted in kinds.values():
+        if counted:  # a mesh's ranks are all on one stage: they hold the same duplicates
+            norm = torch.nn.utils.get_total_norm(counted, 2.0, foreach=True)
+            squares = squares + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2
     if pp_group is not None:
         dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
     if max_norm > 0:
-        for grads in kinds.values():  # one foreach multiply per mesh
+        for grads, _ in kinds.values():  # one foreach multiply per mesh
             torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total

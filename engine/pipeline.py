@@ -11,11 +11,24 @@ whole model (engine/parallel.py).
 
 One optimizer step is one `schedule.step` over the rank's plan.grad_accum micro-batches (GPipe:
 all forwards then all backwards; 1F1B: one forward one backward in the steady state; interleaved
-1F1B: the same over virtual stages, a bubble pp_virtual_stages times smaller). The schedule scales
-gradients by 1/micro-batches, so they equal those of the mean loss, as without pipelining.
+1F1B: the same over virtual stages, a bubble pp_virtual_stages times smaller). Each micro-batch's
+loss is divided by the number of micro-batches before its backward, as the engine does without
+pipelining (the schedule's own scaling of the summed gradients is off), so the gradients are those
+of the mean loss and, under fp16, as large as without pipelining while they are 16-bit.
 
-Tied embeddings (gpt2) would need the head on the last stage to share the first stage's
-embedding across ranks; that is not implemented, and engine/config.py refuses pp > 1 for them.
+fp16: the last stage multiplies each micro-batch's loss by the current loss scale (the schedule's
+loss_fn), every stage unscales its own gradients, and the scaler's found-inf all-reduce spans all
+ranks (engine/parallel.py `build_grad_scaler`), so every rank skips or takes the step together and
+the scale stays the same everywhere. Reported losses are unscaled.
+
+Tied embeddings (gpt2), the Megatron way: the first stage holds the token embedding, the last
+stage a head whose weight is a copy of it (drawn from the same seed: `Transformer.init_weights`),
+and after backward the two copies' gradients are summed between the first and the last pipeline
+rank of each (dp, tp) coordinate, so both take the same update and stay equal. Both copies are
+sharded alike (vocabulary rows over tp, then dim 0 over dp), so the local shards are summed as
+they are. With the looped placement stage 0 is on pipeline rank 0 and the last stage on rank
+pp - 1: never the same rank when pp > 1. Checkpoints hold the copy under the embedding's name
+(`LocalStages`): one `tok_emb.weight` for every layout, pp = 1 included.
 """
 from __future__ import annotations
 
@@ -25,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from engine.config import PlanConfig
@@ -56,6 +70,10 @@ def split_stage(model: nn.Module, stage_id: int, n_stages: int) -> nn.Module:
     owned = {str(i) for i in stage_layers(len(model.layers), n_stages)[stage_id]}
     for name in [n for n in stage.layers if n not in owned]:
         del stage.layers[name]
+    if stage_id == n_stages - 1 and stage_id > 0 and model.cfg.tie_embeddings:
+        # the last stage's own copy of the tied weight (still on meta, or loaded: the same values)
+        stage.lm_head = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False, device="meta")
+        stage.lm_head.weight = stage.tok_emb.weight
     if stage_id > 0:
         stage.tok_emb = None
         stage.pos_emb = None
@@ -76,7 +94,11 @@ def build_stages(
 class LocalStages(nn.Module):
     """This rank's stages seen as one module whose parameters carry the full model's names, for the
     optimizer, gradient clipping and checkpoints (DCP merges the stages' partial state dicts). It
-    shares the stages' modules and is never called: the schedule runs the stages."""
+    shares the stages' modules and is never called: the schedule runs the stages.
+
+    A tied head's copy on the last stage is held as `tok_emb`: its weight is named tok_emb.weight,
+    the one name the tied weight has in every layout, so checkpoints (and the optimizer states in
+    them) load into any pp degree; the two equal copies are written once (DCP deduplicates)."""
 
     def __init__(self, stages: list[nn.Module]):
         super().__init__()
@@ -85,7 +107,8 @@ class LocalStages(nn.Module):
         for stage in stages:
             for name in ("tok_emb", "pos_emb", "norm", "lm_head"):
                 if getattr(stage, name) is not None:
-                    setattr(self, name, getattr(stage, name))
+                    held_as = "tok_emb" if name == "lm_head" and self.cfg.tie_embeddings else name
+                    setattr(self, held_as, getattr(stage, name))
             self.layers.update(stage.layers)
 
 
@@ -93,35 +116,81 @@ class Pipeline:
     """This rank's stages and the schedule that runs one optimizer step's micro-batches through them."""
 
     def __init__(
-        self, stages: list[tuple[int, nn.Module]], plan: PlanConfig, pp_mesh: DeviceMesh, device: torch.device
+        self, stages: list[tuple[int, nn.Module]], plan: PlanConfig, mesh: DeviceMesh, device: torch.device
     ):
         n_stages = plan.pp * plan.pp_virtual_stages
-        group = pp_mesh.get_group()
+        group = mesh["pp"].get_group()
         self.model = LocalStages([unwrap(module) for _, module in stages])
         self.stages = [PipelineStage(module, s, n_stages, device, group=group) for s, module in stages]
         self.has_first = any(s == 0 for s, _ in stages)
         self.has_last = any(s == n_stages - 1 for s, _ in stages)
         self.group = group
         self.device = device
+        # the tied weight's copy on this rank (the embedding, or the last stage's head) and the group
+        # of the first and last pipeline ranks that sum its gradients
+        tied = self.model.cfg.tie_embeddings
+        self.tied_group = tied_weight_group(mesh) if tied else None
+        self.tied_weight = self.model.tok_emb.weight if tied and (self.has_first or self.has_last) else None
+        # the head's copy duplicates the embedding's summed gradient: the global norm counts it once
+        self.duplicate_grads = (self.tied_weight,) if self.tied_weight is not None and self.has_last else ()
+        self.loss_scale: torch.Tensor | None = None
         cls = SCHEDULES[plan.pp_schedule]
         stage_arg = self.stages if plan.pp_schedule == "interleaved_1f1b" else self.stages[0]
-        self.schedule = cls(stage_arg, n_microbatches=plan.grad_accum, loss_fn=cross_entropy)
+        self.n_microbatches = plan.grad_accum
+        self.schedule = cls(stage_arg, n_microbatches=plan.grad_accum, loss_fn=self._loss, scale_grads=False)
 
-    def step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward and backward of one step's micro-batches (run inside loss_context); returns their
-        mean loss on every pipeline rank."""
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's share of the mean loss on the last stage, as backward starts from it
+        (times the loss scale under fp16)."""
+        loss = cross_entropy(logits, targets) / self.n_microbatches
+        return loss if self.loss_scale is None else loss * self.loss_scale
+
+    def step(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], loss_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches (run inside loss_context), the loss
+        multiplied by `loss_scale` (fp16) before backward; returns their mean unscaled loss on every
+        pipeline rank."""
         inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
         losses: list[torch.Tensor] = []
+        self.loss_scale = loss_scale
         if self.has_first:  # with pp > 1 the first and the last stage are on different ranks
             self.schedule.step(inputs, return_outputs=False)
         elif self.has_last:
             self.schedule.step(target=targets, losses=losses, return_outputs=False)
         else:
             self.schedule.step(return_outputs=False)
-        loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
+        if self.tied_weight is not None:
+            self._sum_tied_grads()
+        loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.device)
+        if losses and loss_scale is not None:
+            loss = loss / loss_scale
         dist.all_reduce(loss, group=self.group)  # only the last stage holds it
         return loss
+
+    @torch.no_grad()
+    def _sum_tied_grads(self) -> None:
+        """Embedding gradient + head gradient on both copies, summed shard by shard (the copies are
+        sharded alike; tp's embedding backward leaves its gradient replicated: this rank's rows)."""
+        weight = self.tied_weight
+        if isinstance(weight.grad, DTensor) and weight.grad.placements != weight.placements:
+            weight.grad = weight.grad.redistribute(weight.device_mesh, weight.placements)
+        grad = weight.grad
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        on_device = local.to(self.device)  # offloaded (host) gradients travel through the device
+        dist.all_reduce(on_device, group=self.tied_group)
+        if on_device is not local:
+            local.copy_(on_device)
+
+
+def tied_weight_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """The group of the first and the last pipeline rank of this rank's (dp, tp) coordinate (None on
+    a middle rank). Collective: every rank creates every pair's group."""
+    ranks = mesh.mesh  # global ranks, [pp, dp, tp]
+    pairs = [[int(ranks[0, d, t]), int(ranks[-1, d, t])] for d in range(ranks.shape[1]) for t in range(ranks.shape[2])]
+    mine, _ = dist.new_subgroups_by_enumeration(pairs)
+    return mine
 
 
 def build_pipeline(
@@ -130,4 +199,4 @@ def build_pipeline(
     """Cut a Transformer (built on meta, or loaded) into this rank's stages, apply the plan to each
     (tensor parallel, checkpointing, ZeRO over dp; materialised after sharding) and schedule them."""
     stages = [(s, apply_plan(module, plan, mesh, device, seed)) for s, module in build_stages(model, plan, mesh["pp"])]
-    return Pipeline(stages, plan, mesh["pp"], device)
+    return Pipeline(stages, plan, mesh, device)

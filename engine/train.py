@@ -207,9 +207,11 @@ class Engine:
         batches = self.batches(step)
         loss_sum = torch.zeros((), device=self.device)
         if self.pipeline:
-            # the schedule interleaves the micro-batches' forwards and backwards: one phase
+            # the schedule interleaves the micro-batches' forwards and backwards: one phase. The
+            # scale as a tensor (scaling 1 also sets up the scaler on stages that compute no loss).
+            scale = self.scaler.scale(torch.ones((), device=self.device)) if self.scaler else None
             with timer("forward_backward"), loss_context(plan), autocast(plan, self.device):
-                loss_sum = self.pipeline.step(batches)
+                loss_sum = self.pipeline.step(batches, scale)
         else:
             for i, (inputs, targets) in enumerate(batches):
                 inputs = inputs.to(self.device, non_blocking=True)
@@ -223,7 +225,8 @@ class Engine:
         with timer("optimizer"):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = clip_grad_norm(model, self.cfg.job.optimizer.grad_clip, self.pp_group)
+            duplicates = self.pipeline.duplicate_grads if self.pipeline else ()
+            grad_norm = clip_grad_norm(model, self.cfg.job.optimizer.grad_clip, self.pp_group, duplicates)
             if self.scaler:
                 self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
                 self.scaler.update(self.fixed_scale)

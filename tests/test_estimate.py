@@ -249,6 +249,32 @@ def test_triton_under_tp_or_pp_counts_the_logits_of_torchs_loss():
         assert triton["activations_bytes"] < torch_["activations_bytes"], layout
 
 
+def test_tied_head_copy_is_held_and_exchanged_by_the_last_stage():
+    """Under pp the last stage of a tied model holds a copy of the embedding as its head, and the
+    two copies sum their gradients once per step (engine/pipeline.py): each stage's parameters are
+    the engine's stages', and the exchange adds the head's fp32 gradient bytes to pp_comm."""
+    import dataclasses
+
+    from autotune.estimate import rank_layout
+    from engine.pipeline import split_stage
+
+    def train_gpt2():
+        return planner_config(["model=gpt2", "job.seq_len=1024", "job.global_batch=64", "plan.pp=2",
+                               "plan.dp=4", "plan.zero_stage=3"]).train
+
+    cfg = train_gpt2()
+    meta = build_model(cfg.model, device="meta")
+    layout = rank_layout(cfg.model, dp=4, tp=1, pp=2, v=1)
+    for kind, stage_id in (("first", 0), ("last", 1)):
+        stage = split_stage(meta, stage_id, 2)
+        assert layout[kind]["local"] == sum(p.numel() for p in stage.parameters()), kind
+    untied = train_gpt2()
+    untied.model = dataclasses.replace(cfg.model, tie_embeddings=False)
+    tied_s, untied_s = estimate(cfg, H100).time["pp_comm_s"], estimate(untied, H100).time["pp_comm_s"]
+    head_shard = 4 * cfg.model.vocab_size * cfg.model.d_model / 4  # fp32, sharded over dp by ZeRO-3
+    assert tied_s - untied_s == pytest.approx(head_shard / H100.intra_node_bytes_per_s)
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 def test_fit_calibration_recovers_known_factors(tmp_path):

@@ -4,8 +4,10 @@ every config's plan must use all the launched ranks (several plans share one lau
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
-SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step), "resume": {name: {"config": ..., "save_at": k}},
-"load": {name: {"config": ..., "checkpoint": path}}}. A resume run trains save_at steps,
+SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, and the fp16 loss scale after
+it), "resume": {name: {"config": ..., "save_at": k}}, "load": {name: {"config": ..., "checkpoint": path}},
+"overflow_at": {name of a fp16 run: step}}. An overflow is made by setting one gradient of rank 0 to
+inf before that step's unscale (only rank 0: every rank must skip the step with it). A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
 checkpoint (written under any plan) and trains to job.steps.
@@ -16,8 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as tdist
+from torch.distributed.tensor import DTensor
+
 from engine import dist
 from engine.config import build_train_config
+from engine.parallel import local_tensor
 from engine.train import Engine, reduce_loss
 
 
@@ -26,9 +33,37 @@ def losses(engine: Engine, steps: range) -> list[float]:
 
 
 def trajectory(engine: Engine, steps: range) -> dict[str, list[float]]:
-    """Loss and global gradient norm (before clipping) of each step."""
-    results = [engine.step(step) for step in steps]
-    return {"loss": [reduce_loss(r.loss)[0] for r in results], "grad_norm": [float(r.grad_norm) for r in results]}
+    """Loss and global gradient norm (before clipping) of each step, and the loss scale after it."""
+    out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "scale": []}
+    for step in steps:
+        r = engine.step(step)
+        out["loss"].append(reduce_loss(r.loss)[0])
+        out["grad_norm"].append(float(r.grad_norm))
+        out["scale"].append(engine.scaler.get_scale() if engine.scaler else 1.0)
+    return out
+
+
+def overflow_on_rank0(engine: Engine, at: int) -> None:
+    """Before the unscale of step `at`, rank 0 sets one of its gradients to inf."""
+    unscale, calls = engine.scaler.unscale_, iter(range(engine.cfg.job.steps))
+
+    def unscale_(optimizer):
+        if next(calls) == at and dist.rank() == 0:
+            grad = next(p.grad for p in engine.model.parameters() if p.grad is not None)
+            (grad.to_local() if isinstance(grad, DTensor) else grad).fill_(torch.inf)
+        unscale(optimizer)
+
+    engine.scaler.unscale_ = unscale_
+
+
+def optimizer_bytes(engine: Engine) -> int:
+    """The most bytes of optimizer states (a DTensor's local shard) that any rank holds."""
+    optimizer = getattr(engine.optimizer, "optim", engine.optimizer)  # ZeRO-1: this rank's partition
+    held = sum(local_tensor(v).numel() * v.element_size()
+               for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    most = torch.tensor(held, device=engine.device)
+    tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
+    return int(most)
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -39,7 +74,11 @@ def main(spec_path: str, out_path: str) -> None:
     try:
         for name, config in spec.get("runs", {}).items():
             cfg = build_train_config(config)
-            out[name] = trajectory(Engine(cfg, device), range(cfg.job.steps))
+            engine = Engine(cfg, device)
+            if name in spec.get("overflow_at", {}):
+                overflow_on_rank0(engine, spec["overflow_at"][name])
+            out[name] = trajectory(engine, range(cfg.job.steps))
+            out[name]["optimizer_bytes"] = optimizer_bytes(engine)
         for name, run in spec.get("resume", {}).items():
             cfg, save_at = build_train_config(run["config"]), run["save_at"]
             root = Path(cfg.job.out_dir) / "ckpt"
