@@ -2,9 +2,11 @@
 
 One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
 with ZeRO 0, 1 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
-with tp and sequence parallel for biases, positions and the tied head) and checkpoints and resumes
-a tp x pp x sequence-parallel run and a tp x dp ZeRO-1 offload run; one plain process gives the
-references, and continues both checkpoints. Refused plans are one `error:` line and exit status 2.
+with tp and sequence parallel for biases, positions and the tied head; gpt2 with pp, its tied
+embedding split between the first and the last stage; fp16 with pp, an overflow on one rank) and
+checkpoints and resumes a tp x pp x sequence-parallel run, a tp x dp ZeRO-1 offload run and a gpt2
+pp x dp run; one plain process gives the references, and continues the checkpoints. Refused plans
+are one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
