@@ -9,10 +9,12 @@ plan means:
 - parameters are fp32 on every path and are the optimizer's master weights (no separate master
   copy: `master_bytes` is 0); 16-bit compute uses copies: autocast's cast weights (ZeRO 0/1) or
   FSDP2's all-gathered 16-bit units (ZeRO 2/3), counted in `param_copies_bytes`;
-- ZeRO 0 = DDP with gradient_as_bucket_view (no bucket copy), ZeRO 1 = DDP + torch
-  ZeroRedundancyOptimizer (greedy whole-tensor partition), ZeRO 2/3 = FSDP2 per block + root
-  (root never resharded), reduce in fp32; offload (ZeRO 2/3) = CPUOffloadPolicy: sharded params,
-  grads and AdamW states on the host, the step on the CPU;
+- ZeRO 0 = DDP with gradient_as_bucket_view (no bucket copy), or under tp/pp FSDP2's replicate
+  (the same whole gradients, all-reduced once per step); ZeRO 1 = that + torch
+  ZeroRedundancyOptimizer, or under tp/pp engine.parallel.ShardedOptimizer (both a greedy
+  whole-tensor partition of the rank's tp shards; owners broadcast the updated parameters);
+  ZeRO 2/3 = FSDP2 per block + root (root never resharded), reduce in fp32; offload (ZeRO 2/3) =
+  CPUOffloadPolicy: sharded params, grads and AdamW states on the host, the step on the CPU;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
   outside the blocks, for the plan's precision x cast x checkpointing x kernels; the logits are
   those of the loss the engine runs (torch's under tp or pp even with kernels=triton);
@@ -133,8 +135,9 @@ def _tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ..
 
 def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int) -> dict[str, dict[str, int]]:
     """Numels held by the first and the last pipeline rank: whole on the rank (`local`), the FSDP2
-    shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk), the largest ZeroRedundancyOptimizer
-    partition (`zero1`, greedy over the engine's two param groups), tensor counts, and the units
+    shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk), the largest ZeRO-1 partition
+    (`zero1`: ZeroRedundancyOptimizer's greedy rule over the engine's two param groups, applied to
+    the tp shards as engine.parallel.ShardedOptimizer does), tensor counts, and the units
     FSDP2 gathers (`block`: largest block, `root`: embeddings, final norm, head)."""
     key = (repr(model), dp, tp, pp, v)
     if key in _LAYOUTS:

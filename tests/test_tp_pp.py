@@ -20,6 +20,10 @@ import pytest
 import yaml
 
 from autotune.cli import main as autotune_main
+from autotune.config import ClusterConfig
+from autotune.estimate import estimate
+from autotune.hardware import load_hardware
+from engine.config import build_train_config
 from engine.pipeline import stage_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +129,11 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
         assert result[name]["scale"] == expected["scale"], name
     llama = reference["llama"]["loss"]
     assert llama[-1] < llama[0] - 0.05  # the trajectory really moves
+    # ZeRO-1 over tp shards: the largest rank's AdamW states are those autotune.estimate counts (a
+    # 4-rank layout, beyond tests/test_estimate.py's 2-rank check of what the engine holds)
+    hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))
+    held = estimate(build_train_config(runs["tp2_dp2_zero1"]), hw).model_states["optimizer_bytes"]
+    assert result["tp2_dp2_zero1"]["optimizer_bytes"] == held
     # fp16 really computes in fp16 (off the fp32 trajectory by more than the tolerance), the overflow
     # is skipped and halves the dynamic scale, and the fixed scale stays
     assert max(abs(a - b) / b for a, b in zip(reference["fp16"]["loss"], llama)) > 1e-4
