@@ -15,6 +15,8 @@ plan means:
   whole-tensor partition of the rank's tp shards; owners broadcast the updated parameters);
   ZeRO 2/3 = FSDP2 per block + root (root never resharded), reduce in fp32; offload (ZeRO 2/3) =
   CPUOffloadPolicy: sharded params, grads and AdamW states on the host, the step on the CPU;
+  offload (ZeRO 1) = HostOffloadAdamW: the partition's AdamW states and a host copy of its params
+  and grads on the host, the step on the CPU, params and grads whole on the device;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
   outside the blocks, for the plan's precision x cast x checkpointing x kernels; the logits are
   those of the loss the engine runs (torch's under tp or pp even with kernels=triton);
@@ -212,6 +214,9 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     n = len(plans)
     z = _col(plans, "zero_stage", 0).astype(np.int64)
     offload = (_col(plans, "offload_optimizer", False).astype(bool) | _col(plans, "offload_params", False).astype(bool)) & (z >= 2)
+    # ZeRO-1 offload is engine.parallel.HostOffloadAdamW: fp32 params and grads stay on the device,
+    # the rank's partition has host copies of both plus its AdamW states, and the step runs there
+    host_adam = _col(plans, "offload_optimizer", False).astype(bool) & (z == 1)
     b = _col(plans, "micro_batch", 1).astype(np.int64)
     dp = _col(plans, "dp", 1).astype(np.int64)
     tp = _col(plans, "tp", 1).astype(np.int64)
@@ -305,7 +310,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
         # AdamW exp_avg + exp_avg_sq fp32, plus one fp32 `step` scalar per parameter tensor
-        mem["optimizer"] = np.where(offload, 0, 8 * opt_numel + 4 * opt_tensors)
+        mem["optimizer"] = np.where(offload | host_adam, 0, 8 * opt_numel + 4 * opt_tensors)
         # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
         # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
         # current and the prefetched block [Model states, FSDP2 derived]
@@ -345,7 +350,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
            for k in (*MEMORY, "step_grads", "phase")}
     mem_total = np.where(last_peaks, total["last"], total["first"])
     allocated = mem_total - mem["context"]
-    host_bytes = np.where(offload, 16 * lay["first"]["shard"], 0) * hw.gpus_per_node  # params, grads, AdamW
+    F = lay["first"]  # host copies of params and grads, AdamW states (+ HostOffloadAdamW's step scalars)
+    host_bytes = np.select([offload, host_adam], [16 * F["shard"], 16 * F["zero1"] + 4 * F["zero1_tensors"]], 0) * hw.gpus_per_node
 
     # --- time per optimizer step [FLOPs and MFU, Communication] -------------------------------
     peak = np.select([prec == "bf16", prec == "fp16"], [hw.peak_flops["bf16"], hw.peak_flops["fp16"]], hw.peak_flops["fp32"])
@@ -367,7 +373,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     t["backward"] = m * bwd_mb
     t["recompute"] = m * rec_mb
     opt_numel = np.where(z == 1, L["zero1"], np.where(z >= 2, L["shard"], L["local"]))
-    t["optimizer"] = np.where(offload, ADAM_BYTES_PER_PARAM * opt_numel / HOST_ADAM_BYTES_PER_S,
+    t["optimizer"] = np.where(offload | host_adam, ADAM_BYTES_PER_PARAM * opt_numel / HOST_ADAM_BYTES_PER_S,
                               ADAM_BYTES_PER_PARAM * opt_numel / hw.hbm_bytes_per_s)
     # data parallel: the dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp)
     bw_dp = np.where(tp * dp <= hw.gpus_per_node, hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) * calib.collective_efficiency
@@ -397,8 +403,10 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     tied = 4 * V * h / tp / np.where(z >= 2, dp, 1) / bw_pp if model.tie_embeddings else np.zeros(n)
     t["pp_comm"] = np.where(pp > 1, m * 2 * b * s * h * beta / bw_pp + tied, 0)
     # offload: sharded fp32 params up and their gradients down, per micro-batch (ZeRO-3 twice)
+    # HostOffloadAdamW (ZeRO-1): its partition's params and grads down, params up, once per step
     moves = np.where(z == 3, 2 * m, m) * 4 * L["shard"] + 4 * L["shard"]
-    t["offload"] = np.where(offload, moves / hw.host_device_bytes_per_s, 0)
+    moves = np.where(host_adam, 12 * L["zero1"], moves)
+    t["offload"] = np.where(offload | host_adam, moves / hw.host_device_bytes_per_s, 0)
     launches = m * layers * LAUNCHES_PER_BLOCK * LAUNCH_S if hw.device == "cuda" else np.zeros(n)
     t["overhead"] = launches + calib.step_overhead_s
     step = sum(t.values())
@@ -420,6 +428,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["tokens_per_s"] = tokens_per_s
     out["mfu"] = mfu
     out["fits"] = fits
+    out["host_bytes"] = host_bytes  # host memory per node that offload needs
     out["peak_stage"] = np.where(last_peaks, "last", "first")
     out["peak_phase"] = mem["phase"]  # backward (start of a backward) | optimizer (the step)
     out["step_grads_bytes"] = mem["step_grads"]  # gradients held at the optimizer step (model states)
@@ -461,6 +470,7 @@ class Estimate:
     peak_phase: str = "backward"  # when it peaks: backward (start of a backward) | optimizer (the step)
     model_states: dict[str, int] = field(default_factory=dict)  # params, grads, master, optimizer at the step
     allocated_bytes: int = 0  # what torch.cuda.max_memory_allocated would show (no context)
+    host_bytes: int = 0  # host memory per node that offload needs (params, grads, AdamW states)
     flops_per_token: float = 0.0
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     to_fit: str = ""  # for a plan that does not fit: the changes that would make it fit
@@ -488,7 +498,7 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
         params=count_params(train.model), memory=memory, time={f"{k}_s": float(row[f"time_{k}_s"]) for k in TIME},
         step_time_s=float(row["step_time_s"]), tokens_per_s=float(row["tokens_per_s"]), mfu=float(row["mfu"]),
         fits=bool(row["fits"]), reason=str(row["reason"]), peak_stage=str(row["peak_stage"]),
-        peak_phase=str(row["peak_phase"]),
+        peak_phase=str(row["peak_phase"]), host_bytes=int(row["host_bytes"]),
         model_states={"params_bytes": memory["params_bytes"], "grads_bytes": int(row["step_grads_bytes"]),
                       "master_bytes": memory["master_bytes"], "optimizer_bytes": memory["optimizer_bytes"]},
         allocated_bytes=int(row["allocated_bytes"]), flops_per_token=flops_per_token(train.model, train.job.seq_len)["total"],
@@ -524,7 +534,7 @@ def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None =
     variants = []
     for values in itertools.product(*options.values()):
         q = dataclasses.replace(p, **dict(zip(options, values)), grad_accum=None)
-        if q.offload_optimizer and q.zero_stage < 2:
+        if q.offload_optimizer and q.zero_stage == 0:
             continue
         try:
             validate_plan(q, train.model, train.job)

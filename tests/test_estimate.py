@@ -69,6 +69,17 @@ for stage, precision in ((0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "bf16")):
     }
     del eng
 
+# ZeRO-1 offload (HostOffloadAdamW inside ZeroRedundancyOptimizer): on the host, copies of the
+# partition's params and grads and its AdamW states
+cfg = build_train_config({"model": MODEL, "job": {"seq_len": 16, "global_batch": 2},
+                          "plan": {"zero_stage": 1, "dp": 2, "offload_optimizer": True}})
+eng = Engine(cfg, device)
+eng.step(0)
+host = eng.optimizer.optim
+out["zero1_offload_host"] = (sum(nbytes(h) + nbytes(h.grad) for h in host.host.values())
+                             + sum(nbytes(v) for s in host.inner.state.values() for v in s.values() if torch.is_tensor(v)))
+del eng
+
 # FSDP2 during gradient accumulation: the first micro-batch's gradients, reduce-scattered into shards
 for stage in (2, 3):
     cfg = build_train_config({"model": MODEL, "job": {"seq_len": 16, "global_batch": 4},
@@ -97,7 +108,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_model_states_equal_what_the_engine_holds(tmp_path):
     """ZeRO 0-3 on 2 gloo ranks: params, grads, master and AdamW states per rank, in bytes, after a
-    step, equal the estimate exactly (the estimate's rank is the one that holds the most); and under
+    step, equal the estimate exactly (the estimate's rank is the one that holds the most); the host
+    memory of ZeRO-1 offload; and under
     FSDP2 gradient accumulation, the sharded fp32 gradients it keeps between micro-batches."""
     port = _free_port()
     procs = []
@@ -122,6 +134,11 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
             assert [h[str(stage)][key] for h in held] == [est[key]] * 2, (stage, key)
         assert max(h[str(stage)]["optimizer"] for h in held) == est["optimizer"], stage
         assert est["master"] == 0  # the engine's fp32 parameters are the master weights
+    cfg = build_train_config({"model": model, "job": {"seq_len": 16, "global_batch": 2},
+                              "plan": {"zero_stage": 1, "dp": 2, "offload_optimizer": True}})
+    est = estimate(cfg, hw)
+    assert est.model_states["optimizer_bytes"] == 0  # AdamW states live on the host
+    assert max(h["zero1_offload_host"] for h in held) * hw.gpus_per_node == est.host_bytes
     for stage in (2, 3):  # two micro-batches: gradients of the first, sharded, at the second backward
         cfg = build_train_config({"model": model, "job": {"seq_len": 16, "global_batch": 4},
                                   "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
