@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
-from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -37,6 +36,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.config import ConfigError, JobConfig, PlanConfig
 from engine.tensor_parallel import apply_tp
+
+try:  # FSDP2's replicate is private and recent: without it only ZeRO 0/1 under tp or pp is lost
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
+except ImportError:
+    ReplicateModule = replicate = None
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,6 +135,11 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
     if plan.dp == 1:
         return model
     if uses_replicate(plan):
+        if replicate is None:
+            raise ConfigError(
+                f"plan.zero_stage={plan.zero_stage} with plan.tp={plan.tp}, plan.pp={plan.pp} needs FSDP2's replicate, "
+                f"which torch {torch.__version__} lacks; use plan.zero_stage=2 or a newer torch"
+            )
         for block in model.layers.values():
             replicate(block, mesh=dp_mesh)
         return replicate(model, mesh=dp_mesh)
@@ -345,7 +354,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
-    elif isinstance(model, ReplicateModule):
+    elif ReplicateModule is not None and isinstance(model, ReplicateModule):
         model.set_requires_gradient_sync(enabled)
         yield
     else:
