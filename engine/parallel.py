@@ -190,12 +190,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --- optimizer, precision, accumulation, clipping -------------------------------------------------
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings), none on norms and biases (as nanoGPT)."""
+    """Weight decay on matrices (linears, embeddings), none on norms and biases (as nanoGPT).
+
+    A foreach/fused AdamW group cannot mix DTensors and plain tensors, which a tensor-parallel model
+    without a dp wrapper has (plain norms, gpt2's positions): such a group is split in two. Groups
+    that do not mix stay whole (ZeRO-1 partitions per group, as autotune.estimate counts)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    groups = []
+    for members, decay in (([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)):
+        kinds = [[p for p in members if not isinstance(p, DTensor)], [p for p in members if isinstance(p, DTensor)]]
+        groups += [{"params": part, "weight_decay": decay} for part in (kinds if all(kinds) else [members])]
+    return groups
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

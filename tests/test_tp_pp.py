@@ -84,6 +84,8 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs["gpt2_pp2_dp2_zero0_1f1b"] = config(tmp_path / "gpt2-pp", TINY_GPT2, pp=2, dp=2)
     runs["gpt2_tp2_pp2_zero2_sp"] = config(tmp_path / "gpt2-tp-pp", TINY_GPT2, tp=2, pp=2, zero_stage=2,
                                            sequence_parallel=True)
+    # no dp wrapper: tp DTensors beside plain norms and positions (split AdamW groups)
+    runs["gpt2_tp2_pp2_zero0"] = config(tmp_path / "gpt2-tp-pp-zero0", TINY_GPT2, tp=2, pp=2)
     # fp16 across stages, dynamic and fixed (under ZeRO-3) scales, each with an overflow on rank 0
     # alone at step 2: every rank must skip that step, and only the dynamic scale backs off
     runs["pp2_dp2_fp16_1f1b"] = config(tmp_path / "fp16", pp=2, dp=2, precision="fp16")
