@@ -3,6 +3,10 @@ training loop and torch.compile on the same model, for micro-batches 1..16.
 
     python benchmarks/bench_engine.py --out benchmarks/results/engine.json
     python benchmarks/bench_engine.py --models gpt2 --micro-batches 1 4 --modes engine eager --out /tmp/e.json
+    python benchmarks/bench_engine.py --device cpu --models tiny --micro-batches 1 --seq-len 32 --out /tmp/e.json
+
+`--device auto` (the default) takes the GPU when there is one and otherwise the CPU; the JSON and the
+table name the device, so a CPU smoke run is never read as a GPU figure.
 
 Modes:
 - engine          `python -m engine.probe` with plan zero_stage=0, precision=bf16, micro_batch=b
@@ -21,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="measured steps")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring (compile, allocator)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when available, else cpu (a smoke run, not a benchmark)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
     p.add_argument("--one", nargs=3, metavar=("MODEL", "MODE", "MICRO"), help=argparse.SUPPRESS)  # worker
     return p.parse_args(argv)
@@ -66,21 +74,22 @@ def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace)
 
     from engine.config import build_train_config
     from engine.model import build_model
-    from engine.train import flops_per_token, peak_tflops
+    from engine.train import MemoryMeter, device_name, flops_per_token, peak_tflops
 
     cfg = build_train_config(train_config(model_name, micro, args.seq_len, args.steps + args.warmup, "unused"))
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    meter = MemoryMeter(device)  # the probe's meter, so both columns mean the same thing
     torch.manual_seed(0)
     model = build_model(cfg.model, device=device, seed=0)
     step_model = torch.compile(model) if mode == "compile" else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    on_cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, **({"fused": True} if on_cuda else {"foreach": True}))
     tokens = torch.randint(cfg.model.vocab_size, (micro, args.seq_len + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     times = []
-    torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)  # as the engine (job default)
@@ -95,7 +104,7 @@ def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace)
     return {
         "status": "ok", "step_time_s": step_time, "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token(cfg.model, args.seq_len) / (peak * 1e12) if peak else None,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name(),
+        "peak_mem_bytes": meter.peak_bytes(), "device": device_name(device), "error": None,
     }
 
 
@@ -114,10 +123,18 @@ def engine_probe(model_name: str, mode: str, micro: int, args: argparse.Namespac
         subprocess.run(
             [sys.executable, "-m", "engine.probe", str(config), "--steps", str(args.steps), "--warmup",
              str(args.warmup), "--out", str(out)],
-            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=args.timeout,
+            cwd=ROOT, env=probe_env(args.device), timeout=args.timeout,
         )
         r = json.loads(out.read_text())
     return {k: r[k] for k in ("status", "step_time_s", "tokens_per_s", "mfu", "peak_mem_bytes", "device", "error")}
+
+
+def probe_env(device: str) -> dict[str, str]:
+    """The probe takes the GPU whenever it sees one: hiding it is how it runs on the CPU."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def run_one(model: str, mode: str, micro: int, args: argparse.Namespace) -> dict:
@@ -139,36 +156,60 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: bench_engine needs a CUDA GPU", file=sys.stderr)
+    from engine.files import write_atomic
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
         return 2
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {device}", flush=True)
     rows = []
+    result = {"benchmark": "engine", "device": device, "dtype": "bf16",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "rows": rows}
     for model in args.models:
         for micro in args.micro_batches:
             for mode in args.modes:
                 argv_one = [sys.executable, __file__, "--one", model, mode, str(micro), "--seq-len", str(args.seq_len),
-                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.timeout)]
+                            "--steps", str(args.steps), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
+                            "--device", args.device]
                 try:
                     proc = subprocess.run(argv_one, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout + 60)
                     lines = proc.stdout.strip().splitlines()
                     row = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                        "status": "error", "error": proc.stderr.strip().splitlines()[-1:] or None}
+                        "status": "error", "error": (proc.stderr.strip().splitlines() or [None])[-1]}
                 except subprocess.TimeoutExpired:
                     row = {"status": "timeout"}
                 row = {"model": model, "mode": mode, "micro_batch": micro, "seq_len": args.seq_len, **row}
                 rows.append(row)
                 tps, mfu, mem = row.get("tokens_per_s"), row.get("mfu"), row.get("peak_mem_bytes")
-                print(f"{model:14s} {mode:15s} b={micro:<3d} {row['status']:7s} "
-                      f"{tps or 0:>12,.0f} tok/s  mfu {100 * (mfu or 0):5.1f}%  mem {(mem or 0) / 2**30:6.2f} GiB",
-                      flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-                               "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+                print(f"{model:14s} {mode:15s} b={micro:<3d} {row['status']:7s} {tps or 0:>12,.0f} tok/s  "
+                      f"mfu {'-' if mfu is None else f'{mfu:.1%}':>6s}  mem {(mem or 0) / 2**30:6.2f} GiB", flush=True)
+                write_atomic(args.out, json.dumps(result, indent=2) + "\n")  # a run cut short keeps its rows
+    print(markdown(result))
+    print(f"wrote {args.out}")
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The table for BENCHMARKS.md: each mode's row, and the engine's speed over the best baseline."""
+    lines = [f"device: {result['device']}, bf16, seq_len {result['seq_len']}, median of {result['steps']} steps", "",
+             "| model | micro-batch | mode | tokens/s | MFU | peak GiB | engine / best baseline |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['micro_batch']} | {r['mode']} | {r['status']} | | | |")
+            continue
+        baselines = [b["tokens_per_s"] for b in result["rows"] if b["status"] == "ok" and b["mode"] in ("eager", "compile")
+                     and (b["model"], b["micro_batch"]) == (r["model"], r["micro_batch"])]
+        ratio = f"{r['tokens_per_s'] / max(baselines):.2f}" if r["mode"].startswith("engine") and baselines else ""
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['micro_batch']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{r['peak_mem_bytes'] / 2**30:.2f} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

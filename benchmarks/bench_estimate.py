@@ -2,7 +2,7 @@
 
     python benchmarks/bench_estimate.py [--plans 100000] [--model llama-3-8b] [--cluster 4x8xh100]
     python benchmarks/bench_estimate.py --probe gpu [--calibrate]   # on a GPU: 20+ plans
-    python benchmarks/bench_estimate.py --probe cpu                 # the same path, tiny plans
+    python benchmarks/bench_estimate.py --probe cpu                 # the same path, tiny plans (a smoke run)
 
 Speed: estimate_frame over N random plans on one CPU core; prints one JSON line (plans, CPU
 seconds, plans per second) and, with --out, writes it there. The first call (activation fit from
@@ -10,16 +10,19 @@ the cache, per-rank layouts) is made before timing.
 
 --probe: every plan of the set runs through `python -m engine.probe` (its own process) on this
 machine (cluster=auto, so the hardware figures are measured), and its measured peak_mem_bytes
-and step_time_s are set next to the estimate's allocated_bytes and step_time_s. Records go to
-benchmarks/results/estimate_vs_probe-<set>.jsonl in the format fit_calibration takes; a markdown
-table with the errors is printed. --calibrate adds leave-one-out calibrated errors (each plan
-estimated with a calibration fitted on the others).
+and step_time_s are set next to the estimate's allocated_bytes and step_time_s. Records go to --out
+(default benchmarks/results/estimate_vs_probe-<set>.jsonl; rewritten after every plan, so a run cut
+short keeps what it measured) in the format fit_calibration takes, each naming the device that
+measured it; the markdown table of the errors is printed and written beside it (.md).
+--calibrate adds leave-one-out calibrated errors (each plan estimated with a calibration fitted on
+the others; it needs 3 plans that ran).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,12 +34,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from autotune.config import ClusterConfig, planner_config
-from autotune.estimate import estimate, estimate_frame, fit_calibration
-from autotune.hardware import load_hardware
-from engine.config import to_yaml
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from autotune.config import ClusterConfig, planner_config  # noqa: E402
+from autotune.estimate import estimate, estimate_frame, fit_calibration  # noqa: E402
+from autotune.hardware import load_hardware  # noqa: E402
+from engine.config import to_yaml  # noqa: E402
+from engine.files import write_atomic  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
 # (model, seq_len, plan overrides): gpt2 up to llama-3.2-1b on one GPU; micro-batch, precision,
 # checkpointing, kernels and offload varied. Two micro-batches per step (global = 2 x micro).
 GPU_SET = [
@@ -63,8 +70,9 @@ GPU_SET = [
     ("llama-3.2-1b", 2048, dict(precision="bf16", micro_batch=2, zero_stage=3)),
     ("llama-3.2-1b", 2048, dict(precision="fp32", micro_batch=1, activation_checkpointing="full")),
 ]
-CPU_SET = [
+CPU_SET = [  # three plans: the fewest --calibrate's leave-one-out fit takes
     ("tiny", 64, dict(micro_batch=2)),
+    ("tiny", 64, dict(micro_batch=4)),
     ("tiny-gpt2", 64, dict(micro_batch=4, activation_checkpointing="full")),
 ]
 
@@ -97,7 +105,8 @@ def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path) -> di
     path.write_text(to_yaml(cfg.train))
     out = path.with_suffix(".json")
     subprocess.run([sys.executable, "-m", "engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
-                    "--out", str(out)], check=False, timeout=900)
+                    "--out", str(out)], check=False, timeout=900, cwd=ROOT,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
     got = json.loads(out.read_text()) if out.exists() else {"status": "error"}
     return {
         "model": dataclasses.asdict(cfg.train.model), "job": dataclasses.asdict(cfg.train.job),
@@ -135,10 +144,19 @@ def _plan_text(p: dict) -> str:
     return " ".join(parts + (["offload"] if p["offload_optimizer"] or p["offload_params"] else []))
 
 
-def compare(which: str, steps: int, calibrate: bool) -> None:
+def compare(which: str, steps: int, calibrate: bool, out: Path) -> None:
     plans = GPU_SET if which == "gpu" else CPU_SET
+    hw = load_hardware(ClusterConfig())  # probed once per process; every estimate below reuses it
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the probes' buffers: leave the GPU's memory to the plans
+    print(f"device: {hw.gpu}", flush=True)
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
-        records = [probe(m, s, p, steps, Path(tmp)) for m, s, p in plans]
+        for m, s, p in plans:
+            records.append(probe(m, s, p, steps, Path(tmp)))
+            write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+            print(f"{len(records)}/{len(plans)} {m} {_plan_text(records[-1]['plan'])}: {records[-1]['status']}",
+                  flush=True)
     ok = [r for r in records if r["status"] == "ok"]
     if calibrate and len(ok) >= 3:
         hw = load_hardware(ClusterConfig())
@@ -148,18 +166,18 @@ def compare(which: str, steps: int, calibrate: bool) -> None:
             calib = fit_calibration([o for j, o in enumerate(ok) if j != i], hw)
             est = estimate(build_train_config({k: r[k] for k in ("model", "job", "plan")}), hw, calib)
             r["cal_step_time_s"], r["cal_allocated_bytes"] = est.step_time_s, est.allocated_bytes
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"estimate_vs_probe-{which}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"device: {records[0]['device']}; records: {path}")
-    print(error_table(records))
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    table = f"device: {hw.gpu}; {len(records)} plans, {steps} measured steps each\n\n{error_table(records)}"
     if calibrate and len(ok) >= 3:
-        print("\nleave-one-out calibrated:")
-        print(error_table(ok, "cal"))
+        table += f"\n\nleave-one-out calibrated:\n\n{error_table(ok, 'cal')}"
+    write_atomic(out.with_suffix(".md"), table + "\n")
+    print(table)
+    print(f"records: {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--probe", choices=["gpu", "cpu"], help="compare with the engine's probe instead")
     parser.add_argument("--steps", type=int, default=5, help="measured probe steps per plan")
     parser.add_argument("--calibrate", action="store_true")
@@ -167,10 +185,11 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--cluster", default="4x8xh100")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="JSON (speed) or JSONL (--probe) file to write")
+    args = parser.parse_args(argv)
     if args.probe:
-        compare(args.probe, args.steps, args.calibrate)
+        out = Path(args.out) if args.out else RESULTS / f"estimate_vs_probe-{args.probe}.jsonl"
+        compare(args.probe, args.steps, args.calibrate, out)
         return
     torch.set_num_threads(1)
     cfg = planner_config([f"model={args.model}", f"cluster={args.cluster}", "job.seq_len=4096", "job.global_batch=512"])
@@ -187,8 +206,7 @@ def main() -> None:
               "plans_per_s": round(args.plans / best), "fits": int(out["fits"].sum()), "threads": 1}
     print(json.dumps(result))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f)
+        write_atomic(args.out, json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

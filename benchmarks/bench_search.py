@@ -13,9 +13,13 @@ On one GPU, for each model with a fixed global batch:
     python benchmarks/bench_search.py --models gpt2-medium llama-3.2-1b --global-batch 16 \
         --seq-len 1024 --budgets 8 16 --seeds 0 1 2
 
-Writes <out>/results.json and prints the Markdown table for BENCHMARKS.md. The grid is the slow
-part (a few hundred probes per model); --grid-limit caps it for a dry run (the 97% target is then
-relative to the partial grid, and the table says so).
+Writes <out>/results.json (with the device that measured it) and prints the Markdown table for
+BENCHMARKS.md. The grid is the slow part (a few hundred probes per model); --grid-limit measures a
+seeded random sample of that many grid plans instead (the 97% target is then relative to the
+partial grid, and the table says so). A search that fails is recorded as such and the rest go on.
+
+    python benchmarks/bench_search.py --models tiny --global-batch 4 --seq-len 32 --budgets 1 \
+        --seeds 0 --grid-limit 2 --out /tmp/s   # a smoke run on the CPU
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=3)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--trial-timeout", type=float, default=300.0)
-    p.add_argument("--grid-limit", type=int, default=None, help="measure at most this many grid plans")
+    p.add_argument("--grid-limit", type=int, default=None,
+                   help="measure a seeded random sample of this many grid plans, not all of them")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "search"))
     return p.parse_args(argv)
 
@@ -65,8 +70,9 @@ def overrides(args: argparse.Namespace, model: str) -> list[str]:
             f"search.trial_timeout_s={args.trial_timeout}", "search.finalists=0", "search.mode=measure"]
 
 
-def run_grid(args: argparse.Namespace, model: str, folder: Path) -> list[dict[str, Any]]:
-    """Every valid plan measured once (resumable: plans already in grid.jsonl are not rerun)."""
+def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[dict[str, Any]], str]:
+    """Every valid plan measured once, and the device that measured them. Resumable: plans already
+    in grid.jsonl, measured with the same settings, are not rerun."""
     from autotune.config import planner_config
     from autotune.hardware import load_hardware
     from autotune.plans import enumerate_plans, plan_key, row_plan
@@ -77,13 +83,17 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> list[dict[st
     pc = planner_config(overrides(args, model))
     hw = load_hardware(pc.cluster)
     plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw))
+    if args.grid_limit is not None and args.grid_limit < len(plans):
+        plans = plans.sample(n=args.grid_limit, random_state=0)  # a spread of the space, not its first corner
+    settings = {"overrides": overrides(args, model), "device": hw.gpu}
     path = folder / "grid.jsonl"
     done = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            done[row["key"]] = row
-    rows = [row_plan(r) for r in plans.to_dict("records")][: args.grid_limit]
+            if row.get("settings") == settings:
+                done[row["key"]] = row
+    rows = [row_plan(r) for r in plans.to_dict("records")]
     for i, plan in enumerate(rows):
         key = plan_key(plan)
         if key in done:
@@ -93,19 +103,24 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> list[dict[st
                         timeout_s=args.trial_timeout)
         tps = run.metrics.get("tokens_per_s") if run.status == "ok" and run.metrics else None
         done[key] = {"key": key, "plan": plan, "status": run.status, "tokens_per_s": tps, "wall_s": run.wall_s,
-                     "peak_mem_bytes": (run.metrics or {}).get("peak_mem_bytes")}
+                     "peak_mem_bytes": (run.metrics or {}).get("peak_mem_bytes"), "settings": settings}
         with open(path, "a") as f:
             f.write(json.dumps(done[key]) + "\n")
         print(f"[grid {model}] {i + 1}/{len(rows)} {run.status} {tps or 0:.0f} tokens/s", file=sys.stderr, flush=True)
-    return [done[plan_key(p)] for p in rows]
+    return [done[plan_key(p)] for p in rows], hw.gpu
 
 
 def run_search(args: argparse.Namespace, model: str, method: str, budget: int, seed: int, folder: Path) -> Path:
+    """One `autotune search` in its own process; raises RuntimeError when it fails or hangs."""
     out = folder / f"{method}-b{budget}-s{seed}"
     cmd = [sys.executable, "-m", "autotune", "search", "--out", str(out), *overrides(args, model),
            f"search.trials={budget}", f"search.seed={seed}", *METHODS[method]]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    try:  # every trial may take its whole timeout; the search's own setup is minutes at most
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=budget * args.trial_timeout + 600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)} did not finish in {budget * args.trial_timeout + 600:.0f} s") from None
     if done.returncode not in (0, 1):  # 1: no trial succeeded, still a result
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return out
@@ -131,14 +146,16 @@ def time_to_target(run_dir: Path, target: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.files import write_atomic
+
     args = parse_args(argv)
     out = Path(args.out)
-    results: dict[str, Any] = {"args": vars(args), "models": {}}
+    results: dict[str, Any] = {"args": vars(args), "device": None, "models": {}}
     for model in args.models:
         folder = out / model
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        grid = run_grid(args, model, folder)
+        grid, results["device"] = run_grid(args, model, folder)
         ok = [g for g in grid if g["tokens_per_s"]]
         if not ok:
             print(f"{model}: no grid plan ran; skipped", file=sys.stderr)
@@ -151,19 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for budget in args.budgets:
                 for seed in args.seeds:
-                    run_dir = run_search(args, model, method, budget, seed, folder)
-                    got = time_to_target(run_dir, TARGET * grid_best)
+                    try:
+                        got = time_to_target(run_search(args, model, method, budget, seed, folder), TARGET * grid_best)
+                    except RuntimeError as e:  # one failed search is a row, not the end of the benchmark
+                        got = {"reached": False, "trials": None, "wall_s": None, "best": None, "error": str(e)[-2000:]}
                     entry["runs"].append({"method": method, "budget": budget, "seed": seed, **got})
                     print(f"[{model}] {method} budget {budget} seed {seed}: {got}", file=sys.stderr, flush=True)
+                    results["models"][model] = entry
+                    write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
         results["models"][model] = entry
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     print(markdown(results))
     return 0
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Trials and wall time until a trial reaches {TARGET:.0%} of the grid's best throughput "
-             "(median over seeds, of the seeds that reached it).", "",
+    lines = [f"device: {results['device']}. Trials and wall time until a trial reaches {TARGET:.0%} of the grid's "
+             "best throughput (median over seeds, of the seeds that reached it; failed: searches that errored).", "",
              "| model | grid plans (ok) | grid best tokens/s | method | budget | reached | trials | wall s | best / grid |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model, entry in results["models"].items():
@@ -173,12 +194,14 @@ def markdown(results: dict[str, Any]) -> str:
             groups.setdefault((r["method"], r["budget"]), []).append(r)
         for (method, budget), runs in groups.items():
             hit = [r for r in runs if r["reached"]]
+            failed = sum("error" in r for r in runs)
             trials = statistics.median(r["trials"] for r in hit) if hit else "-"
             wall = f"{statistics.median(r['wall_s'] for r in hit):.0f}" if hit else "-"
-            ratio = statistics.median(r["best"] / g["best_tokens_per_s"] for r in runs)
+            bests = [r["best"] / g["best_tokens_per_s"] for r in runs if r["best"] is not None]
+            ratio = f"{statistics.median(bests):.3f}" if bests else "-"
             lines.append(f"| {model} | {g['plans']} ({g['ok']}){' partial' if g['partial'] else ''} | "
-                         f"{g['best_tokens_per_s']:,.0f} | {method} | {budget} | {len(hit)}/{len(runs)} | "
-                         f"{trials} | {wall} | {ratio:.3f} |")
+                         f"{g['best_tokens_per_s']:,.0f} | {method} | {budget} | {len(hit)}/{len(runs)}"
+                         f"{f' ({failed} failed)' if failed else ''} | {trials} | {wall} | {ratio} |")
     return "\n".join(lines)
 
 

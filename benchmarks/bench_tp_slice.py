@@ -3,6 +3,7 @@ one GPU, bf16: what a tp rank computes, without the communication (which one GPU
 
     python benchmarks/bench_tp_slice.py --out benchmarks/results/tp_slice.json
     python benchmarks/bench_tp_slice.py --models llama-3-8b --tp 1 2 --seq-len 2048 --out /tmp/t.json
+    python benchmarks/bench_tp_slice.py --device cpu --models tiny --tp 1 2 --seq-len 32 --out /tmp/t.json
 
 A tp rank of engine/tensor_parallel.py holds n_heads/tp query heads, n_kv_heads/tp kv heads and
 d_ff/tp MLP units: wq/wk/wv/w_gate/w_up are 1/tp as wide, wo/w_down 1/tp as deep, attention runs
@@ -11,7 +12,9 @@ parallel). This script builds exactly that block (engine.model.Block with its pr
 for tp in --tp and times forward and backward (CUDA events, median of --iters after --warmup) on
 [micro_batch, seq_len, d_model] inputs. Per row: fwd/bwd/total ms, the ratio to tp=1 (ideal:
 1/tp), the scaling efficiency t(1) / (tp * t(tp)), and the matmul+attention TFLOP/s reached. The
-estimator's tp model reads the efficiency: narrow matmuls run further from peak.
+estimator's tp model reads the efficiency: narrow matmuls run further from peak. `--device auto`
+takes the GPU when there is one, else the CPU (wall clock, no memory figure): a smoke run of the
+same code, labelled as such in the JSON.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--iters", type=int, default=20, help="measured forward+backward passes")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when available, else cpu (a smoke run, not a benchmark)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tp_slice.json"))
     return p.parse_args(argv)
 
@@ -87,12 +93,41 @@ def block_flops(cfg, tp: int, tokens: int, seq_len: int) -> float:
     return 3.0 * (linear + attention)
 
 
+class Stopwatch:
+    """Marks on the device's timeline: CUDA events on a GPU, the wall clock on a CPU (where every op
+    is synchronous). Milliseconds between consecutive marks, read after a sync."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        import torch
+
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_ms(self) -> list[float]:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            spans = [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            spans = [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        self.marks = []
+        return spans
+
+
 def time_block(cfg, tp: int, args: argparse.Namespace) -> dict:
     import torch
 
     from engine.model import rope_tables
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     block = sliced_block(cfg, tp).to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in block.named_parameters():
@@ -104,18 +139,19 @@ def time_block(cfg, tp: int, args: argparse.Namespace) -> dict:
     x = torch.randn(args.micro_batch, args.seq_len, cfg.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
     fwd, bwd = [], []
-    torch.cuda.reset_peak_memory_stats(device)
+    watch = Stopwatch(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for i in range(args.warmup + args.iters):
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        events[0].record()
+        watch.mark()
         y = block(x, rope)
-        events[1].record()
+        watch.mark()
         y.backward(grad)
-        events[2].record()
-        torch.cuda.synchronize(device)
+        watch.mark()
+        f_ms, b_ms = watch.spans_ms()
         if i >= args.warmup:
-            fwd.append(events[0].elapsed_time(events[1]))
-            bwd.append(events[1].elapsed_time(events[2]))
+            fwd.append(f_ms)
+            bwd.append(b_ms)
         block.zero_grad(set_to_none=True)
         x.grad = None
     f_ms, b_ms = statistics.median(fwd), statistics.median(bwd)
@@ -123,7 +159,7 @@ def time_block(cfg, tp: int, args: argparse.Namespace) -> dict:
     return {
         "fwd_ms": f_ms, "bwd_ms": b_ms, "total_ms": f_ms + b_ms,
         "tflops": block_flops(cfg, tp, tokens, args.seq_len) / ((f_ms + b_ms) / 1e3) / 1e12,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
 
 
@@ -131,9 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: bench_tp_slice.py needs a CUDA GPU; run it on one (see BENCHMARKS.md)", file=sys.stderr)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
         return 2
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {device}", flush=True)
     rows = []
     for name in args.models:
         cfg = load_model_config(name)
@@ -142,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             row = {"model": name, "tp": tp, "seq_len": args.seq_len, "micro_batch": args.micro_batch}
             try:
                 row.update(time_block(cfg, tp, args), status="ok")
-            except (ValueError, torch.cuda.OutOfMemoryError) as e:
-                row.update(status="error", error=str(e).splitlines()[0])
-                torch.cuda.empty_cache()
+            except (ValueError, torch.OutOfMemoryError) as e:
+                row.update(status="oom" if isinstance(e, torch.OutOfMemoryError) else "error",
+                           error=str(e).splitlines()[0])
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
             if row["status"] == "ok":
                 base = row["total_ms"] if tp == 1 else base
                 if base is not None:
@@ -153,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
-        "benchmark": "tp_slice", "device": torch.cuda.get_device_name(), "dtype": "bf16",
+        "benchmark": "tp_slice", "device": device, "dtype": "bf16", "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "iters": args.iters, "warmup": args.warmup, "rows": rows,
@@ -166,8 +209,26 @@ def main(argv: list[str] | None = None) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
+    print(markdown(result))
     print(f"wrote {out}")
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The table for BENCHMARKS.md."""
+    lines = [f"device: {result['device']}, {result['dtype']}, micro-batch {result['micro_batch']} x seq_len "
+             f"{result['seq_len']}, median of {result['iters']} passes", "",
+             "| model | tp | fwd ms | bwd ms | total ms | / tp=1 | efficiency | TFLOP/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['tp']} | {r['status']}: {r['error']} | | | | | |")
+            continue
+        ratio, eff = r.get("ratio_to_tp1"), r.get("efficiency")
+        lines.append(f"| {r['model']} | {r['tp']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['total_ms']:.2f} | "
+                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {'-' if eff is None else f'{eff:.2f}'} | "
+                     f"{r['tflops']:.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

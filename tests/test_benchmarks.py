@@ -1,0 +1,146 @@
+"""Each script of benchmarks/ runs end to end on the CPU at the tiniest sizes: the measuring logic,
+the JSON it writes and the Markdown table it prints. These are smoke runs (the GPU figures come
+from benchmarks/gpu_session.sh on a lent GPU); the checks recompute each derived figure from the
+measured ones, so a row that was not measured cannot pass."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """benchmarks/<name> in its own process, on the CPU even where a GPU is visible."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def load_bench(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engine_cpu(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = run_script("bench_engine.py", "--device", "cpu", "--models", "tiny", "--micro-batches", "2",
+                      "--modes", "engine", "eager", "--seq-len", "32", "--steps", "2", "--warmup", "1",
+                      "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["benchmark"] == "engine"
+    assert [(r["mode"], r["status"]) for r in result["rows"]] == [("engine", "ok"), ("eager", "ok")]
+    for r in result["rows"]:
+        assert r["device"] == "cpu"
+        assert r["mfu"] is None  # a CPU has no peak to divide by: never a made-up MFU
+        assert r["step_time_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert math.isclose(r["tokens_per_s"], 2 * 32 / r["step_time_s"], rel_tol=1e-6)
+    assert "| tiny | 2 | engine |" in proc.stdout and "| tiny | 2 | eager |" in proc.stdout
+
+
+def test_bench_tp_slice_cpu(tmp_path):
+    bench = load_bench("bench_tp_slice")
+    cfg = bench.load_model_config("tiny")
+    full, half = bench.sliced_block(cfg, 1), bench.sliced_block(cfg, 2)
+    assert half.attn.wq.weight.shape == (cfg.n_heads * cfg.head_dim // 2, cfg.d_model)
+    assert half.mlp.w_down.weight.shape == (cfg.d_model, cfg.d_ff // 2)
+    assert full.mlp.w_down.weight.shape == (cfg.d_model, cfg.d_ff)
+
+    out = tmp_path / "tp.json"
+    proc = run_script("bench_tp_slice.py", "--device", "cpu", "--models", "tiny", "--tp", "1", "2", "4",
+                      "--seq-len", "32", "--iters", "2", "--warmup", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu"
+    one, two, four = result["rows"]
+    assert four["status"] == "error" and "does not divide" in four["error"]  # tiny has 2 kv heads
+    for r in (one, two):
+        assert r["status"] == "ok" and r["peak_mem_bytes"] is None  # no memory figure on a CPU
+        assert math.isclose(r["total_ms"], r["fwd_ms"] + r["bwd_ms"])
+        flops = bench.block_flops(cfg, r["tp"], 32, 32)
+        assert math.isclose(r["tflops"], flops / (r["total_ms"] / 1e3) / 1e12, rel_tol=1e-9)
+    assert one["ratio_to_tp1"] == 1.0
+    assert math.isclose(two["ratio_to_tp1"], two["total_ms"] / one["total_ms"])
+    assert math.isclose(two["efficiency"], one["total_ms"] / (2 * two["total_ms"]))
+    assert "| tiny | 2 |" in proc.stdout
+
+
+def test_bench_kernels_cpu(tmp_path):
+    bench = load_bench("bench_kernels")
+    out = tmp_path / "kernels.json"
+    proc = run_script("bench_kernels.py", "--device", "cpu", "--ops", "rms_norm,linear_cross_entropy",
+                      "--tokens", "64", "--hidden", "128", "--vocab", "256", "--warmup", "0", "--repeats", "1",
+                      "--impls", "eager,triton", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["triton_interpret"] and not result["liger"]
+    rows = result["results"]
+    assert [(r["op"], r["impl"]) for r in rows] == [("rms_norm", "eager"), ("rms_norm", "triton"),
+                                                   ("linear_cross_entropy", "eager"),
+                                                   ("linear_cross_entropy", "triton")]
+    bandwidth = result["hbm_copy_bytes_per_s"]
+    assert bandwidth > 0
+    for r in rows:
+        assert "error" not in r, r
+        assert r["time_s"] > 0 and r["peak_bytes"] is None
+        if r["op"] == "rms_norm":
+            moved = bench.bytes_moved(r, 2)
+            assert math.isclose(r["bandwidth_fraction"], moved / r["time_s"] / bandwidth)
+        else:
+            assert math.isclose(r["tflops"], 6 * 64 * 128 * 256 / r["time_s"] / 1e12)
+    assert "| rms_norm | tokens=64 hidden=128 | triton |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_estimate_cpu(tmp_path):
+    speed = tmp_path / "speed.json"
+    run_script("bench_estimate.py", "--plans", "2000", "--repeats", "1", "--out", str(speed))
+    got = json.loads(speed.read_text())
+    assert got["plans"] == 2000 and got["cpu_seconds"] > 0 and 0 <= got["fits"] <= 2000
+
+    out = tmp_path / "vs_probe.jsonl"
+    proc = run_script("bench_estimate.py", "--probe", "cpu", "--steps", "1", "--calibrate", "--out", str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert r["status"] == "ok" and r["device"] == "cpu" and r["peak_mem_kind"] == "cpu_peak_rss_growth"
+        assert r["step_time_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["est_step_time_s"] > 0 and r["est_allocated_bytes"] > 0
+        assert r["cal_step_time_s"] > 0 and r["cal_allocated_bytes"] > 0  # leave-one-out calibrated
+    # fit_calibration takes the records as they are written
+    from autotune.estimate import fit_calibration
+    from autotune.hardware import catalog_gpu
+
+    assert fit_calibration(records, catalog_gpu("h100-sxm")).records == 3
+    table = out.with_suffix(".md").read_text()
+    assert "device: cpu" in table and "leave-one-out calibrated" in table and table.strip() in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_search_cpu(tmp_path):
+    run_script("bench_search.py", "--models", "tiny", "--global-batch", "4", "--seq-len", "32", "--budgets", "1",
+               "--seeds", "0", "--grid-limit", "2", "--probe-steps", "1", "--warmup-steps", "1",
+               "--methods", "autotune", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["device"] == "cpu"
+    entry = result["models"]["tiny"]
+    grid = [json.loads(line) for line in (tmp_path / "tiny" / "grid.jsonl").read_text().splitlines()]
+    assert entry["grid"]["plans"] == len(grid) == 2 and entry["grid"]["partial"]
+    assert entry["grid"]["best_tokens_per_s"] == max(g["tokens_per_s"] for g in grid if g["tokens_per_s"])
+    (run,) = entry["runs"]
+    assert run["method"] == "autotune" and "error" not in run and run["best"] > 0
+    target = 0.97 * entry["grid"]["best_tokens_per_s"]
+    assert run["reached"] == (run["best"] >= target)
+    assert run["trials"] == 1 and (run["wall_s"] > 0 if run["reached"] else run["wall_s"] is None)
