@@ -131,7 +131,7 @@ def engine_probe(model_name: str, mode: str, micro: int, args: argparse.Namespac
 
 def probe_env(device: str) -> dict[str, str]:
     """The probe takes the GPU whenever it sees one: hiding it is how it runs on the CPU."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -146,6 +146,8 @@ def run_one(model: str, mode: str, micro: int, args: argparse.Namespace) -> dict
         return plain_loop(model, mode, micro, args)
     except torch.OutOfMemoryError as e:
         return {"status": "oom", "error": str(e).splitlines()[0]}
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"the probe ran past --timeout {args.timeout} s"}
 
 
 def main(argv: list[str] | None = None) -> int:

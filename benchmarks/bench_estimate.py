@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from autotune.config import ClusterConfig, planner_config  # noqa: E402
 from autotune.estimate import estimate, estimate_frame, fit_calibration  # noqa: E402
 from autotune.hardware import load_hardware  # noqa: E402
-from engine.config import to_yaml  # noqa: E402
+from engine.config import build_train_config, to_yaml  # noqa: E402
 from engine.files import write_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -94,7 +94,7 @@ def random_plans(n: int, n_gpus: int, seed: int = 0) -> pd.DataFrame:
     })
 
 
-def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path) -> dict:
+def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path, timeout_s: float) -> dict:
     """One plan through the engine's probe, with its estimate on this (probed) machine."""
     overrides = [f"model={model}", f"job.seq_len={seq_len}", f"job.global_batch={2 * plan['micro_batch']}"]
     overrides += [f"plan.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in plan.items()]
@@ -104,10 +104,14 @@ def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path) -> di
     path = workdir / f"{len(list(workdir.glob('*.yaml')))}.yaml"
     path.write_text(to_yaml(cfg.train))
     out = path.with_suffix(".json")
-    subprocess.run([sys.executable, "-m", "engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
-                    "--out", str(out)], check=False, timeout=900, cwd=ROOT,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    got = json.loads(out.read_text()) if out.exists() else {"status": "error"}
+    path_env = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep carried packages
+    try:
+        subprocess.run([sys.executable, "-m", "engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
+                        "--out", str(out)], check=False, timeout=timeout_s, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=path_env))
+        got = json.loads(out.read_text()) if out.exists() else {"status": "error"}
+    except subprocess.TimeoutExpired:  # one plan that hangs is a row, not the end of the table
+        got = {"status": "timeout"}
     return {
         "model": dataclasses.asdict(cfg.train.model), "job": dataclasses.asdict(cfg.train.job),
         "plan": dataclasses.asdict(cfg.train.plan), "status": got.get("status"),
@@ -144,7 +148,7 @@ def _plan_text(p: dict) -> str:
     return " ".join(parts + (["offload"] if p["offload_optimizer"] or p["offload_params"] else []))
 
 
-def compare(which: str, steps: int, calibrate: bool, out: Path) -> None:
+def compare(which: str, steps: int, calibrate: bool, out: Path, timeout_s: float) -> None:
     plans = GPU_SET if which == "gpu" else CPU_SET
     hw = load_hardware(ClusterConfig())  # probed once per process; every estimate below reuses it
     if torch.cuda.is_available():
@@ -153,16 +157,15 @@ def compare(which: str, steps: int, calibrate: bool, out: Path) -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for m, s, p in plans:
-            records.append(probe(m, s, p, steps, Path(tmp)))
+            records.append(probe(m, s, p, steps, Path(tmp), timeout_s))
             write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+            write_atomic(out.with_suffix(".md"), f"device: {hw.gpu}; {len(records)} of {len(plans)} plans so far\n\n"
+                         f"{error_table(records)}\n")
             print(f"{len(records)}/{len(plans)} {m} {_plan_text(records[-1]['plan'])}: {records[-1]['status']}",
                   flush=True)
     ok = [r for r in records if r["status"] == "ok"]
     if calibrate and len(ok) >= 3:
-        hw = load_hardware(ClusterConfig())
         for i, r in enumerate(ok):
-            from engine.config import build_train_config
-
             calib = fit_calibration([o for j, o in enumerate(ok) if j != i], hw)
             est = estimate(build_train_config({k: r[k] for k in ("model", "job", "plan")}), hw, calib)
             r["cal_step_time_s"], r["cal_allocated_bytes"] = est.step_time_s, est.allocated_bytes
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", choices=["gpu", "cpu"], help="compare with the engine's probe instead")
     parser.add_argument("--steps", type=int, default=5, help="measured probe steps per plan")
     parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--plan-timeout", type=float, default=300.0, help="seconds per probed plan")
     parser.add_argument("--plans", type=int, default=100_000)
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--cluster", default="4x8xh100")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.probe:
         out = Path(args.out) if args.out else RESULTS / f"estimate_vs_probe-{args.probe}.jsonl"
-        compare(args.probe, args.steps, args.calibrate, out)
+        compare(args.probe, args.steps, args.calibrate, out, args.plan_timeout)
         return
     torch.set_num_threads(1)
     cfg = planner_config([f"model={args.model}", f"cluster={args.cluster}", "job.seq_len=4096", "job.global_batch=512"])

@@ -73,6 +73,8 @@ def overrides(args: argparse.Namespace, model: str) -> list[str]:
 def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[dict[str, Any]], str]:
     """Every valid plan measured once, and the device that measured them. Resumable: plans already
     in grid.jsonl, measured with the same settings, are not rerun."""
+    import torch
+
     from autotune.config import planner_config
     from autotune.hardware import load_hardware
     from autotune.plans import enumerate_plans, plan_key, row_plan
@@ -82,6 +84,8 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[d
 
     pc = planner_config(overrides(args, model))
     hw = load_hardware(pc.cluster)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the hardware probe's buffers: leave the GPU's memory to the plans
     plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw))
     if args.grid_limit is not None and args.grid_limit < len(plans):
         plans = plans.sample(n=args.grid_limit, random_state=0)  # a spread of the space, not its first corner
@@ -115,7 +119,7 @@ def run_search(args: argparse.Namespace, model: str, method: str, budget: int, s
     out = folder / f"{method}-b{budget}-s{seed}"
     cmd = [sys.executable, "-m", "autotune", "search", "--out", str(out), *overrides(args, model),
            f"search.trials={budget}", f"search.seed={seed}", *METHODS[method]]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:  # every trial may take its whole timeout; the search's own setup is minutes at most
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=budget * args.trial_timeout + 600)

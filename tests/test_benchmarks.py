@@ -19,7 +19,8 @@ BENCH = ROOT / "benchmarks"
 
 def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """benchmarks/<name> in its own process, on the CPU even where a GPU is visible."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -105,11 +106,6 @@ def test_bench_kernels_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_bench_estimate_cpu(tmp_path):
-    speed = tmp_path / "speed.json"
-    run_script("bench_estimate.py", "--plans", "2000", "--repeats", "1", "--out", str(speed))
-    got = json.loads(speed.read_text())
-    assert got["plans"] == 2000 and got["cpu_seconds"] > 0 and 0 <= got["fits"] <= 2000
-
     out = tmp_path / "vs_probe.jsonl"
     proc = run_script("bench_estimate.py", "--probe", "cpu", "--steps", "1", "--calibrate", "--out", str(out))
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -131,13 +127,13 @@ def test_bench_estimate_cpu(tmp_path):
 @pytest.mark.slow
 def test_bench_search_cpu(tmp_path):
     run_script("bench_search.py", "--models", "tiny", "--global-batch", "4", "--seq-len", "32", "--budgets", "1",
-               "--seeds", "0", "--grid-limit", "2", "--probe-steps", "1", "--warmup-steps", "1",
+               "--seeds", "0", "--grid-limit", "1", "--probe-steps", "1", "--warmup-steps", "1",
                "--methods", "autotune", "--out", str(tmp_path))
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["device"] == "cpu"
     entry = result["models"]["tiny"]
     grid = [json.loads(line) for line in (tmp_path / "tiny" / "grid.jsonl").read_text().splitlines()]
-    assert entry["grid"]["plans"] == len(grid) == 2 and entry["grid"]["partial"]
+    assert entry["grid"]["plans"] == len(grid) == 1 and entry["grid"]["partial"]
     assert entry["grid"]["best_tokens_per_s"] == max(g["tokens_per_s"] for g in grid if g["tokens_per_s"])
     (run,) = entry["runs"]
     assert run["method"] == "autotune" and "error" not in run and run["best"] > 0
