@@ -19,6 +19,7 @@
 # logs, results, search folders) and each step's main result file:
 #   estimate_vs_probe-gpu.jsonl + .md, engine-<model>.json, kernels-{elementwise,lce}.json,
 #   tp_slice.json, search-results.json + search-grid.jsonl
+# (so run no more phases in one call than the groups above: more would pass the 8 files).
 #
 # Durations on one H100 are ESTIMATES from the work each step does (none of this has run on a GPU
 # yet: read summary.txt after the first session and correct them here):
@@ -93,7 +94,7 @@ publish() {
   $PY -c 'import platform, torch, triton; print("python", platform.python_version(), "torch", torch.__version__,
 "cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1
   $PY -c 'import liger_kernel; print("liger-kernel present")' 2>/dev/null || echo "liger-kernel absent (wheels.sh --peers carries it)"
-  git log -1 --format='commit %H' 2>/dev/null
+  git log -1 --format='commit %H' 2>/dev/null || echo "commit unknown (no .git in the copied tree)"
 } >"$WORK/env.txt"
 cat "$WORK/env.txt"
 
