@@ -3,7 +3,9 @@
 Triton is optional: without it the PyTorch references still run (impl="torch", or "auto" anywhere),
 and impl="triton" raises a clear error. Kernels are jitted on their first launch rather than at
 import, because Triton decides between compiling and its CPU interpreter (TRITON_INTERPRET=1) when a
-function is decorated: importing `kernels` early (the engine does) must not fix that choice.
+function is decorated: importing `kernels` early (the engine does) must not fix that choice. Triton's
+own library functions (tl.math, ...) are decorated at `import triton`, so TRITON_INTERPRET must be
+set before triton is first imported (tests/conftest.py and benchmarks/bench_kernels.py do).
 """
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def assert_same_run(got, ref, what: str) -> None:
 @pytest.mark.slow
 def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
     out = tmp_path / "two_rank.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

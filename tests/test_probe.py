@@ -71,7 +71,7 @@ def test_probe_writes_its_whole_contract(tmp_path):
 def test_memory_cap_it_cannot_meet_is_status_oom_and_exit_0(tmp_path):
     config = write_config(tmp_path)
     out = tmp_path / "metrics.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "engine.probe", str(config), "--steps", "2", "--warmup", "0", "--out", str(out),
          "--max-memory-bytes", str(2**20)],

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 # A small job on the tiny model: one rank on this machine, three micro-batch choices.
 TINY = ["job.global_batch=4", "job.seq_len=32", "search.probe_steps=2", "search.warmup_steps=1",
         "search.final_steps=3", "search.trial_timeout_s=120"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
 def _study(run_dir: Path, storage: str | None = None) -> optuna.Study:

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), TRITON_INTERPRET="1")
 STEPS = 3
 # the interpreter runs a kernel's programs one by one (one per row for the norms and RoPE): few rows
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, d_ff=32,

@@ -28,7 +28,7 @@ from engine.pipeline import stage_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "tp_pp_worker.py"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
             vocab_size=128, max_seq_len=64)
 TINY_GPT2 = dict(name="tiny-gpt2", family="gpt2", n_layers=2, d_model=32, n_heads=4, d_ff=64,
