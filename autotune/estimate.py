@@ -305,7 +305,12 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # reduce-scatters every micro-batch (engine.parallel.gradient_sync) into its fp32 shards.
         # At the optimizer step the activations are gone and every gradient exists.
         step_grads = np.where(offload, 0, 4 * persistent)
-        mem["grads"] = np.where(m > 1, step_grads, 0)
+        # Under pp, torch's pipeline stages turn FSDP2's gradient sync and post-backward reshard off
+        # until the last micro-batch (PipelineStage.backward_maybe_with_nosync): the stage's
+        # gradients accumulate unsharded in fp32 (the reduce dtype) and ZeRO-3 keeps its blocks
+        # gathered after the first micro-batch's backward, as ZeRO-2 does.
+        pp_fsdp = (pp > 1) & (z >= 2)
+        mem["grads"] = np.where(m > 1, np.where(pp_fsdp, 4 * L["local"], step_grads), 0)
         mem["master"] = np.zeros(n)
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
@@ -316,7 +321,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # current and the prefetched block [Model states, FSDP2 derived]
         autocast_copies = (act["none_P"] * (layers - n_ck) + act["full_P"] * n_ck + np.where(n_ck > 0, act["none_P"], 0)) / tp * inflight
         mem["param_copies"] = np.select(
-            [z == 2, z == 3], [beta * L["local"], beta * (L["root"] + 2 * L["block"])], autocast_copies,
+            [(z == 2) | (pp_fsdp & (m > 1)), z == 3], [beta * L["local"], beta * (L["root"] + 2 * L["block"])], autocast_copies,
         )
         # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
         # and backward recomputes one block's full set at a time
@@ -382,7 +387,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp, 0)  # updated partitions broadcast
     gather = ring * beta * L["local"] / bw_dp  # FSDP2 all-gather of 16-bit params
     scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on every micro-batch
-    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + m * scatter
+    # reduce-scatter per micro-batch, or once per step under pp (its stages skip the sync until the last)
+    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + np.where(pp > 1, 1, m) * scatter
     # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
     exposed = np.select(
         [z <= 1, z >= 2],

@@ -21,7 +21,7 @@ import yaml
 
 from autotune.cli import main as autotune_main
 from autotune.config import ClusterConfig
-from autotune.estimate import estimate
+from autotune.estimate import estimate, rank_layout
 from autotune.hardware import load_hardware
 from engine.config import build_train_config
 from engine.pipeline import stage_layers
@@ -103,7 +103,9 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     # tied copies: a checkpoint names the head copy tok_emb.weight, so a pp run resumes and moves to one process
     resume["gpt2_pp2_dp2_zero3_gpipe_resume"] = {"save_at": 3, "config": config(
         tmp_path / "resume-gpt2", TINY_GPT2, pp=2, dp=2, zero_stage=3, pp_schedule="gpipe")}
-    result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume, "overflow_at": overflow_at}, nproc=4)
+    accumulating = ["pp2_dp2_zero3_gpipe", "pp2_dp2_zero3_1f1b"]
+    result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume, "overflow_at": overflow_at,
+                                            "accumulating": accumulating}, nproc=4)
     # the references, and both checkpoints continued by one process: stages and shards keep the
     # full model's parameter names, so a checkpoint moves between layouts
     reference = run_worker(tmp_path, "reference", {
@@ -136,6 +138,14 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))
     held = estimate(build_train_config(runs["tp2_dp2_zero1"]), hw).model_states["optimizer_bytes"]
     assert result["tp2_dp2_zero1"]["optimizer_bytes"] == held
+    # pp x FSDP2: between a step's micro-batches a stage holds its gradients unsharded in fp32 (the
+    # pipeline turns FSDP2's reduce-scatter off until the last), as the estimate counts them
+    for name in accumulating:
+        cfg = build_train_config(runs[name])
+        layout = rank_layout(cfg.model, cfg.plan.dp, cfg.plan.tp, cfg.plan.pp, cfg.plan.pp_virtual_stages)
+        est = estimate(cfg, hw)
+        assert result[name]["accumulating_grad_bytes"] == 4 * max(layout[k]["local"] for k in ("first", "last")), name
+        assert est.memory["grads_bytes"] == 4 * layout[est.peak_stage]["local"], name
     # fp16 really computes in fp16 (off the fp32 trajectory by more than the tolerance), the overflow
     # is skipped and halves the dynamic scale, and the fixed scale stays
     assert max(abs(a - b) / b for a, b in zip(reference["fp16"]["loss"], llama)) > 1e-4

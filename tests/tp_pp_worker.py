@@ -6,7 +6,7 @@ every config's plan must use all the launched ranks (several plans share one lau
 
 SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, and the fp16 loss scale after
 it), "resume": {name: {"config": ..., "save_at": k}}, "load": {name: {"config": ..., "checkpoint": path}},
-"overflow_at": {name of a fp16 run: step}}. An overflow is made by setting one gradient of rank 0 to
+"overflow_at": {name of a fp16 run: step}, "accumulating": [names of pp runs]}. An overflow is made by setting one gradient of rank 0 to
 inf before that step's unscale (only rank 0: every rank must skip the step with it). A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from engine import dist
@@ -61,7 +62,42 @@ def optimizer_bytes(engine: Engine) -> int:
     optimizer = getattr(engine.optimizer, "optim", engine.optimizer)  # ZeRO-1: this rank's partition
     held = sum(local_tensor(v).numel() * v.element_size()
                for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-    most = torch.tensor(held, device=engine.device)
+    return most_over_ranks(held, engine.device)
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """The bytes of gradients this rank holds: for FSDP2's parameters, the sharded gradient and the
+    unsharded one (accumulated between a pipeline stage's micro-batches; while a unit is gathered
+    the module's parameter is the unsharded one, so each tensor is counted once); others' own."""
+    def nbytes(grad):
+        return local_tensor(grad).numel() * grad.element_size() if grad is not None else 0
+
+    held, seen = 0, set()
+    for module in model.modules():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+        for fp in group.fsdp_params if group else ():
+            unsharded = getattr(fp, "_unsharded_param", None)
+            seen.update({id(fp.sharded_param), id(unsharded)})
+            held += nbytes(fp.sharded_param.grad) + nbytes(
+                fp.unsharded_accumulated_grad if fp.unsharded_accumulated_grad is not None
+                else unsharded.grad if unsharded is not None else None)
+    return held + sum(nbytes(p.grad) for p in model.parameters() if id(p) not in seen)
+
+
+def record_backward_starts(engine: Engine) -> list[int]:
+    """The gradient bytes held at the start of each micro-batch's backward on this rank's stages."""
+    seen: list[int] = []
+    for stage in engine.pipeline.stages:
+        def backward(*args, _backward=stage.backward_maybe_with_nosync, **kwargs):
+            seen.append(gradient_bytes(engine.model))
+            return _backward(*args, **kwargs)
+
+        stage.backward_maybe_with_nosync = backward
+    return seen
+
+
+def most_over_ranks(value: int, device: torch.device) -> int:
+    most = torch.tensor(value, device=device)
     tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
     return int(most)
 
@@ -77,8 +113,10 @@ def main(spec_path: str, out_path: str) -> None:
             engine = Engine(cfg, device)
             if name in spec.get("overflow_at", {}):
                 overflow_on_rank0(engine, spec["overflow_at"][name])
+            starts = record_backward_starts(engine) if name in spec.get("accumulating", ()) else []
             out[name] = trajectory(engine, range(cfg.job.steps))
             out[name]["optimizer_bytes"] = optimizer_bytes(engine)
+            out[name]["accumulating_grad_bytes"] = most_over_ranks(max(starts, default=0), device)
         for name, run in spec.get("resume", {}).items():
             cfg, save_at = build_train_config(run["config"]), run["save_at"]
             root = Path(cfg.job.out_dir) / "ckpt"
