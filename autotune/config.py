@@ -5,9 +5,10 @@ change, no log folders) and turns every Hydra or OmegaConf complaint into one Co
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -28,6 +29,7 @@ from engine.config import (
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+SECTIONS = ("model", "job", "plan", "cluster", "search", "estimate")  # conf/config.yaml's groups
 
 
 @dataclass
@@ -77,7 +79,6 @@ class PlannerConfig:
     train: TrainConfig
     cluster: ClusterConfig
     search: SearchConfig
-    extra: dict[str, Any] = field(default_factory=dict)  # other top-level sections
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
@@ -123,10 +124,17 @@ def _override_message(e: Exception, overrides) -> str:
     """One line naming the bad override and what Hydra/OmegaConf found wrong with it."""
     cause = e.__cause__
     first = str(e).splitlines()[0]
+    unknown_section = (f"is not a config section; use one of {', '.join(SECTIONS)} "
+                       "(e.g. model=gpt2, plan.zero_stage=3, cluster.gpu=h100-sxm)")
+    not_a_group = re.match(r"Could not override '([^'.]+)'\. No match in the defaults list", first)
+    if not_a_group:
+        return f"{not_a_group.group(1)} {unknown_section}"
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", "") or ""
         detail = str(cause).splitlines()[0]
         if "not in" in detail and key:
+            if "." not in key:  # neither a group nor a section's key
+                return f"{key} {unknown_section}"
             section = key.rsplit(".", 1)[0]
             return f"{key} is not a setting of {section}; check the spelling (the keys are in conf/{section}/)"
         return f"{first.replace('Error merging override ', '')}: {detail}"
@@ -145,4 +153,8 @@ def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig
             f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
             "both must be at least 1"
         )
-    return PlannerConfig(train=train, cluster=cluster, search=search, extra=raw, estimate=estimate)
+    if raw:  # `+name=value` adds a section no command reads: a typo, not a setting
+        raise ConfigError(
+            f"unknown config section(s) {sorted(raw)}; the sections are {', '.join(SECTIONS)} (e.g. plan.zero_stage=3)"
+        )
+    return PlannerConfig(train=train, cluster=cluster, search=search, estimate=estimate)

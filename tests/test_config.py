@@ -50,8 +50,15 @@ def test_unknown_model_names_the_choices():
 def test_bad_override_is_a_config_error():
     with pytest.raises(ConfigError):
         planner_config(["plan.zero_stage=three"])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"plan.no_such_key is not a setting of plan"):
         planner_config(["plan.no_such_key=1"])
+
+
+@pytest.mark.parametrize("override", ["gpu=h100-sxm", "foo=1", "+foo=1"])
+def test_an_unknown_section_names_the_sections(override):
+    # the GPU is chosen through the cluster; `+name=` would add a section nothing reads
+    with pytest.raises(ConfigError, match=r"model, job, plan, cluster, search, estimate"):
+        planner_config([override])
 
 
 @pytest.mark.parametrize(
