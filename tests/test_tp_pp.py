@@ -59,9 +59,9 @@ def four_rank_plans() -> dict[str, dict]:
     plans = {
         "tp2_dp2_zero0": dict(tp=2, dp=2),
         "tp2_dp2_zero3_sp": dict(tp=2, dp=2, zero_stage=3, sequence_parallel=True),
-        # ZeRO-1 under replicate: engine.parallel.ShardedOptimizer (on the host with offload)
+        # ZeRO-1 under replicate: engine.parallel.ShardedOptimizer (on the host with offload: the
+        # tp2_dp2_zero1_offload_resume run below)
         "tp2_dp2_zero1": dict(tp=2, dp=2, zero_stage=1),
-        "tp2_dp2_zero1_offload": dict(tp=2, dp=2, zero_stage=1, offload_optimizer=True),
         "pp2_dp2_zero1_1f1b": dict(pp=2, dp=2, zero_stage=1),
     }
     for schedule, virtual in SCHEDULES.items():
@@ -82,10 +82,9 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
                                            sequence_parallel=True)
     # the tied embedding split between the first stage and a head copy on the last (engine/pipeline.py)
     runs["gpt2_pp2_dp2_zero0_1f1b"] = config(tmp_path / "gpt2-pp", TINY_GPT2, pp=2, dp=2)
-    runs["gpt2_tp2_pp2_zero2_sp"] = config(tmp_path / "gpt2-tp-pp", TINY_GPT2, tp=2, pp=2, zero_stage=2,
-                                           sequence_parallel=True)
-    # no dp wrapper: tp DTensors beside plain norms and positions (split AdamW groups)
-    runs["gpt2_tp2_pp2_zero0"] = config(tmp_path / "gpt2-tp-pp-zero0", TINY_GPT2, tp=2, pp=2)
+    # ... with tp (the embedding's replicated gradient summed as vocabulary shards); no dp wrapper,
+    # so tp DTensors sit beside plain positions (split AdamW groups)
+    runs["gpt2_tp2_pp2_sp"] = config(tmp_path / "gpt2-tp-pp", TINY_GPT2, tp=2, pp=2, sequence_parallel=True)
     # fp16 across stages, dynamic and fixed (under ZeRO-3) scales, each with an overflow on rank 0
     # alone at step 2: every rank must skip that step, and only the dynamic scale backs off
     runs["pp2_dp2_fp16_1f1b"] = config(tmp_path / "fp16", pp=2, dp=2, precision="fp16")
