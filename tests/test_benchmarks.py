@@ -4,12 +4,14 @@ from benchmarks/gpu_session.sh on a lent GPU); the checks recompute each derived
 measured ones, so a row that was not measured cannot pass."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
@@ -17,14 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run_script(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """benchmarks/<name> in its own process, on the CPU even where a GPU is visible."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def run_script(name: str, *args: str) -> SimpleNamespace:
+    """benchmarks/<name>'s main(args) in this process (torch's import, seconds, is paid once), with
+    its stdout; the tests ask each script for the CPU (--device cpu / --probe cpu). The environment
+    is restored after (bench_kernels sets TRITON_INTERPRET for the CPU)."""
+    out = io.StringIO()
+    with mock.patch.dict(os.environ, OMP_NUM_THREADS="1"), contextlib.redirect_stdout(out):
+        rc = load_bench(name.removesuffix(".py")).main(list(args))
+    assert rc in (0, None), f"{name} returned {rc}:\n{out.getvalue()[-3000:]}"
+    return SimpleNamespace(stdout=out.getvalue())
 
 
 def load_bench(name: str):
