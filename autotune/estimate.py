@@ -387,8 +387,13 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp, 0)  # updated partitions broadcast
     gather = ring * beta * L["local"] / bw_dp  # FSDP2 all-gather of 16-bit params
     scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on every micro-batch
+    # ZeRO-3 gathers each unit for every forward and backward. Under pp the stages keep units gathered
+    # from a backward to the next forward (no reshard after backward until the step's end): one
+    # gather per backward plus the forwards that run before the first backward (all of them in
+    # GPipe, the pp warm-up forwards in 1F1B). ZeRO-2 gathers once per forward.
+    gathers = np.where(pp > 1, np.where(sched == "gpipe", m + 1, m + np.minimum(pp, m)), 2 * m)
     # reduce-scatter per micro-batch, or once per step under pp (its stages skip the sync until the last)
-    fsdp = np.where(z == 3, m * 2 * gather, m * gather) + np.where(pp > 1, 1, m) * scatter
+    fsdp = np.where(z == 3, gathers, m) * gather + np.where(pp > 1, 1, m) * scatter
     # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
     exposed = np.select(
         [z <= 1, z >= 2],
