@@ -153,6 +153,13 @@ def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig
             f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
             "both must be at least 1"
         )
+    tp = train.plan.tp
+    if tp > cluster.gpus_per_node or cluster.gpus_per_node % tp:
+        # tp's all-reduces run in every block: a tp group must sit inside one node's fast links
+        raise ConfigError(
+            f"plan.tp={tp} must fit in a node of cluster {cluster.name!r} (gpus_per_node={cluster.gpus_per_node}): "
+            f"use a plan.tp that divides {cluster.gpus_per_node}"
+        )
     if raw:  # `+name=value` adds a section no command reads: a typo, not a setting
         raise ConfigError(
             f"unknown config section(s) {sorted(raw)}; the sections are {', '.join(SECTIONS)} (e.g. plan.zero_stage=3)"

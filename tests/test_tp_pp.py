@@ -177,6 +177,7 @@ def test_stage_layers_are_balanced_and_consecutive():
 
 REFUSED = [
     (dict(tp=3, dp=1), {}, "must divide model.n_heads=4"),
+    (dict(tp=4), {}, "and model.n_kv_heads=2"),  # grouped-query attention: tp divides n_heads, not the kv heads
     (dict(pp=8), {}, "exceeds model.n_layers=4"),
     (dict(pp=2, pp_schedule="interleaved_1f1b"), {}, "needs plan.pp_virtual_stages >= 2"),
     (dict(pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, micro_batch=8), {"global_batch": 24},
@@ -198,6 +199,14 @@ def test_refused_plan_is_one_error_line_exit_2(tmp_path, capsys, plan, job, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides", [["plan.tp=2", "cluster.nodes=2"],  # one GPU per node
+                                       ["plan.tp=2", "cluster.gpus_per_node=3"]])  # a tp group across two nodes
+def test_tp_beyond_a_node_is_one_error_line_exit_2(capsys, overrides):
+    assert autotune_main(["estimate", "model=tiny", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: plan.tp=") and "must fit in a node" in err[0], err
 
 
 def test_bench_tp_slice_slices_each_projection_by_tp():
