@@ -3,10 +3,11 @@
 One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
 with ZeRO 0, 1 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
 with tp and sequence parallel for biases, positions and the tied head; gpt2 with pp, its tied
-embedding split between the first and the last stage; fp16 with pp, an overflow on one rank) and
-checkpoints and resumes a tp x pp x sequence-parallel run, a tp x dp ZeRO-1 offload run and a gpt2
-pp x dp run; one plain process gives the references, and continues the checkpoints. Refused plans
-are one `error:` line and exit status 2.
+embedding split between the first and the last stage; fp16 with pp, an overflow on one rank, resumed
+after it; plan.kernels=triton under tp x pp) and checkpoints and resumes a tp x pp x
+sequence-parallel run, a tp x dp ZeRO-1 offload run and a gpt2 pp x dp run; the probe (the search's
+trial) measures a tp x pp plan; one plain process gives the references, and continues the
+checkpoints. Refused plans are one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def config(out_dir: Path, model: dict = TINY, **plan) -> dict:
     job = {"seq_len": 16, "global_batch": 8, "steps": STEPS, "seed": 7, "out_dir": str(out_dir),
            "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
     return {"model": model, "job": job, "plan": {"micro_batch": 2, **plan}}
+
+
+def few_rows(cfg: dict) -> dict:
+    """cfg for plan.kernels=triton, which runs in Triton's interpreter, a program per row: a block per
+    stage, one step of 2 micro-batches of 4 tokens (2 rows per rank under sequence parallel)."""
+    cfg["model"] = dict(cfg["model"], n_layers=2)
+    cfg["job"].update(seq_len=4, global_batch=2, steps=1)
+    cfg["plan"]["micro_batch"] = 1
+    return cfg
 
 
 def run_worker(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
@@ -90,8 +100,13 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs["pp2_dp2_fp16_1f1b"] = config(tmp_path / "fp16", pp=2, dp=2, precision="fp16")
     runs["pp2_dp2_zero3_fp16_fixed_gpipe"] = config(tmp_path / "fp16-fixed", pp=2, dp=2, zero_stage=3,
                                                     precision="fp16", loss_scale="65536", pp_schedule="gpipe")
+    # the Triton kernels on the stages' local rows and sequence-sharded norms (the fused loss is not
+    # used: the last stage runs torch's on vocabulary-sharded logits)
+    runs["triton_tp2_pp2_sp_1f1b"] = few_rows(config(tmp_path / "triton", tp=2, pp=2, sequence_parallel=True,
+                                                     kernels="triton"))
     overflow_at = {name: 2 for name in ("pp2_dp2_fp16_1f1b", "pp2_dp2_zero3_fp16_fixed_gpipe", "fp16", "fp16_fixed_zero3")}
-    references = {"pp2_dp2_fp16_1f1b": "fp16", "pp2_dp2_zero3_fp16_fixed_gpipe": "fp16_fixed_zero3"}
+    references = {"pp2_dp2_fp16_1f1b": "fp16", "pp2_dp2_zero3_fp16_fixed_gpipe": "fp16_fixed_zero3",
+                  "triton_tp2_pp2_sp_1f1b": "llama_short"}
     resume = {
         "tp2_pp2_sp_resume": {"save_at": 3, "config": config(
             tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)},
@@ -103,13 +118,18 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     resume["gpt2_pp2_dp2_zero3_gpipe_resume"] = {"save_at": 3, "config": config(
         tmp_path / "resume-gpt2", TINY_GPT2, pp=2, dp=2, zero_stage=3, pp_schedule="gpipe")}
     accumulating = ["pp2_dp2_zero3_gpipe", "pp2_dp2_zero3_1f1b"]
+    # the fp16 pipeline resumes after the overflow: with the backed-off scale
+    resume_at = {"pp2_dp2_fp16_1f1b": 3}
+    probe = {"probe_tp2_pp2": {"config": few_rows(config(tmp_path / "probe", tp=2, pp=2)), "warmup": 0, "steps": 1}}
     result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume, "overflow_at": overflow_at,
-                                            "accumulating": accumulating}, nproc=4)
+                                            "accumulating": accumulating, "resume_at": resume_at,
+                                            "probe": probe}, nproc=4)
     # the references, and both checkpoints continued by one process: stages and shards keep the
     # full model's parameter names, so a checkpoint moves between layouts
     reference = run_worker(tmp_path, "reference", {
         "runs": {"llama": config(tmp_path / "ref"), "gpt2": config(tmp_path / "ref-gpt2", TINY_GPT2),
                  "fp16": config(tmp_path / "ref-fp16", precision="fp16"),
+                 "llama_short": few_rows(config(tmp_path / "ref-short")),
                  "fp16_fixed_zero3": config(tmp_path / "ref-fp16-fixed", zero_stage=3, precision="fp16",
                                             loss_scale="65536")},
         "overflow_at": overflow_at,
@@ -126,12 +146,32 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
         # fp16 too: micro-batches of one shape round alike and no gradient underflows at a 2^16 scale
         # (at 2^13 the one-process run, whose micro-batch gradients are smaller, loses some: 3e-4 off)
         for key in ("loss", "grad_norm"):  # the norm spans tp shards, dp shards and pp stages
-            assert len(result[name][key]) == STEPS
+            assert len(result[name][key]) == runs[name]["job"]["steps"]
             for step, (got, want) in enumerate(zip(result[name][key], expected[key])):
                 assert got == want or abs(got - want) / want < 1e-4, (name, key, step, got, want)  # inf: overflow
         assert result[name]["scale"] == expected["scale"], name
     llama = reference["llama"]["loss"]
     assert llama[-1] < llama[0] - 0.05  # the trajectory really moves
+
+    # Triton under tp x pp: the kernels ran (on some rank), and the loss and gradients are right to 1e-5
+    # (an unsummed norm-weight gradient is ~1e-4 off: tests/test_tp_kernels.py); other runs launched none
+    triton = result["triton_tp2_pp2_sp_1f1b"]
+    assert {"_rms_norm_fwd", "_rms_norm_bwd", "_rope_kernel", "_swiglu_fwd", "_swiglu_bwd"} <= set(triton["kernels"])
+    assert "_cross_entropy_kernel" not in triton["kernels"]
+    for key in ("loss", "grad_norm"):
+        assert triton[key] == pytest.approx(reference["llama_short"][key], rel=1e-5), key
+    assert all(not result[name]["kernels"] for name in runs if name != "triton_tp2_pp2_sp_1f1b")
+    # fp16 pp resumed after the overflow of step 2: the same steps, at the backed-off scale
+    resumed, straight = result["pp2_dp2_fp16_1f1b"]["resumed"], result["pp2_dp2_fp16_1f1b"]
+    assert resumed["start"] == 3 and resumed["scale"] == straight["scale"][3:] == [2.0**15] * 2
+    for key in ("loss", "grad_norm"):
+        assert resumed[key] == pytest.approx(straight[key][3:], rel=1e-6), key
+    # the probe accepts a tp x pp plan: its loss is the one-process run's, the pipeline's forward and
+    # backward are timed as one phase
+    probed = result["probe_tp2_pp2"]
+    assert probed["status"] == "ok" and probed["loss_first"] == pytest.approx(reference["llama_short"]["loss"][0], rel=1e-4)
+    assert probed["tokens_per_s"] == pytest.approx(2 * 4 / probed["step_time_s"]) and probed["peak_mem_bytes"] > 0
+    assert probed["breakdown"]["forward_backward_s"] > 0 and probed["breakdown"]["forward_s"] is None
     # ZeRO-1 over tp shards: the largest rank's AdamW states are those autotune.estimate counts (a
     # 4-rank layout, beyond tests/test_estimate.py's 2-rank check of what the engine holds)
     hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))

@@ -4,18 +4,24 @@ every config's plan must use all the launched ranks (several plans share one lau
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
-SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, and the fp16 loss scale after
-it), "resume": {name: {"config": ..., "save_at": k}}, "load": {name: {"config": ..., "checkpoint": path}},
-"overflow_at": {name of a fp16 run: step}, "accumulating": [names of pp runs]}. An overflow is made by setting one gradient of rank 0 to
+SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, the fp16 loss scale after
+it, the run's wall seconds and the Triton kernels any rank launched), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
+{"config": ..., "checkpoint": path}}, "overflow_at": {name of a fp16 run: step}, "accumulating":
+[names of pp runs], "resume_at": {name of a run: k}, "probe": {name: {"config": ..., "warmup": w,
+"steps": n}}}. An overflow is made by setting one gradient of rank 0 to
 inf before that step's unscale (only rank 0: every rank must skip the step with it). A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
-checkpoint (written under any plan) and trains to job.steps.
+checkpoint (written under any plan) and trains to job.steps. A run named in resume_at also checkpoints
+before step k, and a fresh engine continues from there: OUT's "resumed" holds its trajectory (and
+"start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,20 +29,42 @@ import torch.distributed as tdist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from engine import dist
+from engine import dist, probe
 from engine.config import build_train_config
 from engine.parallel import local_tensor
 from engine.train import Engine, reduce_loss
+from kernels._common import LazyKernel
+
+LAUNCHED: set[str] = set()  # names of the Triton kernels this rank launched during the current run
+
+
+def count_launches() -> None:
+    launch = LazyKernel.__getitem__
+
+    def counted(kernel: LazyKernel, grid):
+        LAUNCHED.add(kernel.fn.__name__)
+        return launch(kernel, grid)
+
+    LazyKernel.__getitem__ = counted
+
+
+def launched_anywhere() -> list[str]:
+    every: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(every, sorted(LAUNCHED))
+    return sorted(set().union(*every))
 
 
 def losses(engine: Engine, steps: range) -> list[float]:
     return [reduce_loss(engine.step(step).loss)[0] for step in steps]
 
 
-def trajectory(engine: Engine, steps: range) -> dict[str, list[float]]:
-    """Loss and global gradient norm (before clipping) of each step, and the loss scale after it."""
-    out: dict[str, list[float]] = {"loss": [], "grad_norm": [], "scale": []}
+def trajectory(engine: Engine, steps: range, save_at: int | None = None) -> dict:
+    """Loss and global gradient norm (before clipping) of each step, and the loss scale after it;
+    with save_at, the path of a checkpoint written before that step."""
+    out: dict = {"loss": [], "grad_norm": [], "scale": []}
     for step in steps:
+        if step == save_at:
+            out["checkpoint"] = str(engine.save(Path(engine.cfg.job.out_dir) / "ckpt", step))
         r = engine.step(step)
         out["loss"].append(reduce_loss(r.loss)[0])
         out["grad_norm"].append(float(r.grad_norm))
@@ -106,17 +134,30 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     device = dist.init_distributed()
     rank0 = dist.rank() == 0
+    count_launches()
     out: dict = {}
     try:
         for name, config in spec.get("runs", {}).items():
+            started = time.perf_counter()
+            LAUNCHED.clear()
             cfg = build_train_config(config)
             engine = Engine(cfg, device)
             if name in spec.get("overflow_at", {}):
                 overflow_on_rank0(engine, spec["overflow_at"][name])
             starts = record_backward_starts(engine) if name in spec.get("accumulating", ()) else []
-            out[name] = trajectory(engine, range(cfg.job.steps))
+            save_at = spec.get("resume_at", {}).get(name)
+            out[name] = trajectory(engine, range(cfg.job.steps), save_at)
             out[name]["optimizer_bytes"] = optimizer_bytes(engine)
             out[name]["accumulating_grad_bytes"] = most_over_ranks(max(starts, default=0), device)
+            if save_at is not None:
+                resumed = Engine(cfg, device)
+                start = resumed.load(Path(out[name].pop("checkpoint")))
+                out[name]["resumed"] = trajectory(resumed, range(start, cfg.job.steps)) | {"start": start}
+            out[name]["kernels"] = launched_anywhere()
+            out[name]["seconds"] = time.perf_counter() - started
+        for name, run in spec.get("probe", {}).items():
+            args = argparse.Namespace(warmup=run["warmup"], steps=run["steps"], progress=None, timeout=None)
+            out[name] = probe.run(build_train_config(run["config"]), args, device)
         for name, run in spec.get("resume", {}).items():
             cfg, save_at = build_train_config(run["config"]), run["save_at"]
             root = Path(cfg.job.out_dir) / "ckpt"
