@@ -43,7 +43,7 @@ import pandas as pd
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
-    outside_features,
+    outside_features, traffic_coefficients, traffic_key,
 )
 from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
 from engine.files import write_atomic
@@ -57,15 +57,18 @@ PLAN_COLUMNS = (
     "sequence_parallel", "kernels", "compile",
 )
 MEMORY = ("params", "grads", "master", "optimizer", "param_copies", "activations", "logits", "comm", "context", "allocator")
-TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "tp_comm", "pp_bubble", "pp_comm", "offload", "overhead")
+TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "overlap", "tp_comm", "pp_bubble", "pp_comm", "offload",
+        "overhead")
+COMPUTE = ("matmul", "attention", "memory")  # forward + backward + recompute by kind of work
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context with lazy loading [Fixed overheads]
 NCCL_BYTES = 0.5 * GiB  # NCCL communicators and their buffers, several ranks [Fixed overheads]
 FRAGMENTATION = 0.05  # allocator slack on the dynamic part (Megatron adds 5% for temporaries) [Activations]
 ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
+CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g for the norm, then g *= scale (read + write)
 HOST_ADAM_BYTES_PER_S = 10e9  # CPU AdamW over host memory (ZeRO-Offload reports a few GB/s per socket)
-LAUNCHES_PER_BLOCK = 60  # kernels per block, forward + backward (eager PyTorch)
-LAUNCH_S = 5e-6  # per kernel launch on a GPU
+LAUNCH_S = 5e-6  # host time to dispatch one op in eager PyTorch
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
 
 
 # --- calibration ------------------------------------------------------------------------------
@@ -76,6 +79,9 @@ class Calibration:
     results refine them (`fit_calibration`), and `changes()` says what moved."""
 
     matmul_efficiency: float | None = None  # achieved / peak matmul FLOP/s; None: the hardware's
+    attention_efficiency: float | None = None  # achieved / peak FLOP/s of SDPA (executed FLOPs); None: the hardware's
+    memory_efficiency: float | None = None  # achieved / datasheet HBM bandwidth of memory-bound ops; None: the hardware's
+    overlap_slowdown: float | None = None  # compute lost while a collective runs beside it; None: the hardware's
     collective_efficiency: float = 1.0  # achieved / assumed collective bus bandwidth
     fragmentation: float = FRAGMENTATION  # allocator overhead as a fraction of the dynamic memory
     context_bytes: float | None = None  # CUDA context + NCCL; None: the defaults above
@@ -87,10 +93,11 @@ class Calibration:
         """{factor: {"default": d, "calibrated": c}} for every factor a calibration moved."""
         base = Calibration()
         out = {}
-        for f in ("matmul_efficiency", "collective_efficiency", "fragmentation", "context_bytes", "step_overhead_s"):
+        for f in ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "overlap_slowdown",
+                  "collective_efficiency", "fragmentation", "context_bytes", "step_overhead_s"):
             new, old = getattr(self, f), getattr(base, f)
-            if f == "matmul_efficiency" and hw is not None:
-                old = hw.matmul_efficiency
+            if f in HARDWARE_FACTORS and hw is not None:
+                old = getattr(hw, f)
             if new is not None and new != old:
                 out[f] = {"default": old, "calibrated": new}
         return out
@@ -107,6 +114,43 @@ class Calibration:
             raise ConfigError(f"estimate.calibration: no such file {path}; write one with fit_calibration(...).save(path)")
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"estimate.calibration: {path} is not a calibration JSON ({e})")
+
+
+HARDWARE_FACTORS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "overlap_slowdown")
+
+
+def factors(hw: Hardware, calib: Calibration | None = None) -> dict[str, float]:
+    """The efficiency factors the time model uses: the calibration's where it set them, else the
+    hardware profile's (catalog figures, or measured by the probe)."""
+    calib = calib or Calibration()
+    out = {k: getattr(calib, k) if getattr(calib, k) is not None else getattr(hw, k) for k in HARDWARE_FACTORS}
+    return out | {"collective_efficiency": calib.collective_efficiency, "collective_latency_s": hw.collective_latency_s}
+
+
+def _traffic(model: ModelConfig, b: np.ndarray, s: int, prec: np.ndarray, autocast: np.ndarray, kern: np.ndarray,
+             loss_kern: np.ndarray) -> dict[str, np.ndarray]:
+    """Memory-bound bytes of one micro-batch per block and outside the blocks (forward, backward)
+    and op counts, from the traffic measured on the engine's model for each row's precision, cast
+    and kernels; the outside (embedding, final norm, head and loss) follows the loss actually run."""
+    coefs = traffic_coefficients(model)
+    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    xb = np.stack([np.broadcast_to(fb[k], b.shape) for k in BLOCK_FEATURES], axis=1)
+    xo = np.stack([np.broadcast_to(fo[k], b.shape) for k in OUTSIDE_FEATURES], axis=1)
+    combos = [(p_, cast, kn) for p_ in PRECISIONS for cast in ("params", "autocast") for kn in KERNELS]
+    fits = [coefs[traffic_key(*c)] for c in combos]
+    # one integer per row names its (precision, cast, kernels): tables indexed by it, no masks
+    prec_code = np.select([prec == p_ for p_ in PRECISIONS], range(len(PRECISIONS)), 0)
+    cast_code = (prec_code * 2 + autocast.astype(int)) * len(KERNELS)
+    block = cast_code + np.select([kern == kn for kn in KERNELS], range(len(KERNELS)), 0)
+    outside = cast_code + np.select([loss_kern == kn for kn in KERNELS], range(len(KERNELS)), 0)
+    out = {}
+    for ph in ("fwd", "bwd"):
+        out[f"block_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"block_{ph}"][k] for k in BLOCK_FEATURES] for f in fits])[block], xb)
+        out[f"outside_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"outside_{ph}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside], xo)
+    out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]
+    out["block_fwd_ops"] = np.array([f["ops"]["block_fwd"] for f in fits])[block]
+    out["outside_ops"] = np.array([f["ops"]["outside_fwd"] + f["ops"]["outside_bwd"] for f in fits])[outside]
+    return out
 
 
 # --- what one rank holds ------------------------------------------------------------------------
@@ -284,7 +328,6 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     # regions (norms, residual inputs) stays whole.
     tp_share = np.where(sp, 1.0 / tp, np.where(tp > 1, (10 + 24 / tp) / 34, 1.0))
     flops = flops_per_token(model, s)
-    block_fwd_share = (flops["total"] - 6.0 * V * h) / flops["total"]  # of the work: blocks, not the head
 
     total = {}
     parts_by_stage = {}
@@ -359,52 +402,80 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     host_bytes = np.select([offload, host_adam], [16 * F["shard"], 16 * F["zero1"] + 4 * F["zero1_tensors"]], 0) * hw.gpus_per_node
 
     # --- time per optimizer step [FLOPs and MFU, Communication] -------------------------------
+    # One micro-batch on the first pipeline rank, as the sum of what runs on its compute stream:
+    # dense matmuls at the achieved matmul rate, SDPA at its own rate, and the memory-bound ops
+    # (norms, activations, rotary, residual adds, casts, the loss over the vocabulary) as the bytes
+    # they move, measured on the engine's model (autotune.profile.measure_traffic), over HBM.
+    f = factors(hw, calib)
     peak = np.select([prec == "bf16", prec == "fp16"], [hw.peak_flops["bf16"], hw.peak_flops["fp16"]], hw.peak_flops["fp32"])
-    eff = calib.matmul_efficiency if calib.matmul_efficiency is not None else hw.matmul_efficiency
-    achieved = peak * eff
+    achieved = peak * f["matmul_efficiency"]
+    hbm = hw.hbm_bytes_per_s * f["memory_efficiency"]
     L = lay["first"]
     layers = L["layers"]
     n_ck = np.where(ckpt == "full", layers, np.where(ckpt == "selective", np.ceil(layers / every_k), 0))
-    stage_share = layers / model.n_layers  # of the blocks' work; the head is on one stage
-    fwd_flops_mb = b * s * flops["total"] / 3 * (block_fwd_share * stage_share + (1 - block_fwd_share) / pp) / tp
-    # activation traffic: each saved byte written in forward, read and its gradient written in backward
-    act_mb = (act["none_tok"] * layers * tp_share + act["out_tok"] + act["out_V"])
-    fwd_mb = fwd_flops_mb / achieved + act_mb / hw.hbm_bytes_per_s
-    bwd_mb = 2 * fwd_flops_mb / achieved + 2 * act_mb / hw.hbm_bytes_per_s
-    rec_share = np.where(layers > 0, n_ck / np.maximum(layers, 1), 0) * block_fwd_share
-    rec_mb = rec_share * fwd_mb
+    rec_share = n_ck / np.maximum(layers, 1)  # of the blocks' forward, recomputed in backward
+    stage_share = layers / model.n_layers  # of the blocks' work; the head is on one stage (averaged over stages)
+    tok = b * s
+    head_weights = V * h
+    mm_block = 2 * tok * (flops["matmul_params"] - head_weights) / model.n_layers * layers / tp / achieved
+    mm_head = 2 * tok * head_weights / pp / tp / achieved
+    # SDPA's flash kernels skip the masked half of the causal s x s scores: forward 2 matmuls of
+    # b·a·s²·d/2 each, backward 5 (it recomputes the scores) [FlashAttention-2]. MFU still counts
+    # the full 12·L·a·d·s (the convention of flops_per_token).
+    att_fwd = 2 * b * s * s * model.n_heads * model.head_dim * layers / tp / (peak * f["attention_efficiency"])
+    traffic = _traffic(model, b, s, prec, autocast, kern, loss_kern)
+    mem_block = {p_: traffic[f"block_{p_}"] * layers * tp_share / hbm for p_ in ("fwd", "bwd")}
+    mem_out = {p_: traffic[f"outside_{p_}"] / pp / tp / hbm for p_ in ("fwd", "bwd")}
+    fwd_mb = mm_block + mm_head + att_fwd + mem_block["fwd"] + mem_out["fwd"]
+    bwd_mb = 2 * (mm_block + mm_head) + 2.5 * att_fwd + mem_block["bwd"] + mem_out["bwd"]
+    rec_mb = rec_share * (mm_block + att_fwd + mem_block["fwd"])
     t = {}
     t["forward"] = m * fwd_mb
     t["backward"] = m * bwd_mb
     t["recompute"] = m * rec_mb
+    compute = t["forward"] + t["backward"] + t["recompute"]
     opt_numel = np.where(z == 1, L["zero1"], np.where(z >= 2, L["shard"], L["local"]))
-    t["optimizer"] = np.where(offload | host_adam, ADAM_BYTES_PER_PARAM * opt_numel / HOST_ADAM_BYTES_PER_S,
-                              ADAM_BYTES_PER_PARAM * opt_numel / hw.hbm_bytes_per_s)
-    # data parallel: the dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp)
-    bw_dp = np.where(tp * dp <= hw.gpus_per_node, hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s) * calib.collective_efficiency
+    opt_bytes = (ADAM_BYTES_PER_PARAM + (CLIP_BYTES_PER_PARAM if job.optimizer.grad_clip > 0 else 0)) * opt_numel
+    t["optimizer"] = np.where(offload | host_adam, ADAM_BYTES_PER_PARAM * opt_numel / HOST_ADAM_BYTES_PER_S, opt_bytes / hbm)
+    # data parallel: the dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp). Each
+    # collective costs its latency plus its bytes over the bus bandwidth [Communication].
+    # Across nodes NCCL runs one ring per NIC: each of the group's ranks on a node drives its own
+    # port, so the ring's bus bandwidth is the per-GPU network figure times those ranks (at most
+    # the node's links) [Communication].
+    inside = tp * dp <= hw.gpus_per_node
+    per_node = np.maximum(1, np.minimum(dp, hw.gpus_per_node // tp))
+    bw_dp = np.where(inside, hw.intra_node_bytes_per_s,
+                     np.minimum(hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s * per_node)) * calib.collective_efficiency
+    alpha_dp = np.where(inside, hw.collective_latency_s, 2 * hw.collective_latency_s)
     ring = (dp - 1) / dp
-    allreduce = 2 * ring * 4 * L["local"] / bw_dp  # fp32 gradients, once per step (no_sync until the last)
-    zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp, 0)  # updated partitions broadcast
-    gather = ring * beta * L["local"] / bw_dp  # FSDP2 all-gather of 16-bit params
-    scatter = ring * 4 * L["local"] / bw_dp  # reduce-scatter in fp32, on every micro-batch
+    buckets = np.ceil(4 * L["local"] / DDP_BUCKET_BYTES)
+    units = layers + 1  # FSDP2 units: one per block, and the root
+    allreduce = 2 * ring * 4 * L["local"] / bw_dp + buckets * alpha_dp  # fp32 gradients, once per step (no_sync until the last)
+    zero1_gather = np.where(z == 1, ring * 4 * L["local"] / bw_dp + alpha_dp, 0)  # updated partitions broadcast
+    gather = ring * beta * L["local"] / bw_dp + units * alpha_dp  # FSDP2 all-gather of 16-bit params
+    scatter = ring * 4 * L["local"] / bw_dp + units * alpha_dp  # reduce-scatter in fp32
     # ZeRO-3 gathers each unit for every forward and backward. Under pp the stages keep units gathered
     # from a backward to the next forward (no reshard after backward until the step's end): one
     # gather per backward plus the forwards that run before the first backward (all of them in
     # GPipe, the pp warm-up forwards in 1F1B). ZeRO-2 gathers once per forward.
-    gathers = np.where(pp > 1, np.where(sched == "gpipe", m + 1, m + np.minimum(pp, m)), 2 * m)
+    gathers = np.where(z == 3, np.where(pp > 1, np.where(sched == "gpipe", m + 1, m + np.minimum(pp, m)), 2 * m), m)
     # reduce-scatter per micro-batch, or once per step under pp (its stages skip the sync until the last)
-    fsdp = np.where(z == 3, gathers, m) * gather + np.where(pp > 1, 1, m) * scatter
+    fsdp = gathers * gather + np.where(pp > 1, 1, m) * scatter
     # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
-    exposed = np.select(
-        [z <= 1, z >= 2],
-        [np.maximum(0, allreduce - bwd_mb) + zero1_gather, np.maximum(0, fsdp - t["forward"] - t["backward"]) + gather / np.maximum(layers, 1)],
-    )
+    # but waits for the first unit's gather
+    overlapped = np.where(z <= 1, np.minimum(allreduce, bwd_mb), np.minimum(fsdp, t["forward"] + t["backward"]))
+    exposed = np.where(z <= 1, allreduce - overlapped + zero1_gather, fsdp - overlapped + gather / units)
     t["dp_comm"] = np.where(dp > 1, exposed, 0)
+    # Overlap is not free: while a collective runs, its NCCL channels hold SMs the compute stream
+    # loses (overlap_slowdown); and FSDP2 copies every gathered unit out of the all-gather buffer
+    # on the compute stream (read + write of the 16-bit params per gather).
+    copy_out = np.where(z >= 2, gathers * 2 * beta * L["local"] / hbm, 0)
+    t["overlap"] = np.where(dp > 1, f["overlap_slowdown"] * overlapped + copy_out, 0)
     # tensor parallel: 4 all-reduces of b·s·h per block per micro-batch (2 forward, 2 backward),
     # 2 more for a recomputed block; the same volume as gather + scatter with sp [Communication]
     bw_tp = hw.intra_node_bytes_per_s * calib.collective_efficiency
     tp_bytes = 2 * (tp - 1) / tp * b * s * h * beta
-    t["tp_comm"] = np.where(tp > 1, m * (4 * layers + 2 * n_ck) * tp_bytes / bw_tp, 0)
+    t["tp_comm"] = np.where(tp > 1, m * (4 * layers + 2 * n_ck) * (tp_bytes / bw_tp + hw.collective_latency_s), 0)
     # pipeline: bubble (p−1)/v of one micro-batch's work [Communication]; one activation forward
     # and one gradient backward per micro-batch per boundary
     t["pp_bubble"] = np.where(pp > 1, (pp - 1) / v * (fwd_mb + bwd_mb + rec_mb), 0)
@@ -412,13 +483,16 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     # a tied embedding's two copies (first and last stage) sum their fp32 gradients (shards under
     # ZeRO 2/3) once per step: a two-rank all-reduce moves the bytes once each way
     tied = 4 * V * h / tp / np.where(z >= 2, dp, 1) / bw_pp if model.tie_embeddings else np.zeros(n)
-    t["pp_comm"] = np.where(pp > 1, m * 2 * b * s * h * beta / bw_pp + tied, 0)
+    t["pp_comm"] = np.where(pp > 1, m * 2 * (b * s * h * beta / bw_pp + hw.collective_latency_s) + tied, 0)
     # offload: sharded fp32 params up and their gradients down, per micro-batch (ZeRO-3 twice)
     # HostOffloadAdamW (ZeRO-1): its partition's params and grads down, params up, once per step
     moves = np.where(z == 3, 2 * m, m) * 4 * L["shard"] + 4 * L["shard"]
     moves = np.where(host_adam, 12 * L["zero1"], moves)
     t["offload"] = np.where(offload | host_adam, moves / hw.host_device_bytes_per_s, 0)
-    launches = m * layers * LAUNCHES_PER_BLOCK * LAUNCH_S if hw.device == "cuda" else np.zeros(n)
+    # eager PyTorch: the host dispatches every op the engine's model runs (counted with the traffic),
+    # counted in full (a bound: large kernels hide it behind the GPU's work)
+    ops_mb = traffic["block_ops"] * layers + traffic["outside_ops"] / pp + rec_share * traffic["block_fwd_ops"] * layers
+    launches = m * ops_mb * LAUNCH_S if hw.device == "cuda" else np.zeros(n)
     t["overhead"] = launches + calib.step_overhead_s
     step = sum(t.values())
     tokens_per_s = job.global_batch * s / step
@@ -435,7 +509,11 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     for k in TIME:
         out[f"time_{k}_s"] = t[k]
     out["step_time_s"] = step
-    out["matmul_s"] = m * (3 + rec_share) * fwd_flops_mb / achieved  # the FLOP-bound part of forward/backward/recompute
+    # compute by kind, over forward, backward and recompute (they sum to those three)
+    out["compute_matmul_s"] = m * (3 * (mm_block + mm_head) + rec_share * mm_block)
+    out["compute_attention_s"] = m * (3.5 + rec_share) * att_fwd
+    out["compute_memory_s"] = compute - out["compute_matmul_s"] - out["compute_attention_s"]
+    out["matmul_s"] = out["compute_matmul_s"]  # the part that scales with the matmul efficiency (fit_calibration)
     out["tokens_per_s"] = tokens_per_s
     out["mfu"] = mfu
     out["fits"] = fits
@@ -449,20 +527,18 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
 
 
 def _reasons(fits_gpu, fits_host, mem, total, capacity, host_bytes, host_capacity) -> np.ndarray:
-    reason = pd.Series("fits", index=range(len(total)), dtype=object)
-    parts = np.stack([mem[k] for k in MEMORY])
-    top = np.argmax(parts, axis=0)
-    gib = lambda x: pd.Series(np.round(x / GiB, 2)).astype(str)  # noqa: E731
-    over = ~fits_gpu
-    if over.any():
-        text = ("needs " + gib(total) + f" GiB per GPU, has {capacity / GiB:.2f} GiB (largest: "
-                + pd.Series(np.array(MEMORY)[top]) + " " + gib(parts[top, np.arange(len(total))]) + " GiB)")
-        reason[over] = text[over]
-    host = fits_gpu & ~fits_host
-    if host.any():
-        text = "offload needs " + gib(host_bytes) + f" GiB of host memory per node, has {host_capacity / GiB:.1f} GiB"
-        reason[host] = text[host]
-    return reason.to_numpy()
+    reason = np.full(len(total), "fits", dtype=object)
+    gib = lambda x: pd.Series(np.round(x / GiB, 2)).astype(str).to_numpy(dtype=object)  # noqa: E731
+    over = np.flatnonzero(~fits_gpu)  # the text is built for these rows only
+    if len(over):
+        parts = np.stack([mem[k][over] for k in MEMORY])
+        top = np.argmax(parts, axis=0)
+        reason[over] = ("needs " + gib(total[over]) + f" GiB per GPU, has {capacity / GiB:.2f} GiB (largest: "
+                        + np.array(MEMORY, dtype=object)[top] + " " + gib(parts[top, np.arange(len(over))]) + " GiB)")
+    host = np.flatnonzero(fits_gpu & ~fits_host)
+    if len(host):
+        reason[host] = "offload needs " + gib(host_bytes[host]) + f" GiB of host memory per node, has {host_capacity / GiB:.1f} GiB"
+    return reason
 
 
 # --- one plan ---------------------------------------------------------------------------------
@@ -483,6 +559,8 @@ class Estimate:
     allocated_bytes: int = 0  # what torch.cuda.max_memory_allocated would show (no context)
     host_bytes: int = 0  # host memory per node that offload needs (params, grads, AdamW states)
     flops_per_token: float = 0.0
+    compute: dict[str, float] = field(default_factory=dict)  # forward + backward + recompute by kind: matmul, attention, memory
+    factors: dict[str, float] = field(default_factory=dict)  # the efficiency factors the time model used
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
     to_fit: str = ""  # for a plan that does not fit: the changes that would make it fit
 
@@ -513,6 +591,7 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
         model_states={"params_bytes": memory["params_bytes"], "grads_bytes": int(row["step_grads_bytes"]),
                       "master_bytes": memory["master_bytes"], "optimizer_bytes": memory["optimizer_bytes"]},
         allocated_bytes=int(row["allocated_bytes"]), flops_per_token=flops_per_token(train.model, train.job.seq_len)["total"],
+        compute={f"{k}_s": float(row[f"compute_{k}_s"]) for k in COMPUTE}, factors=factors(hw, calib),
         calibration=(calib or Calibration()).changes(hw),
     )
 
@@ -666,6 +745,9 @@ def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, cal
     for k, val in est.time.items():
         print(f"  {k[:-2]:14s} {val * 1e3:12.3f} ms")
     print(f"  {'total':14s} {est.step_time_s * 1e3:12.3f} ms")
+    print("  forward + backward + recompute by kind: " + ", ".join(
+        f"{k[:-2]} {v * 1e3:.3f} ms" for k, v in est.compute.items()))
+    print("  factors: " + ", ".join(f"{k} {v:.3g}" for k, v in est.factors.items()))
     print(f"\ntokens/s {est.tokens_per_s:,.0f}   MFU {est.mfu:.1%}   FLOPs/token {est.flops_per_token:.4g}")
     if est.calibration:
         print(f"calibration {calib_path}: " + ", ".join(

@@ -25,6 +25,12 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 # Bus bandwidth between ranks on one host when there is no GPU link: gloo over loopback TCP moves
 # a few GB/s at large messages; the first calibration replaces it.
 CPU_GLOO_BYTES_PER_S = 2e9
+# NCCL runs a ring collective on one CTA per channel; 16 channels is its usual count on NVLink
+# nodes, each holding one SM the overlapped compute cannot use [Communication].
+NCCL_CHANNELS = 16
+# One collective's latency inside a node: nccl-tests all-reduce of a few bytes on 8 NVLink GPUs
+# takes tens of microseconds; across nodes the estimate doubles it.
+COLLECTIVE_LATENCY_S = 20e-6
 
 
 @dataclass
@@ -37,6 +43,10 @@ class Hardware:
     hbm_bytes_per_s: float  # device memory bandwidth (copy: bytes read + written per second)
     peak_flops: dict[str, float] = field(default_factory=dict)  # dense peak per dtype (fp32, tf32, bf16, fp16)
     matmul_efficiency: float = 0.8  # achieved fraction of the peak on large matmuls
+    attention_efficiency: float = 0.5  # achieved fraction of the peak by SDPA (FLOPs it executes, causal half)
+    memory_efficiency: float = 0.9  # achieved fraction of hbm_bytes_per_s by memory-bound kernels
+    overlap_slowdown: float = 0.0  # compute lost while a collective runs beside it: NCCL's channels / SMs
+    collective_latency_s: float = COLLECTIVE_LATENCY_S  # fixed cost of one collective (small messages)
     intra_node_bytes_per_s: float = 0.0  # collective bus bandwidth inside a node
     inter_node_bytes_per_s: float = 0.0  # collective bus bandwidth per GPU across nodes
     host_device_bytes_per_s: float = 0.0  # PCIe (or memcpy on a CPU)
@@ -93,6 +103,9 @@ def catalog_gpu(name: str) -> Hardware:
             hbm_bytes_per_s=d["hbm_gbps"] * 1e9,
             peak_flops={k: float(d["tflops"][k]) * 1e12 for k in DTYPES},
             matmul_efficiency=float(d["matmul_efficiency"]),
+            attention_efficiency=float(d["attention_efficiency"]),
+            memory_efficiency=float(d["memory_efficiency"]),
+            overlap_slowdown=NCCL_CHANNELS / int(d["sms"]),
             intra_node_bytes_per_s=d["intra_node_gbps"] * 1e9,
             host_device_bytes_per_s=d["host_device_gbps"] * 1e9,
             host_memory_bytes=0, measured=False,
@@ -120,6 +133,17 @@ def _matmul_flops(n: int, dtype: torch.dtype, device: str, reps: int) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / _time(lambda: a @ b, reps)
+
+
+def _attention_flops(b: int, heads: int, s: int, d: int, dtype: torch.dtype, device: str, reps: int) -> float:
+    """FLOP/s that causal SDPA forward + backward executes: 2·b·a·s²·d forward (the causal half of
+    two s x s x d matmuls), 2.5 times that backward (the estimate's count, autotune.estimate)."""
+    q, k, v = (torch.randn(b, heads, s, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return 3.5 * 2 * b * heads * s * s * d / _time(step, reps)
 
 
 def _copy_bytes_per_s(nbytes: int, device: str, reps: int) -> float:
@@ -170,7 +194,8 @@ def probe_local() -> Hardware:
     """Measure this machine once per process: its first CUDA GPU, or the CPU.
 
     Peaks are the measured matmul rates, so matmul_efficiency is 1 (the figures already are what
-    is achieved). On a CPU, memory is the RAM available now and the "device" bandwidth is memcpy.
+    is achieved); causal SDPA's measured rate over that peak is the attention efficiency, and the
+    measured copy bandwidth makes the memory efficiency 1. On a CPU, memory is the RAM available now and the "device" bandwidth is memcpy.
     Under torchrun (a process group of several ranks) the collectives are measured too, and the
     all-reduce bus bandwidth becomes the intra-node link.
     """
@@ -199,9 +224,12 @@ def _probe_device() -> Hardware:
         pinned = torch.empty(256 * 2**20 // 4, pin_memory=True)
         gpu_buf = torch.empty_like(pinned, device="cuda")
         h2d = pinned.numel() * 4 / _time(lambda: gpu_buf.copy_(pinned, non_blocking=True), 5)
+        attention = _attention_flops(2, 16, 4096, 128, torch.bfloat16, "cuda", 5)
         return Hardware(
             gpu=props.name, device="cuda", memory_bytes=props.total_memory,
             hbm_bytes_per_s=_copy_bytes_per_s(1 << 30, "cuda", 5), peak_flops=flops, matmul_efficiency=1.0,
+            attention_efficiency=min(attention / flops["bf16"], 1.0), memory_efficiency=1.0,
+            overlap_slowdown=NCCL_CHANNELS / props.multi_processor_count,
             intra_node_bytes_per_s=h2d, host_device_bytes_per_s=h2d, host_memory_bytes=host, measured=True,
         )
     fp32 = _matmul_flops(384, torch.float32, "cpu", 5)
@@ -211,8 +239,9 @@ def _probe_device() -> Hardware:
         "fp16": _matmul_flops(256, torch.float16, "cpu", 3),
     }
     copy = _copy_bytes_per_s(64 * 2**20, "cpu", 5)
+    attention = _attention_flops(1, 2, 128, 32, torch.float32, "cpu", 3)
     return Hardware(
         gpu="cpu", device="cpu", memory_bytes=host, hbm_bytes_per_s=copy, peak_flops=flops,
-        matmul_efficiency=1.0, intra_node_bytes_per_s=CPU_GLOO_BYTES_PER_S, host_device_bytes_per_s=copy,
-        host_memory_bytes=host, measured=True,
+        matmul_efficiency=1.0, attention_efficiency=min(attention / fp32, 1.0), memory_efficiency=1.0,
+        intra_node_bytes_per_s=CPU_GLOO_BYTES_PER_S, host_device_bytes_per_s=copy, host_memory_bytes=host, measured=True,
     )

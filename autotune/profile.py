@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig, TrainConfig
 from engine.files import write_atomic
@@ -284,6 +286,207 @@ def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, che
     n_ck = len(checkpointed_blocks(plan, model.n_layers))
     total = n_ck * block("full") + (model.n_layers - n_ck) * block("none") + outside
     return {"block": block("full" if checkpointing == "full" else "none"), "outside": outside, "total": total}
+
+
+# --- measured memory traffic ----------------------------------------------------------------
+
+# Ops whose time is FLOP-bound: the dense matmuls (timed from 6N) and SDPA (timed from its FLOPs).
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+# Ops that write their first argument without reading it.
+WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like",
+                        "normal_", "uniform_", "new_zeros", "new_full"})
+NO_TRAFFIC = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+                        "lift_fresh", "_local_scalar_dense", "set_", "resize_", "_unsafe_view", "clone_"})
+TRAFFIC_PHASES = ("fwd", "bwd")
+
+
+def _is_attention(name: str) -> bool:
+    return "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name
+
+
+def _touched(t: torch.Tensor) -> int:
+    """Bytes an op reads or writes through `t`: its elements, but no more than its storage
+    (a broadcast weight, expanded to the activation's shape, is read once)."""
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+class TrafficCounter(TorchDispatchMode):
+    """HBM bytes and op counts of everything that is not a matmul or attention, as the engine's
+    model dispatches it: each op reads its tensor inputs and writes its outputs once (the
+    first-principles cost of a memory-bound kernel); views move nothing; an embedding reads the
+    rows it gathers. A Triton kernel (kernels=triton, launches counted by `count_launch`) touches
+    each tensor argument once: the passes its fusion saves are the ops it replaces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "fwd"
+        self.bytes = {p: 0.0 for p in TRAFFIC_PHASES}
+        self.ops = {p: 0 for p in TRAFFIC_PHASES}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.is_view or name in NO_TRAFFIC or name.rstrip("_") in MATMUL_OPS or _is_attention(name):
+            self.ops[self.phase] += not func.is_view and name not in NO_TRAFFIC
+            return out
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if name in WRITE_ONLY and ins:
+            ins = ins[1:] if name.endswith("_") else []  # copy_(dst, src) reads src only
+        if name == "embedding":
+            ins = ins[1:]  # the indices; the rows read are the output's size
+            outs = outs * 2
+        self.bytes[self.phase] += sum(map(_touched, ins)) + sum(map(_touched, outs))
+        self.ops[self.phase] += 1
+        return out
+
+    def count_launch(self, args) -> None:
+        self.bytes[self.phase] += sum(_touched(a) for a in args if isinstance(a, torch.Tensor))
+        self.ops[self.phase] += 1
+
+    @contextmanager
+    def paused(self):
+        bytes_, ops = dict(self.bytes), dict(self.ops)
+        try:
+            yield
+        finally:
+            self.bytes, self.ops = bytes_, ops
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """F.rms_norm as CUDA runs it (aten._fused_rms_norm: one kernel each way, fp32 rstd per row);
+    the CPU decomposes it into five ops. Only shapes matter here, not values."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counter):
+        with counter.paused():
+            y = torch.empty(x.shape, dtype=torch.result_type(x, weight) if weight is not None else x.dtype)
+            rstd = torch.empty(x.shape[:-1] + (1,), dtype=torch.float32)
+        counter.count_launch((x, weight, y, rstd))
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.counter = counter
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        with ctx.counter.paused():
+            dx, dw = torch.zeros_like(x), torch.zeros_like(weight) if weight is not None else None
+        ctx.counter.count_launch((dy, x, weight, rstd, dx, dw))
+        return dx, dw, None
+
+
+def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
+                    kernels: str = "torch") -> dict[str, float]:
+    """Bytes moved by the memory-bound ops of one forward and one backward of the engine's model
+    (loss included) on the CPU, and their op counts: {"fwd", "bwd", "fwd_ops", "bwd_ops"}.
+    Parameter updates, gradient communication and FSDP's copies are not in it (the estimate
+    times those itself)."""
+    from kernels._common import LazyKernel
+
+    net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
+    net = net.to_empty(device="cpu")
+    dtype = DTYPE[precision]
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            t.fill_(0.01)
+        if precision != "fp32" and cast == "params":
+            for p in net.parameters():
+                p.data = p.data.to(dtype)
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    counter = TrafficCounter()
+    autocast = torch.autocast("cpu", dtype=dtype) if precision != "fp32" and cast == "autocast" else nullcontext()
+    launch, interpret = LazyKernel.__getitem__, os.environ.get("TRITON_INTERPRET")
+    LazyKernel.__getitem__ = lambda self, grid: (lambda *args, **kwargs: counter.count_launch(args))
+    os.environ["TRITON_INTERPRET"] = "1"  # lets impl="triton" accept CPU tensors
+    rms_norm = torch.nn.functional.rms_norm
+    torch.nn.functional.rms_norm = lambda x, shape, weight=None, eps=None: _FusedRMSNorm.apply(x, weight, counter)
+    try:
+        with counter:
+            with autocast:
+                loss = net(tokens, tokens)
+            counter.phase = "bwd"
+            loss.backward()
+    finally:
+        LazyKernel.__getitem__ = launch
+        torch.nn.functional.rms_norm = rms_norm
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return {"fwd": counter.bytes["fwd"], "bwd": counter.bytes["bwd"],
+            "fwd_ops": float(counter.ops["fwd"]), "bwd_ops": float(counter.ops["bwd"])}
+
+
+def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
+    """Per (precision, cast, kernels): bytes per block and outside the blocks, forward and
+    backward, fitted on the features of the activation fit; op counts per block and outside.
+    A block's share is the difference between the model with two blocks and with one."""
+    fits = {}
+    for precision in ("fp32", "bf16"):  # fp16 moves the bytes bf16 does
+        for cast in CASTS if precision != "fp32" else ("params",):
+            for kernels in KERNELS:
+                rows_b, rows_o, ys = [], [], {f"{w}_{p}": [] for w in ("block", "outside") for p in TRAFFIC_PHASES}
+                ops = {}
+                for m in _fit_shapes(family, gqa)[:4]:  # 8 points for 6 features
+                    one = dataclasses.replace(m, n_layers=1)
+                    for b, s in FIT_BATCHES:
+                        two_got, one_got = measure_traffic(m, b, s, precision, cast, kernels), measure_traffic(one, b, s, precision, cast, kernels)
+                        rows_b.append(block_features(m, b, s))
+                        rows_o.append(outside_features(m, b, s))
+                        for p in TRAFFIC_PHASES:
+                            ys[f"block_{p}"].append(two_got[p] - one_got[p])
+                            ys[f"outside_{p}"].append(2 * one_got[p] - two_got[p])
+                            ops[f"block_{p}"] = two_got[f"{p}_ops"] - one_got[f"{p}_ops"]
+                            ops[f"outside_{p}"] = 2 * one_got[f"{p}_ops"] - two_got[f"{p}_ops"]
+                fit = {k: _lstsq(rows_b if k.startswith("block") else rows_o, y,
+                                 BLOCK_FEATURES if k.startswith("block") else OUTSIDE_FEATURES) for k, y in ys.items()}
+                fits[traffic_key(precision, cast, kernels)] = fit | {"ops": ops}
+                if precision == "bf16":
+                    fits[traffic_key("fp16", cast, kernels)] = fits[traffic_key(precision, cast, kernels)]
+    return fits
+
+
+def traffic_key(precision: str, cast: str, kernels: str) -> str:
+    return f"{precision}/{cast if precision != 'fp32' else 'params'}/{kernels}"
+
+
+@functools.cache
+def traffic_fit(family: str, gqa: bool) -> dict[str, dict]:
+    """The cached memory-traffic table of one (family, gqa) group (fitted once per engine version)."""
+    path = CACHE_DIR / f"traffic-{family}-{'gqa' if gqa else 'mha'}-{_engine_fingerprint()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fits = _fit_traffic_measured(family, gqa)
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        write_atomic(path, json.dumps(fits, indent=2))
+    except OSError:
+        pass
+    return fits
+
+
+def traffic_coefficients(model: ModelConfig) -> dict[str, dict]:
+    return traffic_fit(model.family, model.kv_heads != model.n_heads)
+
+
+def predict_traffic(model: ModelConfig, b, s, precision: str, cast: str, kernels: str = "torch") -> dict[str, float]:
+    """Predicted memory-bound bytes of one whole-model forward and backward (as `measure_traffic`)
+    and per block: {"fwd", "bwd", "block_fwd", "block_bwd", "outside_fwd", "outside_bwd"}."""
+    fit = traffic_coefficients(model)[traffic_key(precision, cast, kernels)]
+    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    out = {}
+    for p in TRAFFIC_PHASES:
+        out[f"block_{p}"] = sum(fit[f"block_{p}"][k] * fb[k] for k in BLOCK_FEATURES)
+        out[f"outside_{p}"] = sum(fit[f"outside_{p}"][k] * fo[k] for k in OUTSIDE_FEATURES)
+        out[p] = model.n_layers * out[f"block_{p}"] + out[f"outside_{p}"]
+    return out
 
 
 # --- the profile ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def states(est) -> dict[str, int]:
 
 
 def train(model="llama-3-8b", **plan):
-    return planner_config([f"model={model}", "job.seq_len=2048", "job.global_batch=64"]
+    return planner_config([f"model={model}", "cluster=8xh100", "job.seq_len=2048", "job.global_batch=64"]
                           + [f"plan.{k}={v}" for k, v in plan.items()]).train
 
 
