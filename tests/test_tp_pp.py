@@ -152,6 +152,10 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
         assert result[name]["scale"] == expected["scale"], name
     llama = reference["llama"]["loss"]
     assert llama[-1] < llama[0] - 0.05  # the trajectory really moves
+    # the (pp, dp, tp) mesh, tp innermost: rank 0's tp peer is rank 1 (the same node), dp and pp further out
+    assert result["tp2_dp2_zero0"]["mesh"] == {"pp": [0], "dp": [0, 2], "tp": [0, 1]}
+    assert result["tp2_pp2_1f1b"]["mesh"] == {"pp": [0, 2], "dp": [0], "tp": [0, 1]}
+    assert result["pp2_dp2_zero0_1f1b"]["mesh"] == {"pp": [0, 2], "dp": [0, 1], "tp": [0]}
 
     # Triton under tp x pp: the kernels ran (on some rank), and the loss and gradients are right to 1e-5
     # (an unsummed norm-weight gradient is ~1e-4 off: tests/test_tp_kernels.py); other runs launched none

@@ -5,7 +5,7 @@ every config's plan must use all the launched ranks (several plans share one lau
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
 SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, the fp16 loss scale after
-it, the run's wall seconds and the Triton kernels any rank launched), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
+it, the run's wall seconds, the Triton kernels any rank launched and rank 0's groups of each mesh dim), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
 {"config": ..., "checkpoint": path}}, "overflow_at": {name of a fp16 run: step}, "accumulating":
 [names of pp runs], "resume_at": {name of a run: k}, "probe": {name: {"config": ..., "warmup": w,
 "steps": n}}}. An overflow is made by setting one gradient of rank 0 to
@@ -154,10 +154,13 @@ def main(spec_path: str, out_path: str) -> None:
                 start = resumed.load(Path(out[name].pop("checkpoint")))
                 out[name]["resumed"] = trajectory(resumed, range(start, cfg.job.steps)) | {"start": start}
             out[name]["kernels"] = launched_anywhere()
+            out[name]["mesh"] = {dim: engine.mesh[dim].mesh.tolist() for dim in engine.mesh.mesh_dim_names}
             out[name]["seconds"] = time.perf_counter() - started
         for name, run in spec.get("probe", {}).items():
+            started = time.perf_counter()
             args = argparse.Namespace(warmup=run["warmup"], steps=run["steps"], progress=None, timeout=None)
             out[name] = probe.run(build_train_config(run["config"]), args, device)
+            out[name]["seconds"] = time.perf_counter() - started
         for name, run in spec.get("resume", {}).items():
             cfg, save_at = build_train_config(run["config"]), run["save_at"]
             root = Path(cfg.job.out_dir) / "ckpt"
