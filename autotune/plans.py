@@ -157,18 +157,26 @@ def row_plan(row: dict[str, Any] | pd.Series) -> dict[str, Any]:
     return {k: to_python(row[k]) for k in PLAN_FIELDS}
 
 
-def mark_dominated(plans: pd.DataFrame, throughput: str = "tokens_per_s", memory: str = "mem_total_bytes",
-                   margin: float = DOMINANCE_MARGIN) -> pd.Series:
-    """True where another plan needs no more memory and is estimated `margin` faster.
+def dominated_by(plans: pd.DataFrame, throughput: str = "tokens_per_s", memory: str = "mem_total_bytes",
+                 margin: float = DOMINANCE_MARGIN) -> pd.Series:
+    """For each plan, the index label of the fastest plan that needs no more memory, where that
+    plan is `margin` faster (the plan is dominated); -1 where none is.
 
     O(n log n): sorted by memory, the fastest plan at or below each memory level is a running max.
     """
     mem = plans[memory].to_numpy(dtype=float)
     tps = plans[throughput].to_numpy(dtype=float)
     order = np.argsort(mem, kind="stable")
-    running = np.maximum.accumulate(tps[order])
+    sorted_tps = tps[order]
+    running = np.maximum.accumulate(sorted_tps)
+    # where the running max was last reached: the position of the fastest plan so far
+    argmax = np.maximum.accumulate(np.where(sorted_tps >= running, np.arange(len(mem)), 0))
     # plans tied in memory all count as "no more memory": take the running max at the last tie
     last_of_tie = np.searchsorted(mem[order], mem[order], side="right") - 1
-    best_at_or_below = np.empty_like(running)
-    best_at_or_below[order] = running[last_of_tie]
-    return pd.Series(best_at_or_below >= (1.0 + margin) * tps, index=plans.index)
+    best = np.empty_like(running)
+    best[order] = running[last_of_tie]
+    who = np.empty(len(mem), dtype=np.int64)
+    who[order] = order[argmax[last_of_tie]]
+    labels = plans.index.to_numpy()[who] if len(mem) else who
+    return pd.Series(np.where(best >= (1.0 + margin) * tps, labels, -1), index=plans.index)
+

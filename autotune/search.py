@@ -44,7 +44,9 @@ tau, why the search stopped) once it has one.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -66,7 +68,7 @@ from autotune.config import ClusterConfig, PlannerConfig, SearchConfig, planner_
 from autotune.estimate import estimate, estimate_frame, fit_calibration
 from autotune.hardware import Hardware, load_hardware
 from autotune.plans import (
-    DOMINANCE_MARGIN, PLAN_FIELDS, enumerate_plans, mark_dominated, plan_key, plan_keys, row_plan, to_python,
+    DOMINANCE_MARGIN, PLAN_FIELDS, dominated_by, enumerate_plans, plan_key, plan_keys, row_plan, to_python,
 )
 from autotune.runner import run_probe
 from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
@@ -235,12 +237,11 @@ def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
     frame["dropped"] = np.where(fits, "", "does not fit")
     frame["why"] = np.where(fits, "", frame["reason"].astype(str))
     if pc.search.use_estimator and fits.any():
-        fitting = frame[fits]
-        dominated = mark_dominated(fitting, throughput="objective_est")
-        frame.loc[dominated[dominated].index, "dropped"] = "dominated"
-        frame.loc[dominated[dominated].index, "why"] = (
-            f"another plan that fits in no more memory is estimated at least {DOMINANCE_MARGIN:.0%} faster"
-        )
+        by = dominated_by(frame[fits], throughput="objective_est")
+        by = by[by >= 0]
+        frame.loc[by.index, "dropped"] = "dominated"
+        # only the part that differs from row to row (report.md says what "dominated" means)
+        frame.loc[by.index, "why"] = "by plan " + by.astype(str)
     frame["key"] = plan_keys(frame)
     return frame
 
@@ -288,11 +289,39 @@ def describe(plan: dict[str, Any]) -> str:
     return " ".join(bits)
 
 
+# Estimator internals a reader of candidates.csv does not need: `reason` repeats `why`, the rest
+# are derived from (or feed) the columns kept.
+NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "step_grads_bytes", "matmul_s")
+
+
+def significant(values: pd.Series, digits: int = 5) -> pd.Series:
+    """`values` rounded to `digits` significant digits (the estimate is not more precise), so that
+    they print short without a per-value float format (10^5 rows)."""
+    x = values.to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(x))))
+        out = np.where(np.isfinite(scale), np.round(x * scale) / scale, x)
+    return pd.Series(out, index=values.index)
+
+
 def write_candidates(path: Path, frame: pd.DataFrame) -> None:
-    columns = [c for c in frame.columns if c not in ("key", "objective_est")]
-    # whole bytes print as integers, several times faster than formatting floats (10^5 rows)
-    whole = {c: "int64" for c in columns if c.endswith("_bytes") and frame[c].notna().all()}
-    write_atomic(path, frame[columns].astype(whole).to_csv(index=False, float_format="%.6g"))
+    """Every plan, one row each, numbered by `plan_id` (what `why` = "by plan N" refers to).
+
+    Written with the csv module from Python values (repr of the rounded floats): the same text as
+    DataFrame.to_csv, in about half the time for 10^5 plans."""
+    table = frame[[c for c in frame.columns if c not in NOT_IN_CANDIDATES]]
+    table = table.assign(**{c: significant(table[c]) for c in table.columns if table[c].dtype.kind == "f"
+                            and not c.endswith("_bytes")})
+    table = table.astype({c: "int64" for c in table.columns if c.endswith("_bytes") and table[c].notna().all()})
+    table.insert(0, "plan_id", frame.index)
+    # missing values as empty cells, as pandas writes them (not "nan")
+    columns = [table[c].astype(object).where(table[c].notna(), None) if table[c].hasnans else table[c]
+               for c in table.columns]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(table.columns)
+    writer.writerows(zip(*(c.tolist() for c in columns)))
+    write_atomic(path, buf.getvalue())
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -860,7 +889,9 @@ def cli(argv: list[str]) -> int:
                    "search": dataclasses.asdict(pc.search)},
         "hardware": hw.to_dict(), "memory_limit_bytes": hw.memory_bytes,
         "plans": {"enumerated": len(frame), "fit": int(frame["fits"].astype(bool).sum()),
-                  "candidates": int((frame["dropped"] == "").sum())},
+                  "candidates": int((frame["dropped"] == "").sum()),
+                  "dominated": f"dominated by plan N: plan N fits in no more memory and is estimated at least "
+                               f"{DOMINANCE_MARGIN:.0%} faster"},
         "measured": measured, "modelled": modelled,
     }
     write_candidates(run_dir / "candidates.csv", frame)

@@ -114,7 +114,7 @@ def _read_candidates(path: Path) -> Optional[pd.DataFrame]:
     for col in ("dropped", "why", "reason"):
         if col in df:
             df[col] = df[col].fillna("").astype(str)
-    if "fits" in df:
+    if "fits" in df and df["fits"].dtype != bool:
         df["fits"] = df["fits"].map(_as_bool)
     return df
 

@@ -308,6 +308,11 @@ def _candidates(run: Run) -> str:
         kept = int((cand.dropped == "").sum())
         counts = cand.dropped[cand.dropped != ""].value_counts()
         lines[-1] += f" {kept} kept; dropped: " + (", ".join(f"{n} {why}" for why, n in counts.items()) or "none") + "."
+        if "plan_id" in cand:
+            dominated = (run.search.get("plans") or {}).get("dominated") or \
+                "dominated by plan N: plan N fits in no more memory and is estimated faster"
+            lines.append(f"Its `dropped` and `why` columns say why a plan was left out: does not fit (what it needs "
+                         f"against the limit), or {dominated} (N is the `plan_id` column).")
         over = cand[cand.dropped == "does not fit"]
         if not over.empty and "mem_total_bytes" in over:
             small = over.loc[over.mem_total_bytes.idxmin()]

@@ -228,6 +228,13 @@ def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batc
     # nothing that fits is estimated faster
     # within the analytic tie margin of the fastest plan that fits (ties go to the simpler plan)
     assert row.tokens_per_s.iloc[0] >= cand[cand.fits.astype(str) == "True"].tokens_per_s.max() * (1 - ANALYTIC_TIE)
+    # every plan is there once; a dominated one names (by plan_id) a plan that fits in no more memory, faster
+    assert cand.plan_id.tolist() == list(range(len(cand))) and info["plans"]["enumerated"] == len(cand)
+    dominated = cand[cand.dropped == "dominated"]
+    by = cand.set_index("plan_id").loc[dominated.why.str.removeprefix("by plan ").astype(int)]
+    assert len(dominated) and (by.mem_total_bytes.to_numpy() <= dominated.mem_total_bytes.to_numpy()).all()
+    assert (by.tokens_per_s.to_numpy() > dominated.tokens_per_s.to_numpy()).all() and (by.dropped != "does not fit").all()
+    assert (cand[cand.dropped == "does not fit"].why.str.contains("needs")).all()
     assert cfg.plan.world_size == planner_config([f"cluster={cluster}"]).cluster.n_gpus
     report = (run / "report.md").read_text()
     assert "estimat" in report.lower() and str(cfg.plan.micro_batch) in report

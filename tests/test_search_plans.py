@@ -10,8 +10,8 @@ from autotune.config import ClusterConfig, SearchConfig, planner_config
 from autotune.plans import (
     MAX_VIRTUAL_STAGES,
     SELECTIVE_EVERY_K,
+    dominated_by,
     enumerate_plans,
-    mark_dominated,
     plan_key,
     plan_keys,
     row_plan,
@@ -131,15 +131,19 @@ def test_large_space_in_seconds():
     assert keys.iloc[i] == plan_key(row_plan(plans.iloc[i]))
 
 
-def test_mark_dominated_matches_brute_force():
+def test_dominated_by_matches_brute_force():
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"tokens_per_s": rng.integers(1, 30, 300).astype(float),
-                       "mem_total_bytes": rng.integers(1, 30, 300).astype(float)})
-    got = mark_dominated(df, margin=0.1)
+                       "mem_total_bytes": rng.integers(1, 30, 300).astype(float)}, index=range(1000, 1300))
+    by = dominated_by(df, margin=0.1)
     tps, mem = df.tokens_per_s.to_numpy(), df.mem_total_bytes.to_numpy()
     want = [bool(np.any((mem <= mem[i]) & (tps >= 1.1 * tps[i]))) for i in range(len(df))]
-    assert got.tolist() == want
+    assert (by >= 0).tolist() == want
     assert 0 < sum(want) < len(want)
+    # the plan named (an index label, not a position) is one that dominates: no more memory, 10% faster
+    for i, j in by[by >= 0].items():
+        assert df.at[j, "mem_total_bytes"] <= df.at[i, "mem_total_bytes"]
+        assert df.at[j, "tokens_per_s"] >= 1.1 * df.at[i, "tokens_per_s"]
 
 
 def test_kendall_tau():
