@@ -247,9 +247,17 @@ def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
 
 
 def nothing_fits_message(frame: pd.DataFrame, pc: PlannerConfig, hw: Hardware) -> str:
+    gib = 2**30
+    in_gpu = frame[frame["mem_total_bytes"].astype(float) <= hw.memory_bytes]
+    if not in_gpu.empty:  # they fit in GPU memory by offloading, but the host cannot hold what they offload
+        small = in_gpu.loc[in_gpu["host_bytes"].astype(float).idxmin()]
+        return (f"no plan fits on {pc.cluster.name}: the plans that fit in GPU memory "
+                f"({hw.memory_bytes / gib:.1f} GiB) offload to the host, and the one needing least, "
+                f"{describe(row_plan(small))}, needs {float(small['host_bytes']) / gib:.1f} GiB of host memory per "
+                f"node, has {hw.host_memory_bytes / gib:.1f} GiB; what would help: more GPUs than {pc.cluster.n_gpus} "
+                f"(model states shard over data parallelism), or more host memory (cluster.host_memory_gb)")
     small = frame.loc[frame["mem_total_bytes"].astype(float).idxmin()]
     plan = row_plan(small)
-    gib = 2**30
     parts = {c[4:-6]: float(small[c]) for c in frame.columns
              if c.startswith("mem_") and c.endswith("_bytes") and c != "mem_total_bytes"}
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
