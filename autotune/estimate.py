@@ -43,7 +43,7 @@ import pandas as pd
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
-    outside_features, traffic_coefficients, traffic_key,
+    TRAFFIC_BLOCK_FEATURES, outside_features, traffic_coefficients, traffic_key,
 )
 from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
 from engine.files import write_atomic
@@ -108,12 +108,27 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(**data)
+            calib = cls(**json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise ConfigError(f"estimate.calibration: no such file {path}; write one with fit_calibration(...).save(path)")
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"estimate.calibration: {path} is not a calibration JSON ({e})")
+        for name, (low, high) in CALIBRATION_RANGES.items():
+            value = getattr(calib, name)
+            if value is None and name in (*HARDWARE_FACTORS, "context_bytes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"estimate.calibration: {path} has {name}={value!r}; it must be a number in "
+                                  f"[{low}, {high}] (refit it with fit_calibration)")
+        return calib
+
+
+# The values a calibration may hold: efficiencies are fractions of a peak, the rest non-negative.
+CALIBRATION_RANGES = {
+    "matmul_efficiency": (1e-3, 1.0), "attention_efficiency": (1e-3, 1.0), "memory_efficiency": (1e-3, 1.0),
+    "overlap_slowdown": (0.0, 1.0), "collective_efficiency": (1e-3, 1.0), "fragmentation": (0.0, 10.0),
+    "context_bytes": (0.0, float("inf")), "step_overhead_s": (0.0, float("inf")), "records": (0, float("inf")),
+}
 
 
 HARDWARE_FACTORS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "overlap_slowdown")
@@ -134,7 +149,7 @@ def _traffic(model: ModelConfig, b: np.ndarray, s: int, prec: np.ndarray, autoca
     and kernels; the outside (embedding, final norm, head and loss) follows the loss actually run."""
     coefs = traffic_coefficients(model)
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
-    xb = np.stack([np.broadcast_to(fb[k], b.shape) for k in BLOCK_FEATURES], axis=1)
+    xb = np.stack([np.broadcast_to(fb[k], b.shape) for k in TRAFFIC_BLOCK_FEATURES], axis=1)
     xo = np.stack([np.broadcast_to(fo[k], b.shape) for k in OUTSIDE_FEATURES], axis=1)
     combos = [(p_, cast, kn) for p_ in PRECISIONS for cast in ("params", "autocast") for kn in KERNELS]
     fits = [coefs[traffic_key(*c)] for c in combos]
@@ -145,7 +160,7 @@ def _traffic(model: ModelConfig, b: np.ndarray, s: int, prec: np.ndarray, autoca
     outside = cast_code + np.select([loss_kern == kn for kn in KERNELS], range(len(KERNELS)), 0)
     out = {}
     for ph in ("fwd", "bwd"):
-        out[f"block_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"block_{ph}"][k] for k in BLOCK_FEATURES] for f in fits])[block], xb)
+        out[f"block_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"block_{ph}"][k] for k in TRAFFIC_BLOCK_FEATURES] for f in fits])[block], xb)
         out[f"outside_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"outside_{ph}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside], xo)
     out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]
     out["block_fwd_ops"] = np.array([f["ops"]["block_fwd"] for f in fits])[block]

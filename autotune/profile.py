@@ -15,6 +15,12 @@ coefficients are bytes per element and scale to any width: a llama-3-70b block i
 tiny llama blocks, and the tests hold predictions to fresh measurements at shapes larger than the
 fit. SDPA keeps no s x s matrix (flash/efficient/CPU-flash kernels save out + logsumexp), so there
 is no s² term. One fit per (family, gqa) group is cached in memory and on disk.
+
+Step time needs the bytes the memory-bound ops move (norms, activations, rotary, residual adds,
+casts, the loss over the vocabulary): `measure_traffic` counts them with a TorchDispatchMode on
+the same real forwards and backwards (each op reads its inputs and writes its outputs once;
+matmuls and SDPA are timed from their FLOPs instead; a Triton kernel touches each of its tensor
+arguments once; F.rms_norm counted as CUDA's fused kernel) and fits them on the same features.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BLOCK_FEATURES = ("tok", "h", "f", "kv", "a", "P")
+TRAFFIC_BLOCK_FEATURES = (*BLOCK_FEATURES, "sd")
 OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
 # How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
 # "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO-2/3).
@@ -82,6 +89,7 @@ def block_features(model: ModelConfig, b, s) -> dict:
     return {
         "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "kv": bs * model.kv_heads * model.head_dim,
         "a": bs * model.n_heads, "P": block_params + 0 * bs,
+        "sd": s * model.head_dim + 0 * bs,  # rotary tables, read once per block whatever the batch (traffic only)
     }
 
 
@@ -428,7 +436,7 @@ def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
             for kernels in KERNELS:
                 rows_b, rows_o, ys = [], [], {f"{w}_{p}": [] for w in ("block", "outside") for p in TRAFFIC_PHASES}
                 ops = {}
-                for m in _fit_shapes(family, gqa)[:4]:  # 8 points for 6 features
+                for m in _fit_shapes(family, gqa):
                     one = dataclasses.replace(m, n_layers=1)
                     for b, s in FIT_BATCHES:
                         two_got, one_got = measure_traffic(m, b, s, precision, cast, kernels), measure_traffic(one, b, s, precision, cast, kernels)
@@ -440,7 +448,7 @@ def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
                             ops[f"block_{p}"] = two_got[f"{p}_ops"] - one_got[f"{p}_ops"]
                             ops[f"outside_{p}"] = 2 * one_got[f"{p}_ops"] - two_got[f"{p}_ops"]
                 fit = {k: _lstsq(rows_b if k.startswith("block") else rows_o, y,
-                                 BLOCK_FEATURES if k.startswith("block") else OUTSIDE_FEATURES) for k, y in ys.items()}
+                                 TRAFFIC_BLOCK_FEATURES if k.startswith("block") else OUTSIDE_FEATURES) for k, y in ys.items()}
                 fits[traffic_key(precision, cast, kernels)] = fit | {"ops": ops}
                 if precision == "bf16":
                     fits[traffic_key("fp16", cast, kernels)] = fits[traffic_key(precision, cast, kernels)]
@@ -483,7 +491,7 @@ def predict_traffic(model: ModelConfig, b, s, precision: str, cast: str, kernels
     fb, fo = block_features(model, b, s), outside_features(model, b, s)
     out = {}
     for p in TRAFFIC_PHASES:
-        out[f"block_{p}"] = sum(fit[f"block_{p}"][k] * fb[k] for k in BLOCK_FEATURES)
+        out[f"block_{p}"] = sum(fit[f"block_{p}"][k] * fb[k] for k in TRAFFIC_BLOCK_FEATURES)
         out[f"outside_{p}"] = sum(fit[f"outside_{p}"][k] * fo[k] for k in OUTSIDE_FEATURES)
         out[p] = model.n_layers * out[f"block_{p}"] + out[f"outside_{p}"]
     return out
@@ -502,9 +510,17 @@ def model_profile(model: ModelConfig, seq_len: int | None = None, micro_batch: i
             "block_bytes": sum(fit["block"][k] * fb[k] for k in BLOCK_FEATURES),
             "outside_bytes": sum(fit["outside"][k] * fo[k] for k in OUTSIDE_FEATURES),
         }
+    traffic = {key: {k: v for k, v in predict_traffic(model, micro_batch, s, *key.split("/")).items()}
+               for key in traffic_coefficients(model)}
     return {
         "model": dataclasses.asdict(model),
         "params": param_counts(model),
+        "traffic": {
+            "formula": "bytes moved by memory-bound ops (not matmuls, not SDPA), per block and outside, forward and "
+                       "backward: the activation fit's features; ops: ops dispatched (host overhead)",
+            "coefficients": traffic_coefficients(model),
+            "at": {"micro_batch": micro_batch, "seq_len": s, "bytes": traffic},
+        },
         "flops_per_token": flops_per_token(model, s) | {"seq_len": s, "convention": "6N + 12·L·a·d·s, N = matmul weights"},
         "activations": {
             "formula": "block = b·s·(tok + h·h + f·f + kv·g·d + a·a) + P·P_block; outside = b·s·(tok + h·h + V·V) + s·s + P·P_head",
@@ -548,11 +564,18 @@ def cli(argv: list[str]) -> int:
     print(f"saved for backward per block at micro_batch {train.plan.micro_batch}, seq_len {fl['seq_len']}:")
     for key, v in prof["activations"]["at"]["bytes"].items():
         print(f"  {key:28s} block {v['block_bytes'] / 2**20:10.2f} MiB   outside {v['outside_bytes'] / 2**20:10.2f} MiB")
+    print(f"memory-bound bytes per block at micro_batch {train.plan.micro_batch} (forward / backward):")
+    for key, v in prof["traffic"]["at"]["bytes"].items():
+        print(f"  {key:28s} {v['block_fwd'] / 2**20:10.2f} / {v['block_bwd'] / 2**20:10.2f} MiB   "
+              f"outside {v['outside_fwd'] / 2**20:10.2f} / {v['outside_bwd'] / 2**20:10.2f} MiB")
     kind = "measured" if hw.measured else "catalog"
     print(f"hardware ({kind}): {hw.n_gpus} x {hw.gpu}, {hw.memory_bytes / 2**30:.1f} GiB, "
           + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in hw.peak_flops.items())
           + f", memory {hw.hbm_bytes_per_s / 1e9:.0f} GB/s, link {hw.intra_node_bytes_per_s / 1e9:.0f} GB/s"
           + "".join(f", {k} {v / 1e9:.2f} GB/s" for k, v in hw.collectives.items()))
+    print(f"time model factors: matmul {hw.matmul_efficiency:.3g}, attention {hw.attention_efficiency:.3g}, "
+          f"memory {hw.memory_efficiency:.3g} of peak; overlap slowdown {hw.overlap_slowdown:.3g}; "
+          f"collective latency {hw.collective_latency_s * 1e6:.0f} us")
     if args.out:
         path = Path(args.out) / "profile.json"
         write_atomic(path, json.dumps(prof, indent=2))
