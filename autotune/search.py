@@ -728,7 +728,8 @@ class Search:
         """One line on stderr per trial: what ran, trials done, best so far, time spent and left."""
         done, best = len(self.measured()), self.best_value()
         per = float(np.mean(self.trial_seconds)) if self.trial_seconds else 0.0
-        left = max(0, self.s.trials - done) * per + self.s.finalists * per * self.s.final_steps / self.s.probe_steps
+        finals_left = max(0, self.s.finalists - len(self.measured(final=True)))
+        left = (max(0, self.s.trials - done) + finals_left * self.s.final_steps / self.s.probe_steps) * per
         unit = "tokens/GPU-s" if self.s.objective == "cost" else "tokens/s"
         best_text = f"best {best:.4g} {unit}" if best is not None else "no result yet"
         print(f"[search] trial {number}{' (final)' if final else ''} {status}: {describe(plan)} | "

@@ -78,7 +78,8 @@ def load_run(run_dir: str | Path) -> Run:
             f"{run_dir} holds neither a study (study.db or the storage named in search.json) nor "
             "candidates.csv; give the folder `autotune search` wrote"
         )
-    trials = trials_table(study.get_trials(deepcopy=False)) if study is not None else pd.DataFrame()
+    objective = search.get("objective") or "throughput"
+    trials = trials_table(study.get_trials(deepcopy=False), objective) if study is not None else pd.DataFrame()
     return Run(
         run_dir=run_dir,
         search=search,
@@ -196,8 +197,18 @@ def _status(trial: optuna.trial.FrozenTrial) -> str:
     return {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "error"}.get(state.name, state.name.lower())
 
 
-def trials_table(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
-    """One row per trial: number, state, status, reason, plan, estimate (est_*), probe (meas_*)."""
+def _last_report_tokens_per_s(trial: optuna.trial.FrozenTrial, plan: dict[str, Any], objective: str) -> Optional[float]:
+    """The throughput a trial last reported to the pruner (tokens/GPU-s under objective=cost)."""
+    if not trial.intermediate_values:
+        return None
+    value = trial.intermediate_values[max(trial.intermediate_values)]
+    world = int(plan.get("dp") or 1) * int(plan.get("tp") or 1) * int(plan.get("pp") or 1)
+    return float(value) * (world if objective == "cost" else 1)
+
+
+def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throughput") -> pd.DataFrame:
+    """One row per trial: number, state, status, reason, plan, estimate (est_*), probe (meas_*), and
+    `last_report_tokens_per_s`: what the probe last reported while it ran (where a pruned trial stopped)."""
     rows = []
     for t in trials:
         attrs = t.user_attrs
@@ -219,6 +230,7 @@ def trials_table(trials: list[optuna.trial.FrozenTrial]) -> pd.DataFrame:
             device=probe.get("device"),
             error=probe.get("error") or "",
             duration_s=t.duration.total_seconds() if t.duration else None,
+            last_report_tokens_per_s=_last_report_tokens_per_s(t, plan, objective),
         )
         rows.append(row)
     df = pd.DataFrame(rows)

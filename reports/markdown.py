@@ -72,6 +72,10 @@ OBJECTIVES = {
     "cost": "most tokens per GPU-second of the measured plans",
     "pareto": "on the measured throughput / peak-memory Pareto front",
 }
+FINALIST_OBJECTIVES = {
+    "throughput": "fastest finalist in the long runs",
+    "cost": "most tokens per GPU-second of the finalists' long runs",
+}
 KEY_ROWS = ("zero_stage", "precision", "micro_batch", "grad_accum", "activation_checkpointing", "dp")
 
 
@@ -117,8 +121,12 @@ def _why(run: Run, choice: Choice) -> list[str]:
     row, limit = choice.row, run.memory_limit_bytes
     objective = run.search.get("objective") or "throughput"
     if choice.source == "measured":
+        lead = OBJECTIVES.get(objective, "chosen by the search")
+        if row.get("final"):
+            lead = (f"{FINALIST_OBJECTIVES.get(objective, lead)} (the finalists are the best short runs, rerun "
+                    "with search.final_steps: a long run is the better measurement)")
         reasons = [
-            f"{OBJECTIVES.get(objective, 'chosen by the search')}: {rate(row.meas_tokens_per_s)} tokens/s, "
+            f"{lead}: {rate(row.meas_tokens_per_s)} tokens/s, "
             f"MFU {share(row.get('meas_mfu'))}, step {seconds(row.meas_step_time_s)}"
         ]
         others = run.measured[~run.measured.index.isin(match_plan(run.measured, row).index)]
@@ -127,7 +135,7 @@ def _why(run: Run, choice: Choice) -> list[str]:
         if not others.empty and objective == "throughput":
             second = others.loc[others.meas_tokens_per_s.idxmax()]
             reasons.append(_lead(row.meas_tokens_per_s, second.meas_tokens_per_s) +
-                           f" the next measured plan, trial {int(second.number)} ({plan_label(second)}, "
+                           f" the next {'finalist' if row.final and second.final else 'measured plan'}, trial {int(second.number)} ({plan_label(second)}, "
                            f"{rate(second.meas_tokens_per_s)} tokens/s){_differences(row, second)}")
         memory = row.meas_peak_mem_bytes
     else:
@@ -179,7 +187,11 @@ def _top(run: Run, choice: Optional[Choice]) -> str:
         metrics += [("measured tokens/s", "meas_tokens_per_s", rate), ("measured peak memory", "meas_peak_mem_bytes", gib),
                     ("measured step", "meas_step_time_s", seconds), ("measured MFU", "meas_mfu", share)]
     rows += [[label] + [fmt(r.get(col)) for _, r in top.iterrows()] for label, col, fmt in metrics]
-    return "\n".join([f"## Top plans (by {ranked_by} throughput)", "", markdown_table(rows, [""] + names)])
+    intro = []
+    if measured and top.final.any():
+        rows.insert(1, ["measured in"] + ["long run (finalist)" if r.final else "short run" for r in plans])
+        intro = ["Finalists first, by their long runs; then the other plans by their short runs.", ""]
+    return "\n".join([f"## Top plans (by {ranked_by} throughput)", "", *intro, markdown_table(rows, [""] + names)])
 
 
 def _failures(run: Run) -> str:

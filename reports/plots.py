@@ -86,11 +86,16 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
         ax.scatter(cand.mem_total_bytes / div, cand.tokens_per_s, s=8, c="silver", alpha=0.6,
                    label=f"all candidates, estimated ({len(cand)})", zorder=2)
     if not measured.empty:
-        ax.scatter(measured.meas_peak_mem_bytes / div, measured.meas_tokens_per_s, s=40, c="tab:blue",
-                   edgecolors="black", linewidths=0.5, label=f"measured trials ({len(measured)})", zorder=4)
-        front = measured.loc[pareto_front(measured.meas_peak_mem_bytes, measured.meas_tokens_per_s)]
+        short, final = measured[~measured.final], measured[measured.final]
+        ax.scatter(short.meas_peak_mem_bytes / div, short.meas_tokens_per_s, s=40, c="tab:blue",
+                   edgecolors="black", linewidths=0.5, label=f"measured, short runs ({len(short)})", zorder=4)
+        if not final.empty:
+            ax.scatter(final.meas_peak_mem_bytes / div, final.meas_tokens_per_s, marker="D", s=40, c="tab:green",
+                       edgecolors="black", linewidths=0.5, label=f"finalists, long runs ({len(final)})", zorder=4)
+        like = short if not short.empty else final  # a front of runs of one length
+        front = like.loc[pareto_front(like.meas_peak_mem_bytes, like.meas_tokens_per_s)]
         ax.plot(front.meas_peak_mem_bytes / div, front.meas_tokens_per_s, color="tab:orange", lw=1.5,
-                drawstyle="steps-post", label="Pareto front (measured)", zorder=5)
+                drawstyle="steps-post", label=f"Pareto front ({'short' if like is short else 'long'} runs)", zorder=5)
         failed = run.trials[run.trials.status.isin(FAILED)]
         if not failed.empty:
             ax.scatter(failed.est_mem_total_bytes / div, [0] * len(failed), marker="x", s=60, c="tab:red",
@@ -98,6 +103,8 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
                        label=f"failed: {', '.join(sorted(set(failed.status)))} (at estimated memory)")
         # The measurements set the scale: uncalibrated estimates far above them would flatten them.
         top = 1.15 * measured.meas_tokens_per_s.max()
+        if have_estimates and cand.tokens_per_s.max() <= 3 * top:
+            top = max(top, 1.05 * cand.tokens_per_s.max())
         above = int((cand.tokens_per_s > top).sum()) if have_estimates else 0
         if above:
             ax.plot([], [], " ", label=f"{above} estimate{'s' * (above != 1)} above the top edge, not shown")
@@ -111,7 +118,8 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
         ax.plot([], [], " ", label=f"{beyond} plan{'s' * (beyond != 1)} beyond {right / div:,.0f} {unit_name}, not shown")
     if choice is not None:
         x, y = _chosen_point(choice)
-        ax.scatter([x / div], [y], label=f"chosen: {plan_label(choice.row)}", **CHOSEN)
+        run_kind = " (long run)" if choice.source == "measured" and choice.row.get("final") else ""
+        ax.scatter([x / div], [y], label=f"chosen: {plan_label(choice.row)}{run_kind}", **CHOSEN)
     ax.set_xlabel(f"peak memory per GPU ({unit_name})")
     ax.set_ylabel("throughput (tokens/s, whole job)")
     ax.yaxis.set_major_formatter(THOUSANDS)
@@ -179,7 +187,9 @@ def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional
     ax.invert_yaxis()  # best plan on top
     ax.set_xlabel(f"memory per GPU ({unit_name})")
     ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Estimated memory of the top plans (ranked by {ranked_by} throughput)")
+    order = "finalists first, by measured throughput" if ranked_by == "measured" and top.final.any() else \
+        f"ranked by {ranked_by} throughput"
+    fig.suptitle(f"Estimated memory of the top plans ({order})")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
@@ -247,7 +257,8 @@ def history(run: Run) -> Optional[Figure]:
                    linewidths=0.5, label="finalist (long run)", zorder=3)
     pruned = df[df.status == "pruned"]
     if not pruned.empty:
-        ax.scatter(pruned.number, pruned.meas_tokens_per_s.fillna(0), s=36, facecolors="none",
+        at = pruned.last_report_tokens_per_s if "last_report_tokens_per_s" in pruned else pruned.meas_tokens_per_s
+        ax.scatter(pruned.number, at.fillna(0), s=36, facecolors="none",
                    edgecolors="grey", label="pruned (at its last report)", zorder=3)
     failed = df[df.status.isin(FAILED)]
     if not failed.empty:
@@ -262,5 +273,5 @@ def history(run: Run) -> Optional[Figure]:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.set_title(f"Optimisation history: {_title(run)}")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     return fig

@@ -117,10 +117,11 @@ def top_plans(run: Run, n: int = 5) -> tuple[pd.DataFrame, str]:
     """The n best plans, one per plan, by measured throughput if any were measured, else by estimate."""
     measured = run.measured
     if not measured.empty:
-        # One row per plan: its finalist (long) run where it has one, else its fastest short run.
+        # One row per plan: its finalist (long) run where it has one, else its fastest short run;
+        # finalists first (the choice is among their long runs), then the other plans' short runs.
         best = measured.sort_values(["final", "meas_tokens_per_s"], ascending=False)
         best = best.drop_duplicates(subset=[k for k in PLAN_KEY if k in best], keep="first")
-        return best.sort_values("meas_tokens_per_s", ascending=False).head(n), "measured"
+        return best.head(n), "measured"
     ranked = ranked_candidates(run)
     return (ranked.head(n) if ranked is not None else pd.DataFrame()), "estimated"
 

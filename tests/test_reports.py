@@ -224,6 +224,12 @@ def test_measured_run_report(measured_run):
     assert f"trial {chosen.number}" in report
     assert "out of memory at step 1" in report and "NCCL error in allreduce" in report
     assert "pruned at step 2" in report
+    pruned = trials[trials.status == "pruned"].iloc[0]  # where the pruner stopped it (history plot)
+    assert pruned.last_report_tokens_per_s == pytest.approx(pruned.meas_tokens_per_s)
+    # the choice is the fastest long run: said so, and first in the side-by-side table
+    assert "fastest finalist in the long runs" in report
+    top = report.split("## Top plans")[1].split("\n## ")[0]
+    assert f"| trial {chosen.number} (chosen) |" in top.splitlines()[4] and "| measured in | long run" in top
     assert "Kendall" in report and "1.00" in report
     assert "per-rank step time and peak memory" in report  # what was measured
     assert "1 x its optimistic estimate cannot beat" in report  # the skipped trial
