@@ -32,8 +32,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from engine import dist
-from engine.config import ConfigError, JobConfig
+from engine.config import ConfigError, JobConfig, ModelConfig
 from engine.files import fsync_dir, write_atomic
+from engine.model import build_model
 from engine.parallel import ShardedOptimizer, unwrap
 
 COMPLETE = "COMPLETE"
@@ -64,12 +65,23 @@ def latest_checkpoint(root: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def check_readable(path: Path) -> None:
-    """Fail early, before any process is launched, on a checkpoint whose metadata cannot be read."""
+def check_readable(path: Path, model: ModelConfig) -> None:
+    """Fail early, before any process is launched, on a checkpoint whose metadata cannot be read
+    or that holds another model's parameters (DCP would load a model with fewer layers silently)."""
     try:
-        dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except (Exception, CheckpointException) as e:  # any failure to parse is the same user-facing problem
         raise _corrupt(path, e) from None
+    saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    wanted = {name: tuple(p.shape) for name, p in build_model(model, device="meta").named_parameters()}
+    if saved != wanted:
+        name = min(saved.keys() ^ wanted.keys(), default=None) or next(n for n in wanted if saved[n] != wanted[n])
+        raise ConfigError(
+            f"checkpoint {path} holds another model ({name}: {list(saved[name]) if name in saved else 'absent'} "
+            f"there, {list(wanted[name]) if name in wanted else 'absent'} here); train with the model it was "
+            f"saved from, or set job.resume=false (or another job.out_dir) to start afresh"
+        )
 
 
 def _corrupt(path: Path, e: BaseException) -> ConfigError:

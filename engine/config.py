@@ -43,6 +43,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    # Llama 3.1+ rope scaling (HF rope_scaling type "llama3"); a factor of 1 is none
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     qkv_bias: bool = False  # Qwen2: biases on q, k, v only
     init_std: float = 0.02
     hf_config: Optional[str] = None  # a Hugging Face config.json on disk; overrides the fields above
@@ -153,6 +158,7 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"model.hf_config: model_type {kind!r} is not supported; supported: {', '.join(HF_MODEL_TYPES)}"
         )
+    _check_hf_architecture(hf, kind, path)
     name = hf.get("_name_or_path") or path.parent.name or kind
     try:
         if kind == "gpt2":
@@ -171,9 +177,41 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
             max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_theta=float(hf.get("rope_theta", 10000.0)), qkv_bias=(kind == "qwen2"),
+            **_hf_rope_scaling(hf.get("rope_scaling"), path),
         )
     except KeyError as e:
         raise ConfigError(f"model.hf_config: {path} lacks the key {e.args[0]!r} that a {kind} config has")
+
+
+def _check_hf_architecture(hf: dict[str, Any], kind: str, path: Path) -> None:
+    """Refuse what the engine's two families do not compute, rather than train another model."""
+    act = hf.get("activation_function", "gelu_new") if kind == "gpt2" else hf.get("hidden_act", "silu")
+    acts = ("gelu_new", "gelu_pytorch_tanh") if kind == "gpt2" else ("silu",)
+    if act not in acts:
+        raise ConfigError(f"model.hf_config: {path} uses activation {act!r}; a {kind} model here uses {acts[0]}")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"model.hf_config: {path} sets {key}=true, which the engine's {kind} model does not have")
+    heads, hidden = hf.get("num_attention_heads") or hf.get("n_head"), hf.get("hidden_size") or hf.get("n_embd")
+    if hf.get("head_dim") and heads and hidden and hf["head_dim"] * heads != hidden:
+        raise ConfigError(
+            f"model.hf_config: {path} has head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
+            f"{hidden / heads:g}; the engine needs head_dim = hidden_size / num_attention_heads"
+        )
+
+
+def _hf_rope_scaling(scaling: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """HF rope_scaling -> ModelConfig fields: none, or Llama 3.1+'s "llama3"."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind != "llama3":
+        raise ConfigError(f"model.hf_config: {path} has rope_scaling type {kind!r}; supported: llama3 (or none)")
+    return dict(
+        rope_scaling_factor=float(scaling["factor"]), rope_low_freq_factor=float(scaling["low_freq_factor"]),
+        rope_high_freq_factor=float(scaling["high_freq_factor"]),
+        rope_original_max_seq_len=int(scaling["original_max_position_embeddings"]),
+    )
 
 
 # --- building and validating ----------------------------------------------------------------
@@ -183,13 +221,13 @@ def _structured(schema: type, data: Any, what: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{what}: {_omegaconf_message(e)}")
+        raise ConfigError(_omegaconf_message(e, what))
 
 
-def _omegaconf_message(e: OmegaConfBaseException) -> str:
+def _omegaconf_message(e: OmegaConfBaseException, section: str) -> str:
     msg = str(e).splitlines()[0]
     key = getattr(e, "full_key", None)
-    return f"{key}: {msg}" if key and key not in msg else msg
+    return f"{section}.{key}: {msg}" if key and key not in msg else f"{section}: {msg}"
 
 
 def build_train_config(data: Any) -> TrainConfig:
@@ -217,9 +255,17 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+")
+        if "=" not in o or "." not in key:
+            # a Hydra group choice (model=gpt2) would replace a whole section with a string
+            raise ConfigError(
+                f"override {o!r}: give section.key=value (e.g. plan.micro_batch=4); a model from conf/model/ "
+                f"is chosen when the config is made (`autotune search model=NAME`), or use model.hf_config=PATH"
+            )
     try:
         base = OmegaConf.load(path)
-        dot = OmegaConf.from_dotlist(list(overrides))
+        dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
     except (OmegaConfBaseException, ValueError, OSError) as e:
         raise ConfigError(f"cannot read {path} with overrides {list(overrides)}: {e}")
     keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
@@ -246,15 +292,45 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"rotary embeddings need an even head dim; d_model/n_heads={m.head_dim}")
     if m.family == "gpt2" and m.kv_heads != m.n_heads:
         raise ConfigError("model.n_kv_heads: gpt2 has no grouped-query attention; leave it unset")
+    for key in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"):
+        if not getattr(m, key) > 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be positive")
+    if m.rope_scaling_factor != 1 and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(
+            f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
+            f"model.rope_low_freq_factor={m.rope_low_freq_factor}"
+        )
 
 
 def validate_job(j: JobConfig) -> None:
     if j.seq_len < 1 or j.global_batch < 1 or j.steps < 1:
         raise ConfigError("job.seq_len, job.global_batch and job.steps must be at least 1")
-    if j.optimizer.name != "adamw":
-        raise ConfigError(f"job.optimizer.name={j.optimizer.name!r}: only adamw is supported")
+    if j.log_every < 1:
+        raise ConfigError(f"job.log_every={j.log_every} must be at least 1")
+    if j.checkpoint_every < 0:
+        raise ConfigError(
+            f"job.checkpoint_every={j.checkpoint_every} must not be negative (0: save only at the end and on SIGTERM)"
+        )
+    validate_optimizer(j.optimizer)
     if j.data.dtype not in ("uint16", "uint32"):
         raise ConfigError(f"job.data.dtype={j.data.dtype!r}: use uint16 or uint32")
+
+
+def validate_optimizer(o: OptimizerConfig) -> None:
+    """What torch's AdamW would refuse with a traceback, and the schedule's own ranges."""
+    if o.name != "adamw":
+        raise ConfigError(f"job.optimizer.name={o.name!r}: only adamw is supported")
+    for key in ("lr", "eps"):
+        if not getattr(o, key) > 0:
+            raise ConfigError(f"job.optimizer.{key}={getattr(o, key)} must be positive")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"job.optimizer.{key}={getattr(o, key)} must be in [0, 1)")
+    for key in ("weight_decay", "grad_clip", "warmup_steps"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"job.optimizer.{key}={getattr(o, key)} must not be negative (0 turns it off)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"job.optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (a fraction of lr)")
 
 
 def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:

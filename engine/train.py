@@ -395,7 +395,7 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.job.resume:
         latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(cfg.job))
         if latest is not None:
-            checkpoint.check_readable(latest)
+            checkpoint.check_readable(latest, cfg.model)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -130,6 +130,10 @@ def assert_user_error(capsys, argv: list[str], *words: str) -> str:
         (["plan.micro_batch=3"], ["job.global_batch=8", "micro_batch=3"]),
         (["plan.dp=3"], ["plan.dp=3"]),
         (["job.data.source=/no/such/tokens.bin"], ["/no/such/tokens.bin"]),
+        (["model=gpt2"], ["'model=gpt2'", "section.key=value"]),  # a Hydra group choice: not in a saved config
+        (["job.steps=1.5"], ["job.steps"]),
+        (["job.log_every=0"], ["job.log_every=0"]),
+        (["job.optimizer.lr=-1"], ["job.optimizer.lr"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys, overrides, words):
@@ -146,6 +150,8 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, capsys, damage):
     out = tmp_path / "run"
     ckpt = out / "ckpt" / "step-2"
     if damage == "metadata":
+        # another model's checkpoint (DCP alone would load the 4 layers a 5-layer model shares with it)
+        assert_user_error(capsys, ["train", str(config), "model.n_layers=5"], str(ckpt), "another model", "layers.4")
         (ckpt / ".metadata").write_bytes(b"not a checkpoint")
     else:
         shard = next(ckpt.glob("*.distcp"))
