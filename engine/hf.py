@@ -284,10 +284,14 @@ def hf_config(cfg: ModelConfig) -> dict:
                     n_head=cfg.n_heads, n_inner=cfg.d_ff, vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
                     layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", tie_word_embeddings=True)
     kind, arch = ("qwen2", "Qwen2ForCausalLM") if cfg.qkv_bias else ("llama", "LlamaForCausalLM")
+    scaling = None if cfg.rope_scaling_factor == 1 else dict(
+        rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_seq_len)
     return dict(model_type=kind, architectures=[arch], hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
                 vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu")
+                rope_theta=cfg.rope_theta, rope_scaling=scaling, tie_word_embeddings=cfg.tie_embeddings,
+                hidden_act="silu")
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

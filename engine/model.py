@@ -24,11 +24,25 @@ from engine.config import ModelConfig
 from engine.tensor_parallel import local_rows
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [max_seq_len, head_dim // 2], in fp32."""
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device=None, scaling: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [max_seq_len, head_dim // 2], in fp32; `scaling`: a model whose
+    rope_scaling_* fields (Llama 3.1+) apply."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None and scaling.rope_scaling_factor != 1:
+        inv_freq = llama3_scaled(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1+'s rope scaling: frequencies with fewer than low_freq_factor periods in the
+    original context are slowed by the factor, those with more than high_freq_factor kept, and
+    the band between blended linearly in the number of periods."""
+    periods = cfg.rope_original_max_seq_len * inv_freq / (2 * math.pi)
+    keep = ((periods - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)).clamp(0, 1)
+    return keep * inv_freq + (1 - keep) * inv_freq / cfg.rope_scaling_factor
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +166,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg, triton)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.family == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -217,7 +231,7 @@ class Transformer(nn.Module):
                 full = torch.empty(p.shape).normal_(0.0, s, generator=gen)
             _copy_full(p, full)
         if self.rope_cos is not None:
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, scaling=self.cfg)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

@@ -246,3 +246,46 @@ def test_train_starts_from_loaded_weights(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: model.init_from:") and "shape" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+LLAMA_32 = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 64, "max_position_embeddings": 131072,
+            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def test_llama3_rope_scaling(tmp_path):
+    """Llama 3.1+'s rope_scaling is read, written back, and slows only the low frequencies: those
+    with under 1 period in the original 8192 positions by the factor 32, none with over 4 periods."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_32))
+    cfg = model_cfg(hf_config=str(tmp_path / "config.json"))
+    assert (cfg.rope_scaling_factor, cfg.rope_original_max_seq_len) == (32.0, 8192)
+    from engine.hf import hf_config
+    from engine.model import rope_tables
+
+    assert hf_config(cfg)["rope_scaling"] == LLAMA_32["rope_scaling"] | {"factor": 32.0}
+
+    def inv_freq(scaling):  # the angle advanced per position
+        cos, sin = rope_tables(64, 2, 500000.0, scaling=scaling)
+        return torch.atan2(sin[1].double(), cos[1].double())
+
+    plain, scaled = inv_freq(None), inv_freq(cfg)
+    periods = 8192 * plain / (2 * math.pi)
+    high, low, band = periods > 4, periods < 1, (periods >= 1) & (periods <= 4)
+    assert high.sum() and low.sum() and band.sum() >= 2
+    torch.testing.assert_close(scaled[high], plain[high])
+    torch.testing.assert_close(scaled[low], plain[low] / 32)
+    ratio = scaled[band] / plain[band]  # blended: between 1/32 and 1, more slowed at lower frequency
+    assert (ratio > 1 / 32).all() and (ratio < 1).all() and (ratio.diff() < 0).all()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'; supported: llama3"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"head_dim": 128}, "head_dim=128"),
+    ({"attention_bias": True}, "attention_bias=true"),
+])
+def test_hf_config_the_engine_cannot_compute_is_refused(tmp_path, change, words):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_32 | change))
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        model_cfg(hf_config=str(tmp_path / "config.json"))
