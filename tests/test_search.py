@@ -275,3 +275,26 @@ def test_analytic_ties_go_to_the_simpler_plan_then_less_memory():
     ]
     frame = pd.DataFrame(rows).assign(objective_est=lambda f: f.tokens_per_s, dropped="", why="", key="k")
     assert analytic_result(frame)["best"]["plan"]["zero_stage"] == 3
+
+
+def test_every_sampler_proposes_distinct_candidates():
+    """tpe, random and grid (gp and cmaes need scipy / cmaes): after the estimate's first picks the
+    sampler's proposals take turns, each snapped to a plan still to run (no probe here: told values)."""
+    from autotune.hardware import load_hardware
+    from autotune.search import Search, candidate_table
+
+    for sampler in ("tpe", "random", "grid"):
+        pc = planner_config([*TINY, f"search.sampler={sampler}", "search.trials=6"])
+        hw = load_hardware(pc.cluster)
+        frame = candidate_table(pc, hw)
+        search = Search(pc, Path("unused"), "s", hw, frame, optuna.storages.InMemoryStorage())
+        keys, sources = [], set()
+        for i in range(6):
+            trial, plan, final, source = search.next_trial()
+            keys.append(plan_key(plan))
+            sources.add(source)
+            for k, v in {"claim": keys[-1], "plan": plan, "status": "ok", "final": False}.items():
+                trial.set_user_attr(k, v)
+            search.study.tell(trial, 100.0 + i)
+        assert len(set(keys)) == 6 and set(keys) <= set(search.pool.key), sampler
+        assert "estimate" in sources and any(s.startswith("sampler") for s in sources), (sampler, sources)
