@@ -732,8 +732,11 @@ class Search:
         left = (max(0, self.s.trials - done) + finals_left * self.s.final_steps / self.s.probe_steps) * per
         unit = "tokens/GPU-s" if self.s.objective == "cost" else "tokens/s"
         best_text = f"best {best:.4g} {unit}" if best is not None else "no result yet"
+        width = min(self.s.trials, 20)
+        bar = "#" * (min(done, self.s.trials) * width // self.s.trials)
         print(f"[search] trial {number}{' (final)' if final else ''} {status}: {describe(plan)} | "
-              f"{done}/{self.s.trials} run, {best_text} | {_clock(time.monotonic() - self.started)} elapsed, "
+              f"[{bar:.<{width}}] {done}/{self.s.trials} run, {best_text} | "
+              f"{_clock(time.monotonic() - self.started)} elapsed, "
               f"~{_clock(left)} left", file=sys.stderr, flush=True)
 
     def explore(self) -> None:
