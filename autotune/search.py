@@ -586,6 +586,14 @@ class Search:
             return rest
         return rest[rest["objective_est"] * self.optimism() >= best]
 
+    def why_not_hopeful(self, row: pd.Series) -> str:
+        ceiling = self.oom_ceiling()
+        if ceiling is not None and row["mem_total_bytes"] >= ceiling:
+            return (f"not run: estimated to need {row['mem_total_bytes'] / 2**20:,.0f} MiB, as much as a plan that "
+                    "ran out of memory here")
+        return (f"not run: its optimistic estimate ({self.optimism():.2f} x {float(row['objective_est']):.4g}) "
+                f"cannot beat the best measured {self.best_value() or 0:.4g}")
+
     def ask(self) -> tuple[optuna.Trial, dict[str, Any], bool, str]:
         """The study's next trial (a queued plan, or the sampler's proposal) with its plan and role."""
         trial = self.study.ask()
@@ -601,11 +609,15 @@ class Search:
             return None
         hopeful = self.hopeful(rest)
         if hopeful.empty:
-            best = self.best_value()
-            self.stopped = ("no plan left can beat the best measured one: every remaining plan's optimistic "
-                            f"estimate (x{self.optimism():.2f}) is below {best:.4g}, or needs as much memory "
-                            "as a plan that ran out of it" if best is not None else
-                            "every remaining plan needs as much memory as a plan that ran out of it")
+            ceiling = self.oom_ceiling()
+            too_big = int((rest["mem_total_bytes"] >= ceiling).sum()) if ceiling is not None else 0
+            parts = []
+            if too_big:
+                parts.append(f"{too_big} need as much memory as a plan that ran out of it")
+            if len(rest) > too_big:
+                parts.append(f"{len(rest) - too_big} have an optimistic estimate (x{self.optimism():.2f}) below the "
+                             f"best measured {self.best_value():.4g}")
+            self.stopped = f"no plan left can beat the best measured one: of the {len(rest)} left, " + " and ".join(parts)
             return None
         if self.guided_turn(len(self.measured())):
             top = row_plan(hopeful.sort_values("objective_est", ascending=False, kind="stable").iloc[0])
@@ -619,11 +631,8 @@ class Search:
             if final or key in hopeful_keys:
                 return trial, plan, final, source
             if key in rest_keys:
-                self.tell_skipped(trial, plan, TrialState.PRUNED,
-                                  f"not run: its optimistic estimate ({self.optimism():.2f} x "
-                                  f"{float(rest.set_index('key').at[key, 'objective_est']):.4g}) cannot beat the best "
-                                  f"measured {self.best_value() or 0:.4g}, or it needs as much memory as a plan "
-                                  "that ran out of it", claim_key=key)
+                self.tell_skipped(trial, plan, TrialState.PRUNED, self.why_not_hopeful(rest.set_index("key").loc[key]),
+                                  claim_key=key)
             else:
                 self.tell_skipped(trial, plan, TrialState.FAIL,
                                   "proposal is not a candidate (invalid, does not fit, dominated or already run); "

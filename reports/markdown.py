@@ -16,6 +16,7 @@ from reports.tables import (
     match_plan,
     norm,
     pct,
+    pareto_front,
     plan_label,
     rate,
     ranked_candidates,
@@ -137,6 +138,13 @@ def _why(run: Run, choice: Choice) -> list[str]:
             reasons.append(_lead(row.meas_tokens_per_s, second.meas_tokens_per_s) +
                            f" the next {'finalist' if row.final and second.final else 'measured plan'}, trial {int(second.number)} ({plan_label(second)}, "
                            f"{rate(second.meas_tokens_per_s)} tokens/s){_differences(row, second)}")
+        if objective == "pareto":
+            like = run.measured[run.measured.final == row.final]
+            front = like.loc[pareto_front(like.meas_peak_mem_bytes, like.meas_tokens_per_s)]
+            reasons.append("the front, by memory: " + "; ".join(
+                f"trial {int(r.number)} ({rate(r.meas_tokens_per_s)} tokens/s in {gib(r.meas_peak_mem_bytes)})"
+                for _, r in front.iterrows()) + ". The fastest on it is written out; pick another from trials.csv "
+                "to trade throughput for memory")
         memory = row.meas_peak_mem_bytes
     else:
         ranked = ranked_candidates(run)

@@ -94,8 +94,10 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
                        edgecolors="black", linewidths=0.5, label=f"finalists, long runs ({len(final)})", zorder=4)
         like = short if not short.empty else final  # a front of runs of one length
         front = like.loc[pareto_front(like.meas_peak_mem_bytes, like.meas_tokens_per_s)]
+        # ringed points: a front of one plan is still seen
         ax.plot(front.meas_peak_mem_bytes / div, front.meas_tokens_per_s, color="tab:orange", lw=1.5,
-                drawstyle="steps-post", label=f"Pareto front ({'short' if like is short else 'long'} runs)", zorder=5)
+                marker="o", ms=11, mfc="none", mew=1.5, drawstyle="steps-post",
+                label=f"Pareto front ({'short' if like is short else 'long'} runs)", zorder=5)
         failed = run.trials[run.trials.status.isin(FAILED)]
         if not failed.empty:
             ax.scatter(failed.est_mem_total_bytes / div, [0] * len(failed), marker="x", s=60, c="tab:red",
