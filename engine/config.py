@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -266,8 +267,11 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     try:
         base = OmegaConf.load(path)
         dot = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides])
-    except (OmegaConfBaseException, ValueError, OSError) as e:
-        raise ConfigError(f"cannot read {path} with overrides {list(overrides)}: {e}")
+    except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as e:
+        detail = " ".join(str(e).split())  # YAML errors span lines
+        raise ConfigError(f"cannot read {path} with overrides {list(overrides)}: {detail}")
+    if not isinstance(base, DictConfig):
+        raise ConfigError(f"{path} is not a training config: it should map model, job and plan to their settings")
     keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if keys & {"plan.micro_batch", "plan.dp", "job.global_batch"} and "plan.grad_accum" not in keys and "plan" in base:
         base.plan.grad_accum = None  # derived: follow the overridden batch shape

@@ -138,6 +138,8 @@ def prepare(text_path: str | Path, out_path: str | Path, chunk_bytes: int = 1 <<
         raise ConfigError(f"{src} is empty; there is nothing to tokenize")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: no folder {out.parent}")
+    if out.is_dir() or out.resolve() == src.resolve():
+        raise ConfigError(f"cannot write {out}: it is {'a folder' if out.is_dir() else 'the text file'}; give a new .bin path")
     count = 0
     with atomic_writer(out) as dst, src.open("rb") as f:
         while chunk := f.read(chunk_bytes):

@@ -314,6 +314,8 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
         start = engine.load(resume_from)
         if rank0:
             print(f"resumed from {resume_from} at step {start}", flush=True)
+            if start >= job.steps:
+                print(f"nothing to train: job.steps={job.steps} is reached; raise job.steps to train on", flush=True)
     out_dir = Path(job.out_dir)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -151,4 +151,9 @@ def test_prepare_errors(tmp_path, capsys):
     (tmp_path / "in.txt").write_text("x")
     with pytest.raises(ConfigError, match="no folder"):
         prepare(tmp_path / "in.txt", tmp_path / "sub" / "out.bin")
+    with pytest.raises(ConfigError, match="it is a folder"):
+        prepare(tmp_path / "in.txt", tmp_path)
+    with pytest.raises(ConfigError, match="it is the text file"):  # would replace the user's text
+        prepare(tmp_path / "in.txt", tmp_path / "." / "in.txt")
+    assert (tmp_path / "in.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "in.txt"]

@@ -3,6 +3,7 @@ atomic and reshard across ZeRO stages, and a user's mistake is one `error:` line
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -86,7 +87,7 @@ def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
         (["plan.zero_stage=1", "plan.offload_optimizer=true"], ["plan.zero_stage=3", "plan.micro_batch=4"]),
     ],
 )
-def test_resume_under_another_plan(tmp_path, first, second):
+def test_resume_under_another_plan(tmp_path, capsys, first, second):
     """A checkpoint of step 3 resumes under another ZeRO stage (and micro-batch) on the same trajectory."""
     config = write_config(tmp_path)
     assert autotune_main(["train", str(config), "job.checkpoint_every=3", *first]) == 0
@@ -98,6 +99,14 @@ def test_resume_under_another_plan(tmp_path, first, second):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # steps 4..6 logged once, by the resumed run
     for step, loss in by_step(records).items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_bytes"] >= 0 and r["mfu"] is None for r in records)  # CPU: no peak
+    # the lr a step ran with: linear warmup over 2 steps, then cosine to 0.1 x lr at step 6
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 4)) for i in range(2, 6)]
+    assert [r["lr"] for r in records] == pytest.approx([3e-4 * f for f in [0.5, 1.0, *cosine]], rel=1e-6)
+    assert autotune_main(["train", str(config), *second]) == 0  # done already: says so, changes nothing
+    assert "nothing to train: job.steps=6 is reached" in capsys.readouterr().out
+    assert metrics(out) == records
 
 
 def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
@@ -140,6 +149,13 @@ def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys, overrides, 
     config = write_config(tmp_path)
     assert_user_error(capsys, ["train", str(config), *overrides], *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_yaml_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("model: [\n")
+    assert_user_error(capsys, ["train", str(tmp_path / "bad.yaml")], "cannot read", "line 2")
+    (tmp_path / "list.yaml").write_text("- model\n")
+    assert_user_error(capsys, ["train", str(tmp_path / "list.yaml")], "not a training config")
 
 
 @pytest.mark.parametrize("damage", ["metadata", "shard"])
