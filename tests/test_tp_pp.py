@@ -230,6 +230,7 @@ REFUSED = [
     (dict(pp=2, pp_virtual_stages=2), {}, "needs plan.pp_schedule=interleaved_1f1b"),
     (dict(sequence_parallel=True), {}, "sequence_parallel needs plan.tp > 1"),
     (dict(tp=2, sequence_parallel=True), {"seq_len": 15}, "divisible by plan.tp=2"),
+    (dict(tp=2, compile=True), {}, "use plan.compile=false under tp"),  # engine.parallel.check_supported
 ]
 
 
