@@ -19,7 +19,9 @@ from engine.config import build_train_config
 from engine.parallel import apply_activation_checkpointing
 from engine.model import build_model
 from engine.train import Engine, reduce_loss
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -45,9 +47,13 @@ def config(plan: dict, model: dict = TINY, job: dict = JOB):
     return build_train_config({"model": model, "job": job, "plan": plan})
 
 
-def run_plan(plan: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of STEPS steps and the final full parameters (on rank 0), in the current process group."""
+def run_plan(plan: dict, syncs: list | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of STEPS steps and the final full parameters (on rank 0), in the current process group.
+    `syncs`: under DDP, one entry per bucket all-reduce is appended to it."""
     engine = Engine(config(plan), dist.device_for_rank())
+    if syncs is not None and isinstance(engine.model, DDP):
+        group = engine.mesh["dp"].get_group()
+        engine.model.register_comm_hook(group, lambda g, bucket: syncs.append(bucket.index()) or allreduce_hook(g, bucket))
     losses = [reduce_loss(engine.step(step).loss)[0] for step in range(STEPS)]
     full = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return losses, {k: v.clone() for k, v in full.items()}
@@ -82,6 +88,9 @@ def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
     reference = run_plan(dict(micro_batch=8))
     for name in TWO_RANK_PLANS:
         assert_same_run(results[name], reference, name)
+    # DDP all-reduces once per step, not once per micro-step: accumulating over 2 micro-steps adds none
+    syncs = results["syncs"]
+    assert syncs["zero0"] and syncs["zero0_accum"] == syncs["zero0"]
 
 
 def test_gradient_accumulation_matches_one_micro_batch(one_process_group):
@@ -136,7 +145,9 @@ def _worker(out: str) -> None:
     """Under torchrun: every plan of TWO_RANK_PLANS on this 2-rank gloo group; rank 0 saves results."""
     torch.set_num_threads(1)
     dist.init_distributed()
-    results = {name: run_plan(dict(plan, dp=2)) for name, plan in TWO_RANK_PLANS.items()}
+    syncs = {name: [] for name in TWO_RANK_PLANS}
+    results = {name: run_plan(dict(plan, dp=2), syncs[name]) for name, plan in TWO_RANK_PLANS.items()}
+    results["syncs"] = syncs
     if dist.rank() == 0:
         torch.save(results, out)
     dist.shutdown()
