@@ -64,7 +64,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    for flag, path in (("--out", args.out), ("--progress", args.progress)):
+        # checked before the run, which would otherwise be measured for nothing
+        if path and (Path(path).is_dir() or not _can_make_folder(Path(path).parent)):
+            p.error(f"{flag} {path}: not a file path that can be written")
     return args
+
+
+def _can_make_folder(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def versions() -> dict[str, str | None]:

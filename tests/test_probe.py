@@ -100,3 +100,13 @@ def test_probe_over_its_time_limit_reports_timeout_with_what_it_measured(tmp_pat
     assert probe.main([str(config), "--steps", "5", "--warmup", "0", "--timeout", "1e-9", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["status"] == "timeout" and result["step_time_s"] > 0  # stopped after one measured step
+
+
+def test_probe_refuses_an_unwritable_out_before_running(tmp_path, capsys):
+    config = write_config(tmp_path)
+    (tmp_path / "a-file").write_text("mine\n")
+    for out in (tmp_path, tmp_path / "a-file" / "metrics.json"):
+        with pytest.raises(SystemExit) as exit:
+            probe.main([str(config), "--steps", "1", "--out", str(out)])
+        assert exit.value.code == 2 and f"--out {out}: not a file path" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine\n" and not list(tmp_path.glob(".*"))
