@@ -17,7 +17,7 @@ import zlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate
 
 import kernels
 from engine.config import ModelConfig
@@ -237,9 +237,16 @@ class Transformer(nn.Module):
 
 
 def _copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full-shape CPU tensor into a parameter, plain or sharded (DTensor)."""
+    """Copy a full-shape CPU tensor into a parameter, plain or sharded (DTensor).
+
+    Every rank holds the same `full` (seeded by name), so each cuts its own shard locally (a replicated
+    DTensor redistributed to the parameter's placements). distribute_tensor would scatter from rank 0
+    and, for FSDP2 over tp shards (_StridedShard) of a dim that tp x dp does not divide (gpt2's
+    vocabulary of 50257), fails on the uneven pieces."""
     if isinstance(p, DTensor):
-        p.copy_(distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements))
+        mesh = p.device_mesh
+        whole = DTensor.from_local(full.to(mesh.device_type), mesh, [Replicate()] * mesh.ndim, run_check=False)
+        p.copy_(whole.redistribute(mesh, p.placements))
     else:
         p.copy_(full)
 
