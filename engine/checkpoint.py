@@ -72,6 +72,15 @@ def check_readable(path: Path, model: ModelConfig) -> None:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except (Exception, CheckpointException) as e:  # any failure to parse is the same user-facing problem
         raise _corrupt(path, e) from None
+    # every shard file as long as the metadata says: a truncated or missing one would fail on
+    # every rank, after the launch
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            raise _corrupt(path, EOFError(f"{name} is {'missing' if size is None else f'{size} bytes of {end}'}"))
     saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     wanted = {name: tuple(p.shape) for name, p in build_model(model, device="meta").named_parameters()}

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from autotune.cli import main as autotune_main
-from engine.checkpoint import COMPLETE, LATEST, latest_checkpoint
+from engine.checkpoint import COMPLETE, LATEST, check_readable, latest_checkpoint
+from engine.config import ConfigError, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,
@@ -172,6 +173,9 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, capsys, damage):
     else:
         shard = next(ckpt.glob("*.distcp"))
         shard.write_bytes(shard.read_bytes()[:100])
+        # found from the metadata, before any process is launched
+        with pytest.raises(ConfigError, match=f"{shard.name} is 100 bytes of"):
+            check_readable(ckpt, load_train_config(config).model)
     before = (out / "metrics.jsonl").read_text()
     message = assert_user_error(capsys, ["train", str(config), "job.steps=4"], str(ckpt), "job.resume=false")
     assert "delete" in message
