@@ -175,7 +175,7 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
             n_heads=hf["num_attention_heads"],
             n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             d_ff=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-5),
+            max_seq_len=_hf_max_seq_len(hf, kind), norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_theta=float(hf.get("rope_theta", 10000.0)), qkv_bias=(kind == "qwen2"),
             **_hf_rope_scaling(hf.get("rope_scaling"), path),
@@ -199,6 +199,14 @@ def _check_hf_architecture(hf: dict[str, Any], kind: str, path: Path) -> None:
             f"model.hf_config: {path} has head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
             f"{hidden / heads:g}; the engine needs head_dim = hidden_size / num_attention_heads"
         )
+
+
+def _hf_max_seq_len(hf: dict[str, Any], kind: str) -> int:
+    """max_position_embeddings, capped at a sliding attention window where there is one (Mistral
+    v0.1, Qwen2 with use_sliding_window): within the window the engine's full attention is the same."""
+    longest = hf.get("max_position_embeddings", 4096)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+    return min(longest, window) if window else longest
 
 
 def _hf_rope_scaling(scaling: dict[str, Any] | None, path: Path) -> dict[str, Any]:

@@ -289,3 +289,19 @@ def test_hf_config_the_engine_cannot_compute_is_refused(tmp_path, change, words)
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_32 | change))
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         model_cfg(hf_config=str(tmp_path / "config.json"))
+
+
+@pytest.mark.parametrize("kind, window, use, max_seq_len", [
+    ("mistral", 4096, None, 4096),  # Mistral v0.1: attends 4096 back
+    ("mistral", None, None, 32768),  # v0.3: no window
+    ("qwen2", 4096, False, 32768),  # Qwen2.5 lists a window it does not use
+    ("qwen2", 4096, True, 4096),
+])
+def test_hf_sliding_window_caps_the_sequence_length(tmp_path, kind, window, use, max_seq_len):
+    """The engine attends to every earlier position: the same as a sliding window only within it."""
+    hf = {**LLAMA_32, "model_type": kind, "max_position_embeddings": 32768, "sliding_window": window}
+    del hf["rope_scaling"]
+    if use is not None:
+        hf["use_sliding_window"] = use
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert model_cfg(hf_config=str(tmp_path / "config.json")).max_seq_len == max_seq_len
