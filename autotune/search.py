@@ -242,8 +242,8 @@ def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
         parts = [c for c in frame.columns if c.startswith("mem_") and c.endswith("_bytes") and c != "mem_total_bytes"]
         largest = pd.Series(np.array([c[4:-6] for c in parts])[frame.loc[over, parts].to_numpy().argmax(axis=1)],
                             index=frame.index[over])
-        need = (frame.loc[over, "mem_total_bytes"] / 2**30).round(1).astype(str)
-        frame.loc[over, "why"] = need + f" GiB/GPU > {hw.memory_bytes / 2**30:.1f}; largest: " + largest
+        need = (frame.loc[over, "mem_total_bytes"] / 2**30).map("{:.2f}".format)
+        frame.loc[over, "why"] = need + f" GiB/GPU > {hw.memory_bytes / 2**30:.2f}; largest: " + largest
     if pc.search.use_estimator and fits.any():
         by = dominated_by(frame[fits], throughput="objective_est")
         by = by[by >= 0]

@@ -336,8 +336,8 @@ def _candidates(run: Run) -> str:
         over = cand[cand.dropped == "does not fit"]
         if not over.empty and "mem_total_bytes" in over:
             small = over.loc[over.mem_total_bytes.idxmin()]
-            lines.append(f"The smallest plan that does not fit is {plan_label(small)} at {gib(small.mem_total_bytes)}"
-                         + (f": {small.why}" if small.get("why") else "") + ".")
+            lines.append(f"The smallest plan that does not fit is {plan_label(small)}: "
+                         + (small.why if small.get("why") else f"{gib(small.mem_total_bytes)}") + ".")
     return "\n".join(lines)
 
 

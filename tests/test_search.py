@@ -235,8 +235,8 @@ def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batc
     assert len(dominated) and (by.mem_total_bytes.to_numpy() <= dominated.mem_total_bytes.to_numpy()).all()
     assert (by.tokens_per_s.to_numpy() > dominated.tokens_per_s.to_numpy()).all() and (by.dropped != "does not fit").all()
     over = cand[cand.dropped == "does not fit"]  # what it needs against the limit, and its largest part
-    assert len(over) and over.why.str.fullmatch(r"[0-9.]+ GiB/GPU > 79\.1; largest: [a-z_]+").all()
-    assert ((over.why.str.split(" ").str[0].astype(float) - over.mem_total_bytes / 2**30).abs() <= 0.0501).all()
+    assert len(over) and over.why.str.fullmatch(r"[0-9]+\.[0-9]{2} GiB/GPU > 79\.10; largest: [a-z_]+").all()
+    assert ((over.why.str.split(" ").str[0].astype(float) - over.mem_total_bytes / 2**30).abs() <= 0.00501).all()
     assert cfg.plan.world_size == planner_config([f"cluster={cluster}"]).cluster.n_gpus
     report = (run / "report.md").read_text()
     assert "estimat" in report.lower() and str(cfg.plan.micro_batch) in report
