@@ -23,7 +23,14 @@ plan means:
 - the peak is the larger of two moments: the start of a backward (states, gradients of earlier
   micro-batches, activations, logits and their gradient, gathered units) and the optimizer step
   (states with every gradient). The memory breakdown is that of the peaking moment
-  (`peak_phase`); `model_states` / `step_grads_bytes` give the states at the step.
+  (`peak_phase`); `model_states` / `step_grads_bytes` give the states at the step;
+- step time is the sum of what runs on the compute stream of the first pipeline rank: dense
+  matmuls (6N) at the matmul efficiency, SDPA at the FLOPs its causal flash kernels execute and
+  the attention efficiency, memory-bound ops as the bytes measured on the engine's model
+  (autotune.profile.measure_traffic) over HBM at the memory efficiency, AdamW + clipping as bytes,
+  host dispatch per op; collectives cost latency + bytes / bus bandwidth, overlap where the engine
+  overlaps them, and slow the compute they overlap (overlap_slowdown, FSDP2's copy-out). The
+  factors (`factors()`) come from the hardware profile and a calibration may replace each.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
 from autotune.estimate import (
-    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame,
+    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
 )
 from autotune.hardware import catalog_gpu, load_hardware
 from engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
@@ -144,6 +144,33 @@ def test_model_states_equal_what_the_engine_holds(tmp_path):
                                   "plan": {"zero_stage": stage, "dp": 2, "precision": "bf16"}})
         accumulating = estimate(cfg, hw).memory["grads_bytes"]  # at the start of the second backward
         assert [h[f"accumulating{stage}"] for h in held] == [accumulating] * 2, stage
+
+
+# --- hardware profiles ----------------------------------------------------------------------------
+
+def test_catalog_holds_every_gpu_and_cluster_the_issue_names():
+    """Datasheet entries (memory, HBM, dense peaks, link) for every GPU and the named clusters."""
+    for name in ("a100-40g", "a100-80g", "h100-sxm", "h100-pcie", "h200", "l4", "l40s", "a10g", "v100-32g", "rtx-4090"):
+        hw = catalog_gpu(name)
+        assert hw.memory_bytes > 20 * 2**30 and hw.hbm_bytes_per_s > 0 and hw.intra_node_bytes_per_s > 0, name
+        assert hw.peak_flops["bf16"] > 0 and hw.peak_flops["fp32"] > 0, name
+        assert 0 < hw.attention_efficiency <= 1 and 0 < hw.memory_efficiency <= 1 and 0 < hw.overlap_slowdown < 1, name
+    assert catalog_gpu("h100-sxm").peak_flops["bf16"] == 989e12  # dense, never the sparse 1979
+    for name, gpus in (("1xh100", 1), ("8xh100", 8), ("4x8xh100", 32), ("8xa100-80g", 8), ("2x8xa100-40g", 16)):
+        assert load_hardware(planner_config([f"cluster={name}"]).cluster).n_gpus == gpus, name
+
+
+def test_auto_without_a_gpu_profiles_the_cpu():
+    """cluster=auto on a machine with no GPU measures the CPU, so profile -> estimate runs end to end."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the probe measures it instead")
+    hw = load_hardware(ClusterConfig(gpu="auto"))
+    assert hw.device == "cpu" and hw.measured and hw.memory_bytes > 0 and hw.hbm_bytes_per_s > 0
+    assert all(hw.peak_flops[k] > 0 for k in ("fp32", "bf16", "fp16")) and 0 < hw.attention_efficiency <= 1
+    est = estimate(planner_config(["model=tiny"]).train, hw)
+    assert est.step_time_s > 0 and est.time["overhead_s"] == 0  # no CUDA launches on a CPU
 
 
 # --- published anchors [REFERENCE.md "Model states"] --------------------------------------------
@@ -292,6 +319,56 @@ def test_tied_head_copy_is_held_and_exchanged_by_the_last_stage():
     assert tied_s - untied_s == pytest.approx(head_shard / H100.intra_node_bytes_per_s)
 
 
+# --- the time model's parts ----------------------------------------------------------------------
+
+def llama(seq_len=4096, cluster="8xh100", global_batch=16, **plan):
+    cfg = planner_config(["model=llama-3-8b", f"cluster={cluster}", f"job.seq_len={seq_len}", f"job.global_batch={global_batch}",
+                          "plan.dp=8", "plan.precision=bf16", "plan.zero_stage=3"] + [f"plan.{k}={v}" for k, v in plan.items()])
+    return cfg.train, load_hardware(cfg.cluster)
+
+
+def test_compute_by_kind_follows_its_causes():
+    """Forward + backward + recompute split into dense matmuls, SDPA and memory-bound work, each
+    moved by what should move it and by nothing else."""
+    cfg, hw = llama(micro_batch=2)
+    base = estimate(cfg, hw)
+    assert sum(base.compute.values()) == pytest.approx(base.time["forward_s"] + base.time["backward_s"] + base.time["recompute_s"])
+    # the same tokens in sequences twice as long: matmuls and memory traffic per token stay, the
+    # causal scores grow with s
+    cfg2, _ = llama(seq_len=8192, global_batch=8, micro_batch=1)
+    longer = estimate(cfg2, hw)
+    assert longer.compute["matmul_s"] == pytest.approx(base.compute["matmul_s"])
+    assert longer.compute["attention_s"] == pytest.approx(2 * base.compute["attention_s"])
+    assert longer.compute["memory_s"] == pytest.approx(base.compute["memory_s"], rel=0.05)
+    # the fused kernels move fewer bytes and leave the FLOPs alone
+    fused = estimate(llama(micro_batch=2, kernels="triton")[0], hw)
+    assert fused.compute["memory_s"] < 0.7 * base.compute["memory_s"]
+    assert fused.compute["matmul_s"] == base.compute["matmul_s"] and fused.compute["attention_s"] == base.compute["attention_s"]
+    # full checkpointing recomputes each block's forward (not the head): more than nothing, less than a forward
+    full = estimate(llama(micro_batch=2, activation_checkpointing="full")[0], hw)
+    assert 0.8 * full.time["forward_s"] < full.time["recompute_s"] < full.time["forward_s"]
+    assert full.compute["matmul_s"] > base.compute["matmul_s"]
+    # each efficiency scales its own part only
+    slow_attention = estimate(cfg, hw, Calibration(attention_efficiency=hw.attention_efficiency / 2))
+    assert slow_attention.compute["attention_s"] == pytest.approx(2 * base.compute["attention_s"])
+    assert slow_attention.compute["memory_s"] == pytest.approx(base.compute["memory_s"])
+
+
+def test_fsdp_overlap_is_not_free():
+    """FSDP2's collectives overlap compute but take NCCL's SMs while they run, and every gathered
+    unit is copied out on the compute stream: the overlap term is the copy-out alone when the
+    slowdown is calibrated to zero, and grows with the bytes gathered (fp32 > bf16)."""
+    cfg, hw = llama(micro_batch=2)
+    est = estimate(cfg, hw)
+    no_slowdown = estimate(cfg, hw, Calibration(overlap_slowdown=0.0))
+    local = rank_layout(cfg.model, dp=8, tp=1, pp=1, v=1)["first"]["local"]
+    copy_out = 2 * 2 * 2 * local / (hw.hbm_bytes_per_s * hw.memory_efficiency)  # 2 gathers, read + write, bf16
+    assert no_slowdown.time["overlap_s"] == pytest.approx(copy_out)
+    assert est.time["overlap_s"] > copy_out
+    assert estimate(llama(micro_batch=2, precision="fp32")[0], hw).time["overlap_s"] > est.time["overlap_s"]
+    assert estimate(llama(micro_batch=2, dp=1, zero_stage=0, cluster="1xh100")[0], catalog_gpu("h100-sxm")).time["overlap_s"] == 0
+
+
 # --- calibration --------------------------------------------------------------------------------
 
 def test_fit_calibration_recovers_known_factors(tmp_path):
@@ -341,14 +418,33 @@ def test_fit_calibration_on_records_of_one_shape_fits_the_scale_alone():
 
 def test_cli_shows_what_a_calibration_changed(tmp_path, capsys):
     path = tmp_path / "c.json"
-    Calibration(matmul_efficiency=0.5, step_overhead_s=0.01, source="fit", records=3).save(path)
+    Calibration(matmul_efficiency=0.5, memory_efficiency=0.45, step_overhead_s=0.01, source="fit", records=3).save(path)
     assert main(["estimate", "model=gpt2", "cluster=1xh100", f"estimate.calibration={path}", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["calibration"]["matmul_efficiency"] == {"default": 0.8, "calibrated": 0.5}
+    assert got["calibration"]["memory_efficiency"] == {"default": 0.9, "calibrated": 0.45}
+    assert got["factors"]["memory_efficiency"] == 0.45
     plain = estimate(planner_config(["model=gpt2"]).train, catalog_gpu("h100-sxm"))
     assert got["step_time_s"] > plain.step_time_s
+    assert got["compute"]["memory_s"] == pytest.approx(2 * plain.compute["memory_s"])
     assert main(["estimate", "model=gpt2", "cluster=1xh100", f"estimate.calibration={path}"]) == 0
-    assert "matmul_efficiency 0.8 -> 0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "matmul_efficiency 0.8 -> 0.5" in out and "memory_efficiency 0.9 -> 0.45" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"),
+    ("not json", "is not a calibration JSON"),
+    ('{"matmul_efficiency": "fast"}', "has matmul_efficiency='fast'; it must be a number in [0.001, 1.0]"),
+    ('{"overlap_slowdown": 2}', "has overlap_slowdown=2"),
+])
+def test_bad_calibration_file_is_one_error_line(tmp_path, capsys, text, message):
+    path = tmp_path / "c.json"
+    if text is not None:
+        path.write_text(text)
+    assert main(["estimate", "model=gpt2", "cluster=1xh100", f"estimate.calibration={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: estimate.calibration: ") and message in err and err.count("\n") == 1
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from autotune.cli import main
-from autotune.profile import flops_per_token, measure_saved_bytes, model_profile, predict_saved_bytes
+from autotune.profile import (
+    TrafficCounter, flops_per_token, measure_saved_bytes, measure_traffic, model_profile, predict_saved_bytes,
+    predict_traffic,
+)
 from engine.config import ModelConfig
 from engine.model import build_model, count_params
 
@@ -129,3 +132,47 @@ def test_profile_under_torchrun_measures_collectives(tmp_path):
     assert all(v > 0 for v in hw["collectives"].values())
     assert hw["intra_node_bytes_per_s"] == hw["collectives"]["all_reduce"]
     assert r.stdout.count("wrote ") == 1  # rank 0 alone reports
+
+
+# --- memory traffic (the step time's memory-bound part) -------------------------------------------
+
+def test_traffic_counter_counts_what_each_op_reads_and_writes():
+    """Each memory-bound op reads its inputs and writes its outputs once; a broadcast operand is
+    read once; views move nothing; matmuls are counted as ops but timed from their FLOPs."""
+    a, b, x, w = torch.ones(1000), torch.ones(1000), torch.ones(100, 64), torch.ones(64)
+    with TrafficCounter() as counter:
+        a + b
+        a.view(10, 100)
+        x * w
+        x @ x.T
+        a.add_(b)
+    assert counter.bytes["fwd"] == 3 * 4000 + (2 * 100 * 64 + 64) * 4 + 3 * 4000
+    assert counter.ops["fwd"] == 4
+
+
+TRAFFIC_CASES = [
+    (LLAMA, 2, 96, "bf16", "params", "torch"),
+    (LLAMA, 1, 200, "bf16", "params", "triton"),
+    (GPT2, 2, 96, "fp32", "params", "torch"),
+    (GPT2, 2, 96, "fp16", "autocast", "triton"),
+    (MHA, 2, 72, "bf16", "autocast", "torch"),
+]
+
+
+@pytest.mark.parametrize("model, b, s, precision, cast, kernels", TRAFFIC_CASES)
+def test_traffic_within_5_percent_at_larger_shapes(model, b, s, precision, cast, kernels):
+    measured = measure_traffic(model, b, s, precision, cast, kernels)
+    predicted = predict_traffic(model, b, s, precision, cast, kernels)
+    assert predicted["fwd"] == pytest.approx(measured["fwd"], rel=0.05)
+    assert predicted["bwd"] == pytest.approx(measured["bwd"], rel=0.05)
+
+
+def test_triton_kernels_save_passes_over_memory():
+    """The fused kernels (norms, SwiGLU, rotary, linear cross-entropy) move fewer bytes than the
+    eager ops they replace, in every block and in the loss, forward and backward."""
+    from autotune.config import planner_config
+
+    model = planner_config(["model=llama-3-8b"]).train.model
+    torch_, triton = (predict_traffic(model, 1, 4096, "bf16", "params", k) for k in ("torch", "triton"))
+    for key in ("block_fwd", "block_bwd", "outside_fwd", "outside_bwd"):
+        assert 0 < triton[key] < torch_[key], key
