@@ -536,6 +536,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["compute_attention_s"] = m * (3.5 + rec_share) * att_fwd
     out["compute_memory_s"] = compute - out["compute_matmul_s"] - out["compute_attention_s"]
     out["matmul_s"] = out["compute_matmul_s"]  # the part that scales with the matmul efficiency (fit_calibration)
+    # everything timed over HBM, which scales with the memory efficiency (fit_calibration)
+    out["memory_bound_s"] = out["compute_memory_s"] + np.where(offload | host_adam, 0, t["optimizer"]) + np.where(dp > 1, copy_out, 0)
     out["tokens_per_s"] = tokens_per_s
     out["mfu"] = mfu
     out["fits"] = fits
@@ -675,7 +677,10 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     Memory: measured = static + (1 + fragmentation)·dynamic, least squares in fragmentation.
     Time: measured = k·(matmul time) + other terms + overhead, least squares in k and overhead;
     matmul_efficiency = default/k. With dp/tp communication in at least three records, the
-    collective efficiency is fitted the same way (exposed communication taken as linear).
+    collective efficiency is fitted the same way (exposed communication taken as linear). The
+    memory-bound and attention parts get their own scale (memory_efficiency, attention_efficiency)
+    when the records tell them apart from the others (more records than unknowns, and the
+    columns far from collinear: plans of one sequence length cannot separate attention from matmuls).
     """
     from engine.config import build_train_config
 
@@ -695,25 +700,43 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     peak = np.array([p for _, _, p in rows])
     frag = float(np.clip(np.dot(dyn, peak - static - dyn) / max(np.dot(dyn, dyn), 1.0), 0.0, 1.0))
 
-    eff0 = hw.matmul_efficiency
-    compute = np.array([row["matmul_s"] for row, _, _ in rows])
-    comm = np.array([row["time_dp_comm_s"] + row["time_tp_comm_s"] for row, _, _ in rows])
-    rest = np.array([row["step_time_s"] for row, _, _ in rows]) - compute - comm
+    part = lambda key: np.array([row[key] for row, _, _ in rows])  # noqa: E731
+    parts = {"matmul": part("compute_matmul_s"), "memory": part("memory_bound_s"),
+             "attention": part("compute_attention_s"), "comm": part("time_dp_comm_s") + part("time_tp_comm_s")}
     y = np.array([t for _, t, _ in rows])
-    fit_comm = (comm > 0).sum() >= 3
     # A per-step overhead is told apart from the matmul scale only by plans whose compute differs;
     # records of one shape (the first trials often are) fit the scale alone, through the origin.
-    fit_overhead = len(rows) >= 3 and np.ptp(compute) > 0.2 * compute.mean()
-    cols = [compute] + ([np.ones(len(rows))] if fit_overhead else []) + ([comm] if fit_comm else [])
-    target = y - rest - (0 if fit_comm else comm)
-    fitted = np.linalg.lstsq(np.stack(cols, axis=1), target, rcond=None)[0]
-    coef = np.insert(fitted, 1, 0.0) if not fit_overhead else fitted  # [scale, overhead, (comm)]
-    scale = max(float(coef[0]), 1e-3)
+    cols = {"matmul": parts["matmul"]}
+    if len(rows) >= 3 and np.ptp(parts["matmul"]) > 0.2 * parts["matmul"].mean():
+        cols["overhead"] = np.ones(len(rows))
+    for name in ("memory", "attention"):
+        trial = cols | {name: parts[name]}
+        x = np.stack(list(trial.values()), axis=1)
+        norm = np.linalg.norm(x, axis=0)
+        if len(rows) > len(trial) and norm.min() > 0 and np.linalg.cond(x / norm) < IDENTIFIABLE_COND:
+            cols = trial
+    if (parts["comm"] > 0).sum() >= 3:
+        cols["comm"] = parts["comm"]
+    target = y - (part("step_time_s") - sum(parts[k] for k in cols if k != "overhead"))
+    coef = dict(zip(cols, np.linalg.lstsq(np.stack(list(cols.values()), axis=1), target, rcond=None)[0]))
+
+    def refit(name: str, default: float) -> float | None:
+        """default / scale, or None (keep the hardware's) when unfitted or within 1% of it."""
+        if name not in coef or abs(coef[name] - 1) < 0.01:
+            return None
+        return float(np.clip(default / max(coef[name], 1e-3), 0.01, 1.0))
+
     return Calibration(
-        matmul_efficiency=float(np.clip(eff0 / scale, 0.01, 1.0)),
-        collective_efficiency=float(np.clip(1.0 / max(coef[2], 1e-3), 0.01, 1.0)) if fit_comm else 1.0,
-        fragmentation=frag, step_overhead_s=max(float(coef[1]), 0.0), source="fit", records=len(records),
+        matmul_efficiency=float(np.clip(hw.matmul_efficiency / max(float(coef["matmul"]), 1e-3), 0.01, 1.0)),
+        memory_efficiency=refit("memory", hw.memory_efficiency),
+        attention_efficiency=refit("attention", hw.attention_efficiency),
+        collective_efficiency=float(np.clip(1.0 / max(coef["comm"], 1e-3), 0.01, 1.0)) if "comm" in coef else 1.0,
+        fragmentation=frag, step_overhead_s=max(float(coef.get("overhead", 0.0)), 0.0), source="fit", records=len(records),
     )
+
+
+# The condition number (columns scaled to unit length) below which two time parts are told apart
+IDENTIFIABLE_COND = 30.0
 
 
 # --- CLI --------------------------------------------------------------------------------------

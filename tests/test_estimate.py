@@ -399,6 +399,28 @@ def test_fit_calibration_recovers_known_factors(tmp_path):
     assert np.allclose(again["allocated_bytes"], [r["peak_mem_bytes"] for r in records], rtol=1e-6)
 
 
+def test_fit_calibration_separates_memory_bound_work_when_plans_vary_it():
+    """Records whose memory-bound part runs 1.5x slower than modelled and matmuls 1.25x: plans
+    that vary the kernels, precision and checkpointing (hence the memory-bound share) give back
+    both scales; attention, whose share is fixed by the one sequence length, stays as it was."""
+    cfg = planner_config(["model=gpt2", "job.seq_len=512", "job.global_batch=32"]).train
+    hw = catalog_gpu("h100-sxm")
+    plans = valid_plans(cfg.model, cfg.job, 1, 12, seed=5)
+    frame = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw)
+    records = [
+        {"model": vars(cfg.model), "job": {"seq_len": 512, "global_batch": 32}, "plan": vars(p),
+         "step_time_s": float(frame["step_time_s"][i] + 0.25 * frame["compute_matmul_s"][i] + 0.5 * frame["memory_bound_s"][i]),
+         "peak_mem_bytes": 1e9}
+        for i, p in enumerate(plans)
+    ]
+    calib = fit_calibration(records, hw)
+    assert calib.matmul_efficiency == pytest.approx(hw.matmul_efficiency / 1.25, rel=1e-3)
+    assert calib.memory_efficiency == pytest.approx(hw.memory_efficiency / 1.5, rel=1e-3)
+    assert calib.attention_efficiency is None
+    again = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw, calib)
+    assert np.allclose(again["step_time_s"], [r["step_time_s"] for r in records], rtol=1e-3)
+
+
 def test_fit_calibration_on_records_of_one_shape_fits_the_scale_alone():
     """Two records of plans with the same compute cannot tell a per-step overhead from the matmul
     scale: the fit puts it all in the scale and reproduces the measured times, with no overhead."""

@@ -93,6 +93,21 @@ def test_model_profile_has_exact_params_and_every_choice():
                 assert f"{precision}/params/{ckpt}/{kernels}" in keys
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-3-8b", "qwen2.5-0.5b"])
+def test_params_per_module_are_exact(name):
+    """The closed-form count of each module kind equals the built model's parameters of that kind."""
+    from autotune.config import planner_config
+    from engine.model import param_counts
+
+    model = planner_config([f"model={name}"]).train.model
+    kind = lambda n: ("norms" if "norm" in n else "attention" if ".attn." in n else "mlp" if ".mlp." in n  # noqa: E731
+                      else {"tok_emb": "embedding", "pos_emb": "position_embedding", "lm_head": "lm_head"}[n.split(".")[0]])
+    held = {}
+    for n, p in build_model(model, "meta").named_parameters():
+        held[kind(n)] = held.get(kind(n), 0) + p.numel()
+    assert {k: v for k, v in param_counts(model).items() if k != "total" and v} == held
+
+
 def test_profile_cli_writes_profile_json(tmp_path, capsys):
     assert main(["profile", "model=tiny", "cluster=8xh100", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
