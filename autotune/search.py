@@ -307,7 +307,8 @@ def describe(plan: dict[str, Any]) -> str:
 
 # Estimator internals a reader of candidates.csv does not need: `reason` repeats `why`, the rest
 # are derived from (or feed) the columns kept.
-NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "step_grads_bytes", "matmul_s")
+NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "step_grads_bytes", "matmul_s", "memory_bound_s",
+                     "compute_matmul_s", "compute_attention_s", "compute_memory_s")
 
 
 def significant(values: pd.Series, digits: int = 5) -> pd.Series:
