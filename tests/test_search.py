@@ -300,3 +300,13 @@ def test_every_sampler_proposes_distinct_candidates():
             search.study.tell(trial, 100.0 + i)
         assert len(set(keys)) == 6 and set(keys) <= set(search.pool.key), sampler
         assert "estimate" in sources and any(s.startswith("sampler") for s in sources), (sampler, sources)
+
+
+def test_out_folder_of_another_study_is_refused_and_left_alone(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["search", "--out", str(run), "model=tiny", "cluster=1xh100"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["search", "--out", str(run), "model=tiny-gpt2", "cluster=1xh100"]) == 2
+    assert "holds a search of another model" in _one_error(capsys)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
