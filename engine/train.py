@@ -444,7 +444,9 @@ def _terminate_workers(torchrun_pid: int) -> None:
 def main() -> int:
     try:
         args = parse_args(sys.argv[1:])
-        return train(load_train_config(args.config, args.overrides))
+        cfg = load_train_config(args.config, args.overrides)
+        preflight(cfg)  # under a user's own torchrun too: another model's checkpoint is refused, not loaded
+        return train(cfg)
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
             print(f"error: {e}", file=sys.stderr)
