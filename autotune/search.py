@@ -747,7 +747,8 @@ class Search:
         done, best = len(self.measured()), self.best_value()
         per = float(np.mean(self.trial_seconds)) if self.trial_seconds else 0.0
         finals_left = max(0, self.s.finalists - len(self.measured(final=True)))
-        left = (max(0, self.s.trials - done) + finals_left * self.s.final_steps / self.s.probe_steps) * per
+        shorts_left = 0 if self.stopped else max(0, self.s.trials - done)  # explore() ended early: none
+        left = (shorts_left + finals_left * self.s.final_steps / self.s.probe_steps) * per
         unit = "tokens/GPU-s" if self.s.objective == "cost" else "tokens/s"
         best_text = f"best {best:.4g} {unit}" if best is not None else "no result yet"
         width = min(self.s.trials, 20)
