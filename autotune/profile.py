@@ -328,14 +328,24 @@ class TrafficCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.phase = "fwd"
+        self.in_block = False  # set by the blocks' hooks (measure_traffic)
         self.bytes = {p: 0.0 for p in TRAFFIC_PHASES}
         self.ops = {p: 0 for p in TRAFFIC_PHASES}
+        self.block_bytes = {p: 0.0 for p in TRAFFIC_PHASES}
+        self.block_ops = {p: 0 for p in TRAFFIC_PHASES}
+
+    def _add(self, nbytes: float, ops: int = 1) -> None:
+        self.bytes[self.phase] += nbytes
+        self.ops[self.phase] += ops
+        if self.in_block:
+            self.block_bytes[self.phase] += nbytes
+            self.block_ops[self.phase] += ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if func.is_view or name in NO_TRAFFIC or name.rstrip("_") in MATMUL_OPS or _is_attention(name):
-            self.ops[self.phase] += not func.is_view and name not in NO_TRAFFIC
+            self._add(0, int(not func.is_view and name not in NO_TRAFFIC))
             return out
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -344,21 +354,19 @@ class TrafficCounter(TorchDispatchMode):
         if name == "embedding":
             ins = ins[1:]  # the indices; the rows read are the output's size
             outs = outs * 2
-        self.bytes[self.phase] += sum(map(_touched, ins)) + sum(map(_touched, outs))
-        self.ops[self.phase] += 1
+        self._add(sum(map(_touched, ins)) + sum(map(_touched, outs)))
         return out
 
     def count_launch(self, args) -> None:
-        self.bytes[self.phase] += sum(_touched(a) for a in args if isinstance(a, torch.Tensor))
-        self.ops[self.phase] += 1
+        self._add(sum(_touched(a) for a in args if isinstance(a, torch.Tensor)))
 
     @contextmanager
     def paused(self):
-        bytes_, ops = dict(self.bytes), dict(self.ops)
+        saved = [dict(d) for d in (self.bytes, self.ops, self.block_bytes, self.block_ops)]
         try:
             yield
         finally:
-            self.bytes, self.ops = bytes_, ops
+            self.bytes, self.ops, self.block_bytes, self.block_ops = saved
 
 
 class _FusedRMSNorm(torch.autograd.Function):
@@ -387,9 +395,10 @@ class _FusedRMSNorm(torch.autograd.Function):
 def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
                     kernels: str = "torch") -> dict[str, float]:
     """Bytes moved by the memory-bound ops of one forward and one backward of the engine's model
-    (loss included) on the CPU, and their op counts: {"fwd", "bwd", "fwd_ops", "bwd_ops"}.
-    Parameter updates, gradient communication and FSDP's copies are not in it (the estimate
-    times those itself)."""
+    (loss included) on the CPU, and their op counts: {"fwd", "bwd", "fwd_ops", "bwd_ops"}, and
+    the blocks' share of each ("block_fwd", ...: all blocks together; module hooks mark where a
+    block's forward and backward begin and end). Parameter updates, gradient communication and
+    FSDP's copies are not in it (the estimate times those itself)."""
     from kernels._common import LazyKernel
 
     net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
@@ -403,6 +412,11 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
                 p.data = p.data.to(dtype)
     tokens = torch.randint(0, model.vocab_size, (b, s))
     counter = TrafficCounter()
+    for block in net.layers.values():
+        block.register_forward_pre_hook(lambda *_: setattr(counter, "in_block", True))
+        block.register_forward_hook(lambda *_: setattr(counter, "in_block", False))
+        block.register_full_backward_pre_hook(lambda *_: setattr(counter, "in_block", True))
+        block.register_full_backward_hook(lambda *_: setattr(counter, "in_block", False))
     autocast = torch.autocast("cpu", dtype=dtype) if precision != "fp32" and cast == "autocast" else nullcontext()
     launch, interpret = LazyKernel.__getitem__, os.environ.get("TRITON_INTERPRET")
     LazyKernel.__getitem__ = lambda self, grid: (lambda *args, **kwargs: counter.count_launch(args))
@@ -422,14 +436,16 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = interpret
-    return {"fwd": counter.bytes["fwd"], "bwd": counter.bytes["bwd"],
-            "fwd_ops": float(counter.ops["fwd"]), "bwd_ops": float(counter.ops["bwd"])}
+    out = {}
+    for p in TRAFFIC_PHASES:
+        out |= {p: counter.bytes[p], f"{p}_ops": float(counter.ops[p]),
+                f"block_{p}": counter.block_bytes[p], f"block_{p}_ops": float(counter.block_ops[p])}
+    return out
 
 
 def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
     """Per (precision, cast, kernels): bytes per block and outside the blocks, forward and
-    backward, fitted on the features of the activation fit; op counts per block and outside.
-    A block's share is the difference between the model with two blocks and with one."""
+    backward, fitted on the features of the activation fit; op counts per block and outside."""
     fits = {}
     for precision in ("fp32", "bf16"):  # fp16 moves the bytes bf16 does
         for cast in CASTS if precision != "fp32" else ("params",):
@@ -437,16 +453,15 @@ def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
                 rows_b, rows_o, ys = [], [], {f"{w}_{p}": [] for w in ("block", "outside") for p in TRAFFIC_PHASES}
                 ops = {}
                 for m in _fit_shapes(family, gqa):
-                    one = dataclasses.replace(m, n_layers=1)
                     for b, s in FIT_BATCHES:
-                        two_got, one_got = measure_traffic(m, b, s, precision, cast, kernels), measure_traffic(one, b, s, precision, cast, kernels)
+                        got = measure_traffic(m, b, s, precision, cast, kernels)
                         rows_b.append(block_features(m, b, s))
                         rows_o.append(outside_features(m, b, s))
                         for p in TRAFFIC_PHASES:
-                            ys[f"block_{p}"].append(two_got[p] - one_got[p])
-                            ys[f"outside_{p}"].append(2 * one_got[p] - two_got[p])
-                            ops[f"block_{p}"] = two_got[f"{p}_ops"] - one_got[f"{p}_ops"]
-                            ops[f"outside_{p}"] = 2 * one_got[f"{p}_ops"] - two_got[f"{p}_ops"]
+                            ys[f"block_{p}"].append(got[f"block_{p}"] / m.n_layers)
+                            ys[f"outside_{p}"].append(got[p] - got[f"block_{p}"])
+                            ops[f"block_{p}"] = got[f"block_{p}_ops"] / m.n_layers
+                            ops[f"outside_{p}"] = got[f"{p}_ops"] - got[f"block_{p}_ops"]
                 fit = {k: _lstsq(rows_b if k.startswith("block") else rows_o, y,
                                  TRAFFIC_BLOCK_FEATURES if k.startswith("block") else OUTSIDE_FEATURES) for k, y in ys.items()}
                 fits[traffic_key(precision, cast, kernels)] = fit | {"ops": ops}
