@@ -600,8 +600,8 @@ class Search:
         if ceiling is not None and row["mem_total_bytes"] >= ceiling:
             return (f"not run: estimated to need {row['mem_total_bytes'] / 2**20:,.0f} MiB, as much as a plan that "
                     "ran out of memory here")
-        return (f"not run: its optimistic estimate ({self.optimism():.2f} x {float(row['objective_est']):.4g}) "
-                f"cannot beat the best measured {self.best_value() or 0:.4g}")
+        return (f"not run: its optimistic estimate ({self.optimism():.2f} x {_rate(row['objective_est'])}) "
+                f"cannot beat the best measured {_rate(self.best_value() or 0)}")
 
     def ask(self) -> tuple[optuna.Trial, dict[str, Any], bool, str]:
         """The study's next trial (a queued plan, or the sampler's proposal) with its plan and role."""
@@ -625,8 +625,11 @@ class Search:
                 parts.append(f"{too_big} need as much memory as a plan that ran out of it")
             if len(rest) > too_big:
                 parts.append(f"{len(rest) - too_big} have an optimistic estimate (x{self.optimism():.2f}) below the "
-                             f"best measured {self.best_value():.4g}")
-            self.stopped = f"no plan left can beat the best measured one: of the {len(rest)} left, " + " and ".join(parts)
+                             f"best measured {_rate(self.best_value())}")
+            if len(parts) == 1:
+                parts[0] = "all " + parts[0]
+            self.stopped = (f"no plan left can beat the best measured one: of the {len(rest)} plans left, "
+                            + " and ".join(parts))
             return None
         if self.guided_turn(len(self.measured())):
             top = row_plan(hopeful.sort_values("objective_est", ascending=False, kind="stable").iloc[0])
@@ -750,7 +753,7 @@ class Search:
         shorts_left = 0 if self.stopped else max(0, self.s.trials - done)  # explore() ended early: none
         left = (shorts_left + finals_left * self.s.final_steps / self.s.probe_steps) * per
         unit = "tokens/GPU-s" if self.s.objective == "cost" else "tokens/s"
-        best_text = f"best {best:.4g} {unit}" if best is not None else "no result yet"
+        best_text = f"best {_rate(best)} {unit}" if best is not None else "no result yet"
         width = min(self.s.trials, 20)
         bar = "#" * (min(done, self.s.trials) * width // self.s.trials)
         print(f"[search] trial {number}{' (final)' if final else ''} {status}: {describe(plan)} | "
@@ -823,6 +826,11 @@ def canonical(plan: dict[str, Any]) -> dict[str, Any]:
     if plan["tp"] == 1:
         plan["sequence_parallel"] = False
     return plan
+
+
+def _rate(value: float) -> str:
+    """A throughput as people read it: 10,258 rather than 1.026e+04."""
+    return f"{float(value):,.0f}" if abs(float(value)) >= 100 else f"{float(value):.3g}"
 
 
 def _clock(seconds: float) -> str:
@@ -959,7 +967,7 @@ def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any]) -> int:
         return 1
     unit = "tokens/GPU-s" if pc.search.objective == "cost" else "tokens/s"
     how = best["source"] if best["source"].startswith("measured") else "estimated"
-    print(f"best: {best['describe']} ({how} {best['value']:.4g} {unit})")
+    print(f"best: {best['describe']} ({how} {_rate(best['value'])} {unit})")
     print(f"wrote {run_dir}/best.yaml, ds_config.json, launch.sh, report.md")
     return 0
 
