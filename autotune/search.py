@@ -780,8 +780,17 @@ class Search:
         else:
             self.stopped = f"search.trials={self.s.trials} trials run"
 
+    def others_running(self) -> list[FrozenTrial]:
+        """Short trials another live process is still running."""
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("claim") and not t.user_attrs.get("final") and _alive(t)]
+
     def finals(self) -> None:
         """Rerun the best short trials with search.final_steps (once, whoever gets there first)."""
+        # every process must rank the same finished short runs, or each would pick its own finalists
+        deadline = time.monotonic() + self.s.trial_timeout_s
+        while self.s.finalists and self.others_running() and time.monotonic() < deadline:
+            time.sleep(1.0)
         ranked = sorted(self.ok(), key=lambda t: -t.values[0])[: self.s.finalists]
         for short in ranked:
             plan = short.user_attrs["plan"]

@@ -29,13 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from engine import dist
 from engine.config import ConfigError, JobConfig, ModelConfig
 from engine.files import fsync_dir, write_atomic
 from engine.model import build_model
-from engine.parallel import ShardedOptimizer, unwrap
+from engine.parallel import unwrap
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -114,7 +113,8 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     reshards on load, so a checkpoint resumes under another dp degree or ZeRO stage. Hyperparameters
     are not saved: they come from the config, and the lr from the schedule.
     """
-    local = optimizer.optim if isinstance(optimizer, (ZeroRedundancyOptimizer, ShardedOptimizer)) else optimizer
+    # ZeroRedundancyOptimizer and ShardedOptimizer wrap this rank's AdamW as `.optim`
+    local = getattr(optimizer, "optim", optimizer)
     _init_optim_state(local)  # states exist before the first step too, so loading can fill them
     names = {p: n for n, p in unwrap(model).named_parameters()}
     return {

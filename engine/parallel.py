@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -321,6 +320,8 @@ def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: De
     if plan.zero_stage == 1 and uses_replicate(plan):
         return ShardedOptimizer(groups, adamw, mesh["dp"].get_group(), **kwargs)
     if plan.zero_stage == 1 and plan.dp > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # half a second to import: ZeRO-1 only
+
         return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=mesh["dp"].get_group(), **kwargs)
     return adamw(groups, **kwargs)
 

@@ -39,13 +39,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from engine.config import PlanConfig
 from engine.parallel import apply_plan, unwrap
 from engine.tensor_parallel import cross_entropy
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+
+
+def schedule_class(name: str) -> type:
+    # torch.distributed.pipelining costs about a second to import: only pipeline runs pay it
+    from torch.distributed import pipelining
+
+    return {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
+            "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[name]
 
 
 def stage_layers(n_layers: int, n_stages: int) -> list[range]:
@@ -121,6 +127,8 @@ class Pipeline:
         n_stages = plan.pp * plan.pp_virtual_stages
         group = mesh["pp"].get_group()
         self.model = LocalStages([unwrap(module) for _, module in stages])
+        from torch.distributed.pipelining import PipelineStage  # see schedule_class
+
         self.stages = [PipelineStage(module, s, n_stages, device, group=group) for s, module in stages]
         self.has_first = any(s == 0 for s, _ in stages)
         self.has_last = any(s == n_stages - 1 for s, _ in stages)
@@ -134,7 +142,7 @@ class Pipeline:
         # the head's copy duplicates the embedding's summed gradient: the global norm counts it once
         self.duplicate_grads = (self.tied_weight,) if self.tied_weight is not None and self.has_last else ()
         self.loss_scale: torch.Tensor | None = None
-        cls = SCHEDULES[plan.pp_schedule]
+        cls = schedule_class(plan.pp_schedule)
         stage_arg = self.stages if plan.pp_schedule == "interleaved_1f1b" else self.stages[0]
         self.n_microbatches = plan.grad_accum
         self.schedule = cls(stage_arg, n_microbatches=plan.grad_accum, loss_fn=self._loss, scale_grads=False)
