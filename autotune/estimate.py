@@ -91,6 +91,9 @@ class Calibration:
     overlap_slowdown: float | None = None  # compute lost while a collective runs beside it; None: the hardware's
     collective_efficiency: float = 1.0  # achieved / assumed collective bus bandwidth
     fragmentation: float = FRAGMENTATION  # allocator overhead as a fraction of the dynamic memory
+    # fixed allocated bytes beyond the model's tensors: library workspaces (cuBLAS) on a GPU; on a
+    # CPU, whose measure is the resident-set growth, the runtime's own arenas and buffers
+    workspace_bytes: float = 0.0
     context_bytes: float | None = None  # CUDA context + NCCL; None: the defaults above
     step_overhead_s: float = 0.0  # fixed time per optimizer step (data, logging, host syncs)
     source: str = "defaults"
@@ -101,7 +104,7 @@ class Calibration:
         base = Calibration()
         out = {}
         for f in ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "overlap_slowdown",
-                  "collective_efficiency", "fragmentation", "context_bytes", "step_overhead_s"):
+                  "collective_efficiency", "fragmentation", "workspace_bytes", "context_bytes", "step_overhead_s"):
             new, old = getattr(self, f), getattr(base, f)
             if f in HARDWARE_FACTORS and hw is not None:
                 old = getattr(hw, f)
@@ -134,7 +137,7 @@ class Calibration:
 CALIBRATION_RANGES = {
     "matmul_efficiency": (1e-3, 1.0), "attention_efficiency": (1e-3, 1.0), "memory_efficiency": (1e-3, 1.0),
     "overlap_slowdown": (0.0, 1.0), "collective_efficiency": (1e-3, 1.0), "fragmentation": (0.0, 10.0),
-    "context_bytes": (0.0, float("inf")), "step_overhead_s": (0.0, float("inf")), "records": (0, float("inf")),
+    "workspace_bytes": (0.0, float("inf")), "context_bytes": (0.0, float("inf")), "step_overhead_s": (0.0, float("inf")), "records": (0, float("inf")),
 }
 
 
@@ -404,12 +407,13 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         ctx = calib.context_bytes if calib.context_bytes is not None else (CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0.0)
         mem["context"] = np.full(n, ctx) + np.where((world > 1) & (hw.device == "cuda") & (calib.context_bytes is None), NCCL_BYTES, 0)
         dynamic = mem["param_copies"] + mem["activations"] + mem["logits"] + mem["comm"]
-        mem["allocator"] = calib.fragmentation * dynamic
+        mem["allocator"] = calib.fragmentation * dynamic + calib.workspace_bytes
         backward = sum(mem.values())
-        at_step = mem["params"] + mem["master"] + mem["optimizer"] + step_grads + mem["context"]
+        at_step = mem["params"] + mem["master"] + mem["optimizer"] + step_grads + mem["context"] + calib.workspace_bytes
         step_peaks = at_step > backward
-        for k in ("param_copies", "activations", "logits", "comm", "allocator"):
+        for k in ("param_copies", "activations", "logits", "comm"):
             mem[k] = np.where(step_peaks, 0, mem[k])
+        mem["allocator"] = np.where(step_peaks, calib.workspace_bytes, mem["allocator"])
         mem["grads"] = np.where(step_peaks, step_grads, mem["grads"])
         mem["step_grads"] = step_grads
         mem["phase"] = np.where(step_peaks, "optimizer", "backward")
@@ -436,7 +440,6 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     layers = L["layers"]
     n_ck = np.where(ckpt == "full", layers, np.where(ckpt == "selective", np.ceil(layers / every_k), 0))
     rec_share = n_ck / np.maximum(layers, 1)  # of the blocks' forward, recomputed in backward
-    stage_share = layers / model.n_layers  # of the blocks' work; the head is on one stage (averaged over stages)
     tok = b * s
     head_weights = V * h
     mm_block = 2 * tok * (flops["matmul_params"] - head_weights) / model.n_layers * layers / tp / achieved
@@ -674,7 +677,10 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     """Efficiency factors fitted to probe results: records of {"model", "job", "plan"} (dicts) with
     the measured "step_time_s" and "peak_mem_bytes" (torch.cuda.max_memory_allocated).
 
-    Memory: measured = static + (1 + fragmentation)·dynamic, least squares in fragmentation.
+    Memory: measured = static + workspace + (1 + fragmentation)·dynamic, least squares in both when
+    the records' dynamic bytes differ enough to tell them apart; else one of them takes the rest:
+    fragmentation on a GPU (the caching allocator's slack grows with what it holds), the workspace
+    on a CPU (its measure, the resident-set growth, carries the runtime's fixed buffers).
     Time: measured = k·(matmul time) + other terms + overhead, least squares in k and overhead;
     matmul_efficiency = default/k. With dp/tp communication in at least three records, the
     collective efficiency is fitted the same way (exposed communication taken as linear). The
@@ -697,8 +703,7 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
         rows.append((row, float(r["step_time_s"]), float(r["peak_mem_bytes"])))
     dyn = np.array([sum(row[f"mem_{k}_bytes"] for k in ("param_copies", "activations", "logits", "comm")) for row, _, _ in rows])
     static = np.array([sum(row[f"mem_{k}_bytes"] for k in ("params", "grads", "master", "optimizer")) for row, _, _ in rows])
-    peak = np.array([p for _, _, p in rows])
-    frag = float(np.clip(np.dot(dyn, peak - static - dyn) / max(np.dot(dyn, dyn), 1.0), 0.0, 1.0))
+    frag, workspace = fit_memory_slack(dyn, np.array([p for _, _, p in rows]) - static - dyn, hw.device)
 
     part = lambda key: np.array([row[key] for row, _, _ in rows])  # noqa: E731
     parts = {"matmul": part("compute_matmul_s"), "memory": part("memory_bound_s"),
@@ -731,8 +736,20 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
         memory_efficiency=refit("memory", hw.memory_efficiency),
         attention_efficiency=refit("attention", hw.attention_efficiency),
         collective_efficiency=float(np.clip(1.0 / max(coef["comm"], 1e-3), 0.01, 1.0)) if "comm" in coef else 1.0,
-        fragmentation=frag, step_overhead_s=max(float(coef.get("overhead", 0.0)), 0.0), source="fit", records=len(records),
+        fragmentation=frag, workspace_bytes=workspace, step_overhead_s=max(float(coef.get("overhead", 0.0)), 0.0), source="fit", records=len(records),
     )
+
+
+def fit_memory_slack(dynamic: np.ndarray, rest: np.ndarray, device: str) -> tuple[float, float]:
+    """(fragmentation, workspace_bytes) with rest ≈ workspace + fragmentation·dynamic, both >= 0
+    and fragmentation at most 1 (see fit_calibration)."""
+    if len(rest) >= 3 and np.ptp(dynamic) > 0.2 * dynamic.mean():  # the two can be told apart
+        (workspace, frag), *_ = np.linalg.lstsq(np.stack([np.ones_like(dynamic), dynamic], axis=1), rest, rcond=None)
+        if workspace >= 0 and 0 <= frag <= 1:
+            return float(frag), float(workspace)
+    if device == "cpu":  # the fixed part takes the rest, over the default slack
+        return FRAGMENTATION, float(max(np.mean(rest - FRAGMENTATION * dynamic), 0.0))
+    return float(np.clip(np.dot(dynamic, rest) / max(np.dot(dynamic, dynamic), 1.0), 0.0, 1.0)), 0.0
 
 
 # The condition number (columns scaled to unit length) below which two time parts are told apart

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ import pytest
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
 from autotune.estimate import (
-    PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
+    FRAGMENTATION, PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
 )
 from autotune.hardware import catalog_gpu, load_hardware
 from engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
@@ -397,6 +398,35 @@ def test_fit_calibration_recovers_known_factors(tmp_path):
     again = estimate_frame(cfg.model, cfg.job, plan_frame(plans), hw, calib)
     assert np.allclose(again["step_time_s"], [r["step_time_s"] for r in records], rtol=1e-6)
     assert np.allclose(again["allocated_bytes"], [r["peak_mem_bytes"] for r in records], rtol=1e-6)
+
+
+def test_fit_calibration_tells_fixed_memory_from_slack():
+    """Records with 48 MiB of fixed bytes (workspaces) and 10% slack: plans whose dynamic bytes differ
+    give both back; a CPU's records of one shape put the rest in the fixed part (its resident-set
+    growth carries the runtime's buffers), a GPU's in the slack, as before."""
+    cfg = planner_config(["model=gpt2", "job.seq_len=512", "job.global_batch=32"]).train
+    gpu = catalog_gpu("h100-sxm")
+    plans = [PlanConfig(micro_batch=m, zero_stage=z, precision="bf16", activation_checkpointing=c)
+             for m, z, c in ((1, 0, "none"), (4, 2, "full"), (8, 1, "none"), (2, 3, "none"))]
+    frame = estimate_frame(cfg.model, cfg.job, plan_frame(plans), gpu)
+    dynamic = frame[[f"mem_{k}_bytes" for k in ("param_copies", "activations", "logits", "comm")]].sum(axis=1)
+    static = frame[[f"mem_{k}_bytes" for k in ("params", "grads", "master", "optimizer")]].sum(axis=1)
+    fixed = 48 * 2**20
+    records = [{"model": vars(cfg.model), "job": {"seq_len": 512, "global_batch": 32}, "plan": vars(p),
+                "step_time_s": float(frame["step_time_s"][i]), "peak_mem_bytes": float(static[i] + fixed + 1.1 * dynamic[i])}
+               for i, p in enumerate(plans)]
+    calib = fit_calibration(records, gpu)
+    assert calib.workspace_bytes == pytest.approx(fixed, rel=1e-6) and calib.fragmentation == pytest.approx(0.1, rel=1e-6)
+    again = estimate_frame(cfg.model, cfg.job, plan_frame(plans), gpu, calib)
+    assert np.allclose(again["allocated_bytes"], [r["peak_mem_bytes"] for r in records], rtol=1e-6)
+    assert "workspace_bytes" in calib.changes(gpu)
+
+    one = records[:1]  # one shape: the two cannot be told apart
+    on_cpu = fit_calibration(one, dataclasses.replace(gpu, device="cpu"))
+    assert on_cpu.fragmentation == FRAGMENTATION
+    assert on_cpu.workspace_bytes == pytest.approx(fixed + (0.1 - FRAGMENTATION) * dynamic[0], rel=1e-6)
+    on_gpu = fit_calibration(one, gpu)
+    assert on_gpu.workspace_bytes == 0 and on_gpu.fragmentation == pytest.approx(0.1 + fixed / dynamic[0], rel=1e-6)
 
 
 def test_fit_calibration_separates_memory_bound_work_when_plans_vary_it():
