@@ -233,9 +233,11 @@ def _estimate_vs_measured(run: Run) -> str:
     errors = [f"{what} {err.abs().mean():.1f}% over {err.notna().sum()} trials"
               for what, err in (("memory", df.mem_error_pct.dropna()), ("step time", df.time_error_pct.dropna()))
               if not err.empty]
+    on_cpu = (df.device.astype(str) == "cpu").all()
+    measure = ("the growth of the process's resident set (on a CPU)" if on_cpu
+               else "the peak allocated bytes (torch.cuda.max_memory_allocated)")
     lines += ["", ("Mean absolute error: " + "; ".join(errors) + ". " if errors else "")
-              + "Error = (estimate - measured) / measured; measured memory is the probe's peak allocated bytes "
-              "(max over ranks)."]
+              + f"Error = (estimate - measured) / measured; measured memory is {measure}, max over ranks."]
     return "\n".join(lines)
 
 

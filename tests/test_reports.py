@@ -231,6 +231,7 @@ def test_measured_run_report(measured_run):
     top = report.split("## Top plans")[1].split("\n## ")[0]
     assert f"| trial {chosen.number} (chosen) |" in top.splitlines()[4] and "| measured in | long run" in top
     assert "Kendall" in report and "1.00" in report
+    assert "measured memory is the peak allocated bytes" in report  # a GPU's measure, not a CPU's
     assert "per-rank step time and peak memory" in report  # what was measured
     assert "1 x its optimistic estimate cannot beat" in report  # the skipped trial
     for name in PLOTS:
