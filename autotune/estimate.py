@@ -63,7 +63,7 @@ PLAN_COLUMNS = (
     "activation_checkpointing", "checkpoint_every_k", "dp", "tp", "pp", "pp_schedule", "pp_virtual_stages",
     "sequence_parallel", "kernels", "compile",
 )
-MEMORY = ("params", "grads", "master", "optimizer", "param_copies", "activations", "logits", "comm", "context", "allocator")
+MEMORY = ("params", "grads", "master", "optimizer", "param_copies", "activations", "logits", "comm", "context", "workspace", "allocator")
 TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "overlap", "tp_comm", "pp_bubble", "pp_comm", "offload",
         "overhead")
 COMPUTE = ("matmul", "attention", "memory")  # forward + backward + recompute by kind of work
@@ -407,13 +407,13 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         ctx = calib.context_bytes if calib.context_bytes is not None else (CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0.0)
         mem["context"] = np.full(n, ctx) + np.where((world > 1) & (hw.device == "cuda") & (calib.context_bytes is None), NCCL_BYTES, 0)
         dynamic = mem["param_copies"] + mem["activations"] + mem["logits"] + mem["comm"]
-        mem["allocator"] = calib.fragmentation * dynamic + calib.workspace_bytes
+        mem["workspace"] = np.full(n, calib.workspace_bytes)
+        mem["allocator"] = calib.fragmentation * dynamic
         backward = sum(mem.values())
-        at_step = mem["params"] + mem["master"] + mem["optimizer"] + step_grads + mem["context"] + calib.workspace_bytes
+        at_step = mem["params"] + mem["master"] + mem["optimizer"] + step_grads + mem["context"] + mem["workspace"]
         step_peaks = at_step > backward
-        for k in ("param_copies", "activations", "logits", "comm"):
+        for k in ("param_copies", "activations", "logits", "comm", "allocator"):
             mem[k] = np.where(step_peaks, 0, mem[k])
-        mem["allocator"] = np.where(step_peaks, calib.workspace_bytes, mem["allocator"])
         mem["grads"] = np.where(step_peaks, step_grads, mem["grads"])
         mem["step_grads"] = step_grads
         mem["phase"] = np.where(step_peaks, "optimizer", "backward")

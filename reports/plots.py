@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from typing import Optional
 
+import matplotlib
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -176,14 +177,16 @@ def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional
     fig = _figure(7 + 0.07 * max(len(label) for label in labels), 1.4 + 0.55 * len(top))
     ax = fig.add_subplot()
     left = pd.Series(0.0, index=top.index)
-    colors = [f"C{i}" for i in range(10)]
+    pairs = matplotlib.colormaps["tab20"].colors  # tab10's colors, then their light shades: up to 11 components
+    colors = [*pairs[0::2], *pairs[1::2]]
     for i, col in enumerate(columns):
         width = top[col].fillna(0) / div
-        ax.barh(labels, width, left=left, color=colors[i % 10], label=component_name(col), edgecolor="white")
+        ax.barh(labels, width, left=left, color=colors[i % len(colors)], label=component_name(col), edgecolor="white")
         left += width
     if ranked_by == "measured":
         ax.scatter(top.meas_peak_mem_bytes / div, labels, marker="D", s=40, c="black", zorder=5,
-                   label="measured peak (allocated)")
+                   label="measured peak (resident-set growth)" if (top.device.astype(str) == "cpu").all()
+                   else "measured peak (allocated)")
     largest = max(totals.max(), peaks.max() if peaks is not None and peaks.notna().any() else 0) / div
     _memory_limit_line(ax, run, unit, largest)
     ax.invert_yaxis()  # best plan on top
