@@ -124,6 +124,23 @@ def token_file(path: str, dtype: str, min_tokens: int = 1) -> np.memmap:
     return _open_token_file(str(p.resolve()), dtype, p.stat().st_mtime_ns)
 
 
+def check_vocab(job: JobConfig, model: ModelConfig, chunk: int = 1 << 26) -> None:
+    """Every token of the data file is below model.vocab_size (one pass over the file, in chunks:
+    at disk speed: 0.2 s for 1 GB in the page cache), so a bad token ends the run before it starts."""
+    if job.data.source == SYNTHETIC:
+        return
+    tokens = token_file(job.data.source, job.data.dtype, job.seq_len + 1)
+    for start in range(0, len(tokens), chunk):
+        end = min(start + chunk, len(tokens))
+        largest = int(tokens[start:end].max())
+        if largest >= model.vocab_size:
+            raise ConfigError(
+                f"job.data.source: {job.data.source} holds token {largest} >= model.vocab_size={model.vocab_size} "
+                f"(in tokens {start:,}..{end - 1:,}); use a token file made for this model's vocabulary "
+                "(or the right job.data.dtype)"
+            )
+
+
 # --- text -> byte-level token file ----------------------------------------------------------
 
 def prepare(text_path: str | Path, out_path: str | Path, chunk_bytes: int = 1 << 24) -> int:

@@ -28,7 +28,7 @@ import torch.distributed as tdist
 
 from engine import checkpoint, dist
 from engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
-from engine.data import micro_batches
+from engine.data import check_vocab, micro_batches
 from engine.files import write_atomic
 from engine.model import build_model, param_counts
 from engine.pipeline import build_pipeline
@@ -393,7 +393,8 @@ def preflight(cfg: TrainConfig) -> None:
         from engine.hf import check_hf_weights
 
         check_hf_weights(cfg.model, cfg.model.init_from)  # names, shapes, dtypes: headers only
-    micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable, tokens in vocab
+    micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable
+    check_vocab(cfg.job, cfg.model)
     if cfg.job.resume:
         latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(cfg.job))
         if latest is not None:

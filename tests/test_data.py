@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, build_train_config
-from engine.data import main, micro_batches, prepare, synthetic_offsets, token_file
+from engine.data import check_vocab, main, micro_batches, prepare, synthetic_offsets, token_file
 from engine.model import build_model
 
 
@@ -112,6 +112,14 @@ def test_file_errors(tmp_path):
     np.full(100, 300, dtype=np.uint16).tofile(big)
     with pytest.raises(ConfigError, match="token 300 >= model.vocab_size=256"):
         global_batch(config(str(big)), 0)
+    late = tmp_path / "late.bin"  # one bad token deep in the file: found before training, in its chunk
+    tokens = np.zeros(1000, dtype=np.uint16)
+    tokens[900] = 256
+    tokens.tofile(late)
+    check_vocab(config(str(late), vocab=257).job, config(vocab=257).model)
+    with pytest.raises(ConfigError, match=r"token 256 >= model.vocab_size=256 \(in tokens 896\.\.999\)"):
+        check_vocab(config(str(late)).job, config().model, chunk=128)
+    check_vocab(config().job, config().model)  # synthetic tokens: nothing to read
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\0" * 101)
     with pytest.raises(ConfigError, match="whole number of uint16"):
