@@ -33,6 +33,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -253,20 +254,26 @@ def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) 
     return f"{precision}/{cast if precision != 'fp32' else 'params'}/{checkpointing}/{kernels}"
 
 
-@functools.cache
-def activation_fit(family: str, gqa: bool) -> dict[str, dict]:
-    """The cached coefficient table of one (family, gqa) group (fitted once per engine version)."""
-    path = CACHE_DIR / f"activations-{family}-{'gqa' if gqa else 'mha'}-{_engine_fingerprint()}.json"
+def _cached_fit(kind: str, family: str, gqa: bool, fit: Callable[[], dict]) -> dict[str, dict]:
+    """A fitted table of one (family, gqa) group from the cache (a file per engine version), else
+    `fit()`, written there for the next process."""
+    path = CACHE_DIR / f"{kind}-{family}-{'gqa' if gqa else 'mha'}-{_engine_fingerprint()}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         pass
-    fits = _fit_group(family, gqa)
+    fits = fit()
     try:
         write_atomic(path, json.dumps(fits, indent=2))
     except OSError:
         pass  # a read-only home: the fit is cheap and stays in memory
     return fits
+
+
+@functools.cache
+def activation_fit(family: str, gqa: bool) -> dict[str, dict]:
+    """The coefficient table of one (family, gqa) group (fitted once per engine version)."""
+    return _cached_fit("activations", family, gqa, lambda: _fit_group(family, gqa))
 
 
 def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
@@ -476,23 +483,17 @@ def traffic_key(precision: str, cast: str, kernels: str) -> str:
 
 @functools.cache
 def traffic_fit(family: str, gqa: bool) -> dict[str, dict]:
-    """The cached memory-traffic table of one (family, gqa) group (fitted once per engine version)."""
-    path = CACHE_DIR / f"traffic-{family}-{'gqa' if gqa else 'mha'}-{_engine_fingerprint()}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fits = _fit_traffic_measured(family, gqa)
-    finally:
-        torch.set_num_threads(threads)
-    try:
-        write_atomic(path, json.dumps(fits, indent=2))
-    except OSError:
-        pass
-    return fits
+    """The memory-traffic table of one (family, gqa) group (fitted once per engine version)."""
+
+    def fit() -> dict[str, dict]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _fit_traffic_measured(family, gqa)
+        finally:
+            torch.set_num_threads(threads)
+
+    return _cached_fit("traffic", family, gqa, fit)
 
 
 def traffic_coefficients(model: ModelConfig) -> dict[str, dict]:
