@@ -64,6 +64,22 @@ def latest_checkpoint(root: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def start_checkpoint(job: JobConfig) -> Path | None:
+    """The checkpoint a run starts from: the newest of its own (with job.resume), else the one
+    job.resume_from names (a step folder, a ckpt folder or a run's out_dir: a run moved to another
+    folder, or continued from another run's weights)."""
+    own = latest_checkpoint(checkpoint_root(job)) if job.resume else None
+    if own is not None or not job.resume_from:
+        return own
+    path = Path(job.resume_from)
+    for candidate in (path, path / "ckpt"):
+        found = candidate if is_complete(candidate) else latest_checkpoint(candidate)
+        if found is not None:
+            return found
+    raise ConfigError(f"job.resume_from={job.resume_from}: no complete checkpoint there; give a step folder "
+                      "(<out_dir>/ckpt/step-N) or a run's out_dir")
+
+
 def check_readable(path: Path, model: ModelConfig) -> None:
     """Fail early, before any process is launched, on a checkpoint whose metadata cannot be read
     or that holds another model's parameters (DCP would load a model with fewer layers silently)."""

@@ -100,6 +100,8 @@ class JobConfig:
     log_every: int = 1
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end and on SIGTERM
     resume: bool = True  # continue from the newest complete checkpoint in out_dir
+    # where to start when out_dir has no checkpoint: a step folder, or another run's out_dir
+    resume_from: Optional[str] = None
 
 
 @dataclass

@@ -309,7 +309,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     engine = Engine(cfg, device)
     root = checkpoint.checkpoint_root(job)
     start = 0
-    resume_from = checkpoint.latest_checkpoint(root) if job.resume else None
+    resume_from = checkpoint.start_checkpoint(job)
     if resume_from is not None:
         start = engine.load(resume_from)
         if rank0:
@@ -395,10 +395,9 @@ def preflight(cfg: TrainConfig) -> None:
         check_hf_weights(cfg.model, cfg.model.init_from)  # names, shapes, dtypes: headers only
     micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable
     check_vocab(cfg.job, cfg.model)
-    if cfg.job.resume:
-        latest = checkpoint.latest_checkpoint(checkpoint.checkpoint_root(cfg.job))
-        if latest is not None:
-            checkpoint.check_readable(latest, cfg.model)
+    start = checkpoint.start_checkpoint(cfg.job)
+    if start is not None:
+        checkpoint.check_readable(start, cfg.model)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -108,6 +108,11 @@ def test_resume_under_another_plan(tmp_path, capsys, first, second):
     assert autotune_main(["train", str(config), *second]) == 0  # done already: says so, changes nothing
     assert "nothing to train: job.steps=6 is reached" in capsys.readouterr().out
     assert metrics(out) == records
+    # a new out_dir continued from this run's step 3 (job.resume_from): the same steps 4..6
+    moved = tmp_path / "moved"
+    assert autotune_main(["train", str(config), *second, f"job.out_dir={moved}",
+                          f"job.resume_from={out / 'ckpt' / 'step-3'}"]) == 0
+    assert by_step(metrics(moved)) == pytest.approx({s: reference[s] for s in (4, 5, 6)}, rel=1e-5)
 
 
 def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
@@ -144,6 +149,7 @@ def assert_user_error(capsys, argv: list[str], *words: str) -> str:
         (["job.steps=1.5"], ["job.steps"]),
         (["job.log_every=0"], ["job.log_every=0"]),
         (["job.optimizer.lr=-1"], ["job.optimizer.lr"]),
+        (["job.resume_from=/no/such/run"], ["job.resume_from=/no/such/run", "no complete checkpoint"]),
     ],
 )
 def test_bad_input_is_one_error_line_and_no_output(tmp_path, capsys, overrides, words):
