@@ -67,6 +67,8 @@ class SearchConfig:
     pruner: str = "hyperband"  # hyperband | halving | none
     use_estimator: bool = True  # false: plain Optuna over all valid plans (a baseline)
     trial_memory_cap_bytes: Optional[int] = None  # passed to the probe as --max-memory-bytes (tests)
+    # devices one trial may use here; None: every GPU (on a CPU, one gloo rank per GPU of a node)
+    local_devices: Optional[int] = None
 
 
 @dataclass

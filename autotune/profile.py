@@ -46,7 +46,9 @@ from engine.model import build_model, param_counts
 from engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BLOCK_FEATURES = ("tok", "h", "f", "kv", "a", "P")
+# per token: hidden (h), MLP (f), query-width (q: heads x head_dim, d_model unless the heads are
+# narrower, as on a tensor-parallel rank's share) and kv widths, heads (a); per block: parameters (P)
+BLOCK_FEATURES = ("tok", "h", "f", "q", "kv", "a", "P")
 TRAFFIC_BLOCK_FEATURES = (*BLOCK_FEATURES, "sd")
 OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
 # How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
@@ -88,7 +90,8 @@ def block_features(model: ModelConfig, b, s) -> dict:
     final_norm = pc["norms"] // (2 * model.n_layers + 1)
     block_params = (pc["attention"] + pc["mlp"] + pc["norms"] - final_norm) / model.n_layers
     return {
-        "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "kv": bs * model.kv_heads * model.head_dim,
+        "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "q": bs * model.n_heads * model.head_dim,
+        "kv": bs * model.kv_heads * model.head_dim,
         "a": bs * model.n_heads, "P": block_params + 0 * bs,
         "sd": s * model.head_dim + 0 * bs,  # rotary tables, read once per block whatever the batch (traffic only)
     }
@@ -186,20 +189,23 @@ def temporary_env(key: str, value: str):
 
 
 def _fit_shapes(family: str, gqa: bool) -> list[ModelConfig]:
-    """Small models of one family and attention kind, widths varied so every feature separates."""
-    widths = [(32, 4, 80), (48, 6, 64), (64, 4, 112), (48, 3, 160), (80, 10, 96)]
+    """Small models of one family and attention kind, widths varied so every feature separates;
+    the last two with heads narrower (or wider) in total than d_model, so q separates from h."""
+    widths = [(32, 4, 80, None), (48, 6, 64, None), (64, 4, 112, None), (48, 3, 160, None), (80, 10, 96, None),
+              (64, 4, 96, 8), (32, 2, 64, 24)]
     shapes = []
-    for i, (h, a, f) in enumerate(widths):
+    for i, (h, a, f, head_dim) in enumerate(widths):
         g = (a // 2 if a % 2 == 0 else 1) if gqa else a
-        if family == "gpt2" or (h // a) % 2 == 0:
+        if family == "gpt2" or (head_dim or h // a) % 2 == 0:
             shapes.append(ModelConfig(
                 name=f"fit{i}", family=family, n_layers=2, d_model=h, n_heads=a, n_kv_heads=g, d_ff=f,
-                vocab_size=96 + 32 * i, max_seq_len=64, tie_embeddings=family == "gpt2",
+                vocab_size=96 + 32 * i, max_seq_len=64, tie_embeddings=family == "gpt2", attn_head_dim=head_dim,
             ))
     return shapes
 
 
-FIT_BATCHES = ((1, 16), (2, 12))
+# a long sequence and a batch of short ones: per-token and per-sequence terms (rotary tables) separate
+FIT_BATCHES = ((1, 20), (3, 8))
 
 
 def _engine_fingerprint() -> str:

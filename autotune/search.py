@@ -17,11 +17,13 @@
    - the probe's per-step progress feeds trial.report / should_prune (Hyperband by default);
    - the finalists (search.finalists) rerun with search.final_steps; Kendall's tau says how well
      the short runs ranked them.
-   With cluster=local and cluster.nodes=N > 1 (N machines like this one) a trial runs one node's
-   worth of its plan here (its tp x pp and the data-parallel replicas that fit, with the plan's
-   micro-batch and accumulation) and the estimator's ratio of the whole cluster to one node
-   carries the measured step time and memory to the cluster; each trial says so ("ran",
-   "scaled"), and search.json says what was measured and what modelled.
+   When the cluster is larger than what a trial may use here (cluster=local with cluster.nodes=N
+   or more GPUs per node than this machine has; a catalog cluster, measured on a local GPU of its
+   kind), a trial runs its plan's share here (autotune.local_share: the plan as is, its tp x pp
+   with the data-parallel replicas that fit, or one rank's share on one device) and the
+   estimator's ratio of the whole plan to that share carries the measured step time and memory
+   to the cluster; each trial says so ("ran", "scaled"), and search.json says what was measured
+   and what modelled.
 3. Outputs: best.yaml, ds_config.json, launch.sh (autotune.emit), trials.csv, report.md, plots
    (reports.build_report), search.json, profile.json, logs/trial-<n>.log.
 
@@ -64,9 +66,10 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from autotune.config import ClusterConfig, PlannerConfig, SearchConfig, planner_config
+from autotune.config import PlannerConfig, SearchConfig, planner_config
 from autotune.estimate import estimate, estimate_frame, fit_calibration
 from autotune.hardware import Hardware, load_hardware
+from autotune.local_share import AS_IS, capacity, check_local_gpu, share_here
 from autotune.plans import (
     DOMINANCE_MARGIN, PLAN_FIELDS, dominated_by, enumerate_plans, plan_key, plan_keys, row_plan, to_python,
 )
@@ -93,11 +96,6 @@ def resolve_mode(pc: PlannerConfig) -> str:
     if pc.search.mode != "auto":
         return pc.search.mode
     return "measure" if pc.cluster.gpu == "auto" else "analytic"
-
-
-def is_scale_out(cluster: ClusterConfig) -> bool:
-    """Several machines like this one: one node is measured here, the others are modelled."""
-    return cluster.gpu == "auto" and cluster.nodes > 1
 
 
 def check_search(s: SearchConfig, mode: str) -> None:
@@ -471,13 +469,11 @@ class Search:
         self.pc, self.s, self.run_dir, self.name, self.hw = pc, pc.search, run_dir, name, hw
         self.frame = frame
         self.pool = frame[frame["dropped"] == ""] if self.s.use_estimator else frame
-        # A scale-out cluster (cluster=local with nodes > 1) is this machine times cluster.nodes:
-        # a trial runs one node's worth of the plan here and the estimator models the rest, so only
-        # plans whose tp x pp fits in one node can be measured.
-        self.scale_out = is_scale_out(pc.cluster)
-        self.hw_local = dataclasses.replace(hw, nodes=1)
-        if self.scale_out:
-            self.pool = self.pool[self.pool["tp"] * self.pool["pp"] <= pc.cluster.gpus_per_node]
+        # A trial runs on at most `cap` ranks here (the GPUs of the cluster's kind on this
+        # machine); of a larger plan it runs a share and the estimator models the rest.
+        self.cap = capacity(pc.cluster, pc.search)
+        self.hw_here = dataclasses.replace(hw, nodes=1, gpus_per_node=self.cap)
+        self.whole_here = pc.cluster.n_gpus <= self.cap
         # One categorical parameter per plan field that varies among the valid plans (grad_accum
         # follows from the others). Taken over all valid plans, not the candidates, because those
         # depend on the measured hardware: every process on the study must see one search space.
@@ -527,11 +523,11 @@ class Search:
         if not self.s.use_estimator or len(ok) == self.calibrated_on or not ok:
             return
         model = dataclasses.asdict(self.pc.train.model)
-        # calibrate on what ran here: on a scale-out cluster that is the plan on this one node
-        records = [{"plan": t.user_attrs["ran"]["plan"], "model": model, "job": t.user_attrs["ran"]["job"],
-                    "step_time_s": t.user_attrs["probe"]["step_time_s"],
+        # calibrate on what ran here: the plan, or its share of a larger cluster
+        records = [{"plan": t.user_attrs["ran"]["plan"], "model": t.user_attrs["ran"].get("model", model),
+                    "job": t.user_attrs["ran"]["job"], "step_time_s": t.user_attrs["probe"]["step_time_s"],
                     "peak_mem_bytes": t.user_attrs["probe"]["peak_mem_bytes"]} for t in ok]
-        self.calib = fit_calibration(records, self.hw_local)
+        self.calib = fit_calibration(records, self.hw_here)
         est = estimate_frame(self.pc.train.model, self.pc.train.job, self.pool[list(PLAN_FIELDS)], self.hw, self.calib)
         self.pool = self.pool.assign(objective_est=objective_estimate(est, self.s.objective).to_numpy(),
                                      tokens_per_s=est["tokens_per_s"].to_numpy(),
@@ -580,7 +576,7 @@ class Search:
         need as much are not worth a trial (the estimate was too low for this device)."""
         sizes = [t.user_attrs["estimate"]["memory"]["total_bytes"] for t in self.measured() + self.measured(True)
                  if t.user_attrs.get("status") == "oom" and t.user_attrs.get("estimate")]
-        return min(sizes) if sizes and not self.scale_out else None
+        return min(sizes) if sizes and self.whole_here else None  # a share's estimate is not the plan's
 
     def hopeful(self, rest: pd.DataFrame) -> pd.DataFrame:
         """The plans of `rest` that may still fit and whose optimistic estimate can beat the best
@@ -668,18 +664,6 @@ class Search:
                                    "job": dataclasses.asdict(self.pc.train.job),
                                    "plan": {**plan, "grad_accum": None}})
 
-    def on_this_node(self, train: TrainConfig) -> TrainConfig:
-        """What of `train` runs on this machine: all of it, or on a scale-out cluster (this node
-        x cluster.nodes) one node's worth of its data-parallel replicas, each with the plan's own
-        micro-batch and accumulation (so the per-rank work is the plan's)."""
-        if not self.scale_out:
-            return train
-        p = train.plan
-        dp_here = min(p.dp, self.pc.cluster.gpus_per_node // (p.tp * p.pp))
-        plan = {**dataclasses.asdict(p), "dp": dp_here, "grad_accum": None}
-        job = {**dataclasses.asdict(train.job), "global_batch": p.micro_batch * p.grad_accum * dp_here}
-        return build_train_config({"model": dataclasses.asdict(train.model), "job": job, "plan": plan})
-
     def run_trial(self, trial: optuna.Trial, plan: dict[str, Any], final: bool, source: str) -> None:
         key = ("final:" if final else "") + plan_key(plan)
         why_not = claim(self.study, trial, key)
@@ -688,14 +672,20 @@ class Search:
             return
         steps = self.s.final_steps if final else self.s.probe_steps
         train = self.train_config(plan)
-        here = self.on_this_node(train)
-        est_here = estimate(here, self.hw_local, self.calib)
-        # the estimator carries what ran here to the whole cluster (1 when they are the same)
-        est_full = estimate(train, self.hw, self.calib) if here is not train else est_here
+        share = share_here(train, self.cap, self.pc.cluster.gpus_per_node, self.hw_here, self.calib)
+        here = share.train
+        est_here = estimate(here, self.hw_here, self.calib)
+        # the estimator carries what ran here to the whole plan (1 when they are the same)
+        est_full = estimate(train, self.hw, self.calib) if share.kind != AS_IS else est_here
         time_scale = est_full.step_time_s / est_here.step_time_s
         mem_scale = est_full.memory["total_bytes"] / est_here.memory["total_bytes"]
-        attrs = {"plan": dataclasses.asdict(train.plan), "estimate": est_here.to_dict(), "final": final,
-                 "source": source, "ran": {"plan": dataclasses.asdict(here.plan), "job": dataclasses.asdict(here.job)}}
+        # `estimate` is the plan's (what the scaled measurement is compared with); `ran` what ran here
+        ran = {"plan": dataclasses.asdict(here.plan), "job": dataclasses.asdict(here.job),
+               "model": dataclasses.asdict(here.model), "kind": share.kind, "note": share.note}
+        if share.kind != AS_IS:
+            ran["estimate"] = est_here.to_dict()
+        attrs = {"plan": dataclasses.asdict(train.plan), "estimate": est_full.to_dict(), "final": final,
+                 "source": source, "ran": ran}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         world = train.plan.world_size
@@ -729,14 +719,13 @@ class Search:
         trial.set_user_attr("steps", steps)
         if run.status == "ok":
             result = run.metrics
-            if here is not train:
+            if share.kind != AS_IS:
                 step = run.metrics["step_time_s"] * time_scale
                 result = {"step_time_s": step, "tokens_per_s": tokens_per_step / step,
                           "peak_mem_bytes": run.metrics["peak_mem_bytes"] * mem_scale}
                 trial.set_user_attr("scaled", {
-                    "measured": f"{here.plan.world_size} rank(s) on this node: dp={here.plan.dp}, "
-                                f"global_batch={here.job.global_batch}",
-                    "modelled": "x estimate(cluster) / estimate(this node)",
+                    "measured": f"{share.kind}: {share.note}",
+                    "modelled": "x estimate(whole plan on the cluster) / estimate(what ran here)",
                     "time_scale": time_scale, "mem_scale": mem_scale, **result})
             self.study.tell(trial, objective_measured(result, world, self.s.objective))
         elif run.status == "pruned":
@@ -811,7 +800,9 @@ class Search:
         if not pool:
             return {"best": None, "kendall_tau": tau, "stopped": self.stopped}
         best = max(pool, key=lambda t: t.values[0])
-        source = "measured on one node, scaled to the cluster by the estimator" if self.scale_out else "measured"
+        ran = best.user_attrs.get("ran") or {}
+        source = (f"measured in part ({ran.get('kind')}: {ran.get('note')}), scaled to the cluster by the estimator"
+                  if best.user_attrs.get("scaled") else "measured")
         return {
             "best": {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.values[0],
                      "values": best.values, "final": bool(best.user_attrs.get("final")),
@@ -874,22 +865,27 @@ def analytic_result(frame: pd.DataFrame) -> dict[str, Any]:
                        "that needs the least memory"}
 
 
-def measured_vs_modelled(mode: str, pc: PlannerConfig) -> tuple[str, str]:
+def measured_vs_modelled(mode: str, pc: PlannerConfig, hw: Hardware) -> tuple[str, str]:
     if mode == "analytic":
         return ("nothing: no trial was run",
                 "everything: memory and step time of every plan come from the estimator "
                 f"(autotune.estimate) for {pc.cluster.n_gpus} x {pc.cluster.gpu}")
-    if is_scale_out(pc.cluster):
-        return (f"one node's worth of each trial ({pc.cluster.gpus_per_node} rank(s) of this machine: the "
-                "plan's tp x pp and as many data-parallel replicas as fit, with its micro-batch and "
-                "accumulation): step time and peak memory",
-                f"the other {pc.cluster.nodes - 1} node(s): each trial's figures are scaled by the "
-                "estimator's ratio of the whole cluster to one node (more data-parallel communication, "
-                "ZeRO states sharded wider); plans whose tp x pp spans nodes are not run; the ranking of "
-                "plans not run is the estimator, recalibrated on the measured trials")
-    return ("step time, tokens/s and peak memory of every trial, run as is on this machine "
-            f"({pc.cluster.n_gpus} rank(s) of the local device)",
-            "the ranking of plans not run: the estimator, recalibrated on the measured trials")
+    cap = capacity(pc.cluster, pc.search)
+    device = "this machine" if pc.cluster.gpu == "auto" else f"this machine's {hw.gpu} (the cluster's GPU)"
+    if pc.cluster.n_gpus <= cap:
+        return ("step time, tokens/s and peak memory of every trial, run as is on this machine "
+                f"({pc.cluster.n_gpus} rank(s) of the local device)",
+                "the ranking of plans not run: the estimator, recalibrated on the measured trials")
+    return (f"each trial's share of its plan, on at most {cap} rank(s) of {device}: the plan as is when it "
+            "fits; else its tp x pp with as many data-parallel replicas as fit; else one rank's share on one "
+            "device (its pipeline stage's layers, each matmul as one tensor-parallel rank holds it, fewer layers "
+            "where one rank's unsharded states do not fit), always with the plan's micro-batch and "
+            "accumulation: step time and peak memory",
+            f"what did not run here, for {pc.cluster.n_gpus} GPU(s) in {pc.cluster.nodes} node(s): data-, tensor- "
+            "and pipeline-parallel communication beyond what ran, the pipeline bubble, ZeRO states sharded over "
+            "more ranks, layers left out; each trial's figures are scaled by the estimator's ratio of the whole "
+            "plan to what ran (the trial's `ran` and `scaled`); the ranking of plans not run is the estimator, "
+            "recalibrated on the measured trials")
 
 
 def cli(argv: list[str]) -> int:
@@ -906,12 +902,6 @@ def cli(argv: list[str]) -> int:
     pc = planner_config(overrides)
     mode = resolve_mode(pc)
     check_search(pc.search, mode)
-    if mode == "measure" and pc.cluster.gpu != "auto":
-        raise ConfigError(
-            f"search.mode=measure runs trials on this machine, but cluster={pc.cluster.name} is not it; "
-            "use search.mode=analytic for a cluster you do not have, or cluster=local "
-            "(cluster.nodes=N: N machines like this one, one measured and the rest modelled)"
-        )
     name = args.name or (Path(args.out).name if args.out else default_name(pc))
     run_dir = Path(args.out) if args.out else Path("outputs") / name
     if pc.search.storage:
@@ -922,6 +912,10 @@ def cli(argv: list[str]) -> int:
                           "give another --out or --name")
 
     hw = load_hardware(pc.cluster)
+    if mode == "measure":
+        capacity(pc.cluster, pc.search)  # search.local_devices is checked before anything is written
+        if pc.cluster.gpu != "auto":
+            check_local_gpu(pc.cluster, hw)
     frame = candidate_table(pc, hw)
     if not frame["fits"].astype(bool).any():
         raise ConfigError(nothing_fits_message(frame, pc, hw))
@@ -929,7 +923,7 @@ def cli(argv: list[str]) -> int:
     # Everything is validated: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     url = storage_url(pc.search, run_dir)
-    measured, modelled = measured_vs_modelled(mode, pc)
+    measured, modelled = measured_vs_modelled(mode, pc, hw)
     info = {
         "name": name, "study_name": name, "storage": url, "mode": mode, "objective": pc.search.objective,
         "config": {"model": dataclasses.asdict(pc.train.model), "job": dataclasses.asdict(pc.train.job),
@@ -975,7 +969,7 @@ def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any]) -> int:
               file=sys.stderr)
         return 1
     unit = "tokens/GPU-s" if pc.search.objective == "cost" else "tokens/s"
-    how = best["source"] if best["source"].startswith("measured") else "estimated"
+    how = {"measured": "measured", "estimate": "estimated"}.get(best["source"], "measured in part, scaled by the estimator")
     print(f"best: {best['describe']} ({how} {_rate(best['value'])} {unit})")
     print(f"wrote {run_dir}/best.yaml, ds_config.json, launch.sh, report.md")
     return 0

@@ -8,7 +8,7 @@ one GPU, bf16: what a tp rank computes, without the communication (which one GPU
 A tp rank of engine/tensor_parallel.py holds n_heads/tp query heads, n_kv_heads/tp kv heads and
 d_ff/tp MLP units: wq/wk/wv/w_gate/w_up are 1/tp as wide, wo/w_down 1/tp as deep, attention runs
 on the local heads, and the two norms and residual adds stay full width (without sequence
-parallel). This script builds exactly that block (engine.model.Block with its projections sliced)
+parallel). This script builds exactly that block (engine.model.Block of the rank's model)
 for tp in --tp and times forward and backward (CUDA events, median of --iters after --warmup) on
 [micro_batch, seq_len, d_model] inputs. Per row: fwd/bwd/total ms, the ratio to tp=1 (ideal:
 1/tp), the scaling efficiency t(1) / (tp * t(tp)), and the matmul+attention TFLOP/s reached. The
@@ -57,29 +57,17 @@ def load_model_config(name: str):
 
 
 def sliced_block(cfg, tp: int):
-    """engine.model.Block as one tp rank holds it (on meta: materialise with to_empty)."""
+    """engine.model.Block as one tp rank holds it (on meta: materialise with to_empty): the block of
+    the rank's model (autotune.local_share.tp_rank_model, what a search measures for such a plan)."""
     import torch
-    import torch.nn as nn
 
+    from autotune.local_share import tp_rank_model
     from engine.model import Block
 
     if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.d_ff % tp:
         raise ValueError(f"tp={tp} does not divide the heads ({cfg.n_heads}, {cfg.kv_heads}) or d_ff ({cfg.d_ff})")
-    d, hd = cfg.d_model, cfg.head_dim
-    q, kv, f = cfg.n_heads * hd // tp, cfg.kv_heads * hd // tp, cfg.d_ff // tp
-    bias = cfg.family == "gpt2"
-    qkv_bias = bias or cfg.qkv_bias
     with torch.device("meta"):
-        block = Block(cfg)
-        block.attn.wq = nn.Linear(d, q, bias=qkv_bias)
-        block.attn.wk = nn.Linear(d, kv, bias=qkv_bias)
-        block.attn.wv = nn.Linear(d, kv, bias=qkv_bias)
-        block.attn.wo = nn.Linear(q, d, bias=bias)  # row-parallel: its bias is added once, after the reduction
-        if block.mlp.gated:
-            block.mlp.w_gate = nn.Linear(d, f, bias=False)
-        block.mlp.w_up = nn.Linear(d, f, bias=bias)
-        block.mlp.w_down = nn.Linear(f, d, bias=bias)
-    return block
+        return Block(tp_rank_model(cfg, tp))
 
 
 def block_flops(cfg, tp: int, tokens: int, seq_len: int) -> float:

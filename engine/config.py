@@ -38,6 +38,9 @@ class ModelConfig:
     d_model: int = 64
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouped-query attention)
+    # width of one attention head; None: d_model / n_heads. Set where the heads together are not
+    # d_model wide (HF head_dim, e.g. Mistral-NeMo; one tensor-parallel rank's share of a model)
+    attn_head_dim: Optional[int] = None
     d_ff: int = 128
     vocab_size: int = 256
     max_seq_len: int = 128
@@ -60,7 +63,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def norm(self) -> str:
@@ -179,6 +182,9 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
             d_ff=hf["intermediate_size"], vocab_size=hf["vocab_size"],
             max_seq_len=_hf_max_seq_len(hf, kind), norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # only where it differs, so that the usual config names d_model / n_heads as before
+            attn_head_dim=None if hf.get("head_dim") in (None, hf["hidden_size"] // hf["num_attention_heads"])
+            else hf["head_dim"],
             rope_theta=float(hf.get("rope_theta", 10000.0)), qkv_bias=(kind == "qwen2"),
             **_hf_rope_scaling(hf.get("rope_scaling"), path),
         )
@@ -195,12 +201,6 @@ def _check_hf_architecture(hf: dict[str, Any], kind: str, path: Path) -> None:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"model.hf_config: {path} sets {key}=true, which the engine's {kind} model does not have")
-    heads, hidden = hf.get("num_attention_heads") or hf.get("n_head"), hf.get("hidden_size") or hf.get("n_embd")
-    if hf.get("head_dim") and heads and hidden and hf["head_dim"] * heads != hidden:
-        raise ConfigError(
-            f"model.hf_config: {path} has head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
-            f"{hidden / heads:g}; the engine needs head_dim = hidden_size / num_attention_heads"
-        )
 
 
 def _hf_max_seq_len(hf: dict[str, Any], kind: str) -> int:
@@ -298,12 +298,16 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1")
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.attn_head_dim is not None and m.attn_head_dim < 1:
+        raise ConfigError(f"model.attn_head_dim={m.attn_head_dim} must be at least 1, or unset for d_model/n_heads")
+    if m.attn_head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}, or set model.attn_head_dim"
+        )
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.kv_heads}")
     if m.family == "llama" and m.head_dim % 2:
-        raise ConfigError(f"rotary embeddings need an even head dim; d_model/n_heads={m.head_dim}")
+        raise ConfigError(f"rotary embeddings need an even head dim; the model's is {m.head_dim}")
     if m.family == "gpt2" and m.kv_heads != m.n_heads:
         raise ConfigError("model.n_kv_heads: gpt2 has no grouped-query attention; leave it unset")
     for key in ("norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"):

@@ -280,6 +280,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def hf_config(cfg: ModelConfig) -> dict:
     """A Hugging Face config.json for the model (what `model.hf_config` reads back)."""
     if cfg.family == "gpt2":
+        if cfg.attn_head_dim is not None:
+            raise ConfigError("a gpt2 model with model.attn_head_dim has no Hugging Face config; unset attn_head_dim")
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model, n_layer=cfg.n_layers,
                     n_head=cfg.n_heads, n_inner=cfg.d_ff, vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len,
                     layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new", tie_word_embeddings=True)
@@ -291,7 +293,7 @@ def hf_config(cfg: ModelConfig) -> dict:
                 num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
                 vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 rope_theta=cfg.rope_theta, rope_scaling=scaling, tie_word_embeddings=cfg.tie_embeddings,
-                hidden_act="silu")
+                hidden_act="silu", head_dim=cfg.head_dim)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -208,7 +208,11 @@ def _last_report_tokens_per_s(trial: optuna.trial.FrozenTrial, plan: dict[str, A
 
 def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throughput") -> pd.DataFrame:
     """One row per trial: number, state, status, reason, plan, estimate (est_*), probe (meas_*), and
-    `last_report_tokens_per_s`: what the probe last reported while it ran (where a pruned trial stopped)."""
+    `last_report_tokens_per_s`: what the probe last reported while it ran (where a pruned trial stopped).
+
+    `ran` says what of the plan ran (autotune.local_share): "as is", or a "node share" / "rank
+    share" of a plan larger than the machine, whose meas_* are the share's measurement scaled to the
+    plan by the estimator (the trial's `scaled`; its MFU is left out)."""
     rows = []
     for t in trials:
         attrs = t.user_attrs
@@ -224,6 +228,12 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
         row.update({name: plan.get(name) for name in PLAN_FIELDS})
         row.update({"est_" + k: v for k, v in flatten_estimate(attrs.get("estimate") or {}).items()})
         row.update({"meas_" + k: probe.get(k) for k in PROBE_FIELDS})
+        scaled = attrs.get("scaled")
+        if scaled:  # a share of the plan ran: its figures carried to the plan by the estimator
+            row.update({"meas_" + k: scaled.get(k) for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
+                       meas_tflops_per_gpu=None, meas_mfu=None, meas_reserved_bytes=None)
+        ran = attrs.get("ran") or {}
+        row["ran"] = ran.get("kind", "as is") if probe else ""
         row.update(
             loss_first=probe.get("loss_first"),
             loss_last=probe.get("loss_last"),

@@ -238,6 +238,12 @@ def _estimate_vs_measured(run: Run) -> str:
                else "the peak allocated bytes (torch.cuda.max_memory_allocated)")
     lines += ["", ("Mean absolute error: " + "; ".join(errors) + ". " if errors else "")
               + f"Error = (estimate - measured) / measured; measured memory is {measure}, max over ranks."]
+    shares = df[df.get("ran", pd.Series("as is", index=df.index)).fillna("as is") != "as is"]
+    if not shares.empty:
+        lines += ["", f"Trial{'s' * (len(shares) != 1)} {', '.join(str(int(n)) for n in shares.number)} ran a share "
+                  "of the plan here (`ran` in trials.csv: a node share or one rank's share); their measured figures "
+                  "are the share's, scaled to the plan by the estimator's ratio of the two, so their error is that "
+                  "of the share's estimate against its measurement."]
     return "\n".join(lines)
 
 

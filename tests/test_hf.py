@@ -106,9 +106,11 @@ def gpt2_reference(sd, cfg, ids):
     return ln(x, "ln_f") @ sd["wte.weight"].T
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "tied"])
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "tied", "head_dim"])
 def test_llama_weights_give_hf_logits(tmp_path, variant):
-    cfg = model_cfg(**TINY_LLAMA, qkv_bias=variant == "qwen2-bias", tie_embeddings=variant == "tied")
+    # head_dim: heads wider in total than d_model (Mistral-NeMo's 32 x 128 on 5120)
+    cfg = model_cfg(**TINY_LLAMA, qkv_bias=variant == "qwen2-bias", tie_embeddings=variant == "tied",
+                    attn_head_dim=16 if variant == "head_dim" else None)
     sd = random_hf_weights(cfg)
     sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)  # older checkpoints hold it
     write_safetensors(tmp_path / SINGLE_FILE, sd)
@@ -134,7 +136,8 @@ def test_gpt2_weights_give_hf_logits(tmp_path, prefix):
         torch.testing.assert_close(model(ids), gpt2_reference(sd, cfg, ids), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fields", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("fields", [TINY_LLAMA, TINY_GPT2, {**TINY_LLAMA, "attn_head_dim": 4}],
+                         ids=["llama", "gpt2", "head_dim"])
 @pytest.mark.parametrize("shard_bytes", [None, 20_000], ids=["single", "sharded"])
 def test_save_load_round_trip(tmp_path, fields, shard_bytes):
     cfg = model_cfg(**fields)
@@ -282,7 +285,6 @@ def test_llama3_rope_scaling(tmp_path):
 @pytest.mark.parametrize("change, words", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'; supported: llama3"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
-    ({"head_dim": 128}, "head_dim=128"),
     ({"attention_bias": True}, "attention_bias=true"),
 ])
 def test_hf_config_the_engine_cannot_compute_is_refused(tmp_path, change, words):
@@ -305,3 +307,12 @@ def test_hf_sliding_window_caps_the_sequence_length(tmp_path, kind, window, use,
         hf["use_sliding_window"] = use
     (tmp_path / "config.json").write_text(json.dumps(hf))
     assert model_cfg(hf_config=str(tmp_path / "config.json")).max_seq_len == max_seq_len
+
+
+@pytest.mark.parametrize("head_dim, attn_head_dim", [(None, None), (64, None), (128, 128)])
+def test_hf_head_dim(tmp_path, head_dim, attn_head_dim):
+    """head_dim other than hidden_size / heads (Mistral-NeMo: 5120 / 32 heads of 128) is kept."""
+    hf = {**LLAMA_32, "hidden_size": 2048, "num_attention_heads": 32, "head_dim": head_dim}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = model_cfg(hf_config=str(tmp_path / "config.json"))
+    assert cfg.attn_head_dim == attn_head_dim and cfg.head_dim == (head_dim or 64)

@@ -23,6 +23,9 @@ GPT2 = ModelConfig(name="t-gpt2", family="gpt2", n_layers=3, d_model=96, n_heads
                    max_seq_len=256, tie_embeddings=True)
 MHA = ModelConfig(name="t-mha", family="llama", n_layers=2, d_model=128, n_heads=4, d_ff=288, vocab_size=300,
                   max_seq_len=256, qkv_bias=True)
+# one tensor-parallel rank's share of a model (autotune.search's stand-in): heads not d_model wide
+SHARE = ModelConfig(name="t-share", family="llama", n_layers=2, d_model=128, n_heads=2, n_kv_heads=1, d_ff=144,
+                    vocab_size=160, max_seq_len=256, attn_head_dim=32)
 
 
 @pytest.mark.parametrize("model", [LLAMA, GPT2], ids=lambda m: m.family)
@@ -49,6 +52,8 @@ CASES = [
     (GPT2, 4, 48, "fp16", "autocast", "full", "torch"),
     (GPT2, 2, 64, "bf16", "params", "selective", "triton"),
     (MHA, 2, 72, "bf16", "autocast", "none", "torch"),
+    (SHARE, 2, 96, "bf16", "params", "none", "torch"),
+    (SHARE, 1, 128, "fp32", "params", "full", "triton"),
 ]
 
 
@@ -171,6 +176,7 @@ TRAFFIC_CASES = [
     (GPT2, 2, 96, "fp32", "params", "torch"),
     (GPT2, 2, 96, "fp16", "autocast", "triton"),
     (MHA, 2, 72, "bf16", "autocast", "torch"),
+    (SHARE, 2, 96, "bf16", "params", "torch"),
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from autotune.cli import main
 from autotune.config import planner_config
@@ -185,7 +186,8 @@ def test_two_processes_share_one_study(tmp_path):
 
 
 def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, capsys):
-    """cluster=local with nodes=2: each trial runs one node's replicas here; the estimator adds the other."""
+    """cluster=local with nodes=2: each trial runs its share here (the replicas of one node, or one
+    rank's share of a plan that pipelines across the nodes); the estimator adds the rest."""
     run = tmp_path / "run"
     rc = main(["search", "--out", str(run), *TINY, "cluster.nodes=2", "search.trials=2", "search.finalists=0"])
     assert rc == 0, capsys.readouterr().err
@@ -196,19 +198,65 @@ def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, capsys):
         plan, ran = t.user_attrs["plan"], t.user_attrs["ran"]
         assert plan["dp"] * plan["tp"] * plan["pp"] == 2 and ran["plan"]["dp"] * ran["plan"]["tp"] * ran["plan"]["pp"] == 1
         assert ran["job"]["global_batch"] == plan["micro_batch"] * plan["grad_accum"] * ran["plan"]["dp"]
+        assert ran["kind"] == ("node share" if plan["pp"] == 1 else "rank share")
         probe, scaled = t.user_attrs["probe"], t.user_attrs["scaled"]
-        # the value is the one-node measurement carried to the cluster by the estimator's ratio
+        # the value is the share's measurement carried to the cluster by the estimator's ratio
+        assert scaled["time_scale"] == pytest.approx(t.user_attrs["estimate"]["step_time_s"] / ran["estimate"]["step_time_s"])
         assert scaled["step_time_s"] == pytest.approx(probe["step_time_s"] * scaled["time_scale"])
         assert scaled["peak_mem_bytes"] == pytest.approx(probe["peak_mem_bytes"] * scaled["mem_scale"])
         assert t.values[0] == pytest.approx(4 * 32 / scaled["step_time_s"])
-        if plan["zero_stage"] >= 2 and not plan["offload_optimizer"]:  # states sharded over twice the ranks
-            assert 0 < scaled["mem_scale"] < 1
-        else:  # replicated, or offloaded to the host: a second node saves no GPU memory
+        if ran["kind"] == "node share" and plan["zero_stage"] >= 2 and not plan["offload_optimizer"]:
+            assert 0 < scaled["mem_scale"] < 1  # states sharded over twice the ranks
+        elif ran["kind"] == "node share":  # replicated, or offloaded to the host: a second node saves no GPU memory
             assert 0 < scaled["mem_scale"] <= 1
     info = json.loads((run / "search.json").read_text())
-    assert "one node" in info["measured"] and "other 1 node" in info["modelled"]
+    assert "each trial's share" in info["measured"] and "2 GPU(s) in 2 node(s)" in info["modelled"]
     assert "scaled" in info["result"]["best"]["source"]
     assert load_train_config(run / "best.yaml").plan.world_size == 2
+    trials = pd.read_csv(run / "trials.csv")
+    ok = trials[trials.status == "ok"]
+    assert set(ok.ran) <= {"node share", "rank share"} and ok.meas_mfu.isna().all()  # no MFU of a share
+
+
+def test_a_tp_plan_larger_than_this_machine_runs_one_ranks_share(tmp_path, capsys):
+    """tp=2 with one device here: one device runs the tp rank's slice of every matmul (half the
+    heads of the same width, half of d_ff and of the vocabulary); the trial's figures are scaled."""
+    run = tmp_path / "run"
+    # 3 layers: no pp=2, and max_dp=1: every plan is tp=2
+    rc = main(["search", "--out", str(run), *TINY, "model.n_layers=3", "cluster.gpus_per_node=2",
+               "search.local_devices=1", "search.max_dp=1", "search.precisions=[fp32]", "search.trials=1",
+               "search.finalists=0"])
+    assert rc == 0, capsys.readouterr().err
+    (t,) = _measured(_study(run))
+    plan, ran = t.user_attrs["plan"], t.user_attrs["ran"]
+    assert t.user_attrs["status"] == "ok" and ran["kind"] == "rank share" and plan["tp"] == 2
+    full = planner_config([]).train.model
+    assert ran["plan"]["tp"] == ran["plan"]["dp"] == ran["plan"]["pp"] == 1
+    assert (ran["model"]["n_layers"], ran["model"]["n_heads"], ran["model"]["attn_head_dim"], ran["model"]["d_ff"],
+            ran["model"]["vocab_size"]) == (3, full.n_heads // 2, full.head_dim, full.d_ff // 2, full.vocab_size // 2)
+    assert "one rank's share" in (run / "report.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_catalog_cluster_is_measured_on_a_local_gpu_of_its_kind(tmp_path, capsys):
+    """cluster=8xh100 on one H100 (or the catalog entry of whatever GPU is here): each trial runs
+    its share on this GPU, calibrated against the catalog's figures, and the rest is modelled."""
+    from autotune.hardware import catalog_gpu, gpu_catalog
+    from autotune.local_share import gpu_kind
+
+    props = torch.cuda.get_device_properties(0)
+    kinds = [g for g in gpu_catalog() if gpu_kind(catalog_gpu(g).gpu) == gpu_kind(props.name)
+             and abs(props.total_memory / catalog_gpu(g).memory_bytes - 1) <= 0.1]
+    if not kinds:
+        pytest.skip(f"no catalog entry for {props.name}")
+    run = tmp_path / "run"
+    rc = main(["search", "--out", str(run), "cluster=8xh100", f"cluster.gpu={kinds[0]}", "search.mode=measure",
+               "search.local_devices=1", "job.global_batch=8", "job.seq_len=64", "search.probe_steps=3",
+               "search.warmup_steps=1", "search.trials=2", "search.finalists=0"])
+    assert rc == 0, capsys.readouterr().err
+    info = json.loads((run / "search.json").read_text())
+    assert "this machine's" in info["measured"] and "scaled" in info["result"]["best"]["source"]
+    assert load_train_config(run / "best.yaml").plan.world_size == 8
 
 
 @pytest.mark.parametrize("model,cluster,batch", [("llama-3-8b", "8xh100", 512), ("llama-3-70b", "4x8xh100", 1024)])
@@ -258,7 +306,8 @@ def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batc
     (["search.storage=postgresql://nobody@127.0.0.1:1/none"], "search.storage"),
     (["search.sampler=cmaes"], "cmaes package"),
     (["search.sampler=bayes"], "search.sampler"),
-    (["model=llama-3-8b", "cluster=8xh100", "search.mode=measure"], "search.mode=measure"),
+    (["model=llama-3-8b", "cluster=8xh100", "cluster.gpu=v100-32g", "search.mode=measure"], "search.mode=measure"),
+    (["search.local_devices=0"], "search.local_devices=0"),
 ])
 def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, args, match):
     run = tmp_path / "run"
