@@ -69,11 +69,11 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.config import PlannerConfig, SearchConfig, planner_config
 from autotune.estimate import estimate, estimate_frame, fit_calibration
 from autotune.hardware import Hardware, load_hardware
-from autotune.local_share import AS_IS, capacity, check_local_gpu, share_here
+from autotune.local_share import AS_IS, Share, capacity, check_local_gpu, share_here
 from autotune.plans import (
     DOMINANCE_MARGIN, PLAN_FIELDS, dominated_by, enumerate_plans, plan_key, plan_keys, row_plan, to_python,
 )
-from autotune.runner import run_probe
+from autotune.runner import ProbeRun, run_probe
 from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
 from engine.files import write_atomic
 
@@ -509,6 +509,10 @@ class Search:
         return [t for t in self.trials() if t.state.is_finished() and t.user_attrs.get("status") in MEASURED
                 and bool(t.user_attrs.get("final")) == final and t.user_attrs.get("claim")]
 
+    def spent(self) -> int:
+        """Short trials that count against search.trials: those that ran a probe (not a reused share)."""
+        return sum(1 for t in self.measured() if t.user_attrs.get("reused") is None)
+
     def ok(self, final: bool = False) -> list[FrozenTrial]:
         return [t for t in self.measured(final) if t.user_attrs.get("status") == "ok"]
 
@@ -688,6 +692,14 @@ class Search:
                  "source": source, "ran": ran}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
+        # plans that differ only in what the estimator models (the pipeline schedule, say) run
+        # the same share: measure it once and scale it for each
+        same = same_share(self.trials(), ran, steps) if share.kind != AS_IS else None
+        if same is not None:
+            trial.set_user_attr("reused", same.number)
+            run = ProbeRun("ok", same.user_attrs["probe"], f"not rerun: trial {same.number} measured the same share", 0.0)
+            self.record(trial, run, steps, train, share, time_scale, mem_scale, plan, final)
+            return
         world = train.plan.world_size
         tokens_per_step = train.job.global_batch * train.job.seq_len
         step_times: list[float] = []
@@ -713,6 +725,11 @@ class Search:
                         memory_cap_bytes=self.s.trial_memory_cap_bytes, on_progress=on_progress,
                         on_poll=on_poll, log_path=self.run_dir / "logs" / f"trial-{trial.number}.log")
         self.trial_seconds.append(run.wall_s)
+        self.record(trial, run, steps, train, share, time_scale, mem_scale, plan, final)
+
+    def record(self, trial: optuna.Trial, run: ProbeRun, steps: int, train: TrainConfig, share: Share,
+               time_scale: float, mem_scale: float, plan: dict[str, Any], final: bool) -> None:
+        """Tell the study what `run` measured of `share` (scaled to the plan when a share ran)."""
         trial.set_user_attr("probe", run.metrics)
         trial.set_user_attr("status", run.status)
         trial.set_user_attr("reason", run.reason)
@@ -721,13 +738,13 @@ class Search:
             result = run.metrics
             if share.kind != AS_IS:
                 step = run.metrics["step_time_s"] * time_scale
-                result = {"step_time_s": step, "tokens_per_s": tokens_per_step / step,
+                result = {"step_time_s": step, "tokens_per_s": train.job.global_batch * train.job.seq_len / step,
                           "peak_mem_bytes": run.metrics["peak_mem_bytes"] * mem_scale}
                 trial.set_user_attr("scaled", {
                     "measured": f"{share.kind}: {share.note}",
                     "modelled": "x estimate(whole plan on the cluster) / estimate(what ran here)",
                     "time_scale": time_scale, "mem_scale": mem_scale, **result})
-            self.study.tell(trial, objective_measured(result, world, self.s.objective))
+            self.study.tell(trial, objective_measured(result, train.plan.world_size, self.s.objective))
         elif run.status == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -736,7 +753,7 @@ class Search:
 
     def progress(self, number: int, status: str, plan: dict[str, Any], final: bool) -> None:
         """One line on stderr per trial: what ran, trials done, best so far, time spent and left."""
-        done, best = len(self.measured()), self.best_value()
+        done, best = self.spent(), self.best_value()
         per = float(np.mean(self.trial_seconds)) if self.trial_seconds else 0.0
         finals_left = max(0, self.s.finalists - len(self.measured(final=True)))
         shorts_left = 0 if self.stopped else max(0, self.s.trials - done)  # explore() ended early: none
@@ -753,7 +770,7 @@ class Search:
     def explore(self) -> None:
         """Run short trials until the budget is spent or nothing left is worth running."""
         skips = 0
-        while len(self.measured()) < self.s.trials:
+        while self.spent() < self.s.trials:
             fail_stale_trials(self.study)
             self.recalibrate()
             nxt = self.next_trial()
@@ -811,6 +828,18 @@ class Search:
             "kendall_pairs": len(pairs),
             "stopped": self.stopped,
         }
+
+
+def same_share(trials: list[FrozenTrial], ran: dict[str, Any], steps: int) -> Optional[FrozenTrial]:
+    """A trial that measured exactly the share `ran` (plan, job and model that ran here) for as many
+    steps, without error; None if there is none."""
+    want = json.loads(json.dumps({k: ran[k] for k in ("plan", "job", "model")}))  # as the storage holds it
+    for t in trials:
+        got = t.user_attrs.get("ran") or {}
+        if (t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "ok" and t.user_attrs.get("steps") == steps
+                and t.user_attrs.get("reused") is None and {k: got.get(k) for k in want} == want):
+            return t
+    return None
 
 
 def canonical(plan: dict[str, Any]) -> dict[str, Any]:

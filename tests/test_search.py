@@ -10,7 +10,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import torch
 
 from autotune.cli import main
 from autotune.config import planner_config
@@ -237,10 +236,38 @@ def test_a_tp_plan_larger_than_this_machine_runs_one_ranks_share(tmp_path, capsy
     assert "one rank's share" in (run / "report.md").read_text()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_plans_with_the_same_share_are_measured_once(tmp_path):
+    """Two plans that differ only in their pipeline schedule (which the estimator models) run the
+    same rank share here: the second takes the first's measurement, scaled by its own estimate,
+    and spends nothing of the trial budget."""
+    from autotune.hardware import load_hardware
+    from autotune.plans import row_plan
+    from autotune.search import Search, candidate_table, open_storage
+
+    pc = planner_config([*TINY, "cluster.gpus_per_node=2", "search.local_devices=1", "search.max_dp=1",
+                         "search.precisions=[fp32]"])
+    hw = load_hardware(pc.cluster)
+    frame = candidate_table(pc, hw)
+    search = Search(pc, tmp_path, "t", hw, frame, open_storage(f"sqlite:///{tmp_path / 'study.db'}", tmp_path))
+    base = row_plan(frame[(frame.pp == 2) & (frame.pp_schedule == "1f1b")].iloc[0])
+    for schedule in ("1f1b", "gpipe"):
+        search.run_trial(search.study.ask(), {**base, "pp_schedule": schedule}, final=False, source="test")
+    first, second = search.study.trials
+    assert first.user_attrs["status"] == second.user_attrs["status"] == "ok"
+    assert second.user_attrs["reused"] == 0 and "trial 0 measured the same share" in second.user_attrs["reason"]
+    assert second.user_attrs["probe"] == first.user_attrs["probe"] and search.spent() == 1
+    assert not (tmp_path / "trials" / "1").exists()  # no probe ran for it
+    scaled = second.user_attrs["scaled"]
+    assert scaled["step_time_s"] == pytest.approx(first.user_attrs["probe"]["step_time_s"] * scaled["time_scale"])
+    assert second.values[0] == pytest.approx(4 * 32 / scaled["step_time_s"])
+
+
+@pytest.mark.gpu
 def test_a_catalog_cluster_is_measured_on_a_local_gpu_of_its_kind(tmp_path, capsys):
     """cluster=8xh100 on one H100 (or the catalog entry of whatever GPU is here): each trial runs
     its share on this GPU, calibrated against the catalog's figures, and the rest is modelled."""
+    import torch
+
     from autotune.hardware import catalog_gpu, gpu_catalog
     from autotune.local_share import gpu_kind
 
