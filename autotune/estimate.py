@@ -50,7 +50,7 @@ import pandas as pd
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
-    TRAFFIC_BLOCK_FEATURES, outside_features, traffic_coefficients, traffic_key,
+    TRAFFIC_BLOCK_FEATURES, outside_features, tp_block_bytes, traffic_coefficients, traffic_key,
 )
 from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
 from engine.files import write_atomic
@@ -153,12 +153,14 @@ def factors(hw: Hardware, calib: Calibration | None = None) -> dict[str, float]:
 
 
 def _traffic(model: ModelConfig, b: np.ndarray, s: int, prec: np.ndarray, autocast: np.ndarray, kern: np.ndarray,
-             loss_kern: np.ndarray) -> dict[str, np.ndarray]:
+             loss_kern: np.ndarray, tp: np.ndarray, sp: np.ndarray) -> dict[str, np.ndarray]:
     """Memory-bound bytes of one micro-batch per block and outside the blocks (forward, backward)
     and op counts, from the traffic measured on the engine's model for each row's precision, cast
-    and kernels; the outside (embedding, final norm, head and loss) follows the loss actually run."""
+    and kernels; the outside (embedding, final norm, head and loss) follows the loss actually run.
+    A block is as a tp rank holds it; sequence parallel runs its hidden-width ops (norms, residual
+    adds) on s/tp rows."""
     coefs = traffic_coefficients(model)
-    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)
     xb = np.stack([np.broadcast_to(fb[k], b.shape) for k in TRAFFIC_BLOCK_FEATURES], axis=1)
     xo = np.stack([np.broadcast_to(fo[k], b.shape) for k in OUTSIDE_FEATURES], axis=1)
     combos = [(p_, cast, kn) for p_ in PRECISIONS for cast in ("params", "autocast") for kn in KERNELS]
@@ -169,8 +171,11 @@ def _traffic(model: ModelConfig, b: np.ndarray, s: int, prec: np.ndarray, autoca
     block = cast_code + np.select([kern == kn for kn in KERNELS], range(len(KERNELS)), 0)
     outside = cast_code + np.select([loss_kern == kn for kn in KERNELS], range(len(KERNELS)), 0)
     out = {}
+    hidden = np.array([k in ("tok", "h") for k in TRAFFIC_BLOCK_FEATURES])
+    shard = np.where(sp, 1 - 1 / tp, 0.0)
     for ph in ("fwd", "bwd"):
-        out[f"block_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"block_{ph}"][k] for k in TRAFFIC_BLOCK_FEATURES] for f in fits])[block], xb)
+        coef = np.array([[f[f"block_{ph}"][k] for k in TRAFFIC_BLOCK_FEATURES] for f in fits])[block]
+        out[f"block_{ph}"] = np.einsum("ij,ij->i", coef, xb) - shard * np.einsum("ij,ij->i", coef[:, hidden], xb[:, hidden])
         out[f"outside_{ph}"] = np.einsum("ij,ij->i", np.array([[f[f"outside_{ph}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside], xo)
     out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]
     out["block_fwd_ops"] = np.array([f["ops"]["block_fwd"] for f in fits])[block]
@@ -324,8 +329,9 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
 
     # Measured activation coefficients for each row's (precision, cast, checkpointing, kernels)
     coefs = activation_coefficients(model)
-    fb, fo = block_features(model, b, s), outside_features(model, b, s)
-    act = {k: np.zeros(n) for k in ("none_tok", "none_P", "full_tok", "full_P", "out_tok", "out_V", "out_P")}
+    fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)  # a block as a tp rank holds it
+    act = {k: np.zeros(n) for k in ("none_tok", "none_hidden", "none_P", "full_tok", "full_hidden", "full_P",
+                                    "out_tok", "out_V", "out_P")}
     is_prec = {p_: prec == p_ for p_ in PRECISIONS}
     for p_ in PRECISIONS:
         for cast in ("autocast", "params"):
@@ -336,6 +342,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
                     for mode in ("none", "full"):
                         c = coefs[activation_key(p_, cast, mode, kn)]["block"]
                         act[f"{mode}_tok"][rows] = sum(c[k] * fb[k][rows] for k in BLOCK_FEATURES if k != "P")
+                        act[f"{mode}_hidden"][rows] = c["tok"] * fb["tok"][rows] + c["h"] * fb["h"][rows]
                         act[f"{mode}_P"][rows] = c["P"] * fb["P"][rows]
                     c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
                     act["out_tok"][rows] = sum(c[k] * fo[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
@@ -348,10 +355,12 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
                     act["out_V"][rows] = c["V"] * fo["V"][rows]
                     act["out_P"][rows] = c["P"] * fo["P"][rows]
 
-    # Tensor parallel split of a block's activations [Activations, Korthikanti et al. 2022]:
-    # sequence parallel divides everything by t; without it the 10/34 outside the parallel
-    # regions (norms, residual inputs) stays whole.
-    tp_share = np.where(sp, 1.0 / tp, np.where(tp > 1, (10 + 24 / tp) / 34, 1.0))
+    # What a tp rank's block saves (autotune.profile.tp_block_bytes): the fit at its features;
+    # sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
+    # (Korthikanti et al.'s (10 + 24/t)/34 and 1/t: the first agrees; the second assumes
+    # Megatron's re-gather in backward, which DTensor's linears do not do.)
+    plain = tp_block_bytes(act["none_tok"], act["none_hidden"], b, s, h, beta, tp, sp)
+    checkpointed = tp_block_bytes(act["full_tok"], act["full_hidden"], b, s, h, beta, tp, sp, checkpointed=True)
     flops = flops_per_token(model, s)
 
     total = {}
@@ -393,7 +402,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         )
         # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
         # and backward recomputes one block's full set at a time
-        per_mb = (act["none_tok"] * (layers - n_ck) + act["full_tok"] * n_ck + np.where(n_ck > 0, act["none_tok"], 0)) * tp_share
+        per_mb = plain * (layers - n_ck) + checkpointed * n_ck + np.where(n_ck > 0, plain, 0)
         mem["activations"] = per_mb * inflight + np.where(holds_head, act["out_tok"] / np.where(sp, tp, 1), 0)
         # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
         # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
@@ -448,8 +457,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     # b·a·s²·d/2 each, backward 5 (it recomputes the scores) [FlashAttention-2]. MFU still counts
     # the full 12·L·a·d·s (the convention of flops_per_token).
     att_fwd = 2 * b * s * s * model.n_heads * model.head_dim * layers / tp / (peak * f["attention_efficiency"])
-    traffic = _traffic(model, b, s, prec, autocast, kern, loss_kern)
-    mem_block = {p_: traffic[f"block_{p_}"] * layers * tp_share / hbm for p_ in ("fwd", "bwd")}
+    traffic = _traffic(model, b, s, prec, autocast, kern, loss_kern, tp, sp)
+    mem_block = {p_: traffic[f"block_{p_}"] * layers / hbm for p_ in ("fwd", "bwd")}
     mem_out = {p_: traffic[f"outside_{p_}"] / pp / tp / hbm for p_ in ("fwd", "bwd")}
     fwd_mb = mm_block + mm_head + att_fwd + mem_block["fwd"] + mem_out["fwd"]
     bwd_mb = 2 * (mm_block + mm_head) + 2.5 * att_fwd + mem_block["bwd"] + mem_out["bwd"]

@@ -50,6 +50,9 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # narrower, as on a tensor-parallel rank's share) and kv widths, heads (a); per block: parameters (P)
 BLOCK_FEATURES = ("tok", "h", "f", "q", "kv", "a", "P")
 TRAFFIC_BLOCK_FEATURES = (*BLOCK_FEATURES, "sd")
+# what a tensor-parallel rank's block holds 1/tp of: n_heads/tp heads, d_ff/tp MLP units
+# (engine/tensor_parallel.py); hidden-width tensors stay whole
+TP_SPLIT_FEATURES = ("f", "q", "kv", "a")
 OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
 # How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
 # "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO-2/3).
@@ -83,18 +86,33 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> dict[str, float]:
 
 # --- measured activations ---------------------------------------------------------------------
 
-def block_features(model: ModelConfig, b, s) -> dict:
-    """The features of BLOCK_FEATURES for micro-batch b and sequence s (numbers or numpy arrays)."""
+def block_features(model: ModelConfig, b, s, tp=1) -> dict:
+    """The features of BLOCK_FEATURES for micro-batch b and sequence s (numbers or numpy arrays),
+    of one block as a rank of `tp` tensor-parallel ranks holds it (P stays the whole block's)."""
     bs = b * s
     pc = param_counts(model)
     final_norm = pc["norms"] // (2 * model.n_layers + 1)
     block_params = (pc["attention"] + pc["mlp"] + pc["norms"] - final_norm) / model.n_layers
-    return {
+    features = {
         "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "q": bs * model.n_heads * model.head_dim,
         "kv": bs * model.kv_heads * model.head_dim,
         "a": bs * model.n_heads, "P": block_params + 0 * bs,
         "sd": s * model.head_dim + 0 * bs,  # rotary tables, read once per block whatever the batch (traffic only)
     }
+    return {k: v / tp if k in TP_SPLIT_FEATURES else v for k, v in features.items()}
+
+
+def tp_block_bytes(plain, hidden, b, s, h: int, beta, tp, sp, checkpointed: bool = False):
+    """Bytes one block saves on a tensor-parallel rank (numbers or numpy arrays).
+
+    `plain` is the fit at the rank's features (block_features(..., tp)): exactly what the engine's
+    block saves under tp. Sequence parallelism shards the hidden-width part over the sequence
+    (`hidden`: the fit's tok and h terms), except the attention's and the MLP's all-gathered
+    inputs, which their linears save whole: 2·b·s·h elements of `beta` bytes (none in a checkpointed
+    block, which keeps only its input). Measured on the engine: tests/tp_pp_worker.py.
+    (Korthikanti et al.'s 1/tp for sequence parallel assumes Megatron's re-gather in backward.)"""
+    shard = np.where(sp, 1 - 1 / tp, 0.0)
+    return plain - shard * (hidden - (0 if checkpointed else 2 * b * s * h * beta))
 
 
 def outside_features(model: ModelConfig, b, s) -> dict:
@@ -287,19 +305,24 @@ def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
 
 
 def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str,
-                        kernels: str = "torch", every_k: int = 2) -> dict[str, float]:
+                        kernels: str = "torch", every_k: int = 2, tp: int = 1, sp: bool = False) -> dict[str, float]:
     """Predicted saved bytes from the fitted coefficients: {"block" (plain), "outside", "total"}
-    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks).
+    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks); the
+    blocks as one of `tp` tensor-parallel ranks holds them (`sp`: with sequence parallelism).
 
     One whole model, as measured. Under tp or pp the engine runs torch's loss even with
     kernels="triton" (the fused loss needs the whole head); autotune.estimate then takes the
-    outside's V and P terms (logits, head) from the "torch" fit and its per-token terms from this one."""
+    outside's V and P terms (logits, head) from the "torch" fit and its per-token terms from this one.
+    The outside here is the single-rank one."""
     coefs = activation_coefficients(model)
-    fb, fo = block_features(model, b, s), outside_features(model, b, s)
+    fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)
+    beta = 4 if precision == "fp32" else 2
 
     def block(mode: str) -> float:
         c = coefs[activation_key(precision, cast, mode, kernels)]["block"]
-        return sum(c[k] * fb[k] for k in BLOCK_FEATURES)
+        plain = sum(c[k] * fb[k] for k in BLOCK_FEATURES if k != "P") + c["P"] * fb["P"] / tp  # weights: tp shards
+        hidden = c["tok"] * fb["tok"] + c["h"] * fb["h"]
+        return float(tp_block_bytes(plain, hidden, b, s, model.d_model, beta, tp, sp, checkpointed=mode == "full"))
 
     c = coefs[activation_key(precision, cast, "none", kernels)]["outside"]
     outside = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES)

@@ -24,7 +24,8 @@ from autotune.cli import main as autotune_main
 from autotune.config import ClusterConfig
 from autotune.estimate import estimate, rank_layout
 from autotune.hardware import load_hardware
-from engine.config import build_train_config
+from autotune.profile import predict_saved_bytes
+from engine.config import ModelConfig, build_train_config
 from engine.pipeline import stage_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,17 @@ def four_rank_plans() -> dict[str, dict]:
     return plans
 
 
+# tp=4 on a model whose heads, kv heads and d_ff divide by 4
+SAVED_MODEL = dict(name="saved", n_layers=2, d_model=96, n_heads=8, n_kv_heads=4, d_ff=256, vocab_size=320, max_seq_len=64)
+SAVED = {
+    "saved_fp32": dict(model=SAVED_MODEL, b=2, s=32, precision="fp32", sp=False),
+    "saved_fp32_sp": dict(model=SAVED_MODEL, b=2, s=32, precision="fp32", sp=True),
+    "saved_bf16_sp": dict(model=SAVED_MODEL, b=2, s=32, precision="bf16", sp=True),
+    "saved_gpt2_bf16_sp": dict(model={**SAVED_MODEL, "family": "gpt2", "n_kv_heads": None, "tie_embeddings": True},
+                               b=2, s=32, precision="bf16", sp=True),
+}
+
+
 @pytest.mark.slow
 def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
@@ -124,7 +136,7 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     probe = {"probe_tp2_pp2": {"config": few_rows(config(tmp_path / "probe", tp=2, pp=2)), "warmup": 0, "steps": 1}}
     result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume, "overflow_at": overflow_at,
                                             "accumulating": accumulating, "resume_at": resume_at,
-                                            "probe": probe}, nproc=4)
+                                            "probe": probe, "saved": SAVED}, nproc=4)
     # the references, and both checkpoints continued by one process: stages and shards keep the
     # full model's parameter names, so a checkpoint moves between layouts
     reference = run_worker(tmp_path, "reference", {
@@ -177,6 +189,12 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     assert probed["status"] == "ok" and probed["loss_first"] == pytest.approx(reference["llama_short"]["loss"][0], rel=1e-4)
     assert probed["tokens_per_s"] == pytest.approx(2 * 4 / probed["step_time_s"]) and probed["peak_mem_bytes"] > 0
     assert probed["breakdown"]["forward_backward_s"] > 0 and probed["breakdown"]["forward_s"] is None
+    # what a block saves for backward on a tp=4 rank, with and without sequence parallel: as the
+    # estimator's activation model says (sequence parallel keeps the two gathered linear inputs whole)
+    for name, case in SAVED.items():
+        predicted = predict_saved_bytes(ModelConfig(**case["model"]), case["b"], case["s"], case["precision"], "params",
+                                        "none", tp=4, sp=case["sp"])["block"]
+        assert predicted == pytest.approx(result[name]["block"], rel=0.01), name
     # ZeRO-1 over tp shards: the largest rank's AdamW states are those autotune.estimate counts (a
     # 4-rank layout, beyond tests/test_estimate.py's 2-rank check of what the engine holds)
     hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))

@@ -8,13 +8,15 @@ SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, the fp16 l
 it, the run's wall seconds, the Triton kernels any rank launched and rank 0's groups of each mesh dim), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
 {"config": ..., "checkpoint": path}}, "overflow_at": {name of a fp16 run: step}, "accumulating":
 [names of pp runs], "resume_at": {name of a run: k}, "probe": {name: {"config": ..., "warmup": w,
-"steps": n}}}. An overflow is made by setting one gradient of rank 0 to
+"steps": n}}, "saved": {name: {"model": ModelConfig fields, "b", "s", "precision", "sp"}}}. An overflow is made by setting one gradient of rank 0 to
 inf before that step's unscale (only rank 0: every rank must skip the step with it). A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
 checkpoint (written under any plan) and trains to job.steps. A run named in resume_at also checkpoints
 before step k, and a fresh engine continues from there: OUT's "resumed" holds its trajectory (and
-"start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result.
+"start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result. A saved
+case measures the bytes one transformer block saves for backward on a rank of tensor parallelism
+over every launched rank (OUT: {"block": mean over blocks}).
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ import torch.distributed as tdist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from engine import dist, probe
-from engine.config import build_train_config
+from engine.config import ModelConfig, PlanConfig, build_train_config
+from engine.model import build_model
 from engine.parallel import local_tensor
+from engine.tensor_parallel import apply_tp, loss_context
 from engine.train import Engine, reduce_loss
 from kernels._common import LazyKernel
 
@@ -124,6 +130,38 @@ def record_backward_starts(engine: Engine) -> list[int]:
     return seen
 
 
+def saved_block_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> float:
+    """Bytes one block saves for backward on a tp rank (the local shards of what autograd keeps:
+    the same accounting as autotune.profile.measure_saved_bytes), 16-bit parameters as FSDP2 casts
+    them."""
+    cfg = ModelConfig(**model)
+    net = build_model(cfg, "cpu")
+    if precision != "fp32":
+        net = net.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    tp = tdist.get_world_size()
+    net = apply_tp(net, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",)), sp)
+    held = {local_tensor(t).untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    owner, seen = ["outside"], {}
+    for name, block in net.layers.items():
+        block.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, name))
+        block.register_forward_hook(lambda mod, args, out: owner.__setitem__(0, "outside"))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = local_tensor(t)
+        try:
+            key, nbytes = local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()
+        except RuntimeError:  # a tensor subclass without a storage of its own (DTensor's rms_norm)
+            key, nbytes = ("id", id(local)), local.numel() * local.element_size()
+        if key not in held and key not in seen and nbytes > 0:
+            seen[key] = (owner[0], nbytes)
+        return t
+
+    tokens = torch.randint(0, cfg.vocab_size, (b, s))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loss_context(PlanConfig(tp=tp, sequence_parallel=sp)):
+        net(tokens, tokens)
+    return sum(n for who, n in seen.values() if who != "outside") / cfg.n_layers
+
+
 def most_over_ranks(value: int, device: torch.device) -> int:
     most = torch.tensor(value, device=device)
     tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
@@ -171,6 +209,8 @@ def main(spec_path: str, out_path: str) -> None:
             resumed = Engine(cfg, device)
             start = resumed.load(path)
             out[name] = {"straight": first, "resumed": losses(resumed, range(start, cfg.job.steps)), "start": start}
+        for name, case in spec.get("saved", {}).items():
+            out[name] = {"block": saved_block_bytes(case["model"], case["b"], case["s"], case["precision"], case["sp"])}
         for name, run in spec.get("load", {}).items():
             cfg = build_train_config(run["config"])
             engine = Engine(cfg, device)
