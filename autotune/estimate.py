@@ -50,7 +50,7 @@ import pandas as pd
 from autotune.hardware import Hardware, load_hardware
 from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
-    TRAFFIC_BLOCK_FEATURES, outside_features, tp_block_bytes, traffic_coefficients, traffic_key,
+    TRAFFIC_BLOCK_FEATURES, outside_features, tp_block_bytes, tp_outside_bytes, traffic_coefficients, traffic_key,
 )
 from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
 from engine.files import write_atomic
@@ -331,7 +331,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     coefs = activation_coefficients(model)
     fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)  # a block as a tp rank holds it
     act = {k: np.zeros(n) for k in ("none_tok", "none_hidden", "none_P", "full_tok", "full_hidden", "full_P",
-                                    "out_tok", "out_V", "out_P")}
+                                    "out_tok", "out_hidden", "out_V", "out_P")}
     is_prec = {p_: prec == p_ for p_ in PRECISIONS}
     for p_ in PRECISIONS:
         for cast in ("autocast", "params"):
@@ -346,6 +346,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
                         act[f"{mode}_P"][rows] = c["P"] * fb["P"][rows]
                     c = coefs[activation_key(p_, cast, "none", kn)]["outside"]
                     act["out_tok"][rows] = sum(c[k] * fo[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+                    act["out_hidden"][rows] = c["h"] * fo["h"][rows]
                 # The head and loss save the V terms (logits) and the P term (head gradient or cast
                 # head) of the loss actually run; the per-token terms (the final norm, and the hidden
                 # states the head saves or the fused loss's d hidden, of one size) follow plan.kernels.
@@ -361,6 +362,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     # Megatron's re-gather in backward, which DTensor's linears do not do.)
     plain = tp_block_bytes(act["none_tok"], act["none_hidden"], b, s, h, beta, tp, sp)
     checkpointed = tp_block_bytes(act["full_tok"], act["full_hidden"], b, s, h, beta, tp, sp, checkpointed=True)
+    outside_tok = tp_outside_bytes(act["out_tok"], act["out_hidden"], b, s, h, beta, tp, sp)
     flops = flops_per_token(model, s)
 
     total = {}
@@ -403,7 +405,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
         # and backward recomputes one block's full set at a time
         per_mb = plain * (layers - n_ck) + checkpointed * n_ck + np.where(n_ck > 0, plain, 0)
-        mem["activations"] = per_mb * inflight + np.where(holds_head, act["out_tok"] / np.where(sp, tp, 1), 0)
+        mem["activations"] = per_mb * inflight + np.where(holds_head, outside_tok, 0)
         # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
         # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
         # comes after those are freed), vocab-sharded by tp

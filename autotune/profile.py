@@ -115,6 +115,14 @@ def tp_block_bytes(plain, hidden, b, s, h: int, beta, tp, sp, checkpointed: bool
     return plain - shard * (hidden - (0 if checkpointed else 2 * b * s * h * beta))
 
 
+def tp_outside_bytes(per_token, hidden, b, s, h: int, beta, tp, sp):
+    """The per-token part of what the final norm, head and loss save on a tensor-parallel rank
+    (`per_token`: the outside fit without its V and P terms, which tp divides). Under sequence
+    parallel the final norm's hidden-width tensors (`hidden`: the fit's h term) are sharded but
+    the head's all-gathered input, b·s·h elements of `beta` bytes, is saved whole."""
+    return per_token - np.where(sp, 1 - 1 / tp, 0.0) * (hidden - b * s * h * beta)
+
+
 def outside_features(model: ModelConfig, b, s) -> dict:
     bs = b * s
     head = model.vocab_size * model.d_model
@@ -313,7 +321,7 @@ def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, che
     One whole model, as measured. Under tp or pp the engine runs torch's loss even with
     kernels="triton" (the fused loss needs the whole head); autotune.estimate then takes the
     outside's V and P terms (logits, head) from the "torch" fit and its per-token terms from this one.
-    The outside here is the single-rank one."""
+    """
     coefs = activation_coefficients(model)
     fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)
     beta = 4 if precision == "fp32" else 2
@@ -325,7 +333,9 @@ def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, che
         return float(tp_block_bytes(plain, hidden, b, s, model.d_model, beta, tp, sp, checkpointed=mode == "full"))
 
     c = coefs[activation_key(precision, cast, "none", kernels)]["outside"]
-    outside = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES)
+    per_token = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+    outside = float(tp_outside_bytes(per_token, c["h"] * fo["h"], b, s, model.d_model, beta, tp, sp)
+                    + (c["V"] * fo["V"] + c["P"] * fo["P"]) / tp)
     plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k)
     n_ck = len(checkpointed_blocks(plan, model.n_layers))
     total = n_ck * block("full") + (model.n_layers - n_ck) * block("none") + outside

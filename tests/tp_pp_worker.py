@@ -16,7 +16,7 @@ checkpoint (written under any plan) and trains to job.steps. A run named in resu
 before step k, and a fresh engine continues from there: OUT's "resumed" holds its trajectory (and
 "start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result. A saved
 case measures the bytes one transformer block saves for backward on a rank of tensor parallelism
-over every launched rank (OUT: {"block": mean over blocks}).
+over every launched rank (OUT: {"block": mean over blocks, "outside": the rest}).
 """
 from __future__ import annotations
 
@@ -130,8 +130,8 @@ def record_backward_starts(engine: Engine) -> list[int]:
     return seen
 
 
-def saved_block_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> float:
-    """Bytes one block saves for backward on a tp rank (the local shards of what autograd keeps:
+def saved_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> dict[str, float]:
+    """Bytes one block (the mean) and the rest of the model save for backward on a tp rank (the local shards of what autograd keeps:
     the same accounting as autotune.profile.measure_saved_bytes), 16-bit parameters as FSDP2 casts
     them."""
     cfg = ModelConfig(**model)
@@ -159,7 +159,8 @@ def saved_block_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> 
     tokens = torch.randint(0, cfg.vocab_size, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loss_context(PlanConfig(tp=tp, sequence_parallel=sp)):
         net(tokens, tokens)
-    return sum(n for who, n in seen.values() if who != "outside") / cfg.n_layers
+    return {"block": sum(n for who, n in seen.values() if who != "outside") / cfg.n_layers,
+            "outside": sum(n for who, n in seen.values() if who == "outside")}
 
 
 def most_over_ranks(value: int, device: torch.device) -> int:
@@ -210,7 +211,7 @@ def main(spec_path: str, out_path: str) -> None:
             start = resumed.load(path)
             out[name] = {"straight": first, "resumed": losses(resumed, range(start, cfg.job.steps)), "start": start}
         for name, case in spec.get("saved", {}).items():
-            out[name] = {"block": saved_block_bytes(case["model"], case["b"], case["s"], case["precision"], case["sp"])}
+            out[name] = saved_bytes(case["model"], case["b"], case["s"], case["precision"], case["sp"])
         for name, run in spec.get("load", {}).items():
             cfg = build_train_config(run["config"])
             engine = Engine(cfg, device)
