@@ -358,8 +358,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
 
     # What a tp rank's block saves (autotune.profile.tp_block_bytes): the fit at its features;
     # sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
-    # (Korthikanti et al.'s (10 + 24/t)/34 and 1/t: the first agrees; the second assumes
-    # Megatron's re-gather in backward, which DTensor's linears do not do.)
+    # (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
+    # their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)
     plain = tp_block_bytes(act["none_tok"], act["none_hidden"], b, s, h, beta, tp, sp)
     checkpointed = tp_block_bytes(act["full_tok"], act["full_hidden"], b, s, h, beta, tp, sp, checkpointed=True)
     outside_tok = tp_outside_bytes(act["out_tok"], act["out_hidden"], b, s, h, beta, tp, sp)
