@@ -15,8 +15,8 @@ checkpoint and trains from save_at again: OUT holds both trajectories. A load ru
 checkpoint (written under any plan) and trains to job.steps. A run named in resume_at also checkpoints
 before step k, and a fresh engine continues from there: OUT's "resumed" holds its trajectory (and
 "start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result. A saved
-case measures the bytes one transformer block saves for backward on a rank of tensor parallelism
-over every launched rank (OUT: {"block": mean over blocks, "outside": the rest}).
+case measures the bytes the model saves for backward on a rank of tensor parallelism over every
+launched rank (OUT: {"block": the mean over blocks, "outside": the rest}).
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
-
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from engine import dist, probe
 from engine.config import ModelConfig, PlanConfig, build_train_config
@@ -131,9 +130,9 @@ def record_backward_starts(engine: Engine) -> list[int]:
 
 
 def saved_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> dict[str, float]:
-    """Bytes one block (the mean) and the rest of the model save for backward on a tp rank (the local shards of what autograd keeps:
-    the same accounting as autotune.profile.measure_saved_bytes), 16-bit parameters as FSDP2 casts
-    them."""
+    """Bytes one block (the mean) and the rest of the model save for backward on a tp rank: the
+    local shards of what autograd keeps, counted as autotune.profile.measure_saved_bytes counts
+    them, with 16-bit parameters as FSDP2 casts them."""
     cfg = ModelConfig(**model)
     net = build_model(cfg, "cpu")
     if precision != "fp32":
