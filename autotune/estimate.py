@@ -18,10 +18,11 @@ plan means:
   offload (ZeRO 1) = HostOffloadAdamW: the partition's AdamW states and a host copy of its params
   and grads on the host, the step on the CPU, params and grads whole on the device;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
-  outside the blocks, for the plan's precision x cast x checkpointing x kernels; the logits are
+  outside the blocks, for the plan's precision x cast x checkpointing x kernels, as a tp rank
+  holds them (sequence parallel keeps the all-gathered linear inputs whole); the logits are
   those of the loss the engine runs (torch's under tp or pp even with kernels=triton);
 - the peak is the larger of two moments: the start of a backward (states, gradients of earlier
-  micro-batches, activations, logits and their gradient, gathered units) and the optimizer step
+  micro-batches or DDP's buckets, activations, logits and their gradient, gathered units) and the optimizer step
   (states with every gradient). The memory breakdown is that of the peaking moment
   (`peak_phase`); `model_states` / `step_grads_bytes` give the states at the step;
 - step time is the sum of what runs on the compute stream of the first pipeline rank: dense
@@ -313,6 +314,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     beta = np.select([prec == "fp32"], [4], 2).astype(float)  # compute dtype bytes
     autocast = (prec != "fp32") & (z < 2)  # engine.parallel.autocast: ZeRO 0/1; FSDP2 MixedPrecisionPolicy for 2/3
     world = dp * tp * pp
+    ddp_buckets = (z <= 1) & (dp > 1) & (tp == 1) & (pp == 1)  # engine.parallel.apply_ddp
 
     # What each rank holds: one layout per distinct (dp, tp, pp, v)
     packed = ((dp * 4096 + tp) * 4096 + pp) * 4096 + v  # one int64 key per (dp, tp, pp, v)
@@ -389,7 +391,9 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
         # gradients accumulate unsharded in fp32 (the reduce dtype) and ZeRO-3 keeps its blocks
         # gathered after the first micro-batch's backward, as ZeRO-2 does.
         pp_fsdp = (pp > 1) & (z >= 2)
-        mem["grads"] = np.where(m > 1, np.where(pp_fsdp, 4 * L["local"], step_grads), 0)
+        # DDP's gradients are views of its buckets, which exist from its first step on (ZeRO 0/1
+        # without tp or pp): all of them, through every backward
+        mem["grads"] = np.where((m > 1) | ddp_buckets, np.where(pp_fsdp, 4 * L["local"], step_grads), 0)
         mem["master"] = np.zeros(n)
         opt_numel = np.where(z == 1, L["zero1"], persistent)
         opt_tensors = np.where(z == 1, L["zero1_tensors"], L["tensors"])
