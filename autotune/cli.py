@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-from engine.config import ConfigError
+from autotune.engine.config import ConfigError
 
 COMMANDS = {
     "profile": ("autotune.profile", "the model and hardware profile -> profile.json"),
     "estimate": ("autotune.estimate", "predicted memory and step time of one plan"),
     "search": ("autotune.search", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
-    "train": ("engine.train", "train from a config (launches torchrun when the plan needs several processes)"),
-    "report": ("reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
+    "train": ("autotune.engine.train", "train from a config (launches torchrun when the plan needs several processes)"),
+    "report": ("autotune.reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
 }
 
 USAGE = "usage: autotune {" + ",".join(COMMANDS) + "} [--flags] [key=value ...]\n\n" + "\n".join(

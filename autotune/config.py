@@ -18,7 +18,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from engine.config import (
+from autotune.engine.config import (
     ConfigError,
     JobConfig,
     ModelConfig,

@@ -12,10 +12,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from autotune.config import ClusterConfig
-from engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
-from engine.model import param_counts
-from engine.parallel import checkpointed_blocks
-from engine.files import write_atomic
+from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
+from autotune.engine.model import param_counts
+from autotune.engine.parallel import checkpointed_blocks
+from autotune.engine.files import write_atomic
 
 # fp16 dynamic loss scaling as the engine does it (torch.amp.GradScaler, default settings): start at
 # 2^16, halve on every overflow (no hysteresis), double after 2000 clean steps.
@@ -156,7 +156,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
 
 
 def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
-    """A bash script that runs `torchrun -m engine.train best.yaml` with the plan's process count."""
+    """A bash script that runs `torchrun -m autotune.engine.train best.yaml` with the plan's process count."""
     world, per_node = cfg.plan.world_size, cluster.gpus_per_node
     if world > cluster.n_gpus:
         raise ConfigError(
@@ -180,7 +180,7 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
         body = [
             "set -euo pipefail",
             'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-            f'exec torchrun --standalone --nproc_per_node={nproc} -m engine.train "$HERE/best.yaml" "$@"',
+            f'exec torchrun --standalone --nproc_per_node={nproc} -m autotune.engine.train "$HERE/best.yaml" "$@"',
         ]
     else:
         head += [
@@ -197,7 +197,7 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
             f'MASTER_PORT="${{MASTER_PORT:-{MASTER_PORT}}}"',
             f"exec torchrun --nnodes={nodes} --nproc_per_node={nproc} --node_rank=\"$NODE_RANK\" \\",
             '    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-autotune}" \\',
-            '    -m engine.train "$HERE/best.yaml" "$@"',
+            '    -m autotune.engine.train "$HERE/best.yaml" "$@"',
         ]
     return "\n".join(head + body) + "\n"
 

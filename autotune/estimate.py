@@ -3,7 +3,7 @@
 `estimate_frame(model, job, plans, hw)` costs a DataFrame of plans (one column per PlanConfig
 field) with numpy over the columns: 100,000 plans in well under two seconds. `estimate(train, hw)`
 is the one-row case. Every term names its source (REFERENCE.md section in brackets); the engine's
-behaviour (engine/parallel.py, engine/pipeline.py, engine/tensor_parallel.py) decides what each
+behaviour (autotune/engine/parallel.py, autotune/engine/pipeline.py, autotune/engine/tensor_parallel.py) decides what each
 plan means:
 
 - parameters are fp32 on every path and are the optimizer's master weights (no separate master
@@ -53,10 +53,10 @@ from autotune.profile import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, flops_per_token,
     TRAFFIC_BLOCK_FEATURES, outside_features, tp_block_bytes, tp_outside_bytes, traffic_coefficients, traffic_key,
 )
-from engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
-from engine.files import write_atomic
-from engine.model import build_model
-from engine.pipeline import stage_layers
+from autotune.engine.config import KERNELS, PRECISIONS, ConfigError, JobConfig, ModelConfig, PlanConfig, TrainConfig, validate_plan
+from autotune.engine.files import write_atomic
+from autotune.engine.model import build_model
+from autotune.engine.pipeline import stage_layers
 
 GiB = 2**30
 PLAN_COLUMNS = (
@@ -198,7 +198,7 @@ def _param_shapes(model: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    """A parameter's shape on one tensor-parallel rank (engine/tensor_parallel.py)."""
+    """A parameter's shape on one tensor-parallel rank (autotune/engine/tensor_parallel.py)."""
     if tp == 1:
         return shape
     colwise = any(k in name for k in ("attn.wq", "attn.wk", "attn.wv", "mlp.w_gate", "mlp.w_up"))
@@ -235,7 +235,7 @@ def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int) -> dict[s
                 if not is_first:
                     continue
             elif name.startswith("tok_emb"):
-                # under pp the last stage holds a copy of a tied embedding as its head (engine/pipeline.py)
+                # under pp the last stage holds a copy of a tied embedding as its head (autotune/engine/pipeline.py)
                 if not (is_first or (model.tie_embeddings and is_last)):
                     continue
             elif not is_last:  # final norm, lm_head
@@ -307,7 +307,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     kern = _col(plans, "kernels", "torch").astype(str)
     # The fused linear cross-entropy needs the whole head on one rank: under tp (vocabulary-sharded
     # head, loss_parallel) and pp (the schedule's loss_fn on the last stage's logits) the engine
-    # computes torch's loss whatever plan.kernels says (engine/model.py, engine/pipeline.py).
+    # computes torch's loss whatever plan.kernels says (autotune/engine/model.py, autotune/engine/pipeline.py).
     loss_kern = np.where((kern == "triton") & (tp == 1) & (pp == 1), "triton", "torch")
     s = job.seq_len
     h, V = model.d_model, model.vocab_size
@@ -621,7 +621,7 @@ def estimate(train: TrainConfig, hw: Hardware, calib: Calibration | None = None)
 
 
 def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibration | None) -> Estimate:
-    from engine.model import count_params
+    from autotune.engine.model import count_params
 
     memory = {f"{k}_bytes": int(row[f"mem_{k}_bytes"]) for k in MEMORY}
     memory["total_bytes"] = int(row["mem_total_bytes"])
@@ -639,10 +639,10 @@ def _from_row(row: pd.Series, train: TrainConfig, hw: Hardware, calib: Calibrati
 
 
 def check_engine_supports(plan: PlanConfig, hw: Hardware) -> None:
-    """engine.parallel.check_supported for the target hardware: a catalog GPU has CUDA even when
+    """autotune.engine.parallel.check_supported for the target hardware: a catalog GPU has CUDA even when
     this machine has none, so the engine's "Triton needs CUDA here" check does not apply to it."""
     from autotune.profile import temporary_env
-    from engine.parallel import check_supported
+    from autotune.engine.parallel import check_supported
 
     if hw.device == "cuda":
         with temporary_env("TRITON_INTERPRET", "1"):
@@ -703,7 +703,7 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     when the records tell them apart from the others (more records than unknowns, and the
     columns far from collinear: plans of one sequence length cannot separate attention from matmuls).
     """
-    from engine.config import build_train_config
+    from autotune.engine.config import build_train_config
 
     if not records:
         raise ConfigError("fit_calibration needs at least one probe record")

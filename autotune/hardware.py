@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from autotune.config import CONF_DIR, ClusterConfig
-from engine.config import ConfigError
+from autotune.engine.config import ConfigError
 
 GiB = 1024**3
 DTYPES = ("fp32", "tf32", "bf16", "fp16")

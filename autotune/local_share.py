@@ -9,7 +9,7 @@ than one node of the cluster. Each plan runs in one of three ways:
   the plan's micro-batch and accumulation, so every rank does the plan's per-rank work;
 - rank share: not even tp x pp fits: one device runs one rank's share of the plan as a plain
   (dp = tp = pp = 1) run of a smaller model: the layers of one pipeline stage, each matmul cut as
-  a tensor-parallel rank holds it (engine/tensor_parallel.py: n_heads/tp query and n_kv_heads/tp
+  a tensor-parallel rank holds it (autotune/engine/tensor_parallel.py: n_heads/tp query and n_kv_heads/tp
   kv heads of the same width, d_ff/tp MLP units, vocabulary/tp), the plan's micro-batch,
   accumulation, precision, checkpointing, ZeRO stage and offload, on synthetic tokens. Without
   ZeRO's sharding over dp one rank's states may not fit: the share then keeps fewer layers.
@@ -31,7 +31,7 @@ import torch
 from autotune.config import ClusterConfig, SearchConfig
 from autotune.estimate import Calibration, estimate
 from autotune.hardware import Hardware
-from engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig, build_train_config
+from autotune.engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig, build_train_config
 
 AS_IS, NODE_SHARE, RANK_SHARE = "as is", "node share", "rank share"
 # A rank share is cut to fewer layers when its estimate needs more than this part of the device:
@@ -108,7 +108,7 @@ def share_here(train: TrainConfig, cap: int, gpus_per_node: int, hw_here: Hardwa
 
 def tp_rank_model(model: ModelConfig, tp: int) -> ModelConfig:
     """The model as one of `tp` tensor-parallel ranks holds it: heads and MLP units split, heads as
-    wide as before, the vocabulary split (engine/tensor_parallel.py); norms stay whole."""
+    wide as before, the vocabulary split (autotune/engine/tensor_parallel.py); norms stay whole."""
     if tp == 1:
         return model
     kv = model.kv_heads // tp

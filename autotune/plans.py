@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from engine.config import ConfigError, ModelConfig, PlanConfig, TrainConfig
+from autotune.engine.config import ConfigError, ModelConfig, PlanConfig, TrainConfig
 
 PLAN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PlanConfig))
 _DEFAULTS = PlanConfig()

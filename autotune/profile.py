@@ -40,10 +40,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig, TrainConfig
-from engine.files import write_atomic
-from engine.model import build_model, param_counts
-from engine.parallel import apply_activation_checkpointing, checkpointed_blocks
+from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig, TrainConfig
+from autotune.engine.files import write_atomic
+from autotune.engine.model import build_model, param_counts
+from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # per token: hidden (h), MLP (f), query-width (q: heads x head_dim, d_model unless the heads are
@@ -51,7 +51,7 @@ DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BLOCK_FEATURES = ("tok", "h", "f", "q", "kv", "a", "P")
 TRAFFIC_BLOCK_FEATURES = (*BLOCK_FEATURES, "sd")
 # what a tensor-parallel rank's block holds 1/tp of: n_heads/tp heads, d_ff/tp MLP units
-# (engine/tensor_parallel.py); hidden-width tensors stay whole
+# (autotune/engine/tensor_parallel.py); hidden-width tensors stay whole
 TP_SPLIT_FEATURES = ("f", "q", "kv", "a")
 OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
 # How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
@@ -139,7 +139,7 @@ def _triton_shapes_only():
     are those of a real run; the values are not needed. (Triton's interpreter would take about a
     second per tiny forward; tests compare the two at one shape.)
     """
-    from kernels._common import LazyKernel
+    from autotune.kernels._common import LazyKernel
 
     launch, interpret = LazyKernel.__getitem__, os.environ.get("TRITON_INTERPRET")
     LazyKernel.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
@@ -236,11 +236,10 @@ FIT_BATCHES = ((1, 20), (3, 8))
 
 def _engine_fingerprint() -> str:
     """What the measured bytes depend on: the engine's model, checkpointing and kernels, this file, torch."""
-    import engine.model
-    import engine.parallel
-    import kernels
+    from autotune import kernels
+    from autotune.engine import model, parallel
 
-    files = [Path(engine.model.__file__), Path(engine.parallel.__file__), Path(__file__),
+    files = [Path(model.__file__), Path(parallel.__file__), Path(__file__),
              *sorted(Path(kernels.__file__).parent.glob("*.py"))]
     src = b"".join(f.read_bytes() for f in files)
     return hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:16]
@@ -445,7 +444,7 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
     the blocks' share of each ("block_fwd", ...: all blocks together; module hooks mark where a
     block's forward and backward begin and end). Parameter updates, gradient communication and
     FSDP's copies are not in it (the estimate times those itself)."""
-    from kernels._common import LazyKernel
+    from autotune.kernels._common import LazyKernel
 
     net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
     net = net.to_empty(device="cpu")
@@ -596,7 +595,7 @@ def cli(argv: list[str]) -> int:
     cfg = planner_config(overrides)
     train: TrainConfig = cfg.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: measure the collectives too
-        from engine.dist import init_distributed, rank, shutdown
+        from autotune.engine.dist import init_distributed, rank, shutdown
 
         init_distributed()
         me = rank()

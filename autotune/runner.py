@@ -1,6 +1,6 @@
 """One probe trial in its own process: launch, watch its progress, kill it on timeout or prune.
 
-The probe (`python -m engine.probe`, under `torch.distributed.run` when the plan needs several
+The probe (`python -m autotune.engine.probe`, under `torch.distributed.run` when the plan needs several
 ranks) runs in a new session, so that a timeout or a prune kills the whole process group — torchrun
 and every rank — and nothing of it outlives the trial. It also dies with the search process
 (PR_SET_PDEATHSIG), so a search killed with SIGKILL leaves no probe running. Only the search process
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from engine.config import TrainConfig, to_yaml
+from autotune.engine.config import TrainConfig, to_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_S = 0.2
@@ -56,9 +56,9 @@ def probe_command(config_path: Path, nproc: int, steps: int, warmup: int, out: P
     if memory_cap_bytes:
         args += ["--max-memory-bytes", str(int(memory_cap_bytes))]
     if nproc == 1:
-        return [sys.executable, "-m", "engine.probe", *args]
+        return [sys.executable, "-m", "autotune.engine.probe", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "engine.probe", *args]
+            "-m", "autotune.engine.probe", *args]
 
 
 def _read_new_lines(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:

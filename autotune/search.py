@@ -74,8 +74,8 @@ from autotune.plans import (
     DOMINANCE_MARGIN, PLAN_FIELDS, dominated_by, enumerate_plans, plan_key, plan_keys, row_plan, to_python,
 )
 from autotune.runner import ProbeRun, run_probe
-from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
-from engine.files import write_atomic
+from autotune.engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config
+from autotune.engine.files import write_atomic
 
 MODES = ("auto", "measure", "analytic")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
@@ -984,7 +984,7 @@ def cli(argv: list[str]) -> int:
 
 def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any]) -> int:
     from autotune.emit import write_outputs
-    from reports import build_report
+    from autotune.reports import build_report
 
     best = result.get("best")
     if best is not None:

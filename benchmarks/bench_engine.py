@@ -9,7 +9,7 @@ training loop and torch.compile on the same model, for micro-batches 1..16.
 table name the device, so a CPU smoke run is never read as a GPU figure.
 
 Modes:
-- engine          `python -m engine.probe` with plan zero_stage=0, precision=bf16, micro_batch=b
+- engine          `python -m autotune.engine.probe` with plan zero_stage=0, precision=bf16, micro_batch=b
                   (one micro-batch per step): the engine's own step, data pipeline and optimizer
 - engine_compile  the same with plan.compile=true (each block torch.compiled)
 - eager           the textbook loop: bf16 autocast, model(x, y).backward(), clip, fused AdamW
@@ -72,9 +72,9 @@ def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace)
     """The baseline: what a user writes by hand with PyTorch, eager or torch.compile'd."""
     import torch
 
-    from engine.config import build_train_config
-    from engine.model import build_model
-    from engine.train import MemoryMeter, device_name, flops_per_token, peak_tflops
+    from autotune.engine.config import build_train_config
+    from autotune.engine.model import build_model
+    from autotune.engine.train import MemoryMeter, device_name, flops_per_token, peak_tflops
 
     cfg = build_train_config(train_config(model_name, micro, args.seq_len, args.steps + args.warmup, "unused"))
     device = torch.device(args.device)
@@ -112,7 +112,7 @@ def engine_probe(model_name: str, mode: str, micro: int, args: argparse.Namespac
     """The engine, measured by its own probe (the same numbers the search sees)."""
     import yaml
 
-    from engine.config import build_train_config
+    from autotune.engine.config import build_train_config
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = train_config(model_name, micro, args.seq_len, args.steps + args.warmup, tmp,
@@ -121,7 +121,7 @@ def engine_probe(model_name: str, mode: str, micro: int, args: argparse.Namespac
         config, out = Path(tmp) / "config.yaml", Path(tmp) / "metrics.json"
         config.write_text(yaml.safe_dump(raw))
         subprocess.run(
-            [sys.executable, "-m", "engine.probe", str(config), "--steps", str(args.steps), "--warmup",
+            [sys.executable, "-m", "autotune.engine.probe", str(config), "--steps", str(args.steps), "--warmup",
              str(args.warmup), "--out", str(out)],
             cwd=ROOT, env=probe_env(args.device), timeout=args.timeout,
         )
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from engine.files import write_atomic
+    from autotune.engine.files import write_atomic
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ Speed: estimate_frame over N random plans on one CPU core; prints one JSON line 
 seconds, plans per second) and, with --out, writes it there. The first call (activation fit from
 the cache, per-rank layouts) is made before timing.
 
---probe: every plan of the set runs through `python -m engine.probe` (its own process) on this
+--probe: every plan of the set runs through `python -m autotune.engine.probe` (its own process) on this
 machine (cluster=auto, so the hardware figures are measured), and its measured peak_mem_bytes
 and step_time_s are set next to the estimate's allocated_bytes and step_time_s. Records go to --out
 (default benchmarks/results/estimate_vs_probe-<set>.jsonl; rewritten after every plan, so a run cut
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from autotune.config import ClusterConfig, planner_config  # noqa: E402
 from autotune.estimate import estimate, estimate_frame, fit_calibration  # noqa: E402
 from autotune.hardware import load_hardware  # noqa: E402
-from engine.config import build_train_config, to_yaml  # noqa: E402
-from engine.files import write_atomic  # noqa: E402
+from autotune.engine.config import build_train_config, to_yaml  # noqa: E402
+from autotune.engine.files import write_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (model, seq_len, plan overrides): gpt2 up to llama-3.2-1b on one GPU; micro-batch, precision,
@@ -106,7 +106,7 @@ def probe(model: str, seq_len: int, plan: dict, steps: int, workdir: Path, timeo
     out = path.with_suffix(".json")
     path_env = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep carried packages
     try:
-        subprocess.run([sys.executable, "-m", "engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
+        subprocess.run([sys.executable, "-m", "autotune.engine.probe", str(path), "--steps", str(steps), "--warmup", "2",
                         "--out", str(out)], check=False, timeout=timeout_s, cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=path_env))
         got = json.loads(out.read_text()) if out.exists() else {"status": "error"}

@@ -55,8 +55,8 @@ def liger_ops() -> dict[str, Callable] | None:
 def implementations() -> dict[str, dict[str, Callable]]:
     """Eager, torch.compile'd eager and ours. Imported here, not at the top: Triton fixes compiled vs
     interpreted when `kernels` decorates its helpers, and main() chooses that (TRITON_INTERPRET) first."""
-    import kernels
-    from engine.model import apply_rope as eager_rope
+    from autotune import kernels
+    from autotune.engine.model import apply_rope as eager_rope
 
     eager = {
         "rms_norm": lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-5),
@@ -106,7 +106,7 @@ def make_inputs(case: dict, impl: str, dtype: torch.dtype, device: str):
     if op == "apply_rope":
         seq = min(SEQ, t)
         b, heads = t // seq, h // HEAD_DIM
-        from engine.model import rope_tables
+        from autotune.engine.model import rope_tables
 
         cos, sin = (x.to(device) for x in rope_tables(HEAD_DIM, seq, 500000.0))
         if impl == "liger":  # [b, heads, s, d] and Hugging Face's [1, s, d] tables

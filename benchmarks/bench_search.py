@@ -80,7 +80,7 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[d
     from autotune.plans import enumerate_plans, plan_key, row_plan
     from autotune.runner import run_probe
     from autotune.search import supported_precisions
-    from engine.config import build_train_config
+    from autotune.engine.config import build_train_config
 
     pc = planner_config(overrides(args, model))
     hw = load_hardware(pc.cluster)
@@ -150,7 +150,7 @@ def time_to_target(run_dir: Path, target: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.files import write_atomic
+    from autotune.engine.files import write_atomic
 
     args = parse_args(argv)
     out = Path(args.out)

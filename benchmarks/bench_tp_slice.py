@@ -5,7 +5,7 @@ one GPU, bf16: what a tp rank computes, without the communication (which one GPU
     python benchmarks/bench_tp_slice.py --models llama-3-8b --tp 1 2 --seq-len 2048 --out /tmp/t.json
     python benchmarks/bench_tp_slice.py --device cpu --models tiny --tp 1 2 --seq-len 32 --out /tmp/t.json
 
-A tp rank of engine/tensor_parallel.py holds n_heads/tp query heads, n_kv_heads/tp kv heads and
+A tp rank of autotune/engine/tensor_parallel.py holds n_heads/tp query heads, n_kv_heads/tp kv heads and
 d_ff/tp MLP units: wq/wk/wv/w_gate/w_up are 1/tp as wide, wo/w_down 1/tp as deep, attention runs
 on the local heads, and the two norms and residual adds stay full width (without sequence
 parallel). This script builds exactly that block (engine.model.Block of the rank's model)
@@ -50,19 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_model_config(name: str):
     from omegaconf import OmegaConf
 
-    from engine.config import build_train_config
+    from autotune.engine.config import build_train_config
 
     path = ROOT / "conf" / "model" / f"{name}.yaml"
     return build_train_config({"model": OmegaConf.to_container(OmegaConf.load(path))}).model
 
 
 def sliced_block(cfg, tp: int):
-    """engine.model.Block as one tp rank holds it (on meta: materialise with to_empty): the block of
+    """autotune.engine.model.Block as one tp rank holds it (on meta: materialise with to_empty): the block of
     the rank's model (autotune.local_share.tp_rank_model, what a search measures for such a plan)."""
     import torch
 
     from autotune.local_share import tp_rank_model
-    from engine.model import Block
+    from autotune.engine.model import Block
 
     if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.d_ff % tp:
         raise ValueError(f"tp={tp} does not divide the heads ({cfg.n_heads}, {cfg.kv_heads}) or d_ff ({cfg.d_ff})")
@@ -113,7 +113,7 @@ class Stopwatch:
 def time_block(cfg, tp: int, args: argparse.Namespace) -> dict:
     import torch
 
-    from engine.model import rope_tables
+    from autotune.engine.model import rope_tables
 
     device = torch.device(args.device)
     block = sliced_block(cfg, tp).to_empty(device=device).to(torch.bfloat16)

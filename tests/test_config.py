@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from autotune.config import CONF_DIR, planner_config
-from engine.config import ConfigError, build_train_config, load_train_config, to_yaml
-from engine.model import build_model, count_params
+from autotune.engine.config import ConfigError, build_train_config, load_train_config, to_yaml
+from autotune.engine.model import build_model, count_params
 
 # Published parameter counts (HF model cards / Megatron and EleutherAI calculators).
 PUBLISHED = {

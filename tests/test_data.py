@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ConfigError, build_train_config
-from engine.data import check_vocab, main, micro_batches, prepare, synthetic_offsets, token_file
-from engine.model import build_model
+from autotune.engine.config import ConfigError, build_train_config
+from autotune.engine.data import check_vocab, main, micro_batches, prepare, synthetic_offsets, token_file
+from autotune.engine.model import build_model
 
 
 def config(source="synthetic", dtype="uint16", global_batch=8, micro=1, dp=1, seq_len=16, vocab=256):
@@ -143,7 +143,7 @@ def test_prepare_command(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("abc" * 100)
     out = tmp_path / "out.bin"
-    run = subprocess.run([sys.executable, "-m", "engine.data", "prepare", str(src), str(out)],
+    run = subprocess.run([sys.executable, "-m", "autotune.engine.data", "prepare", str(src), str(out)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert np.fromfile(out, dtype=np.uint16).tolist() == list(b"abc" * 100)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import autotune.emit as emit
-import engine.files
+from autotune.engine import files
 from autotune.config import ClusterConfig
-from engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config, load_train_config
+from autotune.engine.config import ConfigError, PlanConfig, TrainConfig, build_train_config, load_train_config
 
 FILES = ("best.yaml", "ds_config.json", "launch.sh")
 
@@ -147,7 +147,7 @@ def test_launch_single_node(tmp_path):
     done = run_launch(script, fake_torchrun(tmp_path), "job.steps=3")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        "--standalone", "--nproc_per_node=2", "-m", "engine.train", str(out.resolve() / "best.yaml"), "job.steps=3",
+        "--standalone", "--nproc_per_node=2", "-m", "autotune.engine.train", str(out.resolve() / "best.yaml"), "job.steps=3",
     ]
 
 
@@ -161,7 +161,7 @@ def test_launch_multi_node(tmp_path):
     assert done.returncode == 0, done.stderr
     args = done.stdout.splitlines()
     for expected in ("--nnodes=2", "--nproc_per_node=8", "--node_rank=1", "--rdzv_backend=c10d",
-                     "--rdzv_endpoint=10.0.0.7:29500", "engine.train", str(out.resolve() / "best.yaml")):
+                     "--rdzv_endpoint=10.0.0.7:29500", "autotune.engine.train", str(out.resolve() / "best.yaml")):
         assert expected in args
     missing = run_launch(script, env)  # no MASTER_ADDR: refuse rather than hang at rendezvous
     assert missing.returncode != 0 and "MASTER_ADDR" in missing.stderr
@@ -197,13 +197,13 @@ def test_failure_while_rendering_keeps_the_old_files(tmp_path, monkeypatch):
 
 def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "ds_config.json"
-    engine.files.write_atomic(target, "old\n")
+    files.write_atomic(target, "old\n")
 
     def fail(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(engine.files.os, "fsync", fail)
+    monkeypatch.setattr(files.os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
-        engine.files.write_atomic(target, "new and longer\n")
+        files.write_atomic(target, "new and longer\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ds_config.json"]  # no temp file left behind

@@ -17,11 +17,11 @@ import torch
 
 from autotune.estimate import estimate
 from autotune.hardware import catalog_gpu
-from engine import dist
-from engine.config import build_train_config
-from engine.parallel import apply_activation_checkpointing
-from engine.model import build_model
-from engine.train import Engine, reduce_loss
+from autotune.engine import dist
+from autotune.engine.config import build_train_config
+from autotune.engine.parallel import apply_activation_checkpointing
+from autotune.engine.model import build_model
+from autotune.engine.train import Engine, reduce_loss
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP

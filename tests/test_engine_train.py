@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from autotune.cli import main as autotune_main
-from engine.checkpoint import COMPLETE, LATEST, check_readable, latest_checkpoint
-from engine.config import ConfigError, load_train_config
+from autotune.engine.checkpoint import COMPLETE, LATEST, check_readable, latest_checkpoint
+from autotune.engine.config import ConfigError, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,

@@ -15,8 +15,8 @@ from autotune.estimate import (
     FRAGMENTATION, PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
 )
 from autotune.hardware import catalog_gpu, load_hardware
-from engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
-from engine.model import build_model, count_params
+from autotune.engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
+from autotune.engine.model import build_model, count_params
 
 H100 = load_hardware(ClusterConfig(name="8xh100", gpu="h100-sxm", gpus_per_node=8))
 
@@ -38,11 +38,11 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from torch.distributed.tensor import DTensor
-from engine import dist
-from engine.config import build_train_config
-from engine.parallel import autocast, gradient_sync
-from engine.tensor_parallel import loss_context
-from engine.train import Engine
+from autotune.engine import dist
+from autotune.engine.config import build_train_config
+from autotune.engine.parallel import autocast, gradient_sync
+from autotune.engine.tensor_parallel import loss_context
+from autotune.engine.train import Engine
 
 def nbytes(t):
     t = t.to_local() if isinstance(t, DTensor) else t
@@ -296,12 +296,12 @@ def test_triton_under_tp_or_pp_counts_the_logits_of_torchs_loss():
 
 def test_tied_head_copy_is_held_and_exchanged_by_the_last_stage():
     """Under pp the last stage of a tied model holds a copy of the embedding as its head, and the
-    two copies sum their gradients once per step (engine/pipeline.py): each stage's parameters are
+    two copies sum their gradients once per step (autotune/engine/pipeline.py): each stage's parameters are
     the engine's stages', and the exchange adds the head's fp32 gradient bytes to pp_comm."""
     import dataclasses
 
     from autotune.estimate import rank_layout
-    from engine.pipeline import split_stage
+    from autotune.engine.pipeline import split_stage
 
     def train_gpt2():
         return planner_config(["model=gpt2", "job.seq_len=1024", "job.global_batch=64", "plan.pp=2",
@@ -571,8 +571,8 @@ def test_peak_memory_close_to_torch_memtracker():
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from engine import dist
-    from engine.train import Engine
+    from autotune.engine import dist
+    from autotune.engine.train import Engine
 
     device = dist.init_distributed()
     hw = catalog_gpu("h100-sxm")

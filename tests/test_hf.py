@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from autotune.cli import main
-from engine.config import ConfigError, build_train_config, to_yaml
-from engine.data import micro_batches
-from engine.hf import (INDEX_FILE, SINGLE_FILE, SafetensorsFile, check_hf_weights, hf_state_dict, load_hf_weights, save_hf_weights,
+from autotune.engine.config import ConfigError, build_train_config, to_yaml
+from autotune.engine.data import micro_batches
+from autotune.engine.hf import (INDEX_FILE, SINGLE_FILE, SafetensorsFile, check_hf_weights, hf_state_dict, load_hf_weights, save_hf_weights,
                        write_safetensors)
-from engine.model import build_model
+from autotune.engine.model import build_model
 
 TINY_LLAMA = dict(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, vocab_size=64,
                   max_seq_len=32, rope_theta=500.0)
@@ -263,8 +263,8 @@ def test_llama3_rope_scaling(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_32))
     cfg = model_cfg(hf_config=str(tmp_path / "config.json"))
     assert (cfg.rope_scaling_factor, cfg.rope_original_max_seq_len) == (32.0, 8192)
-    from engine.hf import hf_config
-    from engine.model import rope_tables
+    from autotune.engine.hf import hf_config
+    from autotune.engine.model import rope_tables
 
     assert hf_config(cfg)["rope_scaling"] == LLAMA_32["rope_scaling"] | {"factor": 32.0}
 

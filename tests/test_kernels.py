@@ -15,9 +15,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.model import build_model  # noqa: E402
+from autotune import kernels  # noqa: E402
+from autotune.engine.config import ModelConfig  # noqa: E402
+from autotune.engine.model import build_model  # noqa: E402
 
 try:
     import triton  # noqa: F401
@@ -110,7 +110,7 @@ def test_swiglu(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,s,heads,kv_heads,head_dim", [(2, 3, 4, 2, 24), (1, 1, 3, 3, 8), (1, 2, 2, 1, 6)])
 def test_apply_rope(dtype, b, s, heads, kv_heads, head_dim):
-    from engine.model import apply_rope as engine_rope, rope_tables
+    from autotune.engine.model import apply_rope as engine_rope, rope_tables
 
     cos, sin = (t[:s].to(DEVICE) for t in rope_tables(head_dim, 16, 10000.0))
     q, k = randn(b, s, heads, head_dim, dtype=dtype), randn(b, s, kv_heads, head_dim, dtype=dtype, seed=1)
@@ -254,9 +254,9 @@ def test_model_with_triton_kernels_trains_like_torch(family):
 @pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "bf16")])
 def test_engine_runs_plan_kernels_triton(zero_stage, precision):
     """plan.kernels=triton through the engine (DDP/FSDP2, autocast/mixed precision) trains as torch does."""
-    from engine import dist
-    from engine.config import build_train_config
-    from engine.train import Engine, reduce_loss
+    from autotune.engine import dist
+    from autotune.engine.config import build_train_config
+    from autotune.engine.train import Engine, reduce_loss
 
     dist.init_distributed()
     try:
@@ -296,7 +296,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_triton_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(sys.modules["kernels._common"], "triton", None)
+    monkeypatch.setattr(sys.modules["autotune.kernels._common"], "triton", None)
     x = torch.randn(2, 4, device=DEVICE)
     torch.testing.assert_close(kernels.swiglu(x, x, impl="auto"), kernels.swiglu_torch(x, x))
     with pytest.raises(RuntimeError, match="needs the triton package"):
@@ -368,7 +368,7 @@ def test_compiled_kernels_bf16_on_gpu(op):
         args = [randn(4096, 11008, dtype=bf16, scale=2.0), randn(4096, 11008, dtype=bf16, seed=1)]
         check_against_float64(kernels.swiglu, kernels.swiglu_torch, args, [True, True], bf16)
     elif op == "apply_rope":
-        from engine.model import rope_tables
+        from autotune.engine.model import rope_tables
 
         cos, sin = (t.to(DEVICE) for t in rope_tables(128, 1024, 500000.0))
         args = [randn(2, 1024, 32, 128, dtype=bf16), randn(2, 1024, 8, 128, dtype=bf16, seed=1), cos, sin]

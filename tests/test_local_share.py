@@ -10,8 +10,8 @@ from autotune.hardware import catalog_gpu
 from autotune.local_share import (
     AS_IS, NODE_SHARE, RANK_SHARE, SHARE_MEMORY_FRACTION, capacity, check_local_gpu, gpu_kind, share_here, tp_rank_model,
 )
-from engine.config import ConfigError, build_train_config
-from engine.model import count_params
+from autotune.engine.config import ConfigError, build_train_config
+from autotune.engine.model import count_params
 
 
 def train(model: str, gb: int = 32, seq: int = 2048, **plan):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import probe
-from engine.model import build_model
-from engine.config import build_train_config
+from autotune.engine import probe
+from autotune.engine.model import build_model
+from autotune.engine.config import build_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,
@@ -38,7 +38,7 @@ def test_probe_writes_its_whole_contract(tmp_path):
             "plan.activation_checkpointing=full"]
     # a fresh process, as the search runs it: the CPU peak is the resident-set growth of the run,
     # which a long-lived test process (memory freed by earlier tests) would not show
-    run = subprocess.run([sys.executable, "-m", "engine.probe", *argv], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "autotune.engine.probe", *argv], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert set(result) == FIELDS
@@ -73,7 +73,7 @@ def test_memory_cap_it_cannot_meet_is_status_oom_and_exit_0(tmp_path):
     out = tmp_path / "metrics.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.probe", str(config), "--steps", "2", "--warmup", "0", "--out", str(out),
+        [sys.executable, "-m", "autotune.engine.probe", str(config), "--steps", "2", "--warmup", "0", "--out", str(out),
          "--max-memory-bytes", str(2**20)],
         env=env, capture_output=True, text=True, timeout=300,
     )

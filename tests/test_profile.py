@@ -14,8 +14,8 @@ from autotune.profile import (
     TrafficCounter, flops_per_token, measure_saved_bytes, measure_traffic, model_profile, predict_saved_bytes,
     predict_traffic,
 )
-from engine.config import ModelConfig
-from engine.model import build_model, count_params
+from autotune.engine.config import ModelConfig
+from autotune.engine.model import build_model, count_params
 
 LLAMA = ModelConfig(name="t-llama", family="llama", n_layers=3, d_model=96, n_heads=6, n_kv_heads=2, d_ff=256,
                     vocab_size=320, max_seq_len=256)
@@ -70,7 +70,7 @@ def test_activation_bytes_within_5_percent(model, b, s, precision, cast, ckpt, k
 INTERPRETED = """
 import json, torch
 from autotune.profile import measure_saved_bytes
-from engine.config import ModelConfig
+from autotune.engine.config import ModelConfig
 small = ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, vocab_size=64, max_seq_len=16)
 fast = measure_saved_bytes(small, 1, 8, "fp32", "params", "none", "triton")
 real = measure_saved_bytes(small, 1, 8, "fp32", "params", "none", "triton", triton_arithmetic=True)
@@ -102,7 +102,7 @@ def test_model_profile_has_exact_params_and_every_choice():
 def test_params_per_module_are_exact(name):
     """The closed-form count of each module kind equals the built model's parameters of that kind."""
     from autotune.config import planner_config
-    from engine.model import param_counts
+    from autotune.engine.model import param_counts
 
     model = planner_config([f"model={name}"]).train.model
     kind = lambda n: ("norms" if "norm" in n else "attention" if ".attn." in n else "mlp" if ".mlp." in n  # noqa: E731

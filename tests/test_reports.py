@@ -12,10 +12,10 @@ import optuna
 import pandas as pd
 import pytest
 
-import reports
-from reports.cli import cli
-from engine.files import write_atomic
-from engine.config import ConfigError, PlanConfig
+from autotune import reports
+from autotune.reports.cli import cli
+from autotune.engine.files import write_atomic
+from autotune.engine.config import ConfigError, PlanConfig
 
 GIB = 2**30
 LIMIT = 80 * GIB
@@ -281,7 +281,7 @@ def test_bad_run_folder_is_a_config_error(tmp_path):
 
 def test_failed_rebuild_keeps_the_old_report(measured_run, monkeypatch):
     before = (measured_run / "report.md").read_bytes()
-    import reports.markdown
+    import autotune.reports.markdown
 
     def broken(run, plots):
         raise RuntimeError("rendering failed")
@@ -308,7 +308,7 @@ def test_importing_reports_does_not_import_torch():
 
 
 def test_pareto_front_and_plan_label():
-    from reports.tables import pareto_front, plan_label
+    from autotune.reports.tables import pareto_front, plan_label
 
     memory = pd.Series([4.0, 1.0, 2.0, 3.0, 2.0])
     throughput = pd.Series([10.0, 2.0, 5.0, 4.0, 6.0])

@@ -15,7 +15,7 @@ from autotune.cli import main
 from autotune.config import planner_config
 from autotune.plans import PLAN_FIELDS, plan_key
 from autotune.search import ANALYTIC_TIE, analytic_result
-from engine.config import load_train_config
+from autotune.engine.config import load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 # A small job on the tiny model: one rank on this machine, three micro-batch choices.

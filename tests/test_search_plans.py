@@ -17,7 +17,7 @@ from autotune.plans import (
     row_plan,
 )
 from autotune.search import kendall_tau
-from engine.config import ConfigError, PlanConfig, validate_plan
+from autotune.engine.config import ConfigError, PlanConfig, validate_plan
 
 
 def _train(model: str, global_batch: int, seq_len: int = 64):

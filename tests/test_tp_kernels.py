@@ -55,10 +55,10 @@ def config(out_dir: Path, model: dict, **plan) -> dict:
 
 def train(config: dict) -> dict:
     """Loss and gradient norm (before clipping) of each step, and the Triton kernels launched."""
-    from engine import dist
-    from engine.config import build_train_config
-    from engine.train import Engine, reduce_loss
-    from kernels._common import LazyKernel
+    from autotune.engine import dist
+    from autotune.engine.config import build_train_config
+    from autotune.engine.train import Engine, reduce_loss
+    from autotune.kernels._common import LazyKernel
 
     cfg = build_train_config(config)
     launches: collections.Counter = collections.Counter()
@@ -79,7 +79,7 @@ def train(config: dict) -> dict:
 
 
 def worker(spec_path: str, out_path: str) -> None:
-    from engine import dist
+    from autotune.engine import dist
 
     torch.set_num_threads(1)
     dist.init_distributed()
@@ -102,7 +102,7 @@ def test_triton_kernels_under_tp_match_one_torch_process(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(out_path.read_text())
 
-    from engine import dist
+    from autotune.engine import dist
 
     dist.init_distributed()
     try:
@@ -131,9 +131,9 @@ def test_local_rows_runs_on_the_local_rows_and_leaves_weight_grads_partial():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
-    import kernels
-    from engine import dist
-    from engine.tensor_parallel import local_rows
+    from autotune import kernels
+    from autotune.engine import dist
+    from autotune.engine.tensor_parallel import local_rows
 
     dist.init_distributed()
     try:

@@ -25,8 +25,8 @@ from autotune.config import ClusterConfig
 from autotune.estimate import estimate, rank_layout
 from autotune.hardware import load_hardware
 from autotune.profile import predict_saved_bytes
-from engine.config import ModelConfig, build_train_config
-from engine.pipeline import stage_layers
+from autotune.engine.config import ModelConfig, build_train_config
+from autotune.engine.pipeline import stage_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "tp_pp_worker.py"
@@ -103,7 +103,7 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
     runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
                                            sequence_parallel=True)
-    # the tied embedding split between the first stage and a head copy on the last (engine/pipeline.py)
+    # the tied embedding split between the first stage and a head copy on the last (autotune/engine/pipeline.py)
     runs["gpt2_pp2_dp2_zero0_1f1b"] = config(tmp_path / "gpt2-pp", TINY_GPT2, pp=2, dp=2)
     # ... with tp (the embedding's replicated gradient summed as vocabulary shards); no dp wrapper,
     # so tp DTensors sit beside plain positions (split AdamW groups)

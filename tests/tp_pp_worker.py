@@ -32,13 +32,13 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from engine import dist, probe
-from engine.config import ModelConfig, PlanConfig, build_train_config
-from engine.model import build_model
-from engine.parallel import local_tensor
-from engine.tensor_parallel import apply_tp, loss_context
-from engine.train import Engine, reduce_loss
-from kernels._common import LazyKernel
+from autotune.engine import dist, probe
+from autotune.engine.config import ModelConfig, PlanConfig, build_train_config
+from autotune.engine.model import build_model
+from autotune.engine.parallel import local_tensor
+from autotune.engine.tensor_parallel import apply_tp, loss_context
+from autotune.engine.train import Engine, reduce_loss
+from autotune.kernels._common import LazyKernel
 
 LAUNCHED: set[str] = set()  # names of the Triton kernels this rank launched during the current run
 

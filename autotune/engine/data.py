@@ -18,7 +18,7 @@ Sources (job.data.source):
 Turning a text file into such a file, with a byte-level tokenizer (token = byte, vocab 256, which
 the tiny models fit):
 
-    python -m engine.data prepare input.txt out.bin
+    python -m autotune.engine.data prepare input.txt out.bin
 
 The output is written atomically (a temporary file beside it, then renamed).
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.config import ConfigError, JobConfig, ModelConfig, PlanConfig
-from engine.files import atomic_writer
+from autotune.engine.config import ConfigError, JobConfig, ModelConfig, PlanConfig
+from autotune.engine.files import atomic_writer
 
 SYNTHETIC = "synthetic"
 N_OFFSETS = 4  # successors of each synthetic token: the loss floor is ln(4) ~ 1.39
@@ -166,7 +166,7 @@ def prepare(text_path: str | Path, out_path: str | Path, chunk_bytes: int = 1 <<
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m autotune.engine.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="text file -> byte-level uint16 token .bin (vocab 256)")
     prep.add_argument("text", help="input text file")

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from reports.load import PLAN_KEY, Run
+from autotune.reports.load import PLAN_KEY, Run
 
 GIB = 2**30
 MIB = 2**20

@@ -1,6 +1,6 @@
 """A short measured training run of one plan: the search's trial.
 
-    python -m engine.probe CONFIG.yaml --steps N --warmup W --out metrics.json \
+    python -m autotune.engine.probe CONFIG.yaml --steps N --warmup W --out metrics.json \
         [--progress PATH] [--max-memory-bytes B] [--timeout S] [key=value ...]
 
 (under torchrun for several ranks). It runs W + N real steps of `engine.train.Engine.step` and
@@ -44,15 +44,15 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from engine import dist
-from engine.config import ConfigError, TrainConfig, load_train_config
-from engine.train import Engine, MemoryMeter, device_name, reduce_loss
+from autotune.engine import dist
+from autotune.engine.config import ConfigError, TrainConfig, load_train_config
+from autotune.engine.train import Engine, MemoryMeter, device_name, reduce_loss
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m engine.probe", description="Measure a few training steps of a plan.")
+    p = argparse.ArgumentParser(prog="python -m autotune.engine.probe", description="Measure a few training steps of a plan.")
     p.add_argument("config", help="training config (model, job, plan)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--steps", type=int, default=5, help="measured steps")

@@ -1,8 +1,8 @@
 """`autotune report DIR`: rebuild report.md, trials.csv and plots/ of a run folder from its study."""
 from __future__ import annotations
 
-from engine.config import ConfigError
-from reports import build_report
+from autotune.engine.config import ConfigError
+from autotune.reports import build_report
 
 USAGE = "usage: autotune report DIR\n\n" + __doc__.split(": ", 1)[1]
 

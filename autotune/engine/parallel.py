@@ -12,9 +12,9 @@ the optimizer step runs on the CPU, so under FSDP2 offload_optimizer and offload
 mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 2/3) or autocast (ZeRO 0/1);
 the parameters the optimizer updates stay fp32 either way.
 
-Tensor parallelism (engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
+Tensor parallelism (autotune/engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
 FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
-(engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
+(autotune/engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
 DDP's gradient all-reduce is FSDP2's `replicate` instead (see `apply_ddp`), and ZeRO 1 is that
 plus `ShardedOptimizer` in place of ZeroRedundancyOptimizer (which needs DDP).
 """
@@ -33,8 +33,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine.config import ConfigError, JobConfig, PlanConfig
-from engine.tensor_parallel import apply_tp
+from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+from autotune.engine.tensor_parallel import apply_tp
 
 try:  # FSDP2's replicate is private and recent: without it only ZeRO 0/1 under tp or pp is lost
     from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
@@ -381,7 +381,7 @@ def clip_grad_norm(
 ) -> torch.Tensor:
     """The global gradient norm (over all shards and, given pp_group, all pipeline stages), clipping
     to max_norm when it is > 0. `duplicates`: parameters whose gradient another pipeline rank also
-    holds and counts (a tied head's copy, engine/pipeline.py); clipped but not counted.
+    holds and counts (a tied head's copy, autotune/engine/pipeline.py); clipped but not counted.
 
     Gradients can live on different meshes (tp-sharded, dp-sharded, both, or plain tensors that
     every rank holds whole), so each kind's norm is reduced over its own mesh and the squares summed.

@@ -30,11 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from engine import dist
-from engine.config import ConfigError, JobConfig, ModelConfig
-from engine.files import fsync_dir, write_atomic
-from engine.model import build_model
-from engine.parallel import unwrap
+from autotune.engine import dist
+from autotune.engine.config import ConfigError, JobConfig, ModelConfig
+from autotune.engine.files import fsync_dir, write_atomic
+from autotune.engine.model import build_model
+from autotune.engine.parallel import unwrap
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import LazyKernel, check_float, use_triton
+from autotune.kernels._common import LazyKernel, check_float, use_triton
 
 try:
     import triton

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reports import markdown, plots
-from engine.files import write_atomic
-from reports.load import load_run
-from reports.tables import choose
+from autotune.reports import markdown, plots
+from autotune.engine.files import write_atomic
+from autotune.reports.load import load_run
+from autotune.reports.tables import choose
 
 PLOTS = {
     "throughput_vs_memory.png": "Throughput vs peak memory",

@@ -22,9 +22,9 @@ from typing import NamedTuple
 
 import torch
 
-from engine.config import ConfigError, ModelConfig
-from engine.files import atomic_writer, write_atomic
-from engine.model import Transformer, _copy_full
+from autotune.engine.config import ConfigError, ModelConfig
+from autotune.engine.files import atomic_writer, write_atomic
+from autotune.engine.model import Transformer, _copy_full
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

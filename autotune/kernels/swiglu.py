@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import LazyKernel, cdiv, check_float, use_triton
+from autotune.kernels._common import LazyKernel, cdiv, check_float, use_triton
 
 try:
     import triton.language as tl

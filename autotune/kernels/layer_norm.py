@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import (LazyKernel, cdiv, check_float, check_shape, num_programs, num_warps, row_block,
+from autotune.kernels._common import (LazyKernel, cdiv, check_float, check_shape, num_programs, num_warps, row_block,
                              use_triton)
 
 try:

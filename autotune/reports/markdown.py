@@ -5,8 +5,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from reports.load import FAILED, PLAN_KEY, Run
-from reports.tables import (
+from autotune.reports.load import FAILED, PLAN_KEY, Run
+from autotune.reports.tables import (
     Choice,
     choose,
     component_columns,

@@ -7,7 +7,7 @@ the loss). Stage 0 holds the embeddings, the last stage the final norm and the h
 names: checkpoints of any pp split hold the same keys, and per-name seeded init gives every split
 the same weights. Pipeline rank r runs stages r, r + pp, r + 2 pp, ... (the looped placement that
 interleaved 1F1B expects); each stage is tensor-parallel, checkpointed and sharded over dp like a
-whole model (engine/parallel.py).
+whole model (autotune/engine/parallel.py).
 
 One optimizer step is one `schedule.step` over the rank's plan.grad_accum micro-batches (GPipe:
 all forwards then all backwards; 1F1B: one forward one backward in the steady state; interleaved
@@ -18,7 +18,7 @@ of the mean loss and, under fp16, as large as without pipelining while they are 
 
 fp16: the last stage multiplies each micro-batch's loss by the current loss scale (the schedule's
 loss_fn), every stage unscales its own gradients, and the scaler's found-inf all-reduce spans all
-ranks (engine/parallel.py `build_grad_scaler`), so every rank skips or takes the step together and
+ranks (autotune/engine/parallel.py `build_grad_scaler`), so every rank skips or takes the step together and
 the scale stays the same everywhere. Reported losses are unscaled.
 
 Tied embeddings (gpt2), the Megatron way: the first stage holds the token embedding, the last
@@ -40,9 +40,9 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from engine.config import PlanConfig
-from engine.parallel import apply_plan, unwrap
-from engine.tensor_parallel import cross_entropy
+from autotune.engine.config import PlanConfig
+from autotune.engine.parallel import apply_plan, unwrap
+from autotune.engine.tensor_parallel import cross_entropy
 
 
 

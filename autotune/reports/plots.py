@@ -15,8 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from reports.load import FAILED, Run
-from reports.tables import (
+from autotune.reports.load import FAILED, Run
+from autotune.reports.tables import (
     Choice,
     component_columns,
     component_name,

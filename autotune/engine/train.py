@@ -1,12 +1,12 @@
 """Train a model under a plan: `autotune train CONFIG.yaml [key=value ...]` or
-`torchrun --nproc_per_node N -m engine.train CONFIG.yaml [key=value ...]`.
+`torchrun --nproc_per_node N -m autotune.engine.train CONFIG.yaml [key=value ...]`.
 
 `autotune train` launches torchrun itself (single node, `--standalone`) when the plan needs more
 than one process; everything a user can get wrong (config, data, checkpoint) is checked before
 that, so a mistake is one `error:` line and exit status 2, not N tracebacks.
 
 `Engine` holds what a plan builds (model, optimizer, lr schedule, loss scaler) and `Engine.step`
-is the one training step that both this loop and the probe (engine/probe.py) run.
+is the one training step that both this loop and the probe (autotune/engine/probe.py) run.
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from typing import Iterator
 import torch
 import torch.distributed as tdist
 
-from engine import checkpoint, dist
-from engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
-from engine.data import check_vocab, micro_batches
-from engine.files import write_atomic
-from engine.model import build_model, param_counts
-from engine.pipeline import build_pipeline
-from engine.tensor_parallel import loss_context
-from engine.parallel import (
+from autotune.engine import checkpoint, dist
+from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
+from autotune.engine.data import check_vocab, micro_batches
+from autotune.engine.files import write_atomic
+from autotune.engine.model import build_model, param_counts
+from autotune.engine.pipeline import build_pipeline
+from autotune.engine.tensor_parallel import loss_context
+from autotune.engine.parallel import (
     apply_plan,
     autocast,
     build_grad_scaler,
@@ -169,7 +169,7 @@ class Engine:
         self.mesh = build_mesh(plan, device.type)
         self.dp_rank, self.dp_size = self.mesh["dp"].get_local_rank(), plan.dp
         if model_cfg.init_from:
-            from engine.hf import load_hf_weights
+            from autotune.engine.hf import load_hf_weights
 
             offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
             model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed, kernels=plan.kernels)
@@ -390,7 +390,7 @@ def preflight(cfg: TrainConfig) -> None:
     """Everything a user can get wrong, checked before a process is launched or a file written."""
     check_supported(cfg.plan)
     if cfg.model.init_from:
-        from engine.hf import check_hf_weights
+        from autotune.engine.hf import check_hf_weights
 
         check_hf_weights(cfg.model, cfg.model.init_from)  # names, shapes, dtypes: headers only
     micro_batches(cfg.job, cfg.model, cfg.plan, 0, 0, cfg.plan.dp)  # data source readable
@@ -418,10 +418,10 @@ def cli(argv: list[str]) -> int:
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         raise ConfigError(
             f"the plan needs {world} GPUs but this machine has {torch.cuda.device_count()}; run "
-            f"`torchrun --nnodes ... -m engine.train` on several nodes or pick a plan with fewer ranks"
+            f"`torchrun --nnodes ... -m autotune.engine.train` on several nodes or pick a plan with fewer ranks"
         )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "engine.train", args.config, *args.overrides]
+               "-m", "autotune.engine.train", args.config, *args.overrides]
     # Its own session: a signal meant for this job reaches it only through us (below).
     child = subprocess.Popen(command, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: _terminate_workers(child.pid))

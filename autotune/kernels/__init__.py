@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kernels.layer_norm import layer_norm, layer_norm_torch
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_torch
-from kernels.rms_norm import rms_norm, rms_norm_torch
-from kernels.rope import apply_rope, apply_rope_torch
-from kernels.swiglu import swiglu, swiglu_torch
+from autotune.kernels.layer_norm import layer_norm, layer_norm_torch
+from autotune.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_torch
+from autotune.kernels.rms_norm import rms_norm, rms_norm_torch
+from autotune.kernels.rope import apply_rope, apply_rope_torch
+from autotune.kernels.swiglu import swiglu, swiglu_torch
 
 FP32 = 4
 

@@ -15,7 +15,7 @@ import optuna
 import pandas as pd
 from omegaconf import OmegaConf
 
-from engine.config import ConfigError, PlanConfig
+from autotune.engine.config import ConfigError, PlanConfig
 
 PLAN_FIELDS = [f.name for f in fields(PlanConfig)]
 # grad_accum is derived from the others; two records of one plan may differ only in whether it is filled.

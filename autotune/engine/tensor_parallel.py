@@ -4,7 +4,7 @@ Inside each block, attention wq/wk/wv and the MLP's gate/up projections are colu
 tp rank holds n_heads/tp query heads, n_kv_heads/tp kv heads and d_ff/tp hidden units, biases
 sliced with them) and wo / w_down are row-parallel, so a block costs one all-reduce forward and one
 backward per sublayer. `Attention` reshapes with -1 heads, so the local head counts just work,
-and grouped-query attention repeats the local kv heads (tp divides n_kv_heads: engine/config.py).
+and grouped-query attention repeats the local kv heads (tp divides n_kv_heads: autotune/engine/config.py).
 
 The token embedding and the LM head are sharded over the vocabulary (weight Shard(0)), not
 replicated: in llama-3 they are the two largest matrices (128k x d each) and the logits
@@ -30,7 +30,7 @@ The Triton kernels (plan.kernels=triton) take plain tensors. RoPE and SwiGLU get
 column-parallel projections return local tensors (this rank's heads, this rank's d_ff slice), and
 both kernels work per head or per element. Norms under sequence parallel get DTensors; `local_rows`
 runs the kernel on this rank's rows. The fused linear cross-entropy needs the whole vocabulary, so
-under tp the model takes torch's loss on the vocabulary-sharded logits (engine/model.py).
+under tp the model takes torch's loss on the vocabulary-sharded logits (autotune/engine/model.py).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from engine.config import PlanConfig
+from autotune.engine.config import PlanConfig
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:

@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate
 
-import kernels
-from engine.config import ModelConfig
-from engine.tensor_parallel import local_rows
+from autotune import kernels
+from autotune.engine.config import ModelConfig
+from autotune.engine.tensor_parallel import local_rows
 
 
 def rope_tables(
@@ -153,7 +153,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "torch"):
-        """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `kernels/`
+        """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `autotune/kernels/`
         (the loss only where the head holds the whole vocabulary: not under tensor parallelism)."""
         super().__init__()
         if kernels not in ("torch", "triton"):
@@ -178,7 +178,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s].
 
-        A pipeline stage (engine/pipeline.py) holds only some modules: without `tok_emb` it takes
+        A pipeline stage (autotune/engine/pipeline.py) holds only some modules: without `tok_emb` it takes
         hidden states [b, s, d_model] instead of token ids; without `norm` it returns the output
         of its last block.
         """
@@ -198,7 +198,7 @@ class Transformer(nn.Module):
         weight = self.head_weight()
         # The fused loss never materialises the [tokens, vocab] logits, but it needs the whole
         # vocabulary; a DTensor head is vocabulary-sharded (tensor parallel), whose sharded logits
-        # go through torch's cross-entropy under loss_parallel (engine/tensor_parallel.py).
+        # go through torch's cross-entropy under loss_parallel (autotune/engine/tensor_parallel.py).
         if targets is not None and self.triton and not isinstance(weight, DTensor):
             return kernels.linear_cross_entropy(h, weight, targets, ignore_index=-100, impl="triton")
         logits = F.linear(h, weight)

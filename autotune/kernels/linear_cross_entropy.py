@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import LazyKernel, cdiv, check_float, use_triton
+from autotune.kernels._common import LazyKernel, cdiv, check_float, use_triton
 
 try:
     import triton
