@@ -28,7 +28,7 @@ except ImportError:
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-MODULES = {name: sys.modules[f"kernels.{name}"] for name in ("rms_norm", "layer_norm", "linear_cross_entropy")}
+MODULES = {name: sys.modules[f"autotune.kernels.{name}"] for name in ("rms_norm", "layer_norm", "linear_cross_entropy")}
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
