@@ -301,7 +301,7 @@ def test_write_atomic_replaces_whole_file(tmp_path):
 
 
 def test_importing_reports_does_not_import_torch():
-    code = "import sys, reports, reports.cli; reports.build_report; print('torch' in sys.modules)"
+    code = "import sys, autotune.reports, autotune.reports.cli; autotune.reports.build_report; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
