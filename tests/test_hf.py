@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from autotune.cli import main
 from autotune.engine.config import ConfigError, build_train_config, to_yaml
 from autotune.engine.data import micro_batches
-from autotune.engine.hf import (INDEX_FILE, SINGLE_FILE, SafetensorsFile, check_hf_weights, hf_state_dict, load_hf_weights, save_hf_weights,
-                       write_safetensors)
+from autotune.engine.hf import (INDEX_FILE, SINGLE_FILE, HFCheckpoint, check_hf_weights, hf_state_dict, load_hf_weights,
+                                save_hf_weights, write_safetensors)
 from autotune.engine.model import build_model
 
 TINY_LLAMA = dict(family="llama", n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, vocab_size=64,
@@ -173,14 +173,14 @@ def test_reader_follows_the_format(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b.view(torch.int16).numpy().tobytes()
                      + struct.pack("<6f", *range(6)))
-    st = SafetensorsFile(path)
-    assert set(st.header) == {"a", "b"}
+    st = HFCheckpoint(path)
+    assert st.names() == {"a", "b"}
     assert torch.equal(st.get("a"), a) and torch.equal(st.get("b"), b)
     # and the writer's output reads back the same
     write_safetensors(tmp_path / "y.safetensors", {"a": a, "b": b})
     raw_len = struct.unpack("<Q", (tmp_path / "y.safetensors").read_bytes()[:8])[0]
     assert raw_len % 8 == 0
-    back = SafetensorsFile(tmp_path / "y.safetensors")
+    back = HFCheckpoint(tmp_path / "y.safetensors")
     assert torch.equal(back.get("a"), a) and torch.equal(back.get("b"), b)
 
 

@@ -1,10 +1,8 @@
 """Hugging Face safetensors weights in and out of the engine's model (`model.init_from=DIR`).
 
 A folder holds either `model.safetensors` or shards listed by `model.safetensors.index.json`
-({"weight_map": {tensor name: shard file}}). A safetensors file is an 8-byte little-endian header
-length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}} (plus an optional
-"__metadata__"), then the raw little-endian tensor bytes; it is read here through mmap, with no
-package beyond torch.
+({"weight_map": {tensor name: shard file}}), read and written with the `safetensors` package: its
+safe_open reads the headers (names, shapes, dtypes) without the data, then one tensor at a time.
 
 Names: llama / mistral / qwen2 (`model.layers.N.self_attn.q_proj.weight`, ...) and gpt2 (`h.N.attn.
 c_attn.weight`, ..., with or without a `transformer.` prefix). HF llama keeps q/k in the
@@ -15,21 +13,20 @@ and split.
 from __future__ import annotations
 
 import json
-import math
-import mmap
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from autotune.engine.config import ConfigError, ModelConfig
-from autotune.engine.files import atomic_writer, write_atomic
+from autotune.engine.files import atomic_path, write_atomic
 from autotune.engine.model import Transformer, _copy_full
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPES = ("F64", "F32", "F16", "BF16")  # the safetensors dtypes of weights the engine reads
 
 
 class Rule(NamedTuple):
@@ -88,108 +85,73 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 
 # --- reading --------------------------------------------------------------------------------
 
-class SafetensorsFile:
-    """One .safetensors file: its header, and its tensors as views of a private mmap."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-            if not 0 < n <= size - 8:
-                raise ConfigError(f"model.init_from: {path} is not a safetensors file (bad header length)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"model.init_from: {path} has a corrupt safetensors header ({e})")
-            if not isinstance(header, dict):
-                raise ConfigError(f"model.init_from: {path} has a corrupt safetensors header (not a JSON object)")
-            # copy-on-write keeps the buffer writable, as torch.frombuffer wants, without touching the file
-            self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        header.pop("__metadata__", None)
-        self.header: dict[str, dict] = header
-        self._data_start = 8 + n
-        self._size = size
-
-    def entry(self, name: str) -> dict:
-        """The header entry of a tensor, checked: a dtype the engine reads, offsets inside the file."""
-        entry = self.header[name]
-        if entry.get("dtype") not in DTYPES:
-            raise ConfigError(
-                f"model.init_from: tensor {name} in {self.path} has dtype {entry.get('dtype')}; "
-                f"supported: {', '.join(DTYPES)}"
-            )
-        try:
-            begin, end = entry["data_offsets"]
-            ok = end - begin == math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok or not 0 <= begin <= end <= self._size - self._data_start:
-            raise ConfigError(f"model.init_from: tensor {name} in {self.path} has a corrupt header entry {entry}")
-        return entry
-
-    def get(self, name: str) -> torch.Tensor:
-        entry = self.entry(name)
-        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
-        if math.prod(shape) == 0:
-            return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._buffer, dtype=dtype, count=math.prod(shape),
-                                offset=self._data_start + entry["data_offsets"][0])
-        return flat.view(shape)
-
-
 class HFCheckpoint:
-    """All tensors of a HF weights folder (single file or sharded), opened lazily by name."""
+    """The tensors of a HF weights folder (one file or shards), read by name: safetensors' safe_open
+    maps each file and parses its header, and a tensor is read only when asked for."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"model.init_from: no such file or folder {path}; give a folder of Hugging Face weights")
         if path.is_file() and path.suffix == ".safetensors":
-            self.folder, files = path.parent, {None: path.name}
+            self.folder, single = path.parent, path.name
         elif (path / INDEX_FILE).is_file():
-            self.folder = path
-            try:
-                weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"model.init_from: {path / INDEX_FILE} is not a safetensors index ({e})")
-            files = weight_map
+            self.folder, single = path, None
         elif (path / SINGLE_FILE).is_file():
-            self.folder, files = path, {None: SINGLE_FILE}
+            self.folder, single = path, SINGLE_FILE
         else:
             raise ConfigError(
                 f"model.init_from: no {SINGLE_FILE} or {INDEX_FILE} in {path}; give a folder of Hugging Face "
                 "safetensors weights (pytorch_model.bin is not read)"
             )
-        self._files: dict[str, SafetensorsFile] = {}
-        self.where: dict[str, str] = {}
-        if None in files:  # one file: its header lists the names
-            self.where = {name: files[None] for name in self._open(files[None]).header}
-        else:
-            self.where = dict(files)
-            for file in sorted(set(files.values())):
-                if not (self.folder / file).is_file():
-                    raise ConfigError(f"model.init_from: the index names {file}, which is not in {self.folder}")
+        self._files: dict[str, safe_open] = {}
+        self.where: dict[str, str] = dict.fromkeys(self._open(single).keys(), single) if single else self._index()
 
-    def _open(self, file: str) -> SafetensorsFile:
+    def _index(self) -> dict[str, str]:
+        """Tensor name -> shard file, from the index as Hugging Face writes it."""
+        index = self.folder / INDEX_FILE
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"model.init_from: {index} is not a safetensors index ({e})")
+        for file in sorted(set(weight_map.values())):
+            if not (self.folder / file).is_file():
+                raise ConfigError(f"model.init_from: the index names {file}, which is not in {self.folder}")
+        return weight_map
+
+    def _open(self, file: str) -> safe_open:
         if file not in self._files:
-            self._files[file] = SafetensorsFile(self.folder / file)
+            path = self.folder / file
+            try:
+                self._files[file] = safe_open(path, framework="pt")
+            except SafetensorError as e:
+                detail = str(e).removeprefix("Error while deserializing header: ")
+                raise ConfigError(f"model.init_from: {path} is not a safetensors file, or one with a corrupt "
+                                  f"header entry ({detail}); save or download it again")
         return self._files[file]
 
     def names(self) -> set[str]:
         return set(self.where)
 
-    def file_of(self, name: str) -> SafetensorsFile:
-        st = self._open(self.where[name])
-        if name not in st.header:
-            raise ConfigError(f"model.init_from: the index puts tensor {name} in {st.path}, which lacks it")
-        return st
+    def _file_of(self, name: str) -> safe_open:
+        file = self._open(self.where[name])
+        if name not in file.keys():
+            raise ConfigError(f"model.init_from: the index puts tensor {name} in {self.where[name]}, which lacks it")
+        return file
 
-    def entry(self, name: str) -> dict:
-        return self.file_of(name).entry(name)
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, from the header alone; its dtype checked to be one the engine reads."""
+        info = self._file_of(name).get_slice(name)
+        if info.get_dtype() not in DTYPES:
+            raise ConfigError(
+                f"model.init_from: tensor {name} in {self.folder / self.where[name]} has dtype {info.get_dtype()}; "
+                f"supported: {', '.join(DTYPES)}"
+            )
+        return list(info.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self.file_of(name).get(name)
+        self.shape(name)
+        return self._file_of(name).get_tensor(name)
 
 
 def _engine_shape(hf_shape: list[int], rule: Rule) -> list[int]:
@@ -223,7 +185,7 @@ def _match(model: Transformer, ckpt: HFCheckpoint, path: str | Path) -> dict[str
                 f"model.init_from: {path} lacks tensor {rule.hf_name} (for the engine's {name}); "
                 "the model config does not match these weights"
             )
-        shape = _engine_shape(ckpt.entry(rule.hf_name)["shape"], rule)
+        shape = _engine_shape(ckpt.shape(rule.hf_name), rule)
         if shape != list(params[name].shape):
             raise ConfigError(
                 f"model.init_from: tensor {rule.hf_name} has shape {shape}"
@@ -297,25 +259,16 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` as one safetensors file, atomically."""
-    header, offset = {}, 0
+    """Write `tensors` as one safetensors file (metadata format "pt", as Hugging Face writes it),
+    atomically. A tensor given under two names (a tied copy) is written twice."""
+    seen, whole = set(), {}
     for name, t in tensors.items():
-        if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"cannot write {name}: dtype {t.dtype} is not one of {list(DTYPE_NAMES)}")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the reference writer does
-    with atomic_writer(path) as f:
-        _write_tensors(f, raw, tensors)
-
-
-def _write_tensors(f, raw_header: bytes, tensors: dict[str, torch.Tensor]) -> None:
-    f.write(len(raw_header).to_bytes(8, "little"))
-    f.write(raw_header)
-    for t in tensors.values():
-        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        t = t.detach().cpu().contiguous()
+        storage = t.untyped_storage().data_ptr()
+        whole[name] = t.clone() if storage in seen else t  # save_file refuses tensors that share memory
+        seen.add(storage)
+    with atomic_path(path) as tmp:
+        save_file(whole, tmp, metadata={"format": "pt"})
 
 
 def save_hf_weights(model: Transformer, path: str | Path, max_shard_bytes: int | None = None) -> None:
