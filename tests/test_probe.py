@@ -110,3 +110,14 @@ def test_probe_refuses_an_unwritable_out_before_running(tmp_path, capsys):
             probe.main([str(config), "--steps", "1", "--out", str(out)])
         assert exit.value.code == 2 and f"--out {out}: not a file path" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == "mine\n" and not list(tmp_path.glob(".*"))
+
+
+def test_a_failed_rank_keeps_the_result_written_first(tmp_path):
+    """The first rank to fail tells what happened; a success replaces whatever is there."""
+    out = tmp_path / "metrics.json"
+    probe.write_result(str(out), {"status": "oom"}, exclusive=True)
+    probe.write_result(str(out), {"status": "error"}, exclusive=True)
+    assert json.loads(out.read_text()) == {"status": "oom"}
+    probe.write_result(str(out), {"status": "ok"}, exclusive=False)
+    assert json.loads(out.read_text()) == {"status": "ok"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left

@@ -41,11 +41,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as tdist
 
 from autotune.engine import dist
 from autotune.engine.config import ConfigError, TrainConfig, load_train_config
+from autotune.engine.files import write_atomic
 from autotune.engine.train import Engine, MemoryMeter, device_name, reduce_loss
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
@@ -110,8 +112,7 @@ class MemoryCap:
             x = torch.ones(512, 512)
             (x @ x).add_(1.0).sum()
             self.saved = resource.getrlimit(resource.RLIMIT_AS)
-            with open("/proc/self/statm") as f:
-                size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            size = psutil.Process().memory_info().vms  # the address space RLIMIT_AS counts
             resource.setrlimit(resource.RLIMIT_AS, (size + limit_bytes, self.saved[1]))
 
     def lift(self) -> None:
@@ -192,24 +193,9 @@ def result_template(cfg: TrainConfig | None, device: torch.device | None) -> dic
 
 
 def write_result(path: str, result: dict, exclusive: bool) -> None:
-    """Atomically: a temp file beside it, fsync, then rename. `exclusive`: keep a result already
-    there (the first rank to fail tells what happened; peers then fail on its absence)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if exclusive:
-        try:
-            os.link(tmp, out)
-        except FileExistsError:
-            pass
-        os.unlink(tmp)
-    else:
-        os.replace(tmp, out)
+    """Atomically. `exclusive`: keep a result already there (the first rank to fail tells what
+    happened; peers then fail on its absence)."""
+    write_atomic(path, json.dumps(result, indent=2) + "\n", keep_existing=exclusive)
 
 
 def main(argv: list[str] | None = None) -> int:
