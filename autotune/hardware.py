@@ -9,10 +9,11 @@ memory overrides) come from the ClusterConfig.
 from __future__ import annotations
 
 import functools
-import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
+import psutil
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,6 +32,20 @@ NCCL_CHANNELS = 16
 # One collective's latency inside a node: nccl-tests all-reduce of a few bytes on 8 NVLink GPUs
 # takes tens of microseconds; across nodes the estimate doubles it.
 COLLECTIVE_LATENCY_S = 20e-6
+# torch.cuda.get_device_name() -> its conf/gpu entry, first match wins ("NVIDIA H100 80GB HBM3" is
+# the SXM part, "NVIDIA H100 PCIe" the PCIe one; PCIe A100s have the SXM parts' peaks).
+CUDA_NAMES = (
+    (r"H100.*PCIe", "h100-pcie"),
+    (r"H100", "h100-sxm"),
+    (r"H200", "h200"),
+    (r"A100.*40GB", "a100-40g"),
+    (r"A100", "a100-80g"),
+    (r"A10G", "a10g"),
+    (r"L40S", "l40s"),
+    (r"\bL4\b", "l4"),
+    (r"RTX 4090", "rtx-4090"),
+    (r"V100.*32GB", "v100-32g"),
+)
 
 
 @dataclass
@@ -114,6 +129,15 @@ def catalog_gpu(name: str) -> Hardware:
         raise ConfigError(f"{path}: not a valid GPU entry ({e!r}); see conf/gpu/h100-sxm.yaml for the fields")
 
 
+def catalog_gpu_of(device_name: str) -> Hardware | None:
+    """The catalog entry of a CUDA device (by its torch.cuda.get_device_name); None for "cpu" or a
+    GPU the catalog lacks."""
+    for pattern, entry in CUDA_NAMES:
+        if re.search(pattern, device_name):
+            return catalog_gpu(entry)
+    return None
+
+
 def _time(fn, reps: int) -> float:
     """Median seconds of fn() over reps runs after one warm-up."""
     fn()
@@ -150,17 +174,6 @@ def _copy_bytes_per_s(nbytes: int, device: str, reps: int) -> float:
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     return 2 * nbytes / _time(lambda: dst.copy_(src), reps)  # bytes read + written
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def measure_collectives(nbytes: int = 64 * 2**20, reps: int = 5) -> dict[str, float]:
@@ -209,7 +222,7 @@ def probe_local() -> Hardware:
 
 
 def _probe_device() -> Hardware:
-    host = _available_ram()
+    host = psutil.virtual_memory().available
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         flops = {

@@ -74,7 +74,8 @@ def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace)
 
     from autotune.engine.config import build_train_config
     from autotune.engine.model import build_model
-    from autotune.engine.train import MemoryMeter, device_name, flops_per_token, peak_tflops
+    from autotune.engine.train import MemoryMeter, device_name, peak_flops
+    from autotune.profile import flops_per_token
 
     cfg = build_train_config(train_config(model_name, micro, args.seq_len, args.steps + args.warmup, "unused"))
     device = torch.device(args.device)
@@ -100,10 +101,10 @@ def plain_loop(model_name: str, mode: str, micro: int, args: argparse.Namespace)
             times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
     tokens_per_s = micro * args.seq_len / step_time
-    peak = peak_tflops(device, "bf16")
+    peak = peak_flops(device, "bf16")
     return {
         "status": "ok", "step_time_s": step_time, "tokens_per_s": tokens_per_s,
-        "mfu": tokens_per_s * flops_per_token(cfg.model, args.seq_len) / (peak * 1e12) if peak else None,
+        "mfu": tokens_per_s * flops_per_token(cfg.model, args.seq_len)["total"] / peak if peak else None,
         "peak_mem_bytes": meter.peak_bytes(), "device": device_name(device), "error": None,
     }
 

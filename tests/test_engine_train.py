@@ -115,6 +115,23 @@ def test_resume_under_another_plan(tmp_path, capsys, first, second):
     assert by_step(metrics(moved)) == pytest.approx({s: reference[s] for s in (4, 5, 6)}, rel=1e-5)
 
 
+def test_the_mfu_divides_by_the_gpu_catalogs_peak():
+    """The engine's MFU uses conf/gpu's dense peak of the device it runs on, matched by the CUDA
+    device name; a CPU or a GPU the catalog lacks logs none (never a made-up MFU)."""
+    import torch
+
+    from autotune.engine.train import peak_flops
+    from autotune.hardware import CUDA_NAMES, catalog_gpu, catalog_gpu_of, gpu_catalog
+
+    assert {entry for _, entry in CUDA_NAMES} == set(gpu_catalog())  # every entry has its device names
+    for name, entry in [("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
+                        ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-40GB", "a100-40g"),
+                        ("NVIDIA A100 80GB PCIe", "a100-80g"), ("NVIDIA L4", "l4"), ("NVIDIA L40S", "l40s")]:
+        assert catalog_gpu_of(name) == catalog_gpu(entry), name
+    assert catalog_gpu_of("NVIDIA B200") is None and catalog_gpu_of("cpu") is None
+    assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
 def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
     root = tmp_path / "ckpt"
     for name, complete in (("step-2", True), ("step-4", False), ("step-6.tmp", True)):

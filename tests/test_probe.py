@@ -59,9 +59,10 @@ def test_probe_writes_its_whole_contract(tmp_path):
     assert breakdown["comm_s"] is None and breakdown["forward_backward_s"] is None  # pp only
     for phase in ("forward_s", "backward_s", "optimizer_s"):  # medians of parts of the measured steps
         assert 0 < breakdown[phase] < measured[-1]
-    # FLOPs per token: 6N + 12 L a d s, N without the (untied) input embedding
+    # FLOPs per token: 6N + 12 L a d s, N the matmul weights: not the norms, nor the (untied) input embedding
     cfg = build_train_config({"model": TINY, "job": {"seq_len": 32}})
-    n = sum(p.numel() for name, p in build_model(cfg.model, "meta").named_parameters() if name != "tok_emb.weight")
+    n = sum(p.numel() for name, p in build_model(cfg.model, "meta").named_parameters()
+            if p.dim() == 2 and name != "tok_emb.weight")
     flops = 6 * n + 12 * 4 * 4 * 16 * 32
     assert result["tflops_per_gpu"] == pytest.approx(result["tokens_per_s"] * flops / 1e12)
     assert not (tmp_path / "never").exists()  # the probe writes no checkpoint or metrics folder

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import torch
 import torch.distributed as tdist
 
 from autotune.engine import checkpoint, dist
-from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, load_train_config
+from autotune.engine.config import ConfigError, TrainConfig, load_train_config
 from autotune.engine.data import check_vocab, micro_batches
 from autotune.engine.files import write_atomic
-from autotune.engine.model import build_model, param_counts
+from autotune.engine.model import build_model
 from autotune.engine.pipeline import build_pipeline
 from autotune.engine.tensor_parallel import loss_context
 from autotune.engine.parallel import (
@@ -45,45 +46,29 @@ from autotune.engine.parallel import (
     gradient_sync,
     uses_fsdp,
 )
-
-# Dense peak TFLOP/s per compute dtype (REFERENCE.md GPU catalog), matched on the device name in order.
-PEAK_TFLOPS = (
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-)
-
+from autotune.hardware import catalog_gpu_of
+from autotune.profile import flops_per_token
 
 # --- throughput accounting --------------------------------------------------------------------
-
-def flops_per_token(model: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, 6N + 12·L·a·d·s (PaLM; N = the parameters that do matmul work:
-    the input embedding counts only when it is tied to the head; learned positions never)."""
-    c = param_counts(model)
-    n = c["total"] - c["position_embedding"] - (0 if model.tie_embeddings else c["embedding"])
-    return 6.0 * n + 12.0 * model.n_layers * model.n_heads * model.head_dim * seq_len
-
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def peak_tflops(device: torch.device, precision: str) -> float | None:
-    """The device's dense peak for the plan's compute dtype; None on a CPU or an unknown GPU."""
-    name = device_name(device)
-    for key, peaks in PEAK_TFLOPS:
-        if key in name:
-            return peaks[precision]
-    return None
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak FLOP/s for the plan's compute dtype, from the GPU catalog (conf/gpu);
+    None on a CPU or a GPU the catalog lacks."""
+    hw = catalog_gpu_of(device_name(device))
+    return hw.peak_flops[precision] if hw else None
 
 
-def _proc_status_bytes(field: str) -> int:
+def _peak_rss_bytes() -> int:
+    """The resident set's high-water mark (VmHWM): psutil reads neither it nor its reset."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    raise OSError("/proc/self/status has no VmHWM")
 
 
 class MemoryMeter:
@@ -100,12 +85,12 @@ class MemoryMeter:
             # refused, the peak is the process's own since it started.
             with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.base = _proc_status_bytes("VmRSS")
+            self.base = psutil.Process().memory_info().rss
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return max(0, _proc_status_bytes("VmHWM") - self.base)
+        return max(0, _peak_rss_bytes() - self.base)
 
     def reserved_bytes(self) -> int | None:
         return torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else None
@@ -187,8 +172,8 @@ class Engine:
         self.fixed_scale = fixed_loss_scale(plan)
         self.timer = PhaseTimer(device, enabled=timed)  # the probe's forward/backward/optimizer breakdown
         self.tokens_per_step = job.global_batch * job.seq_len
-        self.flops_per_token = flops_per_token(model_cfg, job.seq_len)
-        self.peak_flops = peak_tflops(device, plan.precision)
+        self.flops_per_token = flops_per_token(model_cfg, job.seq_len)["total"]
+        self.peak_flops = peak_flops(device, plan.precision)
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
@@ -242,7 +227,7 @@ class Engine:
     def mfu(self, tokens_per_s: float) -> float | None:
         if self.peak_flops is None:
             return None
-        return tokens_per_s * self.flops_per_token / (dist.world_size() * self.peak_flops * 1e12)
+        return tokens_per_s * self.flops_per_token / (dist.world_size() * self.peak_flops)
 
     # --- checkpoint state ---
     def extra_state(self, next_step: int) -> dict:
@@ -432,13 +417,13 @@ def cli(argv: list[str]) -> int:
 def _terminate_workers(torchrun_pid: int) -> None:
     """SIGTERM the workers themselves: each saves and exits 0, and torchrun then exits 0 too (a
     SIGTERM to torchrun would reach them as well, but torchrun itself would exit with an error)."""
-    workers = []
-    for task in Path(f"/proc/{torchrun_pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            workers += [int(pid) for pid in (task / "children").read_text().split()]
-    for pid in workers or [torchrun_pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    try:
+        torchrun = psutil.Process(torchrun_pid)
+        for process in torchrun.children() or [torchrun]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()  # SIGTERM, to this process (psutil checks the pid was not reused)
+    except psutil.NoSuchProcess:
+        pass  # torchrun has ended already
 
 
 def main() -> int:
