@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -150,7 +151,7 @@ def _time(fn, reps: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def _matmul_flops(n: int, dtype: torch.dtype, device: str, reps: int) -> float:
