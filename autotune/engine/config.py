@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING = ("none", "full", "selective")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 KERNELS = ("torch", "triton")
+ROUTER_SOFTMAX = ("before", "after")
 
 
 @dataclass
@@ -54,6 +55,24 @@ class ModelConfig:
     rope_original_max_seq_len: int = 8192
     qkv_bias: bool = False  # Qwen2: biases on q, k, v only
     init_std: float = 0.02
+    # Mixture of experts (n_experts > 0, llama family; autotune/engine/moe.py): the MLP of each MoE
+    # layer is a router over n_experts SwiGLU experts of width moe_d_ff, experts_per_token of which
+    # each token uses, plus n_shared_experts that every token uses (Qwen2-MoE)
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k (HF num_experts_per_tok)
+    moe_d_ff: Optional[int] = None  # width of one routed expert; None: d_ff
+    n_shared_experts: int = 0
+    shared_d_ff: Optional[int] = None  # width of one shared expert; None: moe_d_ff
+    shared_expert_gate: bool = False  # Qwen2-MoE: a per-token sigmoid gate on the shared experts' output
+    # before: softmax over all experts, then top-k (Mixtral, Qwen2-MoE) | after: top-k logits, then softmax
+    router_softmax: str = "before"
+    router_norm_topk: bool = True  # rescale the top-k weights to sum to 1 (HF norm_topk_prob; Mixtral always)
+    aux_loss_coef: float = 0.01  # load-balancing loss weight (HF router_aux_loss_coef); 0: none
+    # None: dropless. Else an expert takes at most ceil(capacity_factor x tokens x k / n_experts) of
+    # a micro-batch's tokens on each rank, first choices first; the rest of its slots are dropped
+    capacity_factor: Optional[float] = None
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (HF decoder_sparse_step)
+    dense_layers: List[int] = field(default_factory=list)  # layers kept dense, width d_ff (HF mlp_only_layers)
     hf_config: Optional[str] = None  # a Hugging Face config.json on disk; overrides the fields above
     init_from: Optional[str] = None  # a folder of Hugging Face safetensors weights to start from
 
@@ -68,6 +87,22 @@ class ModelConfig:
     @property
     def norm(self) -> str:
         return "layernorm" if self.family == "gpt2" else "rmsnorm"
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block i's MLP is a mixture of experts (HF Qwen2-MoE's rule)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0 and i not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def expert_d_ff(self) -> int:
+        return self.moe_d_ff or self.d_ff
+
+    @property
+    def shared_expert_d_ff(self) -> int:
+        return self.shared_d_ff or self.expert_d_ff
 
 
 @dataclass
@@ -126,6 +161,10 @@ class PlanConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b needs >= 2)
     sequence_parallel: bool = False
+    # expert parallelism: each group of ep data-parallel ranks splits a MoE layer's experts between
+    # them and exchanges tokens all-to-all; the experts' states are data-parallel (and ZeRO-sharded)
+    # over the dp / ep ranks that hold the same experts
+    ep: int = 1
     kernels: str = "torch"  # torch | triton
     compile: bool = False
 
@@ -318,6 +357,68 @@ def validate_model(m: ModelConfig) -> None:
             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed "
             f"model.rope_low_freq_factor={m.rope_low_freq_factor}"
         )
+    validate_moe(m)
+
+
+def validate_moe(m: ModelConfig) -> None:
+    """The mixture-of-experts fields, when the model has experts."""
+    if m.n_experts < 0:
+        raise ConfigError(f"model.n_experts={m.n_experts} must not be negative (0: a dense model)")
+    if m.n_experts == 0:
+        return
+    if m.family != "llama":
+        raise ConfigError(f"model.n_experts={m.n_experts}: experts are SwiGLU MLPs of the llama family; use family=llama")
+    if not 1 <= m.experts_per_token <= m.n_experts:
+        raise ConfigError(
+            f"model.experts_per_token={m.experts_per_token} must be between 1 and model.n_experts={m.n_experts}"
+        )
+    for key in ("moe_d_ff", "shared_d_ff"):
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1, or unset")
+    if m.n_shared_experts < 0:
+        raise ConfigError(f"model.n_shared_experts={m.n_shared_experts} must not be negative")
+    if m.shared_expert_gate and m.n_shared_experts == 0:
+        raise ConfigError("model.shared_expert_gate needs shared experts: set model.n_shared_experts >= 1")
+    if m.router_softmax not in ROUTER_SOFTMAX:
+        raise ConfigError(f"model.router_softmax={m.router_softmax!r}: use one of {', '.join(ROUTER_SOFTMAX)}")
+    if not m.aux_loss_coef >= 0:
+        raise ConfigError(f"model.aux_loss_coef={m.aux_loss_coef} must not be negative (0: no load-balancing loss)")
+    if m.capacity_factor is not None and not m.capacity_factor > 0:
+        raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be positive, or unset for dropless routing")
+    if m.moe_every < 1:
+        raise ConfigError(f"model.moe_every={m.moe_every} must be at least 1")
+    outside = [i for i in m.dense_layers if not 0 <= i < m.n_layers]
+    if outside:
+        raise ConfigError(f"model.dense_layers={list(m.dense_layers)}: {outside} are not layers of model.n_layers={m.n_layers}")
+    if not m.moe_layers:
+        raise ConfigError(
+            f"model.n_experts={m.n_experts} but no layer is a MoE layer (moe_every={m.moe_every}, "
+            f"dense_layers={list(m.dense_layers)}); set model.n_experts=0 for a dense model"
+        )
+
+
+def validate_ep(p: PlanConfig, model: ModelConfig) -> None:
+    """Expert parallelism splits each MoE layer's experts over ep of the data-parallel ranks."""
+    if p.ep < 1:
+        raise ConfigError(f"plan.ep={p.ep} must be at least 1")
+    if model.n_experts and p.tp > 1:
+        raise ConfigError(
+            f"plan.tp={p.tp} with a mixture-of-experts model: the engine does not split experts over "
+            "tensor-parallel ranks; use plan.tp=1 and spread the experts with plan.ep"
+        )
+    if p.ep == 1:
+        return
+    if model.n_experts == 0:
+        raise ConfigError(f"plan.ep={p.ep} needs a mixture-of-experts model (model.n_experts > 0); use plan.ep=1")
+    if model.n_experts % p.ep:
+        divisors = [d for d in range(1, model.n_experts + 1) if model.n_experts % d == 0 and p.dp % d == 0]
+        raise ConfigError(
+            f"plan.ep={p.ep} must divide model.n_experts={model.n_experts}; try one of {divisors}"
+        )
+    if p.dp % p.ep:
+        raise ConfigError(
+            f"plan.ep={p.ep} must divide plan.dp={p.dp}: the expert-parallel ranks are data-parallel ranks"
+        )
 
 
 def validate_job(j: JobConfig) -> None:
@@ -392,6 +493,7 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             )
         if model.d_ff % p.tp:
             raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
+    validate_ep(p, model)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
     if p.sequence_parallel and job.seq_len % p.tp:

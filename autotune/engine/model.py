@@ -1,8 +1,9 @@
 """A decoder-only transformer in two families.
 
 llama: RMSNorm, rotary embeddings (theta), SwiGLU MLP, grouped-query attention, optional q/k/v
-biases (Qwen2), head tied or not. gpt2: LayerNorm, learned positions, GELU MLP, biases on every
-linear, head tied to the token embedding.
+biases (Qwen2), head tied or not, and optionally mixture-of-experts MLPs (Mixtral, Qwen2-MoE:
+autotune/engine/moe.py) whose load-balancing loss joins the training loss. gpt2: LayerNorm,
+learned positions, GELU MLP, biases on every linear, head tied to the token embedding.
 
 The model builds on the meta device for planning (`build_model(cfg, device="meta")`) and is
 materialised with `to_empty` + `init_weights` on the device it trains on. Blocks live in a
@@ -21,6 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from autotune import kernels
 from autotune.engine.config import ModelConfig
+from autotune.engine.moe import MoE, with_aux_loss
 from autotune.engine.tensor_parallel import local_rows
 
 
@@ -120,15 +122,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, triton: bool = False):
+    def __init__(self, cfg: ModelConfig, triton: bool = False, d_ff: int | None = None):
+        """d_ff: the hidden width, if not the model's (a MoE layer's shared experts)."""
         super().__init__()
         self.triton = triton
         self.gated = cfg.family == "llama"
         bias = cfg.family == "gpt2"
+        d_ff = d_ff or cfg.d_ff
         if self.gated:
-            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
-        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+            self.w_gate = nn.Linear(cfg.d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, d_ff, bias=bias)
+        self.w_down = nn.Linear(d_ff, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated and self.triton:
@@ -139,16 +143,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, triton: bool = False):
+    def __init__(self, cfg: ModelConfig, triton: bool = False, index: int = 0):
+        """index: the block's place in the model (which blocks of a MoE model have experts)."""
         super().__init__()
         self.attn_norm = make_norm(cfg, triton)
         self.attn = Attention(cfg, triton)
         self.mlp_norm = make_norm(cfg, triton)
-        self.mlp = MLP(cfg, triton)
+        self.mlp = make_mlp(cfg, triton, index)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def make_mlp(cfg: ModelConfig, triton: bool, index: int) -> nn.Module:
+    if not cfg.is_moe_layer(index):
+        return MLP(cfg, triton)
+    shared = MLP(cfg, triton, cfg.n_shared_experts * cfg.shared_expert_d_ff) if cfg.n_shared_experts else None
+    return MoE(cfg, shared, triton)
 
 
 class Transformer(nn.Module):
@@ -162,7 +174,7 @@ class Transformer(nn.Module):
         self.triton = triton = kernels == "triton"
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.family == "gpt2" else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, triton) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, triton, i) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg, triton)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.family == "llama":
@@ -171,12 +183,16 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+        # what the gradient of the load-balancing loss is multiplied by when forward returns no loss
+        # (a pipeline stage: autotune/engine/pipeline.py sets it to its loss's own multiplier)
+        self.aux_grad_scale = 1.0
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s].
+    def hidden(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final-norm hidden states [b, s, d_model] of a batch of token ids [b, s], and the MoE
+        layers' load-balancing loss (None without MoE layers).
 
         A pipeline stage (autotune/engine/pipeline.py) holds only some modules: without `tok_emb` it takes
         hidden states [b, s, d_model] instead of token ids; without `norm` it returns the output
@@ -186,13 +202,23 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        aux = None
         for block in self.layers.values():
             x = block(x, rope)
-        return self.norm(x) if self.norm is not None else x
+            if isinstance(block.mlp, MoE):  # read here, where a recomputing backward never runs
+                stats = block.mlp.last
+                aux = stats.aux_loss if aux is None else aux + stats.aux_loss
+                if torch.is_grad_enabled():
+                    block.mlp.records.append(stats._replace(aux_loss=stats.aux_loss.detach()))
+        return (self.norm(x) if self.norm is not None else x), aux
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [b, s, vocab] or, given targets, the mean cross-entropy loss (fp32)."""
-        h = self.hidden(tokens)
+        """Logits [b, s, vocab] or, given targets, the mean cross-entropy loss (fp32), plus the MoE
+        layers' load-balancing loss. Without targets that loss reaches backward through the output
+        (times `aux_grad_scale`), as it must from a pipeline stage that computes no loss."""
+        h, aux = self.hidden(tokens)
+        if aux is not None and targets is None:
+            h, aux = with_aux_loss(h, aux, self.aux_grad_scale), None
         if self.norm is None:  # a pipeline stage before the last: its output feeds the next stage
             return h
         weight = self.head_weight()
@@ -200,11 +226,13 @@ class Transformer(nn.Module):
         # vocabulary; a DTensor head is vocabulary-sharded (tensor parallel), whose sharded logits
         # go through torch's cross-entropy under loss_parallel (autotune/engine/tensor_parallel.py).
         if targets is not None and self.triton and not isinstance(weight, DTensor):
-            return kernels.linear_cross_entropy(h, weight, targets, ignore_index=-100, impl="triton")
+            loss = kernels.linear_cross_entropy(h, weight, targets, ignore_index=-100, impl="triton")
+            return loss if aux is None else loss + aux
         logits = F.linear(h, weight)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return loss if aux is None else loss + aux
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = 0) -> None:
@@ -226,7 +254,8 @@ class Transformer(nn.Module):
             elif "norm" in name:
                 full = torch.ones(p.shape)
             else:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
+                residual = name.endswith(("wo.weight", "w_down.weight", "experts.w_down"))
+                s = std / math.sqrt(2 * self.cfg.n_layers) if residual else std
                 gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + zlib.crc32(name.encode()))
                 full = torch.empty(p.shape).normal_(0.0, s, generator=gen)
             _copy_full(p, full)
@@ -267,8 +296,12 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
 
 # --- exact parameter counts -----------------------------------------------------------------
 
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters per module kind, closed form; equals the instantiated model's count exactly."""
+def param_counts(cfg: ModelConfig, active: bool = False) -> dict[str, int]:
+    """Parameters per module kind, closed form; equals the instantiated model's count exactly.
+
+    "mlp" holds every block's MLP: MoE layers' router, routed and shared experts included.
+    active: the parameters one token computes with instead (experts_per_token of each MoE layer's
+    routed experts; Mixtral-8x7B's 12.9B of 46.7B)."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     bias = cfg.family == "gpt2"
@@ -279,11 +312,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         mlp = 3 * d * f
     else:
         mlp = 2 * d * f + f + d
+    n_moe = len(cfg.moe_layers)
+    experts_used = cfg.experts_per_token if active else cfg.n_experts
+    moe = (cfg.n_experts * d + experts_used * 3 * d * cfg.expert_d_ff
+           + cfg.n_shared_experts * 3 * d * cfg.shared_expert_d_ff + (d if cfg.shared_expert_gate else 0))
     counts = {
         "embedding": v * d,
         "position_embedding": cfg.max_seq_len * d if cfg.family == "gpt2" else 0,
         "attention": cfg.n_layers * attn,
-        "mlp": cfg.n_layers * mlp,
+        "mlp": (cfg.n_layers - n_moe) * mlp + n_moe * moe,
         "norms": cfg.n_layers * 2 * norm + norm,
         "lm_head": 0 if cfg.tie_embeddings else v * d,
     }
@@ -293,3 +330,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def count_params(cfg: ModelConfig) -> int:
     return param_counts(cfg)["total"]
+
+
+def count_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token computes with: a dense model's all, a MoE model's top-k routed experts
+    of each MoE layer with everything else."""
+    return param_counts(cfg, active=True)["total"]
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    """The routed experts' parameters (all MoE layers): what expert parallelism divides by plan.ep."""
+    return len(cfg.moe_layers) * cfg.n_experts * 3 * cfg.d_model * cfg.expert_d_ff

@@ -17,10 +17,17 @@ FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline paralleli
 (autotune/engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
 DDP's gradient all-reduce is FSDP2's `replicate` instead (see `apply_ddp`), and ZeRO 1 is that
 plus `ShardedOptimizer` in place of ZeroRedundancyOptimizer (which needs DDP).
+
+Expert parallelism (`apply_ep`, plan.ep > 1) splits the dp ranks into groups of ep consecutive
+ranks (`expert_layout`: dp unflattened into edp x ep): each rank of a group holds 1/ep of every MoE
+layer's experts (DTensors sharded over ep) and tokens reach them all-to-all (autotune/engine/moe.py).
+The experts are then their own ZeRO unit over the edp ranks that hold the same experts, FSDP2 or
+`replicate` (DDP's one process group cannot span both), everything else as without ep.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -30,10 +37,11 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+from autotune.engine.moe import moe_layers
 from autotune.engine.tensor_parallel import apply_tp
 
 try:  # FSDP2's replicate is private and recent: without it only ZeRO 0/1 under tp or pp is lost
@@ -66,6 +74,19 @@ def build_mesh(plan: PlanConfig, device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
+@functools.cache
+def expert_layout(mesh: DeviceMesh, ep: int) -> DeviceMesh:
+    """The job mesh with dp split into (edp, ep): an ep group is ep consecutive dp ranks (the closest
+    after tp's), an edp group the dp / ep ranks holding the same experts. Made once per job mesh:
+    making it creates process groups, a collective."""
+    return mesh._unflatten("dp", (mesh["dp"].size() // ep, ep), ("edp", "ep"))
+
+
+def expert_mesh(plan: PlanConfig, mesh: DeviceMesh) -> DeviceMesh | None:
+    """The ranks over which the experts are data-parallel: those holding the same experts (edp)."""
+    return expert_layout(mesh, plan.ep)["edp"] if plan.ep > 1 else None
+
+
 def compute_dtype(plan: PlanConfig) -> torch.dtype:
     return DTYPES[plan.precision]
 
@@ -76,7 +97,26 @@ def uses_fsdp(plan: PlanConfig) -> bool:
 
 def uses_replicate(plan: PlanConfig) -> bool:
     """Whether ZeRO 0/1 all-reduce gradients with FSDP2's `replicate` rather than DDP (see `apply_ddp`)."""
-    return not uses_fsdp(plan) and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1)
+    return not uses_fsdp(plan) and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)
+
+
+# --- expert parallelism ------------------------------------------------------------------------
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard each MoE layer's experts over ep_mesh (dim 0, the expert index: rank r holds experts
+    [r E/ep, (r+1) E/ep)) and send its tokens there. Built on meta, or loaded: every rank holds
+    the same full weights, so each keeps its slice without communication."""
+    for moe in moe_layers(model).values():
+        experts = moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        experts.grad_scale = 1.0 / ep_mesh.size()
+        moe.ep_group = ep_mesh.get_group()
+
+
+def expert_modules(model: nn.Module) -> list[nn.Module]:
+    return [moe.experts for moe in moe_layers(model).values()]
 
 
 # --- activation checkpointing -----------------------------------------------------------------
@@ -115,8 +155,10 @@ def apply_compile(model: nn.Module, plan: PlanConfig) -> None:
 
 # --- data parallel: DDP (ZeRO 0/1) or FSDP2 (ZeRO 2/3) ------------------------------------------
 
-def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> None:
-    """FSDP2 per block and at the root (embeddings, final norm, head)."""
+def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device,
+               experts_mesh: DeviceMesh | None = None) -> None:
+    """FSDP2 per block and at the root (embeddings, final norm, head); given experts_mesh (expert
+    parallelism), each MoE layer's experts first, over those ranks."""
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype(plan), reduce_dtype=torch.float32)
     offload = plan.offload_optimizer or plan.offload_params
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else None
@@ -126,19 +168,22 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
     # inputs would also round the fp32 rotary tables passed to each block.
     block_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(
         param_dtype=compute_dtype(plan), reduce_dtype=torch.float32, cast_forward_inputs=False))
+    for experts in expert_modules(model) if experts_mesh is not None else ():
+        fully_shard(experts, reshard_after_forward=reshard, **dict(block_kwargs, mesh=experts_mesh))
     for block in model.layers.values():
         fully_shard(block, reshard_after_forward=reshard, **block_kwargs)
     # The root's parameters are used last in forward and first in backward: never worth freeing.
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
-def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device) -> nn.Module:
+def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device,
+              experts_mesh: DeviceMesh | None = None) -> nn.Module:
     """DDP over the dp ranks; a lone rank needs no wrapper (and pays no bucket copies).
 
     DDP cannot hold tensor-parallel (DTensor) parameters, and its bucket rebuild fails when a
     pipeline schedule runs several forwards before a backward (GPipe); under tp or pp the same
     all-reduce of gradients is FSDP2's `replicate`, per block (so each block's reduction overlaps
-    the rest of backward)."""
+    the rest of backward). Under ep too: the experts are replicated over experts_mesh alone."""
     if plan.dp == 1:
         return model
     if uses_replicate(plan):
@@ -147,6 +192,8 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
                 f"plan.zero_stage={plan.zero_stage} with plan.tp={plan.tp}, plan.pp={plan.pp} needs FSDP2's replicate, "
                 f"which torch {torch.__version__} lacks; use plan.zero_stage=2 or a newer torch"
             )
+        for experts in expert_modules(model) if experts_mesh is not None else ():
+            replicate(experts, mesh=experts_mesh)
         for block in model.layers.values():
             replicate(block, mesh=dp_mesh)
         return replicate(model, mesh=dp_mesh)
@@ -178,15 +225,17 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
     check_supported(plan)
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sequence_parallel)
+    if plan.ep > 1:
+        apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
-    dp_mesh = mesh["dp"]
+    dp_mesh, experts_mesh = mesh["dp"], expert_mesh(plan, mesh)
     if uses_fsdp(plan):
-        apply_fsdp(model, plan, dp_mesh, device)
+        apply_fsdp(model, plan, dp_mesh, device, experts_mesh)
         materialize(model, plan, device, seed)
         return model
     materialize(model, plan, device, seed)
-    return apply_ddp(model, plan, dp_mesh, device)
+    return apply_ddp(model, plan, dp_mesh, device, experts_mesh)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -275,23 +324,27 @@ class ShardedOptimizer(torch.optim.Optimizer):
     counts them), and steps `optim`, an `optimizer_class` over only those, so it holds only their
     states. The owners then broadcast the updated parameters (their local shards) over dp.
     `param_groups` hold every parameter, for the lr schedule, gradient clipping and zero_grad; their
-    settings reach `optim` at each step.
+    settings reach `optim` at each step. `replicated_over`: the group of ranks holding a parameter
+    where it is not dp_group (experts under expert parallelism: autotune/engine/moe.py), partitioned
+    and broadcast within that group alike.
     """
 
-    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], dp_group: dist.ProcessGroup, **defaults):
+    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], dp_group: dist.ProcessGroup,
+                 replicated_over: dict[torch.Tensor, dist.ProcessGroup] | None = None, **defaults):
         super().__init__(params, defaults)
-        self.dp_group = dp_group
-        sizes = [0] * dist.get_world_size(dp_group)
-        self.owner: dict[torch.Tensor, int] = {}  # parameter -> its dp rank
+        self.group_of = {p: (replicated_over or {}).get(p, dp_group) for g in self.param_groups for p in g["params"]}
+        sizes: dict[dist.ProcessGroup, list[int]] = {}
+        self.owner: dict[torch.Tensor, int] = {}  # parameter -> its rank in its group
         for group in self.param_groups:
             for p in sorted(group["params"], key=lambda p: local_tensor(p).numel(), reverse=True):
-                rank = sizes.index(min(sizes))
+                held = sizes.setdefault(self.group_of[p], [0] * dist.get_world_size(self.group_of[p]))
+                rank = held.index(min(held))
                 self.owner[p] = rank
-                sizes[rank] += local_tensor(p).numel()
-        me = dist.get_rank(dp_group)
+                held[rank] += local_tensor(p).numel()
         # every group, even an empty one, so that group i here is group i there
         self.optim = optimizer_class(
-            [dict(g, params=[p for p in g["params"] if self.owner[p] == me]) for g in self.param_groups], **defaults
+            [dict(g, params=[p for p in g["params"] if self.owner[p] == dist.get_rank(self.group_of[p])])
+             for g in self.param_groups], **defaults
         )
 
     @torch.no_grad()
@@ -300,7 +353,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             mine.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
         self.optim.step()
         handles = [
-            dist.broadcast(local_tensor(p), group=self.dp_group, group_src=self.owner[p], async_op=True)
+            dist.broadcast(local_tensor(p), group=self.group_of[p], group_src=self.owner[p], async_op=True)
             for group in self.param_groups for p in group["params"]
         ]
         for handle in handles:
@@ -318,7 +371,9 @@ def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: De
     groups = param_groups(model, o.weight_decay)
     adamw = HostOffloadAdamW if plan.zero_stage == 1 and plan.offload_optimizer else torch.optim.AdamW
     if plan.zero_stage == 1 and uses_replicate(plan):
-        return ShardedOptimizer(groups, adamw, mesh["dp"].get_group(), **kwargs)
+        experts = expert_mesh(plan, mesh)
+        replicated_over = {p: experts.get_group() for m in expert_modules(model) for p in m.parameters()} if experts else None
+        return ShardedOptimizer(groups, adamw, mesh["dp"].get_group(), replicated_over, **kwargs)
     if plan.zero_stage == 1 and plan.dp > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer  # half a second to import: ZeRO-1 only
 

@@ -29,6 +29,12 @@ sharded alike (vocabulary rows over tp, then dim 0 over dp), so the local shards
 they are. With the looped placement stage 0 is on pipeline rank 0 and the last stage on rank
 pp - 1: never the same rank when pp > 1. Checkpoints hold the copy under the embedding's name
 (`LocalStages`): one `tok_emb.weight` for every layout, pp = 1 included.
+
+Mixture-of-experts layers: the last stage's loss is the cross-entropy alone, so each stage's
+output carries its layers' load-balancing loss into backward (`moe.with_aux_loss`, with the
+loss's own multiplier: 1 / micro-batches times the fp16 scale), and the reported loss adds the
+stages' load-balancing terms. The schedule's first step runs every stage once more, on stand-in
+inputs, to learn the shapes it sends: only each layer's last grad_accum records are this step's.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from autotune.engine.config import PlanConfig
+from autotune.engine.moe import moe_layers
 from autotune.engine.parallel import apply_plan, unwrap
 from autotune.engine.tensor_parallel import cross_entropy
 
@@ -126,7 +133,8 @@ class Pipeline:
     ):
         n_stages = plan.pp * plan.pp_virtual_stages
         group = mesh["pp"].get_group()
-        self.model = LocalStages([unwrap(module) for _, module in stages])
+        self.stage_modules = [unwrap(module) for _, module in stages]
+        self.model = LocalStages(self.stage_modules)
         from torch.distributed.pipelining import PipelineStage  # see schedule_class
 
         self.stages = [PipelineStage(module, s, n_stages, device, group=group) for s, module in stages]
@@ -163,6 +171,8 @@ class Pipeline:
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
         losses: list[torch.Tensor] = []
         self.loss_scale = loss_scale
+        for module in self.stage_modules:
+            module.aux_grad_scale = (1.0 if loss_scale is None else float(loss_scale)) / self.n_microbatches
         if self.has_first:  # with pp > 1 the first and the last stage are on different ranks
             self.schedule.step(inputs, return_outputs=False)
         elif self.has_last:
@@ -174,8 +184,14 @@ class Pipeline:
         loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.device)
         if losses and loss_scale is not None:
             loss = loss / loss_scale
-        dist.all_reduce(loss, group=self.group)  # only the last stage holds it
+        loss = loss + self._aux_loss()
+        dist.all_reduce(loss, group=self.group)  # only the last stage holds the cross-entropy
         return loss
+
+    def _aux_loss(self) -> torch.Tensor:
+        """This rank's MoE layers' load-balancing terms of the step's mean loss."""
+        terms = [r.aux_loss for layer in moe_layers(self.model).values() for r in layer.records[-self.n_microbatches:]]
+        return sum(terms, torch.zeros((), device=self.device)) / self.n_microbatches
 
     @torch.no_grad()
     def _sum_tied_grads(self) -> None:

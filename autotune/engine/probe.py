@@ -18,6 +18,9 @@ writes ONE JSON object to --out (atomically):
                     before the model was built (`peak_mem_kind` names which)
     reserved_bytes  max over ranks of torch.cuda.max_memory_reserved (null on a CPU)
     loss_first, loss_last, device, world_size, versions {torch, triton, python}
+    moe             a MoE model's medians over the measured steps of moe.step_stats: aux_loss,
+                    imbalance (most tokens per expert over the mean, per layer, mean over layers),
+                    imbalance_max, dropped (null for a dense model)
     breakdown       median seconds per step in {forward_s, backward_s, optimizer_s}; comm_s is
                     null: the collectives overlap compute and are not timed apart; under pp the
                     schedule interleaves forwards and backwards: forward_backward_s holds both
@@ -129,7 +132,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dic
     engine = Engine(cfg, device, timed=True)
     rank0 = dist.rank() == 0
     progress = open(args.progress, "a") if args.progress and rank0 else None
-    times, losses, phases = [], [], []
+    times, losses, phases, moe = [], [], [], []
     status, start = "ok", time.perf_counter()
     try:
         for step in range(args.warmup + args.steps):
@@ -142,6 +145,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dic
             if step >= args.warmup:
                 times.append(elapsed)
                 phases.append(phase)
+                moe.append(result.moe)
             if progress:
                 progress.write(json.dumps({"step": step, "step_time_s": elapsed, "loss": loss}) + "\n")
                 progress.flush()
@@ -165,6 +169,7 @@ def run(cfg: TrainConfig, args: argparse.Namespace, device: torch.device) -> dic
         "reserved_bytes": _max_over_ranks(reserved, device) if reserved is not None else None,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
+        "moe": {k: statistics.median(m[k] for m in moe) for k in moe[0]} if moe and moe[0] else None,
         "breakdown": {
             f"{k}_s": statistics.median(p[k] for p in phases) if phases and k in phases[0] else None
             for k in ("forward", "backward", "forward_backward", "optimizer")
@@ -185,7 +190,7 @@ def result_template(cfg: TrainConfig | None, device: torch.device | None) -> dic
         "status": "error", "step_time_s": None, "tokens_per_s": None, "tflops_per_gpu": None, "mfu": None,
         "peak_mem_bytes": None,
         "peak_mem_kind": "cuda_max_memory_allocated" if device and device.type == "cuda" else "cpu_peak_rss_growth",
-        "reserved_bytes": None, "loss_first": None, "loss_last": None,
+        "reserved_bytes": None, "loss_first": None, "loss_last": None, "moe": None,
         "device": device_name(device) if device else None, "world_size": dist.world_size(),
         "versions": versions(),
         "breakdown": {"forward_s": None, "backward_s": None, "forward_backward_s": None, "optimizer_s": None,

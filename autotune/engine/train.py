@@ -32,6 +32,7 @@ from autotune.engine.config import ConfigError, TrainConfig, load_train_config
 from autotune.engine.data import check_vocab, micro_batches
 from autotune.engine.files import write_atomic
 from autotune.engine.model import build_model
+from autotune.engine.moe import step_stats
 from autotune.engine.pipeline import build_pipeline
 from autotune.engine.tensor_parallel import loss_context
 from autotune.engine.parallel import (
@@ -44,6 +45,7 @@ from autotune.engine.parallel import (
     clip_grad_norm,
     fixed_loss_scale,
     gradient_sync,
+    unwrap,
     uses_fsdp,
 )
 from autotune.hardware import catalog_gpu_of
@@ -136,6 +138,7 @@ class PhaseTimer:
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (not yet reduced across ranks)
     grad_norm: torch.Tensor  # global (all shards), before clipping
+    moe: dict[str, float] | None = None  # a MoE model's aux loss, load imbalance, dropped share (moe.step_stats)
 
 
 class Engine:
@@ -219,7 +222,8 @@ class Engine:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        return StepResult(loss_sum, grad_norm)
+        moe = step_stats(self.model if self.pipeline else unwrap(model), self.device, len(batches), plan.dp)
+        return StepResult(loss_sum, grad_norm, moe)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -326,6 +330,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
                     "tokens_per_s": tokens_per_s,
                     "mfu": engine.mfu(tokens_per_s),
                     "peak_mem_bytes": meter.peak_bytes(),
+                    **{f"moe_{k}": v for k, v in (result.moe or {}).items()},
                 }
                 if rank0:
                     _log(record, metrics)
