@@ -20,6 +20,7 @@ TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv
 FIELDS = {
     "status", "step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_bytes", "peak_mem_kind",
     "reserved_bytes", "loss_first", "loss_last", "device", "world_size", "versions", "breakdown", "error", "plan",
+    "moe",
 }
 
 
@@ -45,6 +46,7 @@ def test_probe_writes_its_whole_contract(tmp_path):
     assert result["status"] == "ok" and result["error"] is None
     assert result["device"] == "cpu" and result["world_size"] == 1
     assert result["mfu"] is None and result["reserved_bytes"] is None  # no dense peak / allocator on a CPU
+    assert result["moe"] is None  # a dense model (tests/test_moe.py probes a MoE one)
     assert result["peak_mem_kind"] == "cpu_peak_rss_growth" and result["peak_mem_bytes"] > 0
     assert result["plan"]["activation_checkpointing"] == "full" and result["plan"]["grad_accum"] == 2
     assert set(result["versions"]) == {"torch", "triton", "python"}

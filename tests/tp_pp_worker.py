@@ -4,7 +4,7 @@ every config's plan must use all the launched ranks (several plans share one lau
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
-SPEC: {"runs": {name: config dict} (OUT: loss and grad_norm per step, the fp16 loss scale after
+SPEC: {"runs": {name: config dict} (OUT: loss, grad_norm and moe per step, the fp16 loss scale after
 it, the run's wall seconds, the Triton kernels any rank launched and rank 0's groups of each mesh dim), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
 {"config": ..., "checkpoint": path}}, "overflow_at": {name of a fp16 run: step}, "accumulating":
 [names of pp runs], "resume_at": {name of a run: k}, "probe": {name: {"config": ..., "warmup": w,
@@ -64,9 +64,10 @@ def losses(engine: Engine, steps: range) -> list[float]:
 
 
 def trajectory(engine: Engine, steps: range, save_at: int | None = None) -> dict:
-    """Loss and global gradient norm (before clipping) of each step, and the loss scale after it;
-    with save_at, the path of a checkpoint written before that step."""
-    out: dict = {"loss": [], "grad_norm": [], "scale": []}
+    """Loss and global gradient norm (before clipping) of each step, the loss scale after it and a
+    MoE model's step figures (engine.moe.step_stats); with save_at, the path of a checkpoint written
+    before that step."""
+    out: dict = {"loss": [], "grad_norm": [], "scale": [], "moe": []}
     for step in steps:
         if step == save_at:
             out["checkpoint"] = str(engine.save(Path(engine.cfg.job.out_dir) / "ckpt", step))
@@ -74,6 +75,7 @@ def trajectory(engine: Engine, steps: range, save_at: int | None = None) -> dict
         out["loss"].append(reduce_loss(r.loss)[0])
         out["grad_norm"].append(float(r.grad_norm))
         out["scale"].append(engine.scaler.get_scale() if engine.scaler else 1.0)
+        out["moe"].append(r.moe)
     return out
 
 

@@ -184,7 +184,16 @@ class TrainConfig:
 
 # --- Hugging Face config.json ---------------------------------------------------------------
 
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe")
+# mixture-of-experts families whose layers the engine does not compute, and what it lacks
+HF_REFUSED_MOE = {
+    "deepseek_v2": "multi-head latent attention and group-limited routing",
+    "deepseek_v3": "multi-head latent attention and sigmoid group-limited routing with expert biases",
+    "qwen3_moe": "q/k norms in attention", "olmoe": "q/k norms in attention",
+    "dbrx": "clipped fused qkv", "jamba": "Mamba layers", "phimoe": "sparsemixer routing",
+    "gpt_oss": "attention sinks and clamped, biased experts", "granitemoe": "scaled embeddings and residuals",
+    "jetmoe": "mixture-of-attention heads",
+}
 
 
 def model_from_hf_config(path: str | Path) -> dict[str, Any]:
@@ -199,6 +208,9 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"model.hf_config: cannot read {path} as JSON ({e})")
     kind = hf.get("model_type")
+    if kind in HF_REFUSED_MOE:
+        raise ConfigError(f"model.hf_config: {path} is a {kind} model, whose {HF_REFUSED_MOE[kind]} the engine "
+                          f"does not compute; supported: {', '.join(HF_MODEL_TYPES)}")
     if kind not in HF_MODEL_TYPES:
         raise ConfigError(
             f"model.hf_config: model_type {kind!r} is not supported; supported: {', '.join(HF_MODEL_TYPES)}"
@@ -224,8 +236,10 @@ def model_from_hf_config(path: str | Path) -> dict[str, Any]:
             # only where it differs, so that the usual config names d_model / n_heads as before
             attn_head_dim=None if hf.get("head_dim") in (None, hf["hidden_size"] // hf["num_attention_heads"])
             else hf["head_dim"],
-            rope_theta=float(hf.get("rope_theta", 10000.0)), qkv_bias=(kind == "qwen2"),
-            **_hf_rope_scaling(hf.get("rope_scaling"), path),
+            # transformers 5 writes rope_theta and the scaling into rope_parameters
+            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            qkv_bias=kind in ("qwen2", "qwen2_moe"),
+            **_hf_rope_scaling(hf.get("rope_scaling") or hf.get("rope_parameters"), path), **_hf_experts(hf, kind, path),
         )
     except KeyError as e:
         raise ConfigError(f"model.hf_config: {path} lacks the key {e.args[0]!r} that a {kind} config has")
@@ -242,11 +256,30 @@ def _check_hf_architecture(hf: dict[str, Any], kind: str, path: Path) -> None:
             raise ConfigError(f"model.hf_config: {path} sets {key}=true, which the engine's {kind} model does not have")
 
 
+def _hf_experts(hf: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
+    """Mixtral's and Qwen2-MoE's mixture-of-experts keys -> ModelConfig fields (none for dense kinds).
+    Both route softmax-then-top-k; Mixtral always renormalises the k weights."""
+    if kind == "mixtral":
+        if hf.get("router_jitter_noise"):
+            raise ConfigError(f"model.hf_config: {path} sets router_jitter_noise, which the engine's router does not add")
+        return dict(n_experts=hf["num_local_experts"], experts_per_token=hf["num_experts_per_tok"],
+                    router_norm_topk=True, aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.02)))
+    if kind != "qwen2_moe":
+        return {}
+    shared = hf.get("shared_expert_intermediate_size") or 0
+    return dict(n_experts=hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
+                moe_d_ff=hf["moe_intermediate_size"], n_shared_experts=1 if shared else 0,
+                shared_d_ff=shared or None, shared_expert_gate=bool(shared),
+                router_norm_topk=bool(hf.get("norm_topk_prob", False)),
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                moe_every=hf.get("decoder_sparse_step", 1), dense_layers=list(hf.get("mlp_only_layers") or []))
+
+
 def _hf_max_seq_len(hf: dict[str, Any], kind: str) -> int:
     """max_position_embeddings, capped at a sliding attention window where there is one (Mistral
     v0.1, Qwen2 with use_sliding_window): within the window the engine's full attention is the same."""
     longest = hf.get("max_position_embeddings", 4096)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", kind in ("mistral", "mixtral")) else None
     return min(longest, window) if window else longest
 
 
