@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,10 +24,9 @@ from autotune.engine import moe as moe_module
 from autotune.engine.config import ModelConfig, build_train_config, model_from_hf_config
 from autotune.engine.model import build_model, count_active_params, count_params, expert_params
 from autotune.engine.moe import MoE, load_balancing_loss
+from tp_pp_worker import launch as run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "tp_pp_worker.py"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 TINY_MOE = yaml.safe_load((ROOT / "conf" / "model" / "tiny-moe.yaml").read_text())
 STEPS = 5
 
@@ -256,17 +252,6 @@ def config(out_dir: Path, model: dict = TINY_MOE, **plan) -> dict:
     job = {"seq_len": 16, "global_batch": 8, "steps": STEPS, "seed": 5, "out_dir": str(out_dir),
            "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
     return {"model": model, "job": job, "plan": {"micro_batch": 2, **plan}}
-
-
-def run_worker(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
-    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
-    spec_path.write_text(json.dumps(spec))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launcher, str(WORKER), str(spec_path), str(out_path)], env=ENV,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(out_path.read_text())
 
 
 DROPPING = {**TINY_MOE, "capacity_factor": 1.0, "aux_loss_coef": 0.1}

@@ -11,7 +11,6 @@ checkpoints. Refused plans are one `error:` line and exit status 2.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,9 +26,9 @@ from autotune.hardware import load_hardware
 from autotune.profile import predict_saved_bytes
 from autotune.engine.config import ModelConfig, build_train_config
 from autotune.engine.pipeline import stage_layers
+from tp_pp_worker import launch as run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "tp_pp_worker.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64,
             vocab_size=128, max_seq_len=64)
@@ -54,17 +53,6 @@ def few_rows(cfg: dict) -> dict:
     cfg["job"].update(seq_len=4, global_batch=2, steps=1)
     cfg["plan"]["micro_batch"] = 1
     return cfg
-
-
-def run_worker(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
-    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
-    spec_path.write_text(json.dumps(spec))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launcher, str(WORKER), str(spec_path), str(out_path)], env=ENV,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(out_path.read_text())
 
 
 def four_rank_plans() -> dict[str, dict]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,23 @@ from autotune.engine.parallel import local_tensor
 from autotune.engine.tensor_parallel import apply_tp, loss_context
 from autotune.engine.train import Engine, reduce_loss
 from autotune.kernels._common import LazyKernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
+    """Run this worker on `spec` in `nproc` gloo ranks (one plain process for 1) and return its OUT."""
+    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
+    spec_path.write_text(json.dumps(spec))
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([*launcher, __file__, str(spec_path), str(out_path)], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(out_path.read_text())
+
 
 LAUNCHED: set[str] = set()  # names of the Triton kernels this rank launched during the current run
 
