@@ -107,12 +107,13 @@ def within_capacity(experts: torch.Tensor, n_experts: int, limit: int) -> torch.
 
 
 def grouped_mm_runs(x: torch.Tensor) -> bool:
-    """Whether torch's grouped matmul takes these inputs: any float dtype on the CPU; bf16 on a CUDA
-    GPU of compute capability 9.0+ (Hopper), with rows 16-byte aligned."""
+    """Whether torch's grouped matmul takes these inputs: any float dtype on the CPU (bf16 only under
+    torch.compile, whose shape rules for it are CUDA's); bf16 on a CUDA GPU of compute capability
+    9.0+ (Hopper), with rows 16-byte aligned."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
-        return True
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return (x.device.type == "cuda" and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device) >= (9, 0) and x.shape[-1] % 8 == 0)
 
