@@ -127,6 +127,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
+    plans["ep"] = _DEFAULTS.ep  # expert parallelism is not searched yet (issue 16)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
                                                "dp", "tp", "pp", "pp_virtual_stages")})
