@@ -3,10 +3,12 @@
 In-process: the MoE layer against a plain token-by-token reference written here (routing both
 ways, renormalisation, shared experts and their gate, token dropping at a capacity factor, the
 load-balancing loss), grouped matmuls against the loop over experts, exact parameter counts of the
-presets and of Mixtral / Qwen2-MoE config.json files, refused configs and plans as one error line.
-One 4-rank launch (tests/tp_pp_worker.py): expert parallelism alone, with ZeRO-1 and ZeRO-3, with
-pipeline parallelism, with token dropping, the probe and a checkpoint moved to one process, all on
-the single-process loss trajectory.
+presets and of Mixtral / Qwen2-MoE config.json files, refused configs and plans as one error line,
+and the logits of transformers' MixtralForCausalLM / Qwen2MoeForCausalLM on tiny random models
+(their weights loaded by the engine, and the engine's loaded by transformers).
+One 4-rank launch (tests/tp_pp_worker.py): expert parallelism alone, with ZeRO-1, 2 and 3, with
+pipeline parallelism, with token dropping, from Hugging Face weights, the probe and a checkpoint
+moved to one process, all on the single-process loss trajectory.
 """
 from __future__ import annotations
 
@@ -259,6 +261,11 @@ DROPPING = {**TINY_MOE, "capacity_factor": 1.0, "aux_loss_coef": 0.1}
 
 @pytest.mark.slow
 def test_expert_parallel_plans_match_one_process(tmp_path):
+    from autotune.engine.hf import save_hf_weights
+
+    # Hugging Face weights (Qwen2-MoE names) loaded by every rank, then cut into its experts
+    save_hf_weights(build_model(ModelConfig(**{**TINY_MOE, "qkv_bias": True}), seed=9), tmp_path / "hf")
+    from_hf = {"hf_config": str(tmp_path / "hf" / "config.json"), "init_from": str(tmp_path / "hf")}
     runs = {
         "dp4_ep2_zero0": config(tmp_path / "a", dp=4, ep=2),
         "dp4_ep2_zero3": config(tmp_path / "b", dp=4, ep=2, zero_stage=3),  # experts FSDP-sharded over 2 edp ranks
@@ -267,23 +274,26 @@ def test_expert_parallel_plans_match_one_process(tmp_path):
         "pp2_dp2_ep2_zero3_gpipe_ckpt": config(tmp_path / "e", pp=2, dp=2, ep=2, zero_stage=3, pp_schedule="gpipe",
                                                activation_checkpointing="full"),
         "dp4_ep2_dropping": config(tmp_path / "f", DROPPING, dp=4, ep=2),
+        "dp4_ep2_zero2_from_hf": config(tmp_path / "g", from_hf, dp=4, ep=2, zero_stage=2),
     }
     resume = {"dp4_ep2_zero3_resume": {"save_at": 3, "config": config(tmp_path / "resume", dp=4, ep=2, zero_stage=3)}}
     probe = {"probe_dp4_ep2": {"config": config(tmp_path / "probe", dp=4, ep=2), "warmup": 0, "steps": 2}}
     result = run_worker(tmp_path, "ep", {"runs": runs, "resume": resume, "probe": probe}, nproc=4)
     reference = run_worker(tmp_path, "reference", {
-        "runs": {"moe": config(tmp_path / "ref"), "dropping": config(tmp_path / "ref-drop", DROPPING)},
+        "runs": {"moe": config(tmp_path / "ref"), "dropping": config(tmp_path / "ref-drop", DROPPING),
+                 "from_hf": config(tmp_path / "ref-hf", from_hf)},
         "load": {"from_ep2_zero3": {"config": config(tmp_path / "ref-load"),
                                     "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")}},
     }, nproc=1)
 
     for name in runs:
-        expected = reference["dropping" if "dropping" in name else "moe"]
+        expected = reference["dropping" if "dropping" in name else "from_hf" if "from_hf" in name else "moe"]
         for key in ("loss", "grad_norm"):  # the loss holds the load-balancing term; the norm the router's gradient
             assert result[name][key] == pytest.approx(expected[key], rel=1e-5), (name, key)
         for step, (got, want) in enumerate(zip(result[name]["moe"], expected["moe"])):
             assert got == pytest.approx(want, rel=1e-5), (name, step)
     moe = reference["moe"]
+    assert reference["from_hf"]["loss"][0] != pytest.approx(moe["loss"][0], rel=1e-3)  # other weights ran
     # AdamW's update hardly changes with a gradient's scale, but the norm (compared above) does: an
     # expert gradient not divided by ep shows there, as does one that misses the load-balancing term
     assert all(norm > 1.0 for norm in moe["grad_norm"])  # clipped: the norm enters every update too
@@ -297,3 +307,67 @@ def test_expert_parallel_plans_match_one_process(tmp_path):
     assert probed["status"] == "ok" and probed["loss_first"] == pytest.approx(moe["loss"][0], rel=1e-5)
     first_two = [step["imbalance"] for step in moe["moe"][:2]]
     assert probed["moe"]["imbalance"] == pytest.approx(sum(first_two) / 2)  # the median of 2 measured steps
+
+
+# --- Hugging Face: weights, and the logits of transformers' own models ----------------------------
+
+def hf_tiny(kind: str, tmp_path: Path):
+    """A tiny random transformers model of `kind`, its weights saved as Hugging Face saves them."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=False)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(**common, intermediate_size=40, num_hidden_layers=2, num_local_experts=4,
+                                            num_experts_per_tok=2, router_aux_loss_coef=0.02)
+        model = transformers.MixtralForCausalLM(config)
+    else:
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=24,
+                                             shared_expert_intermediate_size=36, num_hidden_layers=3, num_experts=4,
+                                             num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1])
+        model = transformers.Qwen2MoeForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # routers start at zero: every weight random, routing decisive
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    model.eval().save_pretrained(tmp_path / kind)
+    return model, tmp_path / kind
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_logits_match_transformers(tmp_path, kind):
+    from autotune.engine.hf import load_hf_weights
+
+    hf_model, folder = hf_tiny(kind, tmp_path)
+    cfg = build_train_config({"model": {"hf_config": str(folder / "config.json"), "init_from": str(folder)}}).model
+    model = build_model(cfg, seed=3)
+    load_hf_weights(model, folder)
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf_model(tokens, output_router_logits=True)
+    torch.testing.assert_close(ours, theirs.logits, rtol=1e-5, atol=1e-5)
+    # each layer's load-balancing loss is HF's for that layer alone (HF pools the layers' statistics)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    moe_blocks = [block.mlp for block in model.layers.values() if isinstance(block.mlp, MoE)]
+    hf_logits = [r for r in theirs.router_logits if r is not None and r.shape[-1] == cfg.n_experts]
+    assert len(moe_blocks) == len(hf_logits) == len(cfg.moe_layers)
+    for layer, router_logits in zip(moe_blocks, hf_logits):
+        want = load_balancing_loss_func((router_logits,), cfg.n_experts, cfg.experts_per_token)
+        assert float(layer.last.aux_loss) / layer.aux_weight == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_engine_weights_load_into_transformers(tmp_path, kind):
+    """The way back: the engine writes config.json and per-expert tensors that transformers loads."""
+    transformers = pytest.importorskip("transformers")
+    from autotune.engine.hf import save_hf_weights
+
+    _, folder = hf_tiny(kind, tmp_path)
+    cfg = build_train_config({"model": {"hf_config": str(folder / "config.json")}}).model
+    model = build_model(cfg, seed=4)  # the engine's own weights, not the folder's
+    save_hf_weights(model, tmp_path / "ours", max_shard_bytes=60_000)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), loaded(tokens).logits, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,10 @@ Names: llama / mistral / qwen2 (`model.layers.N.self_attn.q_proj.weight`, ...) a
 c_attn.weight`, ..., with or without a `transformer.` prefix). HF llama keeps q/k in the
 "rotate_half" (halves) rotary layout that `engine.model.apply_rope` uses, so they load unpermuted.
 gpt2's Conv1D weights are stored [in, out] and its q, k, v fused in `c_attn`: they are transposed
-and split.
+and split. Mixture-of-experts layers: Mixtral (`block_sparse_moe.gate`, `block_sparse_moe.experts.N.
+w1/w2/w3`) or Qwen2-MoE (`mlp.gate`, `mlp.experts.N.gate_proj/up_proj/down_proj`, `mlp.shared_expert.*`,
+`mlp.shared_expert_gate`), read as the checkpoint names them; each expert is its own nn.Linear
+tensor there and one row of the engine's stacked [E, ., .] expert parameters here.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ class Rule(NamedTuple):
     hf_name: str
     transpose: bool = False  # gpt2 Conv1D stores [in, out]
     part: int | None = None  # index into gpt2's fused q|k|v
+    stacked: int = 0  # the parameter stacks this many tensors, one per expert: hf_name holds "{e}"
+
+    def names(self) -> list[str]:
+        return [self.hf_name.format(e=e) for e in range(self.stacked)] if self.stacked else [self.hf_name]
 
 
 LLAMA_TOP = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -47,6 +54,19 @@ LLAMA_BLOCK = {
     "mlp.w_gate.weight": "mlp.gate_proj.weight",
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
+}
+MIXTRAL_MOE = {
+    "mlp.router.weight": "block_sparse_moe.gate.weight",
+    **{f"mlp.experts.{w}": f"block_sparse_moe.experts.{{e}}.{hf}.weight"
+       for w, hf in (("w_gate", "w1"), ("w_down", "w2"), ("w_up", "w3"))},
+}
+QWEN2_MOE = {
+    "mlp.router.weight": "mlp.gate.weight",
+    **{f"mlp.experts.{w}": f"mlp.experts.{{e}}.{hf}.weight"
+       for w, hf in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))},
+    **{f"mlp.shared.{w}.weight": f"mlp.shared_expert.{hf}.weight"
+       for w, hf in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))},
+    "mlp.shared_gate.weight": "mlp.shared_expert_gate.weight",
 }
 GPT2_TOP = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
             "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias"}
@@ -61,19 +81,47 @@ GPT2_BLOCK = {
 }
 
 
-def hf_rules(model: Transformer, prefix: str = "") -> dict[str, Rule]:
-    """Engine parameter name -> its Rule, for the parameters this model (or pipeline stage) holds."""
+def hf_rules(model: Transformer, prefix: str = "", moe: dict[str, str] | None = None) -> dict[str, Rule]:
+    """Engine parameter name -> its Rule, for the parameters this model (or pipeline stage) holds.
+    moe: the names of MoE layers' tensors (MIXTRAL_MOE or QWEN2_MOE); None: as `hf_moe_kind` writes."""
     gpt2 = model.cfg.family == "gpt2"
+    moe = moe if moe is not None else (MIXTRAL_MOE if hf_moe_kind(model.cfg) == "mixtral" else QWEN2_MOE)
     rules = {}
     for name, _ in model.named_parameters():
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
-            rule = GPT2_BLOCK[rest] if gpt2 else Rule(LLAMA_BLOCK[rest])
+            if rest in moe:
+                rule = Rule(moe[rest], stacked=model.cfg.n_experts if ".experts." in name else 0)
+            else:
+                rule = GPT2_BLOCK[rest] if gpt2 else Rule(LLAMA_BLOCK[rest])
             rule = rule._replace(hf_name=(f"h.{i}." if gpt2 else f"model.layers.{i}.") + rule.hf_name)
         else:
             rule = Rule((GPT2_TOP if gpt2 else LLAMA_TOP)[name])
         rules[name] = rule._replace(hf_name=prefix + rule.hf_name)
     return rules
+
+
+def hf_moe_kind(cfg: ModelConfig) -> str | None:
+    """The Hugging Face family a MoE model is written as (None for a dense model): Mixtral (every
+    layer MoE, no shared experts, no q/k/v biases, renormalised top-k) or Qwen2-MoE (q/k/v biases,
+    shared experts behind their gate, if any); both route softmax first."""
+    if cfg.n_experts == 0:
+        return None
+    if cfg.router_softmax == "before" and not cfg.qkv_bias and not cfg.n_shared_experts and cfg.router_norm_topk \
+            and cfg.moe_layers == list(range(cfg.n_layers)):
+        return "mixtral"
+    if cfg.router_softmax == "before" and cfg.qkv_bias and cfg.shared_expert_gate == bool(cfg.n_shared_experts):
+        return "qwen2_moe"
+    raise ConfigError(
+        "this mixture-of-experts model has no Hugging Face config: Mixtral's has every layer MoE, no shared "
+        "experts, no q/k/v biases and renormalised top-k weights, Qwen2-MoE's q/k/v biases and gated shared "
+        "experts (if any); both take the top k of a softmax (router_softmax=before)"
+    )
+
+
+def _moe_names(names: set[str]) -> dict[str, str]:
+    """Which family's MoE tensor names a checkpoint uses."""
+    return MIXTRAL_MOE if any(".block_sparse_moe." in n for n in names) else QWEN2_MOE
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -159,7 +207,7 @@ def _engine_shape(hf_shape: list[int], rule: Rule) -> list[int]:
     shape = hf_shape[::-1] if rule.transpose else list(hf_shape)
     if rule.part is not None and shape and shape[0] % 3 == 0:
         shape[0] //= 3
-    return shape
+    return [rule.stacked, *shape] if rule.stacked else shape
 
 
 def _match(model: Transformer, ckpt: HFCheckpoint, path: str | Path) -> dict[str, Rule]:
@@ -168,8 +216,9 @@ def _match(model: Transformer, ckpt: HFCheckpoint, path: str | Path) -> dict[str
     full model (else the model config does not match the weights)."""
     names = ckpt.names()
     prefix = "transformer." if model.cfg.family == "gpt2" and "transformer.wte.weight" in names else ""
+    moe = _moe_names(names)
     with torch.device("meta"):  # the full model's names, whatever part of it this model holds
-        expected = {r.hf_name for r in hf_rules(Transformer(model.cfg), prefix).values()}
+        expected = {n for r in hf_rules(Transformer(model.cfg), prefix, moe).values() for n in r.names()}
     extra = sorted(n for n in names - expected if not _ignorable(n, model.cfg))
     if extra:
         raise ConfigError(
@@ -178,14 +227,18 @@ def _match(model: Transformer, ckpt: HFCheckpoint, path: str | Path) -> dict[str
             f"(give model.hf_config=DIR/config.json of the same weights)"
         )
     params = dict(model.named_parameters())
-    rules = hf_rules(model, prefix)
+    rules = hf_rules(model, prefix, moe)
     for name, rule in rules.items():
-        if rule.hf_name not in names:
+        missing = [n for n in rule.names() if n not in names]
+        if missing:
             raise ConfigError(
-                f"model.init_from: {path} lacks tensor {rule.hf_name} (for the engine's {name}); "
+                f"model.init_from: {path} lacks tensor {missing[0]} (for the engine's {name}); "
                 "the model config does not match these weights"
             )
-        shape = _engine_shape(ckpt.shape(rule.hf_name), rule)
+        shapes = {tuple(ckpt.shape(n)) for n in rule.names()}
+        if len(shapes) > 1:
+            raise ConfigError(f"model.init_from: the experts of {rule.hf_name} have different shapes {sorted(shapes)}")
+        shape = _engine_shape(list(shapes.pop()), rule)
         if shape != list(params[name].shape):
             raise ConfigError(
                 f"model.init_from: tensor {rule.hf_name} has shape {shape}"
@@ -213,7 +266,7 @@ def load_hf_weights(model: Transformer, path: str | Path) -> None:
     rules = _match(model, ckpt, path)
     params = dict(model.named_parameters())
     for name, rule in rules.items():
-        t = ckpt.get(rule.hf_name)
+        t = torch.stack([ckpt.get(n) for n in rule.names()]) if rule.stacked else ckpt.get(rule.hf_name)
         if rule.transpose:
             t = t.t()
         if rule.part is not None:
@@ -235,8 +288,10 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     for hf_name, parts in grouped.items():
         parts.sort(key=lambda rp: rp[0].part or 0)
         t = torch.cat([p for _, p in parts]) if len(parts) > 1 else parts[0][1]
-        out[hf_name] = (t.t() if parts[0][0].transpose else t).detach().cpu().contiguous()
-    return out
+        t = (t.t() if parts[0][0].transpose else t).detach().cpu()
+        rule = parts[0][0]
+        out.update(zip(rule.names(), t.unbind(0)) if rule.stacked else [(hf_name, t)])
+    return {name: t.contiguous() for name, t in out.items()}
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -251,11 +306,23 @@ def hf_config(cfg: ModelConfig) -> dict:
     scaling = None if cfg.rope_scaling_factor == 1 else dict(
         rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
         high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_max_seq_len)
-    return dict(model_type=kind, architectures=[arch], hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, rope_scaling=scaling, tie_word_embeddings=cfg.tie_embeddings,
-                hidden_act="silu", head_dim=cfg.head_dim)
+    common = dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+                  vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  rope_theta=cfg.rope_theta, rope_scaling=scaling, tie_word_embeddings=cfg.tie_embeddings,
+                  hidden_act="silu", head_dim=cfg.head_dim)
+    moe = hf_moe_kind(cfg)
+    if moe == "mixtral":
+        return dict(common, model_type=moe, architectures=["MixtralForCausalLM"], intermediate_size=cfg.expert_d_ff,
+                    num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                    router_aux_loss_coef=cfg.aux_loss_coef, sliding_window=None)
+    if moe == "qwen2_moe":
+        return dict(common, model_type=moe, architectures=["Qwen2MoeForCausalLM"], num_experts=cfg.n_experts,
+                    num_experts_per_tok=cfg.experts_per_token, moe_intermediate_size=cfg.expert_d_ff,
+                    shared_expert_intermediate_size=cfg.n_shared_experts * cfg.shared_expert_d_ff,
+                    norm_topk_prob=cfg.router_norm_topk, router_aux_loss_coef=cfg.aux_loss_coef,
+                    decoder_sparse_step=cfg.moe_every, mlp_only_layers=list(cfg.dense_layers), use_sliding_window=False)
+    return dict(common, model_type=kind, architectures=[arch])
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
