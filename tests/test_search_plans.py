@@ -77,7 +77,7 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
             checkpoint_every_k=rng.choice(SELECTIVE_EVERY_K) if ac == "selective" else 2,
             dp=max(1, cluster.n_gpus // (tp * pp)), tp=tp, pp=pp, pp_schedule=sched,
             pp_virtual_stages=rng.randint(2, MAX_VIRTUAL_STAGES) if sched == "interleaved_1f1b" else 1,
-            sequence_parallel=rng.random() < 0.3, kernels="torch", compile=False,
+            sequence_parallel=rng.random() < 0.3, ep=1, kernels="torch", compile=False,
         )
         valid = _passes(plan, train) and _in_domain(plan, train, cluster)
         if valid:
