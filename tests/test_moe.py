@@ -140,7 +140,7 @@ def test_load_balancing_loss_joins_the_training_loss():
         model = build_model(ModelConfig(**{**TINY_MOE, "aux_loss_coef": coef}), seed=1)
         loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        losses.append(float(loss))
+        losses.append(loss.item())
         grads.append(model.layers["1"].mlp.router.weight.grad.clone())
         terms = [layer.mlp.last.aux_loss for layer in model.layers.values() if isinstance(layer.mlp, MoE)]
     # the same routing either way: the loss grew by the coefficient times the mean per-layer loss
