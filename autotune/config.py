@@ -1,7 +1,11 @@
-"""The planner's configuration: the engine's model/job/plan plus cluster and search, from Hydra.
+"""The planner's configuration: one schema for the whole tree in `conf/`, from Hydra.
 
-`compose(overrides)` reads the tree in `conf/` with Hydra's compose API (no working-directory
-change, no log folders) and turns every Hydra or OmegaConf complaint into one ConfigError.
+`PlannerConfig` is the schema of conf/config.yaml: the engine's model, job and plan plus cluster,
+search and estimate. Hydra composes the tree into it, so every key and every choice (the enum-typed
+fields) is checked when a command reads its config. The dataclasses hold every default; the files
+of conf/ hold only the choices of a group (a model, a GPU, a cluster) and what differs from them.
+`compose(overrides)` reads the tree with Hydra's compose API (no working-directory change, no log
+folders) and turns every Hydra or OmegaConf complaint into one ConfigError.
 """
 from __future__ import annotations
 
@@ -23,13 +27,23 @@ from autotune.engine.config import (
     JobConfig,
     ModelConfig,
     PlanConfig,
+    Precision,
     TrainConfig,
-    _structured,
-    build_train_config,
+    _omegaconf_message,
+    check_choices,
+    choices,
+    model_from_hf_config,
+    validate,
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SECTIONS = ("model", "job", "plan", "cluster", "search", "estimate")  # conf/config.yaml's groups
+SECTIONS = ("model", "job", "plan", "cluster", "search", "estimate")  # the schema's sections
+GROUPS = ("model", "cluster")  # sections with options to choose in conf/<group>/
+
+SearchMode = choices("SearchMode", "auto", "measure", "analytic")
+Sampler = choices("Sampler", "tpe", "gp", "cmaes", "random", "grid")
+Objective = choices("Objective", "throughput", "cost", "pareto")
+Pruner = choices("Pruner", "hyperband", "halving", "none")
 
 
 @dataclass
@@ -51,24 +65,30 @@ class ClusterConfig:
 
 @dataclass
 class SearchConfig:
-    mode: str = "auto"  # auto | measure | analytic
+    """How `autotune search` explores plans."""
+
+    mode: SearchMode = SearchMode.auto  # auto: measure on the local machine, analytic for a catalog cluster
     trials: int = 6
-    sampler: str = "tpe"  # tpe | gp | cmaes | random | grid
-    storage: Optional[str] = None
+    sampler: Sampler = Sampler.tpe
+    storage: Optional[str] = None  # None: SQLite study.db in the run folder; or a SQLAlchemy URL or .journal file
     probe_steps: int = 4
     warmup_steps: int = 1
     final_steps: int = 8
     finalists: int = 2
     trial_timeout_s: float = 300.0
-    objective: str = "throughput"  # throughput | cost | pareto
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "bf16", "fp16"])
+    objective: Objective = Objective.throughput
+    precisions: list[Precision] = field(default_factory=lambda: [Precision.fp32, Precision.bf16, Precision.fp16])
     max_dp: Optional[int] = None
     seed: int = 0
-    pruner: str = "hyperband"  # hyperband | halving | none
+    pruner: Pruner = Pruner.hyperband  # stops a trial whose first steps are clearly slower
     use_estimator: bool = True  # false: plain Optuna over all valid plans (a baseline)
     trial_memory_cap_bytes: Optional[int] = None  # passed to the probe as --max-memory-bytes (tests)
-    # devices one trial may use here; None: every GPU (on a CPU, one gloo rank per GPU of a node)
+    # devices one trial may use here; None: every GPU (on a CPU, one gloo rank per GPU of a node).
+    # A plan larger than that runs its share here; the estimator models the rest
     local_devices: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choices(self, "search")
 
 
 @dataclass
@@ -78,15 +98,7 @@ class EstimateConfig:
 
 @dataclass
 class PlannerConfig:
-    train: TrainConfig
-    cluster: ClusterConfig
-    search: SearchConfig
-    estimate: EstimateConfig = field(default_factory=EstimateConfig)
-
-
-@dataclass
-class _Schema:
-    """The typed shape of conf/config.yaml: group files merge into it, so every key is known."""
+    """The whole config tree: what every autotune command reads."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     job: JobConfig = field(default_factory=JobConfig)
@@ -95,8 +107,13 @@ class _Schema:
     search: SearchConfig = field(default_factory=SearchConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
+    @property
+    def train(self) -> TrainConfig:
+        """What the engine runs (the same model, job and plan objects)."""
+        return TrainConfig(model=self.model, job=self.job, plan=self.plan)
 
-ConfigStore.instance().store(name="autotune_schema", node=_Schema)
+
+ConfigStore.instance().store(name="autotune_schema", node=PlannerConfig)
 
 
 def _group_options(group: str) -> list[str]:
@@ -134,36 +151,54 @@ def _override_message(e: Exception, overrides) -> str:
     if isinstance(cause, OmegaConfBaseException):
         key = getattr(cause, "full_key", "") or ""
         detail = str(cause).splitlines()[0]
+        if key in SECTIONS:  # `job=x`: a section that is not a group
+            return f"{key} has no options to choose (only {' and '.join(GROUPS)} do); set its keys, e.g. {key}.KEY=VALUE"
         if "not in" in detail and key:
             if "." not in key:  # neither a group nor a section's key
                 return f"{key} {unknown_section}"
             section = key.rsplit(".", 1)[0]
-            return f"{key} is not a setting of {section}; check the spelling (the keys are in conf/{section}/)"
+            return f"{key} is not a setting of {section}; check the spelling (the keys are in {_schema_of(section)})"
+        if detail.startswith("Invalid value"):
+            return _omegaconf_message(cause)
         return f"{first.replace('Error merging override ', '')}: {detail}"
     return f"bad override in {list(overrides)}: {first}; write overrides as key=value or group=option"
 
 
+def _schema_of(section: str) -> str:
+    where = "autotune/config.py" if section.split(".")[0] in ("cluster", "search", "estimate") else "autotune/engine/config.py"
+    return f"{where}, the schema"
+
+
 def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig:
     """A validated PlannerConfig from Hydra overrides."""
-    raw = OmegaConf.to_container(compose(overrides), resolve=True)
-    train = build_train_config({k: raw.pop(k, {}) for k in ("model", "job", "plan")})
-    cluster = _structured(ClusterConfig, raw.pop("cluster", {}), "cluster")
-    search = _structured(SearchConfig, raw.pop("search", {}), "search")
-    estimate = _structured(EstimateConfig, raw.pop("estimate", {}), "estimate")
+    cfg = compose(overrides)
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:  # `+name=value` adds a section no command reads: a typo, not a setting
+        raise ConfigError(f"unknown config section(s) {unknown}; the sections are {', '.join(SECTIONS)} "
+                          "(e.g. plan.zero_stage=3)")
+    if cfg.model.hf_config:
+        cfg.model = OmegaConf.merge(cfg.model, model_from_hf_config(cfg.model.hf_config))
+    try:  # merged again into the schema: a key added with `+plan.name=...` is refused like a typo
+        pc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PlannerConfig), OmegaConf.to_container(cfg)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        if "not in" in str(e) and "." in key:
+            section = key.rsplit(".", 1)[0]
+            raise ConfigError(f"{key} is not a setting of {section}; check the spelling "
+                              f"(the keys are in {_schema_of(section)})")
+        raise ConfigError(_omegaconf_message(e))
+    validate(pc.train)
+    cluster = pc.cluster
     if cluster.gpus_per_node < 1 or cluster.nodes < 1:
         raise ConfigError(
             f"cluster {cluster.name!r} has {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s); "
             "both must be at least 1"
         )
-    tp = train.plan.tp
+    tp = pc.plan.tp
     if tp > cluster.gpus_per_node or cluster.gpus_per_node % tp:
         # tp's all-reduces run in every block: a tp group must sit inside one node's fast links
         raise ConfigError(
             f"plan.tp={tp} must fit in a node of cluster {cluster.name!r} (gpus_per_node={cluster.gpus_per_node}): "
             f"use a plan.tp that divides {cluster.gpus_per_node}"
         )
-    if raw:  # `+name=value` adds a section no command reads: a typo, not a setting
-        raise ConfigError(
-            f"unknown config section(s) {sorted(raw)}; the sections are {', '.join(SECTIONS)} (e.g. plan.zero_stage=3)"
-        )
-    return PlannerConfig(train=train, cluster=cluster, search=search, estimate=estimate)
+    return pc

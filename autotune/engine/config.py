@@ -6,9 +6,14 @@ config is built, and each violation is one `ConfigError` that says what to chang
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -21,28 +26,75 @@ class ConfigError(ValueError):
     """A mistake of the user's: reported as one `error: ...` line and exit status 2."""
 
 
-FAMILIES = ("llama", "gpt2")
-PRECISIONS = ("fp32", "bf16", "fp16")
-CHECKPOINTING = ("none", "full", "selective")
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-KERNELS = ("torch", "triton")
-ROUTER_SOFTMAX = ("before", "after")
+def choices(name: str, *values: str) -> type[StrEnum]:
+    """An enum of the allowed values of one setting, each member named by its value: OmegaConf reads
+    a YAML string or an override by member name, and a StrEnum member prints and compares as its
+    value. Made with the functional API because some values (1f1b) are not Python identifiers."""
+    return StrEnum(name, [(v, v) for v in values])
+
+
+Family = choices("Family", "llama", "gpt2")
+Precision = choices("Precision", "fp32", "bf16", "fp16")
+Checkpointing = choices("Checkpointing", "none", "full", "selective")
+PipelineSchedule = choices("PipelineSchedule", "gpipe", "1f1b", "interleaved_1f1b")
+Kernels = choices("Kernels", "torch", "triton")
+TokenDtype = choices("TokenDtype", "uint16", "uint32")
+RouterSoftmax = choices("RouterSoftmax", "before", "after")
+
+FAMILIES = tuple(Family.__members__)
+PRECISIONS = tuple(Precision.__members__)
+CHECKPOINTING = tuple(Checkpointing.__members__)
+PP_SCHEDULES = tuple(PipelineSchedule.__members__)
+KERNELS = tuple(Kernels.__members__)
+
+
+def choice_error(key: str, value: Any, allowed: typing.Iterable[str]) -> str:
+    """The one message of a value that is not one of a setting's choices."""
+    return f"{key}={str(value)!r}: use one of {', '.join(allowed)}"
+
+
+def check_choices(config: Any, section: str) -> None:
+    """Turn the plain strings of a config built in Python into its enum members (OmegaConf does this
+    for YAML and overrides); a value that is none of them is a ConfigError naming the choices."""
+    hints = _enum_fields(type(config))
+    for name, enum in hints.items():
+        value = getattr(config, name)
+        items = value if isinstance(value, list) else [value]
+        try:
+            converted = [v if isinstance(v, enum) else enum[v] for v in items]
+        except (KeyError, TypeError):
+            bad = next(v for v in items if not isinstance(v, enum) and v not in enum.__members__)
+            raise ConfigError(choice_error(f"{section}.{name}", bad, enum.__members__)) from None
+        setattr(config, name, converted if isinstance(value, list) else converted[0])
+
+
+@functools.cache
+def _enum_fields(cls: type) -> dict[str, type[Enum]]:
+    """The fields of a config dataclass typed by an enum (or a list of one)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        kind = args[0] if typing.get_origin(hint) is list and args else hint
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            out[name] = kind
+    return out
 
 
 @dataclass
 class ModelConfig:
-    """A decoder-only transformer architecture (see conf/model/)."""
+    """A decoder-only transformer architecture (see conf/model/). The defaults are the `tiny` model
+    (conf/model/tiny.yaml) without its grouped-query attention."""
 
     name: str = "tiny"
-    family: str = "llama"  # llama | gpt2
-    n_layers: int = 2
+    family: Family = Family.llama
+    n_layers: int = 4
     d_model: int = 64
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: as many as n_heads (no grouped-query attention)
     # width of one attention head; None: d_model / n_heads. Set where the heads together are not
     # d_model wide (HF head_dim, e.g. Mistral-NeMo; one tensor-parallel rank's share of a model)
     attn_head_dim: Optional[int] = None
-    d_ff: int = 128
+    d_ff: int = 160
     vocab_size: int = 256
     max_seq_len: int = 128
     norm_eps: float = 1e-5
@@ -65,7 +117,7 @@ class ModelConfig:
     shared_d_ff: Optional[int] = None  # width of one shared expert; None: moe_d_ff
     shared_expert_gate: bool = False  # Qwen2-MoE: a per-token sigmoid gate on the shared experts' output
     # before: softmax over all experts, then top-k (Mixtral, Qwen2-MoE) | after: top-k logits, then softmax
-    router_softmax: str = "before"
+    router_softmax: RouterSoftmax = RouterSoftmax.before
     router_norm_topk: bool = True  # rescale the top-k weights to sum to 1 (HF norm_topk_prob; Mixtral always)
     aux_loss_coef: float = 0.01  # load-balancing loss weight (HF router_aux_loss_coef); 0: none
     # None: dropless. Else an expert takes at most ceil(capacity_factor x tokens x k / n_experts) of
@@ -75,6 +127,9 @@ class ModelConfig:
     dense_layers: List[int] = field(default_factory=list)  # layers kept dense, width d_ff (HF mlp_only_layers)
     hf_config: Optional[str] = None  # a Hugging Face config.json on disk; overrides the fields above
     init_from: Optional[str] = None  # a folder of Hugging Face safetensors weights to start from
+
+    def __post_init__(self) -> None:
+        check_choices(self, "model")
 
     @property
     def kv_heads(self) -> int:
@@ -121,7 +176,10 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic | a path to a uint16/uint32 token .bin file
-    dtype: str = "uint16"  # of the .bin file
+    dtype: TokenDtype = TokenDtype.uint16  # of the .bin file
+
+    def __post_init__(self) -> None:
+        check_choices(self, "job.data")
 
 
 @dataclass
@@ -151,26 +209,32 @@ class PlanConfig:
     offload_params: bool = False
     micro_batch: int = 1
     grad_accum: Optional[int] = None  # derived: global_batch / (micro_batch * dp)
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: Precision = Precision.fp32
     loss_scale: str = "dynamic"  # fp16 only: dynamic | none | a fixed number
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: Checkpointing = Checkpointing.none
     checkpoint_every_k: int = 2  # selective: checkpoint every k-th block
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_schedule: PipelineSchedule = PipelineSchedule["1f1b"]
     pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b needs >= 2)
     sequence_parallel: bool = False
     # expert parallelism: each group of ep data-parallel ranks splits a MoE layer's experts between
     # them and exchanges tokens all-to-all; the experts' states are data-parallel (and ZeRO-sharded)
     # over the dp / ep ranks that hold the same experts
     ep: int = 1
-    kernels: str = "torch"  # torch | triton
+    kernels: Kernels = Kernels.torch
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices(self, "plan")
 
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
+
+
+PLAN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PlanConfig))
 
 
 @dataclass
@@ -307,10 +371,14 @@ def _structured(schema: type, data: Any, what: str) -> Any:
         raise ConfigError(_omegaconf_message(e, what))
 
 
-def _omegaconf_message(e: OmegaConfBaseException, section: str) -> str:
+def _omegaconf_message(e: OmegaConfBaseException, section: str = "") -> str:
+    """One line for OmegaConf's complaint about `section` (empty: the key is the full path)."""
     msg = str(e).splitlines()[0]
-    key = getattr(e, "full_key", None)
-    return f"{section}.{key}: {msg}" if key and key not in msg else f"{section}: {msg}"
+    key = ".".join(filter(None, [section, getattr(e, "full_key", None) or ""]))
+    bad_choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if bad_choice and key:
+        return choice_error(re.sub(r"\[\d+\]$", "", key), bad_choice[1], bad_choice[2].split(", "))
+    return f"{key}: {msg}" if key and key not in msg else f"{key or section}: {msg}"
 
 
 def build_train_config(data: Any) -> TrainConfig:
@@ -331,6 +399,21 @@ def build_train_config(data: Any) -> TrainConfig:
     )
     validate(cfg)
     return cfg
+
+
+def with_changes(cfg: TrainConfig, *, model: Any = None, job: Any = None, plan: Any = None) -> TrainConfig:
+    """A validated copy of `cfg` with a section replaced (a ModelConfig, JobConfig or PlanConfig) or
+    some of its fields changed (a dict); grad_accum is derived again from the batch shape."""
+
+    def changed(current: Any, new: Any) -> Any:
+        if new is None:
+            return current
+        return new if dataclasses.is_dataclass(new) else dataclasses.replace(current, **new)
+
+    new = TrainConfig(model=changed(cfg.model, model), job=changed(cfg.job, job),
+                      plan=dataclasses.replace(changed(cfg.plan, plan), grad_accum=None))
+    validate(new)
+    return new
 
 
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -364,9 +447,12 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def as_json(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (enum members as their strings): what a JSON file holds."""
+    return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+
+
 def validate_model(m: ModelConfig) -> None:
-    if m.family not in FAMILIES:
-        raise ConfigError(f"model.family={m.family!r}: use one of {', '.join(FAMILIES)}")
     for key in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be at least 1")
@@ -412,8 +498,6 @@ def validate_moe(m: ModelConfig) -> None:
         raise ConfigError(f"model.n_shared_experts={m.n_shared_experts} must not be negative")
     if m.shared_expert_gate and m.n_shared_experts == 0:
         raise ConfigError("model.shared_expert_gate needs shared experts: set model.n_shared_experts >= 1")
-    if m.router_softmax not in ROUTER_SOFTMAX:
-        raise ConfigError(f"model.router_softmax={m.router_softmax!r}: use one of {', '.join(ROUTER_SOFTMAX)}")
     if not m.aux_loss_coef >= 0:
         raise ConfigError(f"model.aux_loss_coef={m.aux_loss_coef} must not be negative (0: no load-balancing loss)")
     if m.capacity_factor is not None and not m.capacity_factor > 0:
@@ -464,8 +548,6 @@ def validate_job(j: JobConfig) -> None:
             f"job.checkpoint_every={j.checkpoint_every} must not be negative (0: save only at the end and on SIGTERM)"
         )
     validate_optimizer(j.optimizer)
-    if j.data.dtype not in ("uint16", "uint32"):
-        raise ConfigError(f"job.data.dtype={j.data.dtype!r}: use uint16 or uint32")
 
 
 def validate_optimizer(o: OptimizerConfig) -> None:
@@ -489,18 +571,8 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
     """Check a plan against its model and job, and fill in the derived grad_accum."""
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"plan.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
-    if p.precision not in PRECISIONS:
-        raise ConfigError(f"plan.precision={p.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if p.activation_checkpointing not in CHECKPOINTING:
-        raise ConfigError(
-            f"plan.activation_checkpointing={p.activation_checkpointing!r}: use one of {', '.join(CHECKPOINTING)}"
-        )
     if p.checkpoint_every_k < 1:
         raise ConfigError(f"plan.checkpoint_every_k={p.checkpoint_every_k} must be at least 1")
-    if p.kernels not in KERNELS:
-        raise ConfigError(f"plan.kernels={p.kernels!r}: use one of {', '.join(KERNELS)}")
-    if p.pp_schedule not in PP_SCHEDULES:
-        raise ConfigError(f"plan.pp_schedule={p.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}")
     for key in ("micro_batch", "dp", "tp", "pp", "pp_virtual_stages"):
         if getattr(p, key) < 1:
             raise ConfigError(f"plan.{key}={getattr(p, key)} must be at least 1")
