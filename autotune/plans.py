@@ -1,25 +1,39 @@
-"""Every valid way to run one job on one cluster, as a pandas DataFrame (one row per plan).
+"""Every valid way to run one job on one cluster, as a pandas DataFrame (one row per plan), and the
+one conversion between a frame row and a PlanConfig.
 
 A plan is built from independent choices: the parallel layout (dp x tp x pp with its pipeline
 schedule and sequence parallelism), the micro-batch (a divisor of global_batch / dp; grad_accum
 follows), the ZeRO stage with its offloads, the precision, activation checkpointing and the kernels.
 Each group is enumerated on its own, with its own validity rules, and the groups are joined with
 cross merges, so 10^5 plans take well under a second. The rules are those of
-`engine.config.validate_plan` (tests check that every enumerated plan passes it), plus a few that
-keep the space to plans worth running: pp divides n_layers (and pp x virtual stages divides it for
-the interleaved schedule), and tp stays inside one node.
+`engine.config.validate_plan`, plus the search space's own (`outside_search_space`, which tests
+check the enumeration against): a plan is written in its canonical form (`canonical`), pp divides
+n_layers (and pp x virtual stages divides it for the interleaved schedule), and tp stays inside
+one node.
+
+A frame holds plain Python values (strings for the enum-typed fields); a PlanConfig holds the
+enums. `plan_from_row` and `plans_frame` convert between the two, `plan_values` gives the plain
+values of a plan (Optuna params, JSON), `plan_key` its stable name and `plan_label` the short name
+people read.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from enum import Enum
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-from autotune.engine.config import ConfigError, ModelConfig, PlanConfig, TrainConfig
+from autotune.engine.config import (
+    PLAN_FIELDS,
+    ConfigError,
+    ModelConfig,
+    PlanConfig,
+    TrainConfig,
+    validate_plan,
+)
 
-PLAN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PlanConfig))
 _DEFAULTS = PlanConfig()
 
 # (zero_stage, offload_optimizer, offload_params): offload needs ZeRO >= 1, params offload ZeRO-3.
@@ -88,10 +102,10 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     can run the job (e.g. a global batch no data-parallel degree divides).
     """
     model, job = train.model, train.job
-    allowed = [p for p in search.precisions if precisions is None or p in set(precisions)]
+    allowed = [plain(p) for p in search.precisions if precisions is None or p in set(precisions)]
     if not allowed:
         raise ConfigError(
-            f"search.precisions={list(search.precisions)}: none runs on this device "
+            f"search.precisions={[plain(p) for p in search.precisions]}: none runs on this device "
             f"(it supports {', '.join(precisions or [])}); allow one of those"
         )
     if job.seq_len > model.max_seq_len:
@@ -133,9 +147,34 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
                                                "dp", "tp", "pp", "pp_virtual_stages")})
 
 
-def plan_key(plan: dict[str, Any]) -> str:
+def plain(value: Any) -> Any:
+    """numpy scalars and enum members -> plain Python (Optuna, JSON and pandas want those)."""
+    if isinstance(value, Enum):
+        return value.value
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def plan_from_row(row: Mapping[str, Any] | pd.Series) -> PlanConfig:
+    """The plan of one frame row (or any mapping of the plan fields: a trial's JSON)."""
+    values = {k: plain(row[k]) for k in PLAN_FIELDS if k in row}
+    if isinstance(values.get("grad_accum"), float):  # a column with gaps holds floats and NaN
+        values["grad_accum"] = None if np.isnan(values["grad_accum"]) else int(values["grad_accum"])
+    return PlanConfig(**values)
+
+
+def plan_values(plan: PlanConfig) -> dict[str, Any]:
+    """The plan's fields as plain Python values, in PLAN_FIELDS order."""
+    return {k: plain(getattr(plan, k)) for k in PLAN_FIELDS}
+
+
+def plans_frame(plans: Iterable[PlanConfig]) -> pd.DataFrame:
+    """One row per plan, one column per plan field."""
+    return pd.DataFrame([plan_values(p) for p in plans], columns=list(PLAN_FIELDS))
+
+
+def plan_key(plan: PlanConfig) -> str:
     """A stable name of a plan: equal plans, equal keys (the study's claim on a plan)."""
-    return ",".join(f"{k}={to_python(plan[k])}" for k in PLAN_FIELDS)
+    return ",".join(f"{k}={v}" for k, v in plan_values(plan).items())
 
 
 def plan_keys(plans: pd.DataFrame) -> pd.Series:
@@ -143,19 +182,66 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
     columns = []
     for k in PLAN_FIELDS:  # each column has a handful of distinct values: format those once
         codes, uniques = pd.factorize(plans[k])
-        names = np.array([f"{k}={to_python(v)}" for v in uniques], dtype=object)
+        names = np.array([f"{k}={plain(v)}" for v in uniques], dtype=object)
         columns.append(names[codes].tolist())
     return pd.Series([",".join(parts) for parts in zip(*columns)], index=plans.index, dtype=object)
 
 
-def to_python(value: Any) -> Any:
-    """numpy scalars -> plain Python (Optuna, JSON and OmegaConf want those)."""
-    return value.item() if isinstance(value, np.generic) else value
+def plan_label(plan: PlanConfig) -> str:
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton`."""
+    zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
+    ckpt = f"sel{plan.checkpoint_every_k}" if plan.activation_checkpointing == "selective" else plan.activation_checkpointing
+    parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}"]
+    if plan.tp > 1:
+        parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else ""))
+    if plan.pp > 1:
+        virtual = f"/v{plan.pp_virtual_stages}" if plan.pp_virtual_stages > 1 else ""
+        parts += [f"pp{plan.pp}", f"{plan.pp_schedule}{virtual}"]
+    if plan.kernels != "torch":
+        parts.append(str(plan.kernels))
+    if plan.compile:
+        parts.append("compile")
+    return " ".join(parts)
 
 
-def row_plan(row: dict[str, Any] | pd.Series) -> dict[str, Any]:
-    """The PlanConfig fields of one frame row, as plain Python values."""
-    return {k: to_python(row[k]) for k in PLAN_FIELDS}
+def canonical(plan: PlanConfig) -> PlanConfig:
+    """Fields that mean nothing in a plan take their default (every k-th block without selective
+    checkpointing, a schedule without pipelining, sequence parallelism without tp), so that two
+    spellings of one plan are one plan; the enumeration writes every plan this way."""
+    changes: dict[str, Any] = {}
+    if plan.activation_checkpointing != "selective":
+        changes["checkpoint_every_k"] = _DEFAULTS.checkpoint_every_k
+    if plan.pp == 1:
+        changes.update(pp_schedule=_DEFAULTS.pp_schedule, pp_virtual_stages=_DEFAULTS.pp_virtual_stages)
+    if plan.tp == 1:
+        changes["sequence_parallel"] = False
+    return dataclasses.replace(plan, **changes)
+
+
+def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, search: Any, *, device: str = "cuda",
+                         precisions: Iterable[str] | None = None) -> str:
+    """Why `enumerate_plans` leaves `plan` out ("" when it is one of its plans): the engine refuses it
+    (validate_plan), or a rule of the search space excludes it."""
+    try:
+        validate_plan(dataclasses.replace(plan, grad_accum=None), train.model, train.job)
+    except ConfigError as e:
+        return str(e)
+    n_layers = train.model.n_layers
+    rules = {
+        "not in canonical form": canonical(plan) != plan,
+        "another world size": plan.world_size not in world_sizes(cluster.n_gpus, cluster.gpus_per_node,
+                                                                   search.objective == "cost"),
+        "tp outside one node": cluster.gpus_per_node % plan.tp != 0,
+        "pp does not divide n_layers": n_layers % plan.pp != 0,
+        "too many virtual stages": plan.pp_virtual_stages > MAX_VIRTUAL_STAGES or n_layers % (plan.pp * plan.pp_virtual_stages) != 0,
+        "dp above search.max_dp": search.max_dp is not None and plan.dp > search.max_dp,
+        "another selective k": plan.activation_checkpointing == "selective"
+        and (plan.checkpoint_every_k not in SELECTIVE_EVERY_K or plan.checkpoint_every_k > n_layers),
+        "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),
+        "kernels not on this device": plan.kernels != "torch" and device != "cuda",
+        "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
+    }
+    return ", ".join(why for why, broken in rules.items() if broken)
 
 
 def dominated_by(plans: pd.DataFrame, throughput: str = "tokens_per_s", memory: str = "mem_total_bytes",
