@@ -13,7 +13,7 @@ from autotune.engine.config import ConfigError
 COMMANDS = {
     "profile": ("autotune.profile", "the model and hardware profile -> profile.json"),
     "estimate": ("autotune.estimate", "predicted memory and step time of one plan"),
-    "search": ("autotune.search", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
+    "search": ("autotune.search.command", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
     "train": ("autotune.engine.train", "train from a config (launches torchrun when the plan needs several processes)"),
     "report": ("autotune.reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
 }

@@ -16,7 +16,7 @@ than one node of the cluster. Each plan runs in one of three ways:
 
 What did not run (communication, the pipeline bubble, states sharded over more ranks, other nodes,
 left-out layers) is modelled: the search multiplies the measured step time and peak memory by the
-estimator's ratio of the whole plan on the cluster to what ran here (autotune.search.run_trial).
+estimator's ratio of the whole plan on the cluster to what ran here (autotune/search/trial.py).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from autotune.config import ClusterConfig, SearchConfig
 from autotune.estimate import Calibration, estimate
 from autotune.hardware import Hardware
-from autotune.engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig, build_train_config
+from autotune.engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig, with_changes
 
 AS_IS, NODE_SHARE, RANK_SHARE = "as is", "node share", "rank share"
 # A rank share is cut to fewer layers when its estimate needs more than this part of the device:
@@ -98,9 +98,7 @@ def share_here(train: TrainConfig, cap: int, gpus_per_node: int, hw_here: Hardwa
         return Share(train, AS_IS, f"as is on {p.world_size} rank(s)")
     if p.tp * p.pp <= here:
         dp = min(p.dp, here // (p.tp * p.pp))
-        plan = {**dataclasses.asdict(p), "dp": dp, "grad_accum": None}
-        job = {**dataclasses.asdict(train.job), "global_batch": p.micro_batch * p.grad_accum * dp}
-        ran = build_train_config({"model": dataclasses.asdict(train.model), "job": job, "plan": plan})
+        ran = with_changes(train, job={"global_batch": p.micro_batch * p.grad_accum * dp}, plan={"dp": dp})
         return Share(ran, NODE_SHARE, f"{ran.plan.world_size} rank(s): tp x pp with dp={dp} of {p.dp}, "
                                       f"global_batch={ran.job.global_batch}")
     return rank_share(train, hw_here, calib)
@@ -123,13 +121,12 @@ def rank_share(train: TrainConfig, hw_here: Hardware, calib: Optional[Calibratio
     stage_layers = train.model.n_layers // p.pp
     model = dataclasses.replace(tp_rank_model(train.model, p.tp), name=f"{train.model.name}.rank",
                                 hf_config=None, init_from=None)
-    plan = {**dataclasses.asdict(p), "dp": 1, "tp": 1, "pp": 1, "sequence_parallel": False, "grad_accum": None,
-            "pp_schedule": "1f1b", "pp_virtual_stages": 1}
-    job = {**dataclasses.asdict(train.job), "global_batch": p.micro_batch * p.grad_accum,
-           "data": dataclasses.asdict(DataConfig())}  # the share's vocabulary is cut: synthetic tokens
+    plan = {"dp": 1, "tp": 1, "pp": 1, "sequence_parallel": False, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
+    # the share's vocabulary is cut: synthetic tokens
+    job = {"global_batch": p.micro_batch * p.grad_accum, "data": DataConfig()}
 
     def run_of(layers: int) -> TrainConfig:
-        return build_train_config({"model": {**dataclasses.asdict(model), "n_layers": layers}, "job": job, "plan": plan})
+        return with_changes(train, model=dataclasses.replace(model, n_layers=layers), job=job, plan=plan)
 
     def fits(layers: int) -> bool:
         return estimate(run_of(layers), hw_here, calib).memory["total_bytes"] <= SHARE_MEMORY_FRACTION * hw_here.memory_bytes

@@ -77,10 +77,10 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[d
 
     from autotune.config import planner_config
     from autotune.hardware import load_hardware
-    from autotune.plans import enumerate_plans, plan_key, row_plan
+    from autotune.engine.config import with_changes
+    from autotune.plans import enumerate_plans, plan_from_row, plan_key, plan_values
     from autotune.runner import run_probe
-    from autotune.search import supported_precisions
-    from autotune.engine.config import build_train_config
+    from autotune.search.candidates import supported_precisions
 
     pc = planner_config(overrides(args, model))
     hw = load_hardware(pc.cluster)
@@ -97,16 +97,16 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[d
             row = json.loads(line)
             if row.get("settings") == settings:
                 done[row["key"]] = row
-    rows = [row_plan(r) for r in plans.to_dict("records")]
+    rows = [plan_from_row(r) for r in plans.to_dict("records")]
     for i, plan in enumerate(rows):
         key = plan_key(plan)
         if key in done:
             continue
-        train = build_train_config({"model": vars(pc.train.model), "job": vars(pc.train.job), "plan": plan})
+        train = with_changes(pc.train, plan=plan)
         run = run_probe(train, folder / "grid" / str(i), steps=args.probe_steps, warmup=args.warmup_steps,
                         timeout_s=args.trial_timeout)
         tps = run.metrics.get("tokens_per_s") if run.status == "ok" and run.metrics else None
-        done[key] = {"key": key, "plan": plan, "status": run.status, "tokens_per_s": tps, "wall_s": run.wall_s,
+        done[key] = {"key": key, "plan": plan_values(plan), "status": run.status, "tokens_per_s": tps, "wall_s": run.wall_s,
                      "peak_mem_bytes": (run.metrics or {}).get("peak_mem_bytes"), "settings": settings}
         with open(path, "a") as f:
             f.write(json.dumps(done[key]) + "\n")

@@ -307,8 +307,8 @@ def test_importing_reports_does_not_import_torch():
     assert done.stdout.strip() == "False"
 
 
-def test_pareto_front_and_plan_label():
-    from autotune.reports.tables import pareto_front, plan_label
+def test_pareto_front_and_row_label():
+    from autotune.reports.tables import pareto_front, row_label
 
     memory = pd.Series([4.0, 1.0, 2.0, 3.0, 2.0])
     throughput = pd.Series([10.0, 2.0, 5.0, 4.0, 6.0])
@@ -318,7 +318,8 @@ def test_pareto_front_and_plan_label():
             "micro_batch": 2, "activation_checkpointing": "selective", "checkpoint_every_k": 3, "dp": 2, "tp": 2,
             "sequence_parallel": True, "pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2,
             "kernels": "triton", "compile": False}
-    assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
+    assert row_label(pd.Series(plan)) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
+    assert row_label(pd.Series({**plan, "zero_stage": None})) == "(no plan recorded)"
 
 
 def test_journal_storage_without_candidates(tmp_path):

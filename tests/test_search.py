@@ -1,4 +1,6 @@
-"""`autotune search` end to end on the local CPU with real probe runs, and in analytic mode."""
+"""`autotune search`: its logic on a fake probe (tests/fake_probe.py, through the search's probe hook),
+end to end on the local CPU with real probe runs (slow), and in analytic mode."""
+import dataclasses
 import json
 import os
 import signal
@@ -13,9 +15,15 @@ import pytest
 
 from autotune.cli import main
 from autotune.config import planner_config
-from autotune.plans import PLAN_FIELDS, plan_key
-from autotune.search import ANALYTIC_TIE, analytic_result
-from autotune.engine.config import load_train_config
+from autotune.engine.config import PLAN_FIELDS, load_train_config
+from autotune.plans import plan_from_row, plan_key, plan_values
+from autotune.search import command
+from autotune.search.candidates import candidate_table
+from autotune.search.command import ANALYTIC_TIE, analytic_result
+from autotune.search.loop import Search
+from autotune.search.proposals import Asked
+from autotune.storage import open_storage
+from fake_probe import HARDWARE, FakeProbe
 
 REPO = Path(__file__).resolve().parent.parent
 # A small job on the tiny model: one rank on this machine, three micro-batch choices.
@@ -42,6 +50,18 @@ def _search_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "autotune", "search", *args]
 
 
+def _fixed_hardware(cluster):
+    return dataclasses.replace(HARDWARE, gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes)
+
+
+def _fake_search(run: Path, monkeypatch, overrides: list[str], probe: FakeProbe | None = None) -> FakeProbe:
+    """`autotune search` with the fake probe on the fixed CPU; asserts it succeeded."""
+    probe = probe or FakeProbe()
+    monkeypatch.setattr(command, "load_hardware", _fixed_hardware)
+    assert command.search(planner_config(overrides), run, run.name, probe=probe) == 0
+    return probe
+
+
 def _one_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("error:")]
@@ -49,6 +69,7 @@ def _one_error(capsys) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_end_to_end_measure_on_cpu(tmp_path, capsys):
     run = tmp_path / "run"
     rc = main(["search", "--out", str(run), *TINY, "search.trials=2", "search.finalists=2"])
@@ -68,6 +89,8 @@ def test_end_to_end_measure_on_cpu(tmp_path, capsys):
     assert 1 <= len(short) <= 2
     assert len({t.user_attrs["claim"] for t in short}) == len(short)
     assert all(t.user_attrs["probe"]["status"] == "ok" for t in short if t.user_attrs["status"] == "ok")
+    for t in short:  # the probe's per-step times reach the record
+        assert len(t.user_attrs["step_times_s"]) == (2 if t.user_attrs["status"] == "ok" else 0)
 
     # the chosen plan is the fastest long run, and it is what best.yaml and ds_config.json say
     info = json.loads((run / "search.json").read_text())
@@ -75,7 +98,7 @@ def test_end_to_end_measure_on_cpu(tmp_path, capsys):
     finals = [t for t in _measured(study, final=True) if t.user_attrs["status"] == "ok"]
     assert finals and best["trial"] == max(finals, key=lambda t: t.values[0]).number
     cfg = load_train_config(run / "best.yaml")
-    assert plan_key(vars(cfg.plan)) == plan_key(best["plan"])
+    assert cfg.plan == plan_from_row(best["plan"])
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == cfg.plan.micro_batch
     assert ds["zero_optimization"]["stage"] == cfg.plan.zero_stage
@@ -96,15 +119,12 @@ def test_end_to_end_measure_on_cpu(tmp_path, capsys):
     assert (tmp_path / "train" / "metrics.jsonl").is_file()
 
 
-def test_oom_trial_is_recorded_and_search_finishes_with_a_plan_that_fits(tmp_path, capsys):
-    """Each probe gets a 60 MB memory cap the estimator does not know: big micro-batches run out."""
+def test_oom_trial_is_recorded_and_search_finishes_with_a_plan_that_fits(tmp_path, monkeypatch):
+    """Each probe gets a memory cap the estimator does not know: big micro-batches run out."""
     run = tmp_path / "run"
-    cap = 60_000_000
-    rc = main(["search", "--out", str(run), "job.global_batch=16", "job.seq_len=128", "model.d_model=128",
-               "model.d_ff=256", "search.precisions=[fp32]", "search.probe_steps=1", "search.warmup_steps=1",
-               "search.trials=3", "search.finalists=0", f"search.trial_memory_cap_bytes={cap}"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
+    cap = 60_000_000  # the fake's micro-batches of 16 (84 MB) run out, those of 8 (52 MB) fit
+    _fake_search(run, monkeypatch, ["job.global_batch=16", "job.seq_len=32", "search.precisions=[fp32]",
+                                     "search.trials=3", "search.finalists=0", f"search.trial_memory_cap_bytes={cap}"])
     study = _study(run)
     statuses = {t.user_attrs["status"] for t in _measured(study)}
     assert "oom" in statuses and "ok" in statuses, statuses
@@ -126,6 +146,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_continues_the_study(tmp_path):
     run = tmp_path / "run"
     # without the estimator the search never stops early, so the rerun must complete the budget
@@ -164,11 +185,14 @@ def test_sigkill_then_rerun_continues_the_study(tmp_path):
     assert (run / "best.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     journal = run / "study.journal"
-    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=4", "search.finalists=1",
+    # without the estimator no plan is skipped as hopeless and the search never stops early (how
+    # early depends on measured speeds): the two processes spend one budget, whatever they measure
+    cmd = _search_cmd("--out", str(run), *TINY, "search.trials=4", "search.finalists=1", "search.use_estimator=false",
                       f"search.storage={journal}")
     procs = [subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -184,12 +208,12 @@ def test_two_processes_share_one_study(tmp_path):
     assert len(final) == 1  # the finalist ran once, though both processes reached the end
 
 
-def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, capsys):
+def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, monkeypatch):
     """cluster=local with nodes=2: each trial runs its share here (the replicas of one node, or one
     rank's share of a plan that pipelines across the nodes); the estimator adds the rest."""
     run = tmp_path / "run"
-    rc = main(["search", "--out", str(run), *TINY, "cluster.nodes=2", "search.trials=2", "search.finalists=0"])
-    assert rc == 0, capsys.readouterr().err
+    probe = _fake_search(run, monkeypatch, [*TINY, "cluster.nodes=2", "search.trials=2", "search.finalists=0"])
+    assert probe.ran and all(train.plan.world_size == 1 for train in probe.ran)
     assert "one rank's share" in (run / "report.md").read_text()
     study = _study(run)
     for t in _measured(study):
@@ -220,30 +244,28 @@ def test_scale_out_measures_one_node_and_models_the_rest(tmp_path, capsys):
 
 def test_plans_with_the_same_share_are_measured_once(tmp_path):
     """A tp=2 plan with one device here runs one tp rank's share (half the heads of the same
-    width, half of d_ff and of the vocabulary) through a real probe. The same plan with sequence
-    parallel (which the estimator models) runs the same share: the second trial takes the first's
-    measurement, scaled by its own estimate, and spends nothing of the trial budget."""
-    from autotune.hardware import load_hardware
-    from autotune.plans import row_plan
-    from autotune.search import Search, candidate_table, open_storage
-
+    width, half of d_ff and of the vocabulary). The same plan with sequence parallel (which the
+    estimator models) runs the same share: the second trial takes the first's measurement, scaled
+    by its own estimate, and spends nothing of the trial budget."""
     pc = planner_config([*TINY, "cluster.gpus_per_node=2", "search.local_devices=1", "search.max_dp=1",
                          "search.precisions=[fp32]"])
-    hw = load_hardware(pc.cluster)
-    frame = candidate_table(pc, hw)
-    search = Search(pc, tmp_path, "t", hw, frame, open_storage(f"sqlite:///{tmp_path / 'study.db'}", tmp_path))
-    base = row_plan(frame[(frame.tp == 2) & ~frame.sequence_parallel.astype(bool)].iloc[0])
+    frame = candidate_table(pc, _fixed_hardware(pc.cluster))
+    probe = FakeProbe()
+    search = Search(pc, tmp_path, "t", _fixed_hardware(pc.cluster), frame,
+                    open_storage(f"sqlite:///{tmp_path / 'study.db'}", tmp_path), probe=probe)
+    base = plan_from_row(frame[(frame.tp == 2) & ~frame.sequence_parallel.astype(bool)].iloc[0])
     for sp in (False, True):
-        search.run_trial(search.study.ask(), {**base, "sequence_parallel": sp}, final=False, source="test")
+        search.run_trial(Asked(search.study.ask(), dataclasses.replace(base, sequence_parallel=sp), False, "test"))
     first, second = search.study.trials
     assert first.user_attrs["status"] == second.user_attrs["status"] == "ok"
-    ran, full = first.user_attrs["ran"], pc.train.model
+    ran, full = first.user_attrs["ran"], pc.model
     assert ran["kind"] == "rank share" and ran["plan"]["tp"] == ran["plan"]["dp"] == ran["plan"]["pp"] == 1
     assert (ran["model"]["n_heads"], ran["model"]["attn_head_dim"], ran["model"]["d_ff"], ran["model"]["vocab_size"]) == \
         (full.n_heads // 2, full.head_dim, full.d_ff // 2, full.vocab_size // 2)
     assert second.user_attrs["reused"] == 0 and "trial 0 measured the same share" in second.user_attrs["reason"]
-    assert second.user_attrs["probe"] == first.user_attrs["probe"] and search.spent() == 1
-    assert not (tmp_path / "trials" / "1").exists()  # no probe ran for it
+    assert second.user_attrs["probe"] == first.user_attrs["probe"] and search.ledger().spent() == 1
+    assert len(probe.ran) == 1  # no probe ran for the second
+    assert second.user_attrs["step_times_s"] == first.user_attrs["step_times_s"] and len(first.user_attrs["step_times_s"]) == 2
     scaled = second.user_attrs["scaled"]
     assert scaled["step_time_s"] == pytest.approx(first.user_attrs["probe"]["step_time_s"] * scaled["time_scale"])
     assert second.values[0] == pytest.approx(4 * 32 / scaled["step_time_s"])
@@ -274,14 +296,11 @@ def test_a_catalog_cluster_is_measured_on_a_local_gpu_of_its_kind(tmp_path, caps
 
 
 @pytest.mark.parametrize("model,cluster,batch", [("llama-3-8b", "8xh100", 512), ("llama-3-70b", "4x8xh100", 1024)])
-def test_analytic_mode_answers_in_seconds(tmp_path, capsys, model, cluster, batch):
+def test_analytic_mode_answers_from_the_estimate(tmp_path, capsys, model, cluster, batch):
     run = tmp_path / "run"
-    t0 = time.perf_counter()
     rc = main(["search", "--out", str(run), f"model={model}", f"cluster={cluster}", f"job.global_batch={batch}",
                "job.seq_len=4096"])
-    took = time.perf_counter() - t0
     assert rc == 0, capsys.readouterr().err
-    assert took < 60, took  # seconds on an idle machine; generous for a loaded CI host
     info = json.loads((run / "search.json").read_text())
     assert info["mode"] == "analytic" and info["result"]["best"]["source"] == "estimate"
     cfg = load_train_config(run / "best.yaml")
@@ -333,7 +352,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(tmp_path, capsys, args,
 
 def test_analytic_ties_go_to_the_simpler_plan_then_less_memory():
     """Plans estimated within ANALYTIC_TIE of the fastest are ties: no pp beats pp, then less memory."""
-    base = {f: v for f, v in vars(planner_config([]).train.plan).items()}
+    base = vars(planner_config([]).plan)
     rows = [
         dict(base, pp=2, mem_total_bytes=1.0, tokens_per_s=100.0),  # fastest, but pipelined
         dict(base, zero_stage=2, mem_total_bytes=3.0, tokens_per_s=99.5),
@@ -347,23 +366,19 @@ def test_analytic_ties_go_to_the_simpler_plan_then_less_memory():
 def test_every_sampler_proposes_distinct_candidates():
     """tpe, random and grid (gp and cmaes need scipy / cmaes): after the estimate's first picks the
     sampler's proposals take turns, each snapped to a plan still to run (no probe here: told values)."""
-    from autotune.hardware import load_hardware
-    from autotune.search import Search, candidate_table
-
     for sampler in ("tpe", "random", "grid"):
         pc = planner_config([*TINY, f"search.sampler={sampler}", "search.trials=6"])
-        hw = load_hardware(pc.cluster)
-        frame = candidate_table(pc, hw)
-        search = Search(pc, Path("unused"), "s", hw, frame, optuna.storages.InMemoryStorage())
+        frame = candidate_table(pc, _fixed_hardware(pc.cluster))
+        search = Search(pc, Path("unused"), "s", _fixed_hardware(pc.cluster), frame, optuna.storages.InMemoryStorage())
         keys, sources = [], set()
         for i in range(6):
-            trial, plan, final, source = search.next_trial()
-            keys.append(plan_key(plan))
-            sources.add(source)
-            for k, v in {"claim": keys[-1], "plan": plan, "status": "ok", "final": False}.items():
-                trial.set_user_attr(k, v)
-            search.study.tell(trial, 100.0 + i)
-        assert len(set(keys)) == 6 and set(keys) <= set(search.pool.key), sampler
+            asked = search.next_trial(search.ledger())
+            keys.append(plan_key(asked.plan))
+            sources.add(asked.source)
+            for k, v in {"claim": keys[-1], "plan": plan_values(asked.plan), "status": "ok", "final": False}.items():
+                asked.trial.set_user_attr(k, v)
+            search.study.tell(asked.trial, 100.0 + i)
+        assert len(set(keys)) == 6 and set(keys) <= set(search.guidance.pool.key), sampler
         assert "estimate" in sources and any(s.startswith("sampler") for s in sources), (sampler, sources)
 
 

@@ -5,7 +5,7 @@ import sys
 import optuna
 import pytest
 
-from autotune.search import WORKER, claim, fail_stale_trials
+from autotune.search.study import WORKER, claim, fail_stale_trials
 
 
 @pytest.fixture

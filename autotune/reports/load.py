@@ -7,7 +7,7 @@ probe measured (`meas_*`). Estimates are flattened with the same column names as
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,9 +15,11 @@ import optuna
 import pandas as pd
 from omegaconf import OmegaConf
 
-from autotune.engine.config import ConfigError, PlanConfig
+from autotune.engine.config import PLAN_FIELDS, ConfigError
+from autotune.plans import plan_values
+from autotune.search.record import TrialRecord
+from autotune.storage import open_storage, sqlite_path
 
-PLAN_FIELDS = [f.name for f in fields(PlanConfig)]
 # grad_accum is derived from the others; two records of one plan may differ only in whether it is filled.
 PLAN_KEY = [f for f in PLAN_FIELDS if f != "grad_accum"]
 PROBE_FIELDS = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_bytes", "reserved_bytes")
@@ -129,33 +131,19 @@ def _as_bool(value: Any) -> bool:
 def _open_study(run_dir: Path, search: dict[str, Any]) -> tuple[Optional[optuna.Study], Optional[str]]:
     url = search.get("storage")
     local_db = run_dir / "study.db"
-    if not url or (url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file()):
+    if not url or (sqlite_path(url) is not None and not sqlite_path(url).is_file()):
         # No storage named, or a SQLite path that no longer exists (the folder was moved): use the
         # study.db next to this search.json, and never let SQLAlchemy create an empty one.
         if not local_db.is_file():
             return None, None
         url = f"sqlite:///{local_db.resolve()}"
     try:
-        return optuna.load_study(study_name=search.get("study_name"), storage=_storage(url, run_dir)), url
+        storage = open_storage(url, run_dir, create=False)
+        return optuna.load_study(study_name=search.get("study_name"), storage=storage), url
     except ConfigError:
         raise
     except Exception as e:  # SQLAlchemy, journal and lookup errors all mean: this study cannot be read
         raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {url}: {e}")
-
-
-def _storage(url: str, run_dir: Path) -> Any:
-    """The Optuna storage behind `url`, as autotune.search names it in search.json."""
-    if url.startswith("journal:") or (url.endswith((".log", ".journal")) and "://" not in url):
-        # Optuna's journal file (what several local workers share): journal:///abs/path, or a path.
-        path = Path(url.split(":", 1)[1].removeprefix("//") if url.startswith("journal:") else url)
-        path = path if path.is_absolute() else run_dir / path
-        if not path.is_file():  # opening it would create an empty one
-            raise ConfigError(f"the study's journal file {path} does not exist")
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if url.startswith("sqlite"):
-        # Wait for a search process that is writing rather than fail on "database is locked".
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
 
 
 def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:
@@ -189,10 +177,9 @@ def flatten_estimate(estimate: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _status(trial: optuna.trial.FrozenTrial) -> str:
-    status = trial.user_attrs.get("status")
-    if status:
-        return str(status)
+def _status(trial: optuna.trial.FrozenTrial, record: TrialRecord) -> str:
+    if record.status:
+        return record.status
     state = trial.state
     return {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "error"}.get(state.name, state.name.lower())
 
@@ -215,25 +202,24 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
     plan by the estimator (the trial's `scaled`; its MFU is left out)."""
     rows = []
     for t in trials:
-        attrs = t.user_attrs
-        plan = attrs.get("plan") or {}
-        probe = attrs.get("probe") or {}
+        record = TrialRecord.from_attrs(t.user_attrs)
+        plan = plan_values(record.plan) if record.plan is not None else {}
+        probe = record.probe or {}
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
-            "status": _status(t),
-            "reason": attrs.get("reason") or "",
-            "final": bool(attrs.get("final", False)),
+            "status": _status(t, record),
+            "reason": record.reason,
+            "final": record.final,
         }
         row.update({name: plan.get(name) for name in PLAN_FIELDS})
-        row.update({"est_" + k: v for k, v in flatten_estimate(attrs.get("estimate") or {}).items()})
+        row.update({"est_" + k: v for k, v in flatten_estimate(record.estimate or {}).items()})
         row.update({"meas_" + k: probe.get(k) for k in PROBE_FIELDS})
-        scaled = attrs.get("scaled")
-        if scaled:  # a share of the plan ran: its figures carried to the plan by the estimator
-            row.update({"meas_" + k: scaled.get(k) for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
+        if record.scaled:  # a share of the plan ran: its figures carried to the plan by the estimator
+            scaled = asdict(record.scaled)
+            row.update({"meas_" + k: scaled[k] for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
                        meas_tflops_per_gpu=None, meas_mfu=None, meas_reserved_bytes=None)
-        ran = attrs.get("ran") or {}
-        row["ran"] = ran.get("kind", "as is") if probe else ""
+        row["ran"] = (record.ran.kind if record.ran else "as is") if probe else ""
         row.update(
             loss_first=probe.get("loss_first"),
             loss_last=probe.get("loss_last"),

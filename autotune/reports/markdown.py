@@ -17,7 +17,7 @@ from autotune.reports.tables import (
     norm,
     pct,
     pareto_front,
-    plan_label,
+    row_label,
     rate,
     ranked_candidates,
     seconds,
@@ -109,7 +109,7 @@ def _chosen(run: Run, choice: Optional[Choice]) -> str:
     else:
         where = f"trial {choice.trial}" + (" (finalist, long run)" if row.get("final") else "")
     written = " Written to `best.yaml`, `ds_config.json`, `launch.sh`." if (run.run_dir / "best.yaml").is_file() else ""
-    lines.append(f"**{plan_label(row)}**, from {where}.{written}")
+    lines.append(f"**{row_label(row)}**, from {where}.{written}")
     lines.append("")
     rows = [[label, _plan_value(row, key)] for label, key in _plan_rows([row])]
     lines.append(markdown_table(rows, ["plan", "value"]))
@@ -136,7 +136,7 @@ def _why(run: Run, choice: Choice) -> list[str]:
         if not others.empty and objective == "throughput":
             second = others.loc[others.meas_tokens_per_s.idxmax()]
             reasons.append(_lead(row.meas_tokens_per_s, second.meas_tokens_per_s) +
-                           f" the next {'finalist' if row.final and second.final else 'measured plan'}, trial {int(second.number)} ({plan_label(second)}, "
+                           f" the next {'finalist' if row.final and second.final else 'measured plan'}, trial {int(second.number)} ({row_label(second)}, "
                            f"{rate(second.meas_tokens_per_s)} tokens/s){_differences(row, second)}")
         if objective == "pareto":
             like = run.measured[run.measured.final == row.final]
@@ -186,7 +186,7 @@ def _top(run: Run, choice: Optional[Choice]) -> str:
     measured = ranked_by == "measured"
     pre = "est_" if measured else ""
     names = _column_names(top, choice, measured)
-    rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
+    rows = [["plan"] + [row_label(r) for _, r in top.iterrows()]]
     plans = [r for _, r in top.iterrows()]
     rows += [[label] + [_plan_value(r, key) for r in plans] for label, key in _plan_rows(plans)]
     metrics = [("estimated tokens/s", pre + "tokens_per_s", rate), ("estimated memory", pre + "mem_total_bytes", gib),
@@ -208,7 +208,7 @@ def _failures(run: Run) -> str:
     if failed.empty:
         lines.append("Every trial that ran, ran to completion.")
     else:
-        rows = [[int(r.number), r.status, plan_label(r), gib(r.get("est_mem_total_bytes")),
+        rows = [[int(r.number), r.status, row_label(r), gib(r.get("est_mem_total_bytes")),
                  r.reason or r.error or "–"] for _, r in failed.iterrows()]
         lines.append(markdown_table(rows, ["trial", "status", "plan", "estimated memory", "reason"]))
     skipped = run.trials[run.trials.status == "skipped"]
@@ -225,7 +225,7 @@ def _estimate_vs_measured(run: Run) -> str:
     if df.empty:
         lines.append("No trial finished, so nothing was measured to compare with.")
         return "\n".join(lines)
-    rows = [[int(r.number), plan_label(r), gib(r.est_mem_total_bytes), gib(r.meas_peak_mem_bytes), pct(r.mem_error_pct),
+    rows = [[int(r.number), row_label(r), gib(r.est_mem_total_bytes), gib(r.meas_peak_mem_bytes), pct(r.mem_error_pct),
              seconds(r.est_step_time_s), seconds(r.meas_step_time_s), pct(r.time_error_pct),
              rate(r.est_tokens_per_s), rate(r.meas_tokens_per_s)] for _, r in df.iterrows()]
     lines.append(markdown_table(rows, ["trial", "plan", "est. memory", "meas. peak", "error", "est. step",
@@ -261,7 +261,7 @@ def _short_vs_long(run: Run) -> str:
     rows = []
     for _, final in finals.iterrows():
         match = match_plan(short, final)
-        rows.append([plan_label(final), rate(match.meas_tokens_per_s.max()) if not match.empty else "–",
+        rows.append([row_label(final), rate(match.meas_tokens_per_s.max()) if not match.empty else "–",
                      rate(final.meas_tokens_per_s)])
     if rows:
         lines += ["", markdown_table(rows, ["finalist", "short run tokens/s", "long run tokens/s"])]
@@ -275,7 +275,7 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
     top = ranked.head(5)
     names = _column_names(top, choice, measured=False)
     mem_cols, time_cols = component_columns(top, "", "mem"), component_columns(top, "", "time")
-    rows = [["plan"] + [plan_label(r) for _, r in top.iterrows()]]
+    rows = [["plan"] + [row_label(r) for _, r in top.iterrows()]]
     rows += [[f"memory: {component_name(c)}"] + [gib(v) for v in top[c]] for c in mem_cols]
     rows += [["memory: total"] + [gib(v) for v in top.mem_total_bytes]]
     rows += [[f"time: {component_name(c)}"] + [seconds(v) for v in top[c]] for c in time_cols]
@@ -289,10 +289,10 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
         rank = f"#{ranked.index.get_loc(second.name) + 1}"
         lead = 100 * (win.tokens_per_s / second.tokens_per_s - 1)
         if abs(lead) < 0.05:
-            lines.append(f"- ties with {rank} ({plan_label(second)}) on estimated throughput; that plan needs "
+            lines.append(f"- ties with {rank} ({row_label(second)}) on estimated throughput; that plan needs "
                          f"{gib(second.mem_total_bytes)} against {gib(win.mem_total_bytes)}{_differences(win, second)}.")
         else:
-            lines.append(f"- {_lead(win.tokens_per_s, second.tokens_per_s)} {rank} ({plan_label(second)}) on "
+            lines.append(f"- {_lead(win.tokens_per_s, second.tokens_per_s)} {rank} ({row_label(second)}) on "
                          f"estimated throughput{_differences(win, second)}.")
         for col in time_cols:
             if abs(second[col] - win[col]) > 0.001 * second.step_time_s:
@@ -301,7 +301,7 @@ def _analytic(run: Run, choice: Optional[Choice]) -> str:
     faster = cand[(cand.tokens_per_s > win.tokens_per_s) & ~cand.fits] if "fits" in cand else cand.iloc[:0]
     if not faster.empty:
         best = faster.loc[faster.tokens_per_s.idxmax()]
-        lines.append(f"- {len(faster)} plans with a higher estimate do not fit; the fastest ({plan_label(best)}, "
+        lines.append(f"- {len(faster)} plans with a higher estimate do not fit; the fastest ({row_label(best)}, "
                      f"{rate(best.tokens_per_s)} tokens/s) needs {gib(best.mem_total_bytes)}"
                      + (f" of {gib(run.memory_limit_bytes)}" if run.memory_limit_bytes else ""))
     return "\n".join(lines)
@@ -344,7 +344,7 @@ def _candidates(run: Run) -> str:
         over = cand[cand.dropped == "does not fit"]
         if not over.empty and "mem_total_bytes" in over:
             small = over.loc[over.mem_total_bytes.idxmin()]
-            lines.append(f"The smallest plan that does not fit is {plan_label(small)}: "
+            lines.append(f"The smallest plan that does not fit is {row_label(small)}: "
                          + (small.why if small.get("why") else f"{gib(small.mem_total_bytes)}") + ".")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from autotune.reports.tables import (
     component_name,
     memory_unit,
     pareto_front,
-    plan_label,
+    row_label,
     top_plans,
 )
 
@@ -122,7 +122,7 @@ def throughput_vs_memory(run: Run, choice: Optional[Choice]) -> Optional[Figure]
     if choice is not None:
         x, y = _chosen_point(choice)
         run_kind = " (long run)" if choice.source == "measured" and choice.row.get("final") else ""
-        ax.scatter([x / div], [y], label=f"chosen: {plan_label(choice.row)}{run_kind}", **CHOSEN)
+        ax.scatter([x / div], [y], label=f"chosen: {row_label(choice.row)}{run_kind}", **CHOSEN)
     ax.set_xlabel(f"peak memory per GPU ({unit_name})")
     ax.set_ylabel("throughput (tokens/s, whole job)")
     ax.yaxis.set_major_formatter(THOUSANDS)
@@ -170,7 +170,7 @@ def memory_breakdown(run: Run, choice: Optional[Choice], n: int = 8) -> Optional
     div, unit_name = unit = memory_unit(totals, peaks)
     chosen = choice.row.name if choice is not None else None
     labels = [
-        (f"trial {int(r.number)}: " if ranked_by == "measured" else f"#{i + 1} ") + plan_label(r)
+        (f"trial {int(r.number)}: " if ranked_by == "measured" else f"#{i + 1} ") + row_label(r)
         + (" (chosen)" if idx == chosen else "")
         for i, (idx, r) in enumerate(top.iterrows())
     ]

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from autotune.plans import plan_from_row, plan_label
 from autotune.reports.load import PLAN_KEY, Run
 
 GIB = 2**30
@@ -22,37 +23,11 @@ class Choice:
     trial: Optional[int] = None
 
 
-def plan_label(row: pd.Series | dict[str, Any]) -> str:
-    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton`."""
-    get = row.get
-    if norm(get("zero_stage")) == "None":
+def row_label(row: pd.Series | dict[str, Any]) -> str:
+    """The plan label (autotune.plans.plan_label) of a trial's or a candidate's row."""
+    if norm(row.get("zero_stage")) == "None":
         return "(no plan recorded)"
-    zero = f"Z{int(get('zero_stage', 0))}"
-    if _true(get("offload_optimizer")):
-        zero += "+oo"
-    if _true(get("offload_params")):
-        zero += "+op"
-    ckpt = str(get("activation_checkpointing") or "none")
-    if ckpt == "selective":
-        ckpt = f"sel{int(get('checkpoint_every_k') or 1)}"
-    parts = [zero, str(get("precision")), f"mb{int(get('micro_batch') or 1)}", f"ckpt:{ckpt}",
-             f"dp{int(get('dp') or 1)}"]
-    if int(get("tp") or 1) > 1:
-        parts.append(f"tp{int(get('tp'))}" + ("+sp" if _true(get("sequence_parallel")) else ""))
-    if int(get("pp") or 1) > 1:
-        virtual = int(get("pp_virtual_stages") or 1)
-        parts += [f"pp{int(get('pp'))}", str(get("pp_schedule")) + (f"/v{virtual}" if virtual > 1 else "")]
-    if get("kernels") == "triton":
-        parts.append("triton")
-    if _true(get("compile")):
-        parts.append("compile")
-    return " ".join(parts)
-
-
-def _true(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.lower() == "true"
-    return bool(value) and not (isinstance(value, float) and math.isnan(value))
+    return plan_label(plan_from_row(row))
 
 
 def norm(value: Any) -> str:
