@@ -452,6 +452,24 @@ def as_json(config: Any) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
 
 
+def from_json(cls: type, data: dict[str, Any]) -> Any:
+    """The config dataclass `cls` from what `as_json` wrote (a record read back, so not validated
+    again; fields it lacks take their defaults)."""
+    nested = _nested_configs(cls)
+    return cls(**{k: from_json(nested[k], v) if k in nested else v
+                  for k, v in data.items() if k in _field_names(cls)})
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+@functools.cache
+def _nested_configs(cls: type) -> dict[str, type]:
+    return {name: hint for name, hint in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(hint)}
+
+
 def validate_model(m: ModelConfig) -> None:
     for key in ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
         if getattr(m, key) < 1:

@@ -11,9 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from omegaconf import OmegaConf
 
-from autotune.engine.config import PlanConfig, TrainConfig, as_json
+from autotune.engine.config import PlanConfig, TrainConfig, as_json, from_json
 from autotune.plans import plan_from_row, plan_values
 
 MEASURED = ("ok", "oom", "error", "timeout", "pruned")  # a plan that ran (to the end or not)
@@ -39,10 +38,7 @@ class Ran:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "Ran":
-        # the config as it ran: no validation again (it passed when it ran), no derived fields refilled
-        train = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                                                    {k: attrs[k] for k in ("model", "job", "plan")}))
-        return cls(train=train, kind=attrs.get("kind", "as is"), note=attrs.get("note", ""),
+        return cls(train=from_json(TrainConfig, attrs), kind=attrs.get("kind", "as is"), note=attrs.get("note", ""),
                    estimate=attrs.get("estimate"))
 
 
