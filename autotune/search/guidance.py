@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import optuna
 import pandas as pd
 
 from autotune.config import PlannerConfig
@@ -43,12 +44,11 @@ class NoGuidance:
 
     calibration: Optional[Calibration] = None
 
-    def __init__(self, pool: pd.DataFrame, seed: int):
-        self.pool, self.seed = pool, seed
-        self.seen = 0
+    def __init__(self, pool: pd.DataFrame, seed: int, study: optuna.Study):
+        self.pool, self.seed, self.study = pool, seed, study
 
     def learn(self, ledger: Ledger) -> None:
-        self.seen = len(ledger.trials)
+        pass
 
     def pick(self, plans: pd.DataFrame, measured: int) -> Optional[pd.Series]:
         return None
@@ -63,8 +63,9 @@ class NoGuidance:
         return ""
 
     def preference(self, plans: pd.DataFrame) -> pd.Series:
-        """A seeded random order (it differs from trial to trial)."""
-        return pd.Series(np.random.default_rng(self.seed + self.seen).random(len(plans)), index=plans.index)
+        """A seeded random order, another for each trial of the study."""
+        rng = np.random.default_rng(self.seed + len(self.study.get_trials(deepcopy=False)))
+        return pd.Series(-rng.random(len(plans)), index=plans.index)
 
 
 class EstimatorGuidance:

@@ -48,7 +48,7 @@ class Search:
             self.guidance = EstimatorGuidance(pc, hw, hw_here, frame[frame["dropped"] == ""],
                                               whole_here=pc.cluster.n_gpus <= cap)
         else:
-            self.guidance = NoGuidance(frame, self.s.seed)
+            self.guidance = NoGuidance(frame, self.s.seed, self.study)
         self.runner = TrialRunner(pc, run_dir, hw, hw_here, cap, probe)
         self.progress = Progress(self.s)
         self.stopped = ""
@@ -100,12 +100,12 @@ class Search:
                 return asked
             if key in rest_keys:
                 why = self.guidance.why_not(rest[rest["key"] == key].iloc[0])
-                close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why),
+                close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why, source=asked.source),
                             TrialState.PRUNED, claim_key=key)
             else:
                 why = ("proposal is not a candidate (invalid, does not fit, dominated or already run); "
                        "the nearest candidate still to run was queued instead")
-                close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why),
+                close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why, source=asked.source),
                             TrialState.FAIL)
             # every trial's params are the plan it ran: the replacement is a trial of its own
             near = self.proposals.nearest(asked.plan, worth, self.guidance.preference(worth))
@@ -118,7 +118,7 @@ class Search:
         key = (FINAL if asked.final else "") + plan_key(asked.plan)
         why_not = claim(self.study, asked.trial, key)
         if why_not:
-            close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why_not),
+            close_unrun(self.study, asked.trial, TrialRecord(plan=asked.plan, status="skipped", reason=why_not, source=asked.source),
                         TrialState.FAIL)
             return
         record, seconds = self.runner.run(self.study, asked.trial, asked.plan, final=asked.final, source=asked.source,
