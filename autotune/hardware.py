@@ -12,7 +12,7 @@ import functools
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import psutil
 import torch
@@ -95,7 +95,7 @@ def load_hardware(cluster: ClusterConfig) -> Hardware:
             "set cluster.nodes and cluster.gpus_per_node to at least 1"
         )
     base = probe_local() if cluster.gpu == "auto" else catalog_gpu(cluster.gpu)
-    hw = Hardware(**{**asdict(base), "gpus_per_node": cluster.gpus_per_node, "nodes": cluster.nodes})
+    hw = replace(base, gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes)
     if cluster.intra_node_gbps is not None:
         hw.intra_node_bytes_per_s = cluster.intra_node_gbps * 1e9
     # Without a figure for the network, assume it as fast as the node's links (one-node clusters).

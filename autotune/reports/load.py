@@ -7,7 +7,7 @@ probe measured (`meas_*`). Estimates are flattened with the same column names as
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -116,7 +116,7 @@ def _read_candidates(path: Path) -> Optional[pd.DataFrame]:
         raise ConfigError(f"cannot read {path} as CSV ({e}); rerun the search to rewrite it")
     for col in ("dropped", "why", "reason"):
         if col in df:
-            df[col] = df[col].fillna("").astype(str)
+            df[col] = df[col].astype(object).fillna("").astype(str)  # an all-empty column reads as floats
     if "fits" in df and df["fits"].dtype != bool:
         df["fits"] = df["fits"].map(_as_bool)
     return df
@@ -216,8 +216,7 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
         row.update({"est_" + k: v for k, v in flatten_estimate(record.estimate or {}).items()})
         row.update({"meas_" + k: probe.get(k) for k in PROBE_FIELDS})
         if record.scaled:  # a share of the plan ran: its figures carried to the plan by the estimator
-            scaled = asdict(record.scaled)
-            row.update({"meas_" + k: scaled[k] for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
+            row.update({"meas_" + k: getattr(record.scaled, k) for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
                        meas_tflops_per_gpu=None, meas_mfu=None, meas_reserved_bytes=None)
         row["ran"] = (record.ran.kind if record.ran else "as is") if probe else ""
         row.update(
