@@ -135,3 +135,54 @@ def test_an_output_path_that_cannot_be_used_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {taken}: File exists; give a path that can be used"]
     assert taken.read_text() == "mine\n"  # the user's file is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.sampler=bogus", "search.sampler='bogus': use one of tpe, gp, cmaes, random, grid"),
+    ("search.mode=fast", "search.mode='fast': use one of auto, measure, analytic"),
+    ("search.objective=speed", "search.objective='speed': use one of throughput, cost, pareto"),
+    ("search.pruner=median", "search.pruner='median': use one of hyperband, halving, none"),
+    ("search.precisions=[fp32,fp8]", "search.precisions='fp8': use one of fp32, bf16, fp16"),
+    ("plan.precision=fp8", "plan.precision='fp8': use one of fp32, bf16, fp16"),
+    ("plan.pp_schedule=2f2b", "plan.pp_schedule='2f2b': use one of gpipe, 1f1b, interleaved_1f1b"),
+    ("plan.activation_checkpointing=some", "plan.activation_checkpointing='some': use one of none, full, selective"),
+    ("plan.kernels=cuda", "plan.kernels='cuda': use one of torch, triton"),
+    ("model.family=t5", "model.family='t5': use one of llama, gpt2"),
+    ("job.data.dtype=int8", "job.data.dtype='int8': use one of uint16, uint32"),
+])
+def test_a_bad_choice_is_one_line_naming_the_key_and_its_choices(override, message, capsys):
+    from autotune.cli import main
+
+    assert main(["estimate", override]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_choices_are_typed_and_read_as_their_text(tmp_path):
+    cfg = planner_config(["plan.pp_schedule=gpipe", "plan.pp=2", "job.global_batch=8", "cluster.gpus_per_node=2",
+                          "plan.precision=bf16"])
+    assert type(cfg.plan.pp_schedule).__name__ == "PipelineSchedule" and cfg.plan.pp_schedule == "gpipe"
+    assert f"{cfg.plan.precision}" == "bf16" and json.dumps(cfg.search.precisions) == '["fp32", "bf16", "fp16"]'
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg.train))
+    assert "pp_schedule: gpipe" in path.read_text() and "precision: bf16" in path.read_text()
+    again = load_train_config(path, ["plan.pp_schedule=1f1b"])  # a value that is not an identifier
+    assert again.plan.pp_schedule == "1f1b" and again.plan.precision == cfg.plan.precision
+    with pytest.raises(ConfigError, match=r"plan.precision='fp8': use one of fp32, bf16, fp16"):
+        build_train_config({"plan": {"precision": "fp8"}})
+
+
+def test_sections_without_options_and_unknown_keys():
+    with pytest.raises(ConfigError, match=r"job has no options to choose \(only model and cluster do\)"):
+        planner_config(["job=long"])
+    with pytest.raises(ConfigError, match=r"plan.foo is not a setting of plan"):
+        planner_config(["+plan.foo=1"])
+
+
+def test_defaults_live_in_the_schema():
+    """conf/ holds the options of the model and cluster groups; every other default is the schema's."""
+    from autotune.config import GROUPS, PlannerConfig
+
+    assert sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()) == sorted([*GROUPS, "gpu"])
+    assert planner_config([]).search == PlannerConfig().search and planner_config([]).job == PlannerConfig().job
+    tiny = planner_config([]).model
+    assert tiny.name == "tiny" and tiny == build_train_config({"model": {"n_kv_heads": 2}}).model

@@ -136,6 +136,35 @@ def test_oom_trial_is_recorded_and_search_finishes_with_a_plan_that_fits(tmp_pat
     assert "oom" in (run / "report.md").read_text().lower()
 
 
+def test_guided_search_stops_when_no_plan_left_can_beat_the_best(tmp_path, monkeypatch):
+    """The fake probe's plans differ by micro-batch, ZeRO stage and precision; the guided search
+    measures the estimate's favourites, recalibrates, skips what cannot win, and stops early."""
+    run = tmp_path / "run"
+    _fake_search(run, monkeypatch, ["search.trials=12", "search.pruner=none"])  # Hyperband draws its brackets by hash()
+    info = json.loads((run / "search.json").read_text())
+    assert info["result"]["stopped"].startswith("no plan left can beat the best measured one")
+    study = _study(run)
+    short, final = _measured(study), _measured(study, final=True)
+    assert len(short) < 12 and len(final) == 2
+    assert all(len(t.user_attrs["step_times_s"]) == 4 for t in short)  # search.probe_steps
+    assert all(len(t.user_attrs["step_times_s"]) == 8 for t in final)  # search.final_steps
+    best = max(final, key=lambda t: t.values[0])
+    assert info["result"]["best"]["trial"] == best.number and info["result"]["kendall_pairs"] == 2
+    skipped = [t for t in study.trials if t.user_attrs.get("status") == "skipped"]
+    assert all(t.user_attrs["reason"] for t in skipped)
+    assert len(pd.read_csv(run / "trials.csv")) == len(study.trials)
+
+
+def test_plain_optuna_spends_the_whole_budget(tmp_path, monkeypatch):
+    """search.use_estimator=false: no plan is skipped as hopeless, the budget decides."""
+    run = tmp_path / "run"
+    probe = _fake_search(run, monkeypatch, ["search.trials=5", "search.finalists=1", "search.use_estimator=false",
+                                           "search.sampler=random"])
+    short = _measured(_study(run))
+    assert len(short) == len({t.user_attrs["claim"] for t in short}) == 5 and len(probe.ran) == 6
+    assert json.loads((run / "search.json").read_text())["result"]["stopped"] == "search.trials=5 trials run"
+
+
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
