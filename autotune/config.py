@@ -29,7 +29,7 @@ from autotune.engine.config import (
     PlanConfig,
     Precision,
     TrainConfig,
-    _omegaconf_message,
+    omegaconf_message,
     check_choices,
     choices,
     model_from_hf_config,
@@ -139,34 +139,38 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+UNKNOWN_SECTION = (f"is not a config section; use one of {', '.join(SECTIONS)} "
+                   "(e.g. model=gpt2, plan.zero_stage=3, cluster.gpu=h100-sxm)")
+
+
 def _override_message(e: Exception, overrides) -> str:
     """One line naming the bad override and what Hydra/OmegaConf found wrong with it."""
     cause = e.__cause__
     first = str(e).splitlines()[0]
-    unknown_section = (f"is not a config section; use one of {', '.join(SECTIONS)} "
-                       "(e.g. model=gpt2, plan.zero_stage=3, cluster.gpu=h100-sxm)")
     not_a_group = re.match(r"Could not override '([^'.]+)'\. No match in the defaults list", first)
     if not_a_group:
-        return f"{not_a_group.group(1)} {unknown_section}"
+        return f"{not_a_group.group(1)} {UNKNOWN_SECTION}"
     if isinstance(cause, OmegaConfBaseException):
-        key = getattr(cause, "full_key", "") or ""
         detail = str(cause).splitlines()[0]
-        if key in SECTIONS:  # `job=x`: a section that is not a group
-            return f"{key} has no options to choose (only {' and '.join(GROUPS)} do); set its keys, e.g. {key}.KEY=VALUE"
-        if "not in" in detail and key:
-            if "." not in key:  # neither a group nor a section's key
-                return f"{key} {unknown_section}"
-            section = key.rsplit(".", 1)[0]
-            return f"{key} is not a setting of {section}; check the spelling (the keys are in {_schema_of(section)})"
-        if detail.startswith("Invalid value"):
-            return _omegaconf_message(cause)
-        return f"{first.replace('Error merging override ', '')}: {detail}"
+        return _schema_message(cause) or f"{first.replace('Error merging override ', '')}: {detail}"
     return f"bad override in {list(overrides)}: {first}; write overrides as key=value or group=option"
 
 
-def _schema_of(section: str) -> str:
-    where = "autotune/config.py" if section.split(".")[0] in ("cluster", "search", "estimate") else "autotune/engine/config.py"
-    return f"{where}, the schema"
+def _schema_message(e: OmegaConfBaseException) -> str:
+    """What the schema finds wrong with a key or a choice ("" for another complaint)."""
+    key = getattr(e, "full_key", "") or ""
+    detail = str(e).splitlines()[0]
+    if key in SECTIONS:  # `job=x`: a section that is not a group
+        return f"{key} has no options to choose (only {' and '.join(GROUPS)} do); set its keys, e.g. {key}.KEY=VALUE"
+    if "not in" in detail and key:
+        if "." not in key:  # neither a group nor a section's key
+            return f"{key} {UNKNOWN_SECTION}"
+        section = key.rsplit(".", 1)[0]
+        schema = "autotune/config.py" if section.split(".")[0] in ("cluster", "search", "estimate") else "autotune/engine/config.py"
+        return f"{key} is not a setting of {section}; check the spelling (the keys are in {schema}, the schema)"
+    if detail.startswith("Invalid value"):
+        return omegaconf_message(e)
+    return ""
 
 
 def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig:
@@ -181,12 +185,7 @@ def planner_config(overrides: list[str] | tuple[str, ...] = ()) -> PlannerConfig
     try:  # merged again into the schema: a key added with `+plan.name=...` is refused like a typo
         pc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PlannerConfig), OmegaConf.to_container(cfg)))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or ""
-        if "not in" in str(e) and "." in key:
-            section = key.rsplit(".", 1)[0]
-            raise ConfigError(f"{key} is not a setting of {section}; check the spelling "
-                              f"(the keys are in {_schema_of(section)})")
-        raise ConfigError(_omegaconf_message(e))
+        raise ConfigError(_schema_message(e) or omegaconf_message(e))
     validate(pc.train)
     cluster = pc.cluster
     if cluster.gpus_per_node < 1 or cluster.nodes < 1:

@@ -2,7 +2,10 @@
 
 The engine owns this schema; the planner imports it, the Hydra tree in `conf/` fills it and the
 search writes it back out. Every check that can be made without hardware is made here, when a
-config is built, and each violation is one `ConfigError` that says what to change.
+config is built, and each violation is one `ConfigError` that says what to change. A setting with a
+fixed set of values is an enum (`choices`): OmegaConf checks it when a config is read, and a
+config dataclass built in Python converts its strings (`check_choices`). The dataclass defaults are
+the only defaults.
 """
 from __future__ import annotations
 
@@ -41,10 +44,7 @@ Kernels = choices("Kernels", "torch", "triton")
 TokenDtype = choices("TokenDtype", "uint16", "uint32")
 RouterSoftmax = choices("RouterSoftmax", "before", "after")
 
-FAMILIES = tuple(Family.__members__)
-PRECISIONS = tuple(Precision.__members__)
-CHECKPOINTING = tuple(Checkpointing.__members__)
-PP_SCHEDULES = tuple(PipelineSchedule.__members__)
+PRECISIONS = tuple(Precision.__members__)  # as plain strings, for the cost model's tables
 KERNELS = tuple(Kernels.__members__)
 
 
@@ -368,10 +368,10 @@ def _structured(schema: type, data: Any, what: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(_omegaconf_message(e, what))
+        raise ConfigError(omegaconf_message(e, what))
 
 
-def _omegaconf_message(e: OmegaConfBaseException, section: str = "") -> str:
+def omegaconf_message(e: OmegaConfBaseException, section: str = "") -> str:
     """One line for OmegaConf's complaint about `section` (empty: the key is the full path)."""
     msg = str(e).splitlines()[0]
     key = ".".join(filter(None, [section, getattr(e, "full_key", None) or ""]))
