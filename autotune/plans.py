@@ -240,6 +240,7 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),
         "kernels not on this device": plan.kernels != "torch" and device != "cuda",
         "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
+        "expert parallelism, not searched yet": plan.ep != _DEFAULTS.ep,
     }
     return ", ".join(why for why, broken in rules.items() if broken)
 
