@@ -1,0 +1,45 @@
+"""The model profile: exact parameters, FLOPs per token, and activation bytes and memory traffic
+measured on the engine (sections of docs/formulas.md in brackets).
+
+- flops: the weights that do matmul work and the training FLOPs per token [FLOPs and MFU];
+- features: the widths the measured tables are linear in, and what a tensor-parallel rank holds;
+- activations: the bytes every block saves for backward, measured on the engine's own model
+  (`torch.autograd.graph.saved_tensors_hooks` on small real forwards) and fitted as per-element
+  coefficients of the model's widths [Activations];
+- traffic: the bytes the memory-bound ops move, counted with a TorchDispatchMode on the same
+  forwards and backwards and fitted on the same features (the step time's memory-bound part);
+- fits: the small models the tables are fitted on and the coefficient cache ($AUTOTUNE_CACHE,
+  else ~/.cache/autotune; one file per engine version);
+- summary and cli: profile.json and `autotune profile`.
+
+The fit is made on a few shrunk models of the same family and attention kind (grouped-query or
+not) with different widths, so the coefficients are bytes per element and scale to any width: a
+llama-3-70b block is predicted from tiny llama blocks, and the tests hold predictions to fresh
+measurements at shapes larger than the fit. SDPA keeps no s x s matrix (flash/efficient/CPU-flash
+kernels save out + logsumexp), so there is no s² term. One fit per (family, gqa) group is cached in
+memory and on disk.
+"""
+from autotune.profile.activations import (
+    MEASURED_CHECKPOINTING, activation_coefficients, activation_fit, activation_key, measure_saved_bytes,
+    predict_saved_bytes,
+)
+from autotune.profile.cli import cli
+from autotune.profile.features import (
+    BLOCK_FEATURES, OUTSIDE_FEATURES, TP_SPLIT_FEATURES, TRAFFIC_BLOCK_FEATURES, block_features, outside_features,
+    tp_block_bytes, tp_outside_bytes,
+)
+from autotune.profile.fits import FIT_BATCHES, cache_dir, fit_shapes
+from autotune.profile.flops import flops_per_token, matmul_params
+from autotune.profile.measure import CASTS, DTYPE, temporary_env
+from autotune.profile.summary import model_profile
+from autotune.profile.traffic import (
+    TrafficCounter, measure_traffic, predict_traffic, traffic_coefficients, traffic_fit, traffic_key,
+)
+
+__all__ = [
+    "BLOCK_FEATURES", "CASTS", "DTYPE", "FIT_BATCHES", "MEASURED_CHECKPOINTING", "OUTSIDE_FEATURES", "TP_SPLIT_FEATURES",
+    "TRAFFIC_BLOCK_FEATURES", "TrafficCounter", "activation_coefficients", "activation_fit", "activation_key",
+    "block_features", "cache_dir", "cli", "fit_shapes", "flops_per_token", "matmul_params", "measure_saved_bytes",
+    "measure_traffic", "model_profile", "outside_features", "predict_saved_bytes", "predict_traffic",
+    "temporary_env", "tp_block_bytes", "tp_outside_bytes", "traffic_coefficients", "traffic_fit", "traffic_key",
+]

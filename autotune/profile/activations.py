@@ -1,0 +1,133 @@
+"""Activation bytes measured on the engine's model and fitted per element of its widths.
+
+The bytes every block saves for backward are counted with `torch.autograd.graph.saved_tensors_hooks`
+on small real forwards (unique storages counted once, parameters and buffers excluded) and fitted
+on the features of autotune.profile.features, for every precision x cast x checkpointing x kernels
+choice ([Activations] in docs/formulas.md).
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import nullcontext
+
+import torch
+
+from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig
+from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
+from autotune.profile.features import (
+    BLOCK_FEATURES, OUTSIDE_FEATURES, block_features, outside_features, tp_block_bytes, tp_outside_bytes,
+)
+from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
+from autotune.profile.measure import CASTS, DTYPE, cpu_model, temporary_env, triton_launches
+
+MEASURED_CHECKPOINTING = ("none", "full")  # selective = a mix of the two, per block
+
+
+def measure_saved_bytes(
+    model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
+    checkpointing: str = "none", kernels: str = "torch", triton_arithmetic: bool = False, every_k: int = 2,
+) -> dict[str, float]:
+    """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU, with
+    the engine's own activation checkpointing: {"block": mean over blocks, "outside": embedding +
+    final norm + head + loss, "total": all of it}.
+
+    With kernels="triton" the kernels' launches are skipped: what a kernel keeps for backward is
+    decided by its autograd.Function (`ctx.save_for_backward` on tensors allocated by torch), not by
+    its arithmetic, so shapes, dtypes and storages are those of a real run. triton_arithmetic: run
+    them through Triton's interpreter instead (about a second per tiny forward; TRITON_INTERPRET=1
+    must be set before the kernels are imported).
+    """
+    net = cpu_model(model, s, precision, cast, kernels)
+    held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    apply_activation_checkpointing(net, PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k))
+    owner = ["outside"]
+    seen: dict[int, tuple[str, int]] = {}
+    for name, block in net.layers.items():
+        block.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, name))
+        block.register_forward_hook(lambda mod, args, out: owner.__setitem__(0, "outside"))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in held and ptr not in seen and storage.nbytes() > 0:
+            seen[ptr] = (owner[0], storage.nbytes())
+        return t
+
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    autocast = torch.autocast("cpu", dtype=DTYPE[precision]) if precision != "fp32" and cast == "autocast" else nullcontext()
+    if kernels != "triton":
+        triton = nullcontext()
+    elif triton_arithmetic:
+        triton = temporary_env("TRITON_INTERPRET", "1")
+    else:
+        triton = triton_launches(lambda *args, **kwargs: None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton:
+        net(tokens, tokens)
+    blocks = sum(n for who, n in seen.values() if who != "outside")
+    outside = sum(n for who, n in seen.values() if who == "outside")
+    return {"block": blocks / model.n_layers, "outside": float(outside), "total": float(blocks + outside)}
+
+
+def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) -> str:
+    return f"{precision}/{cast if precision != 'fp32' else 'params'}/{checkpointing}/{kernels}"
+
+
+def _fit_group(family: str, gqa: bool) -> dict[str, dict]:
+    """Coefficients for every precision x cast x checkpointing x kernels choice of one (family, gqa) group."""
+    fits = {}
+    for precision in PRECISIONS:
+        for cast in CASTS if precision != "fp32" else ("params",):
+            for ckpt in MEASURED_CHECKPOINTING:
+                for kernels in KERNELS:
+                    rows_b, rows_o, yb, yo = [], [], [], []
+                    for m in fit_shapes(family, gqa):
+                        for b, s in FIT_BATCHES:
+                            got = measure_saved_bytes(m, b, s, precision, cast, ckpt, kernels)
+                            rows_b.append(block_features(m, b, s))
+                            rows_o.append(outside_features(m, b, s))
+                            yb.append(got["block"])
+                            yo.append(got["outside"])
+                    fits[activation_key(precision, cast, ckpt, kernels)] = {
+                        "block": lstsq(rows_b, yb, BLOCK_FEATURES), "outside": lstsq(rows_o, yo, OUTSIDE_FEATURES),
+                    }
+    return fits
+
+
+@functools.cache
+def activation_fit(family: str, gqa: bool) -> dict[str, dict]:
+    """The coefficient table of one (family, gqa) group (fitted once per engine version)."""
+    return cached_fit("activations", family, gqa, lambda: _fit_group(family, gqa))
+
+
+def activation_coefficients(model: ModelConfig) -> dict[str, dict]:
+    return activation_fit(model.family, model.kv_heads != model.n_heads)
+
+
+def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str,
+                        kernels: str = "torch", every_k: int = 2, tp: int = 1, sp: bool = False) -> dict[str, float]:
+    """Predicted saved bytes from the fitted coefficients: {"block" (plain), "outside", "total"}
+    with the engine's choice of checkpointed blocks (engine.parallel.checkpointed_blocks); the
+    blocks as one of `tp` tensor-parallel ranks holds them (`sp`: with sequence parallelism).
+
+    One whole model, as measured. Under tp or pp the engine runs torch's loss even with
+    kernels="triton" (the fused loss needs the whole head); autotune.estimate then takes the
+    outside's V and P terms (logits, head) from the "torch" fit and its per-token terms from this one.
+    """
+    coefs = activation_coefficients(model)
+    fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)
+    beta = 4 if precision == "fp32" else 2
+
+    def block(mode: str) -> float:
+        c = coefs[activation_key(precision, cast, mode, kernels)]["block"]
+        plain = sum(c[k] * fb[k] for k in BLOCK_FEATURES if k != "P") + c["P"] * fb["P"] / tp  # weights: tp shards
+        hidden = c["tok"] * fb["tok"] + c["h"] * fb["h"]
+        return float(tp_block_bytes(plain, hidden, b, s, model.d_model, beta, tp, sp, checkpointed=mode == "full"))
+
+    c = coefs[activation_key(precision, cast, "none", kernels)]["outside"]
+    per_token = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+    outside = float(tp_outside_bytes(per_token, c["h"] * fo["h"], b, s, model.d_model, beta, tp, sp)
+                    + (c["V"] * fo["V"] + c["P"] * fo["P"]) / tp)
+    plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k)
+    n_ck = len(checkpointed_blocks(plan, model.n_layers))
+    total = n_ck * block("full") + (model.n_layers - n_ck) * block("none") + outside
+    return {"block": block("full" if checkpointing == "full" else "none"), "outside": outside, "total": total}

@@ -1,0 +1,61 @@
+"""What the measurements share: the engine's model on the CPU with placeholder values, and the
+Triton kernels' launches replaced (the kernels' autograd.Functions still run, on CPU tensors)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from autotune.engine.config import ModelConfig
+from autotune.engine.model import build_model
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
+# "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO-2/3).
+CASTS = ("params", "autocast")
+
+
+def cpu_model(model: ModelConfig, s: int, precision: str, cast: str, kernels: str) -> torch.nn.Module:
+    """The engine's model on the CPU for sequences of `s`, every value 0.01, its parameters 16-bit
+    when the plan computes with 16-bit parameter copies (cast="params"); buffers stay fp32."""
+    # Values do not matter to what is saved or moved, only shapes and dtypes: skip the (slow) seeded init.
+    net = build_model(dataclasses.replace(model, max_seq_len=max(model.max_seq_len, s)), device="meta", kernels=kernels)
+    net = net.to_empty(device="cpu")
+    with torch.no_grad():  # uninitialised memory may hold denormals, which make CPU matmuls crawl
+        for t in [*net.parameters(), *net.buffers()]:
+            t.fill_(0.01)
+        if precision != "fp32" and cast == "params":
+            for p in net.parameters():
+                p.data = p.data.to(DTYPE[precision])
+    return net
+
+
+@contextmanager
+def temporary_env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextmanager
+def triton_launches(launch: Callable[..., None]):
+    """Every Triton kernel launch calls `launch(*args, **kwargs)` instead of running the kernel;
+    TRITON_INTERPRET=1 lets impl="triton" accept CPU tensors."""
+    from autotune.kernels._common import LazyKernel
+
+    original = LazyKernel.__getitem__
+    LazyKernel.__getitem__ = lambda self, grid: launch
+    try:
+        with temporary_env("TRITON_INTERPRET", "1"):
+            yield
+    finally:
+        LazyKernel.__getitem__ = original
