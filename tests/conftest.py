@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +13,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # kernel is jitted in this process, whichever test module happens to get there first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The fitted coefficients (autotune.profile.fits) go to a cache folder of this session's own, not
+# the user's ~/.cache: set before any test module imports autotune, inherited by the subprocesses
+# the tests start, removed when the session ends. The fits are measured once per session.
+COEFFICIENT_CACHE = tempfile.mkdtemp(prefix="autotune-test-cache-")
+os.environ["AUTOTUNE_CACHE"] = COEFFICIENT_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(COEFFICIENT_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,17 @@ def test_triton_kernels_save_passes_over_memory():
     torch_, triton = (predict_traffic(model, 1, 4096, "bf16", "params", k) for k in ("torch", "triton"))
     for key in ("block_fwd", "block_bwd", "outside_fwd", "outside_bwd"):
         assert 0 < triton[key] < torch_[key], key
+
+
+def test_fits_are_cached_in_the_folder_autotune_cache_names(tmp_path, monkeypatch):
+    """A fitted table is written to $AUTOTUNE_CACHE (the test session's own folder, not ~/.cache)
+    and read back from there by the next process instead of being measured again."""
+    from autotune.profile.fits import cache_dir, cached_fit
+
+    assert cache_dir() == Path(os.environ["AUTOTUNE_CACHE"]) != Path.home() / ".cache" / "autotune"
+    monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    table = {"fp32/params/torch": {"block": {"tok": 1.5}}}
+    assert cached_fit("traffic", "llama", True, lambda: calls.append(1) or table) == table
+    assert [p.name.split("-")[:3] for p in (tmp_path / "cache").iterdir()] == [["traffic", "llama", "gqa"]]
+    assert cached_fit("traffic", "llama", True, lambda: calls.append(1) or {}) == table and calls == [1]
