@@ -12,9 +12,11 @@ import pytest
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
 from autotune.estimate import (
-    FRAGMENTATION, PLAN_COLUMNS, Calibration, estimate, estimate_frame, fit_calibration, plan_frame, rank_layout,
+    FRAGMENTATION, MEMORY, TIME, Calibration, Estimate, estimate, estimate_frame, fit_calibration, flat_estimate,
+    plan_frame, rank_layout,
 )
 from autotune.hardware import catalog_gpu, load_hardware
+from autotune.plans import PLAN_FIELDS
 from autotune.engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
 from autotune.engine.model import build_model, count_params
 
@@ -260,7 +262,32 @@ def test_estimate_and_frame_agree_exactly():
         assert one.step_time_s == row["step_time_s"] and one.mfu == row["mfu"]
         assert one.fits == row["fits"] and one.reason == row["reason"]
     assert set(frame.columns) >= {f"mem_{k}_bytes" for k in ("params", "activations", "total")} | {
-        "time_forward_s", "step_time_s", "tokens_per_s", "mfu", "fits", "reason"} | set(PLAN_COLUMNS)
+        "time_forward_s", "step_time_s", "tokens_per_s", "mfu", "fits", "reason"} | set(PLAN_FIELDS)
+
+
+def test_an_estimate_round_trips_through_json_and_flattens_to_the_frames_columns():
+    """One plan's estimate: its JSON form reads back equal, and its flat form (the columns of
+    candidates.csv and trials.csv) carries estimate_frame's names and values for the same plan."""
+    cfg = train("qwen2.5-0.5b", precision="bf16", micro_batch=2, zero_stage=3, dp=4, pp=2)
+    est = estimate(cfg, H100, Calibration(matmul_efficiency=0.5))
+    est.to_fit = "plan.micro_batch=1"
+    again = Estimate.from_dict(json.loads(json.dumps(est.to_dict() | {"note": "ignored"})))
+    assert again == est and again.memory is not est.memory
+    row = estimate_frame(cfg.model, cfg.job, plan_frame([cfg.plan]), H100, Calibration(matmul_efficiency=0.5)).iloc[0]
+    assert Estimate.from_row(row, cfg, H100, Calibration(matmul_efficiency=0.5)) == dataclasses.replace(est, to_fit="")
+    flat = est.flat()
+    expected = {f"mem_{k}_bytes" for k in MEMORY} | {"mem_total_bytes"} | {f"time_{k}_s" for k in TIME} | {
+        "params", "step_time_s", "tokens_per_s", "mfu", "fits", "reason", "peak_stage", "peak_phase", "allocated_bytes",
+        "host_bytes", "flops_per_token", "to_fit"}
+    assert set(flat) == expected
+    shared = expected & set(row.index)
+    assert len(shared) == len(expected) - 3  # all but params, flops_per_token, to_fit
+    for name in shared:  # the frame's value as the Estimate types it (bytes as int)
+        assert flat[name] == type(flat[name])(row[name]), name
+    # a trial's stored dict, also of an older form whose parts have no unit in their names
+    assert flat_estimate(est.to_dict()) == flat
+    assert flat_estimate({"memory": {"params": 1}, "time": {"forward": 0.5}, "mfu": 0.25, "compute": {}}) == {
+        "mem_params_bytes": 1, "time_forward_s": 0.5, "mfu": 0.25}
 
 
 def test_activations_follow_the_measured_profile():

@@ -1,0 +1,79 @@
+"""What one micro-batch saves for backward on a rank, per plan: the bytes measured on the engine's
+model (autotune.profile) for the plan's precision x cast x checkpointing x kernels, as a
+tensor-parallel rank holds them ([Activations] in docs/formulas.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
+from autotune.estimate.arrays import PlanArrays
+from autotune.profile import (
+    BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, outside_features,
+    tp_block_bytes, tp_outside_bytes,
+)
+
+
+@dataclass(frozen=True)
+class SavedBytes:
+    """Bytes one micro-batch saves, per plan."""
+
+    block: np.ndarray  # one block without checkpointing
+    checkpointed_block: np.ndarray  # one checkpointed block (it keeps its input)
+    outside_per_token: np.ndarray  # the per-token part outside the blocks: final norm, the head's input
+    cast_weights: np.ndarray  # autocast's 16-bit weight copies one block saves (the fit's P term)
+    cast_weights_checkpointed: np.ndarray  # the same for a checkpointed block
+    logits: np.ndarray  # what the head and loss save per vocabulary entry (the fit's V term), whole model
+    head: np.ndarray  # the head gradient or cast head the loss saves (the outside fit's P term)
+
+
+def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int) -> SavedBytes:
+    """What a tp rank's block saves (autotune.profile.tp_block_bytes) is the fit at its features;
+    sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
+    (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
+    their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)"""
+    terms = _measured_terms(model, plans, seq_len)
+    shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
+    return SavedBytes(
+        block=tp_block_bytes(terms["none_tok"], terms["none_hidden"], *shape),
+        checkpointed_block=tp_block_bytes(terms["full_tok"], terms["full_hidden"], *shape, checkpointed=True),
+        outside_per_token=tp_outside_bytes(terms["out_tok"], terms["out_hidden"], *shape),
+        cast_weights=terms["none_P"], cast_weights_checkpointed=terms["full_P"],
+        logits=terms["out_V"], head=terms["out_P"],
+    )
+
+
+def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[str, np.ndarray]:
+    """The fitted terms for each row's (precision, cast, checkpointing, kernels), at the rank's
+    features: per block (none_* and full_* checkpointing) its per-token part, the hidden-width part
+    of that (tok and h terms) and its weights (P); outside the blocks the same plus V (logits)."""
+    coefs = activation_coefficients(model)
+    block_at = block_features(model, plans.micro_batch, seq_len, plans.tp)  # a block as a tp rank holds it
+    outside_at = outside_features(model, plans.micro_batch, seq_len)
+    names = ("none_tok", "none_hidden", "none_P", "full_tok", "full_hidden", "full_P", "out_tok", "out_hidden", "out_V", "out_P")
+    terms = {k: np.zeros(plans.rows) for k in names}
+    for precision in PRECISIONS:
+        for cast in ("autocast", "params"):
+            for kernel in KERNELS:
+                same = (plans.precision == precision) & (plans.autocast == (cast == "autocast"))
+                rows = same & (plans.kernels == kernel)
+                if rows.any():
+                    for mode in ("none", "full"):
+                        coef = coefs[activation_key(precision, cast, mode, kernel)]["block"]
+                        terms[f"{mode}_tok"][rows] = sum(coef[k] * block_at[k][rows] for k in BLOCK_FEATURES if k != "P")
+                        terms[f"{mode}_hidden"][rows] = coef["tok"] * block_at["tok"][rows] + coef["h"] * block_at["h"][rows]
+                        terms[f"{mode}_P"][rows] = coef["P"] * block_at["P"][rows]
+                    coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
+                    terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+                    terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]
+                # The head and loss save the V terms (logits) and the P term (head gradient or cast
+                # head) of the loss actually run; the per-token terms (the final norm, and the hidden
+                # states the head saves or the fused loss's d hidden, of one size) follow plan.kernels.
+                rows = same & (plans.loss_kernels == kernel)
+                if rows.any():
+                    coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
+                    terms["out_V"][rows] = coef["V"] * outside_at["V"][rows]
+                    terms["out_P"][rows] = coef["P"] * outside_at["P"][rows]
+    return terms

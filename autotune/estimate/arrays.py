@@ -1,0 +1,98 @@
+"""A plan frame as one typed bundle of numpy columns: what every part of the cost model reads.
+
+The frame has one column per PlanConfig field (autotune.plans.PLAN_FIELDS); a missing column takes
+the plan's default. Built in one place (`PlanArrays.of`), together with what the engine makes of
+the fields (grad_accum from the global batch, which loss runs, how 16-bit compute is applied).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from autotune.engine.config import JobConfig
+
+
+def _column(plans: pd.DataFrame, name: str, default: Any) -> np.ndarray:
+    if name in plans:
+        return plans[name].to_numpy()
+    return np.full(len(plans), default)
+
+
+@dataclass(frozen=True)
+class PlanArrays:
+    """One entry per plan of the frame, in its order."""
+
+    rows: int
+    zero_stage: np.ndarray
+    fsdp_offload: np.ndarray  # ZeRO 2/3 offload (CPUOffloadPolicy): params, grads and AdamW states on the host
+    host_adam: np.ndarray  # ZeRO-1 offload (engine.parallel.HostOffloadAdamW): the partition's AdamW step on the host
+    micro_batch: np.ndarray
+    micro_batches: np.ndarray  # per optimizer step on each rank: grad_accum, or global_batch / (micro_batch·dp)
+    dp: np.ndarray
+    tp: np.ndarray
+    pp: np.ndarray
+    virtual_stages: np.ndarray
+    schedule: np.ndarray
+    sequence_parallel: np.ndarray
+    precision: np.ndarray
+    compute_bytes: np.ndarray  # bytes per element of the compute dtype (float)
+    autocast: np.ndarray  # 16-bit compute through autocast (ZeRO 0/1) rather than 16-bit copies (FSDP2)
+    checkpointing: np.ndarray
+    every_k: np.ndarray
+    kernels: np.ndarray
+    loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
+    world: np.ndarray
+    ddp_buckets: np.ndarray  # gradients in DDP's buckets (engine.parallel.apply_ddp)
+
+    @classmethod
+    def of(cls, plans: pd.DataFrame, job: JobConfig) -> "PlanArrays":
+        zero = _column(plans, "zero_stage", 0).astype(np.int64)
+        offload_optimizer = _column(plans, "offload_optimizer", False).astype(bool)
+        micro_batch = _column(plans, "micro_batch", 1).astype(np.int64)
+        dp = _column(plans, "dp", 1).astype(np.int64)
+        tp = _column(plans, "tp", 1).astype(np.int64)
+        pp = _column(plans, "pp", 1).astype(np.int64)
+        grad_accum = pd.to_numeric(pd.Series(_column(plans, "grad_accum", None)), errors="coerce").to_numpy()
+        precision = _column(plans, "precision", "fp32").astype(str)
+        kernels = _column(plans, "kernels", "torch").astype(str)
+        return cls(
+            rows=len(plans),
+            zero_stage=zero,
+            fsdp_offload=(offload_optimizer | _column(plans, "offload_params", False).astype(bool)) & (zero >= 2),
+            # ZeRO-1 offload is engine.parallel.HostOffloadAdamW: fp32 params and grads stay on the device,
+            # the rank's partition has host copies of both plus its AdamW states, and the step runs there
+            host_adam=offload_optimizer & (zero == 1),
+            micro_batch=micro_batch,
+            micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * dp, 1),
+                                   grad_accum).astype(np.int64),
+            dp=dp, tp=tp, pp=pp,
+            virtual_stages=_column(plans, "pp_virtual_stages", 1).astype(np.int64),
+            schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
+            sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),
+            precision=precision,
+            compute_bytes=np.select([precision == "fp32"], [4], 2).astype(float),
+            autocast=(precision != "fp32") & (zero < 2),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 2/3
+            checkpointing=_column(plans, "activation_checkpointing", "none").astype(str),
+            every_k=_column(plans, "checkpoint_every_k", 2).astype(np.int64),
+            kernels=kernels,
+            # The fused linear cross-entropy needs the whole head on one rank: under tp (vocabulary-sharded
+            # head, loss_parallel) and pp (the schedule's loss_fn on the last stage's logits) the engine
+            # computes torch's loss whatever plan.kernels says (autotune/engine/model.py, autotune/engine/pipeline.py).
+            loss_kernels=np.where((kernels == "triton") & (tp == 1) & (pp == 1), "triton", "torch"),
+            world=dp * tp * pp,
+            ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1),
+        )
+
+    @property
+    def offloaded(self) -> np.ndarray:
+        """Plans whose optimizer step runs on the host (either kind of offload)."""
+        return self.fsdp_offload | self.host_adam
+
+    def checkpointed(self, layers: np.ndarray) -> np.ndarray:
+        """Checkpointed blocks among a rank's `layers` (engine.parallel.checkpointed_blocks: full:
+        all, selective: every k-th from block 0), spread evenly over the stages."""
+        return np.where(self.checkpointing == "full", layers,
+                        np.where(self.checkpointing == "selective", np.ceil(layers / self.every_k), 0))

@@ -1,0 +1,53 @@
+"""`estimate_frame`: the cost model over a DataFrame of plans, vectorised with numpy over its columns."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from autotune.engine.config import JobConfig, ModelConfig
+from autotune.estimate.activations import saved_bytes
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.calibration import Calibration
+from autotune.estimate.columns import COMPUTE, MEMORY, TIME
+from autotune.estimate.layout import stage_layouts
+from autotune.estimate.memory import peak_memory
+from autotune.estimate.step_time import step_time
+from autotune.hardware import Hardware
+from autotune.profile import flops_per_token
+
+
+def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: Hardware,
+                   calib: Calibration | None = None) -> pd.DataFrame:
+    """The plans with their estimate: mem_<component>_bytes, mem_total_bytes, time_<component>_s,
+    step_time_s, compute_<kind>_s, tokens_per_s, mfu, fits, reason; host_bytes, peak_stage (first |
+    last pipeline stage), peak_phase, step_grads_bytes, allocated_bytes (the total less the CUDA
+    context: what max_memory_allocated shows), and the parts fit_calibration scales (matmul_s,
+    memory_bound_s)."""
+    calib = calib or Calibration()
+    arrays = PlanArrays.of(plans, job)
+    layouts = stage_layouts(model, arrays)
+    memory = peak_memory(model, job.seq_len, arrays, layouts, saved_bytes(model, arrays, job.seq_len), hw, calib)
+    time = step_time(model, job, arrays, layouts["first"], hw, calib)
+    tokens_per_s = job.global_batch * job.seq_len / time.total
+
+    out = plans.copy()
+    for k in MEMORY:
+        out[f"mem_{k}_bytes"] = memory.parts[k]
+    out["mem_total_bytes"] = memory.total
+    for k in TIME:
+        out[f"time_{k}_s"] = time.parts[k]
+    out["step_time_s"] = time.total
+    for k in COMPUTE:
+        out[f"compute_{k}_s"] = time.compute[k]
+    out["matmul_s"] = out["compute_matmul_s"]  # the part that scales with the matmul efficiency (fit_calibration)
+    out["memory_bound_s"] = time.memory_bound  # everything timed over HBM (fit_calibration)
+    out["tokens_per_s"] = tokens_per_s
+    out["mfu"] = tokens_per_s * flops_per_token(model, job.seq_len)["total"] / (arrays.world * time.peak_flops)
+    out["fits"] = memory.fits
+    out["host_bytes"] = memory.host_bytes  # host memory per node that offload needs
+    out["peak_stage"] = memory.stage
+    out["peak_phase"] = memory.phase  # backward (start of a backward) | optimizer (the step)
+    out["step_grads_bytes"] = memory.step_grads  # gradients held at the optimizer step (model states)
+    out["allocated_bytes"] = memory.allocated
+    out["reason"] = memory.reason
+    return out

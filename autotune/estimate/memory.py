@@ -1,0 +1,195 @@
+"""Peak memory per GPU: what the first and the last pipeline rank hold at the two moments that can
+peak, the larger of the four, and whether the plan fits (sections of docs/formulas.md in brackets).
+
+The two moments: the start of a backward (model states, the gradients of earlier micro-batches or
+DDP's buckets, activations, logits and their gradient, gathered units, communication buffers) and
+the optimizer step (model states with every gradient; the activations are gone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from autotune.engine.config import ModelConfig
+from autotune.estimate.activations import SavedBytes
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.calibration import Calibration
+from autotune.estimate.columns import DYNAMIC_MEMORY, GiB, MEMORY
+from autotune.estimate.layout import HeldNumels
+from autotune.hardware import Hardware
+
+CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context with lazy loading [Fixed overheads]
+NCCL_BYTES = 0.5 * GiB  # NCCL communicators and their buffers, several ranks [Fixed overheads]
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """One pipeline rank's memory at its peaking moment, per plan."""
+
+    parts: dict[str, np.ndarray]  # MEMORY's parts; those of the moment that peaks
+    step_grads: np.ndarray  # gradients held at the optimizer step (model states)
+    phase: np.ndarray  # backward (start of a backward) | optimizer (the step)
+    total: np.ndarray
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """The per-GPU peak of each plan: the stage and moment that peak, and whether it fits."""
+
+    parts: dict[str, np.ndarray]
+    total: np.ndarray
+    allocated: np.ndarray  # the total less the CUDA context: what max_memory_allocated shows
+    step_grads: np.ndarray
+    phase: np.ndarray
+    stage: np.ndarray  # the pipeline rank that peaks: first | last
+    host_bytes: np.ndarray  # host memory per node that offload needs
+    fits: np.ndarray
+    reason: np.ndarray
+
+
+def in_flight(plans: PlanArrays) -> np.ndarray:
+    """Micro-batches whose activations the first stage holds at once [Activations, Pipeline]:
+    GPipe all m; 1F1B min(p, m); interleaved min(p, m)·(1 + (p−1)/(p·v)); no pipeline: 1."""
+    pp, micro_batches = plans.pp, plans.micro_batches
+    one_f_one_b = np.minimum(pp, micro_batches).astype(float)
+    interleaved = one_f_one_b * (1 + (pp - 1) / (pp * plans.virtual_stages))
+    count = np.where(plans.schedule == "gpipe", micro_batches,
+                     np.where(plans.schedule == "interleaved_1f1b", interleaved, one_f_one_b))
+    return np.where(pp > 1, count, 1.0)
+
+
+def _model_states(plans: PlanArrays, held: HeldNumels) -> dict[str, np.ndarray]:
+    """Params, grads (at the start of a backward), master, optimizer and the step's grads [Model states]:
+    fp32 params are the master weights; grads fp32 (reduce_dtype fp32)."""
+    zero, offload = plans.zero_stage, plans.fsdp_offload
+    persistent = np.where(zero >= 2, held.shard, held.local)
+    # Two moments can peak. At the start of a backward the gradients are those of the earlier
+    # micro-batches (the step sets them to None): DDP accumulates them whole in place, FSDP2
+    # reduce-scatters every micro-batch (engine.parallel.gradient_sync) into its fp32 shards.
+    # At the optimizer step the activations are gone and every gradient exists.
+    step_grads = np.where(offload, 0, 4 * persistent)
+    # Under pp, torch's pipeline stages turn FSDP2's gradient sync and post-backward reshard off
+    # until the last micro-batch (PipelineStage.backward_maybe_with_nosync): the stage's
+    # gradients accumulate unsharded in fp32 (the reduce dtype) and ZeRO-3 keeps its blocks
+    # gathered after the first micro-batch's backward, as ZeRO-2 does.
+    pp_fsdp = (plans.pp > 1) & (zero >= 2)
+    # DDP's gradients are views of its buckets, which exist from its first step on (ZeRO 0/1
+    # without tp or pp): all of them, through every backward
+    accumulating = (plans.micro_batches > 1) | plans.ddp_buckets
+    optimizer_numel = np.where(zero == 1, held.zero1, persistent)
+    optimizer_tensors = np.where(zero == 1, held.zero1_tensors, held.tensors)
+    return {
+        "params": np.where(offload, 0, 4 * persistent),
+        "grads": np.where(accumulating, np.where(pp_fsdp, 4 * held.local, step_grads), 0),
+        "master": np.zeros(plans.rows),
+        # AdamW exp_avg + exp_avg_sq fp32, plus one fp32 `step` scalar per parameter tensor
+        "optimizer": np.where(plans.offloaded, 0, 8 * optimizer_numel + 4 * optimizer_tensors),
+        "step_grads": step_grads,
+    }
+
+
+def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, saved: SavedBytes,
+                    micro_batches_held: np.ndarray, holds_head: np.ndarray) -> dict[str, np.ndarray]:
+    """16-bit weight copies, activations, logits and communication buffers at the start of a backward."""
+    zero, tp, beta = plans.zero_stage, plans.tp, plans.compute_bytes
+    layers = held.layers
+    checkpointed = plans.checkpointed(layers)
+    pp_fsdp = (plans.pp > 1) & (zero >= 2)
+    # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
+    # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
+    # current and the prefetched block [Model states] (derived from FSDP2's behaviour)
+    autocast_copies = (saved.cast_weights * (layers - checkpointed) + saved.cast_weights_checkpointed * checkpointed
+                       + np.where(checkpointed > 0, saved.cast_weights, 0)) / tp * micro_batches_held
+    # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
+    # and backward recomputes one block's full set at a time
+    per_micro_batch = (saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
+                       + np.where(checkpointed > 0, saved.block, 0))
+    # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
+    # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
+    # comes after those are freed), vocab-sharded by tp
+    logits_grad = np.where(plans.loss_kernels == "torch", plans.micro_batch * seq_len * model.vocab_size * 4, 0)
+    return {
+        "param_copies": np.select([(zero == 2) | (pp_fsdp & (plans.micro_batches > 1)), zero == 3],
+                                  [beta * held.local, beta * (held.root + 2 * held.block)], autocast_copies),
+        "activations": per_micro_batch * micro_batches_held + np.where(holds_head, saved.outside_per_token, 0),
+        "logits": np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0),
+        # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
+        # grads and their fp32 cast; the root's comes last, when the activations are gone);
+        # pipeline send/recv of one micro-batch's boundary activations
+        "comm": (np.where(zero >= 2, held.block * (beta + np.where(beta < 4, 4, 0)), 0)
+                 + np.where(plans.pp > 1, 2 * plans.micro_batch * seq_len * model.d_model * beta, 0)),
+    }
+
+
+def _context(plans: PlanArrays, hw: Hardware, calib: Calibration) -> np.ndarray:
+    """CUDA context and NCCL's communicators [Fixed overheads], unless a calibration measured them."""
+    if calib.context_bytes is not None:
+        context = calib.context_bytes
+    else:
+        context = CUDA_CONTEXT_BYTES if hw.device == "cuda" else 0.0
+    nccl = (plans.world > 1) & (hw.device == "cuda") & (calib.context_bytes is None)
+    return np.full(plans.rows, context) + np.where(nccl, NCCL_BYTES, 0)
+
+
+def stage_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, saved: SavedBytes,
+                 stage: str, hw: Hardware, calib: Calibration) -> StageMemory:
+    """The memory of the `stage` ("first" or "last") pipeline rank at its peaking moment."""
+    micro_batches_held = in_flight(plans) if stage == "first" else np.ones(plans.rows)
+    holds_head = (plans.pp == 1) | (stage == "last")
+    states = _model_states(plans, held)
+    step_grads = states.pop("step_grads")
+    parts = states | _dynamic_memory(model, seq_len, plans, held, saved, micro_batches_held, holds_head)
+    parts["context"] = _context(plans, hw, calib)
+    parts["workspace"] = np.full(plans.rows, calib.workspace_bytes)
+    parts["allocator"] = calib.fragmentation * sum(parts[k] for k in DYNAMIC_MEMORY)
+    backward = sum(parts[k] for k in MEMORY)
+    at_step = parts["params"] + parts["master"] + parts["optimizer"] + step_grads + parts["context"] + parts["workspace"]
+    step_peaks = at_step > backward
+    for k in (*DYNAMIC_MEMORY, "allocator"):
+        parts[k] = np.where(step_peaks, 0, parts[k])
+    parts["grads"] = np.where(step_peaks, step_grads, parts["grads"])
+    return StageMemory(parts=parts, step_grads=step_grads, phase=np.where(step_peaks, "optimizer", "backward"),
+                       total=np.maximum(backward, at_step))
+
+
+def peak_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, layouts: dict[str, HeldNumels],
+                saved: SavedBytes, hw: Hardware, calib: Calibration) -> PeakMemory:
+    """The larger of the first and the last pipeline rank's peaks, the host memory offload needs,
+    and whether both fit."""
+    first, last = (stage_memory(model, seq_len, plans, layouts[k], saved, k, hw, calib) for k in ("first", "last"))
+    last_peaks = last.total > first.total
+
+    def pick(of_first: np.ndarray, of_last: np.ndarray) -> np.ndarray:
+        return np.where(last_peaks, of_last, of_first)
+
+    parts = {k: pick(first.parts[k], last.parts[k]) for k in MEMORY}
+    total = pick(first.total, last.total)
+    held = layouts["first"]  # host copies of params and grads, AdamW states (+ HostOffloadAdamW's step scalars)
+    host_bytes = np.select([plans.fsdp_offload, plans.host_adam],
+                           [16 * held.shard, 16 * held.zero1 + 4 * held.zero1_tensors], 0) * hw.gpus_per_node
+    fits_gpu = total <= hw.memory_bytes
+    fits_host = (hw.host_memory_bytes <= 0) | (host_bytes <= hw.host_memory_bytes)
+    return PeakMemory(
+        parts=parts, total=total, allocated=total - parts["context"], step_grads=pick(first.step_grads, last.step_grads),
+        phase=pick(first.phase, last.phase), stage=np.where(last_peaks, "last", "first"), host_bytes=host_bytes,
+        fits=fits_gpu & fits_host,
+        reason=_reasons(fits_gpu, fits_host, parts, total, hw.memory_bytes, host_bytes, hw.host_memory_bytes),
+    )
+
+
+def _reasons(fits_gpu, fits_host, mem, total, capacity, host_bytes, host_capacity) -> np.ndarray:
+    """Each plan's verdict in words: "fits", or what it needs against what the GPU or host has."""
+    reason = np.full(len(total), "fits", dtype=object)
+    gib = lambda x: pd.Series(np.round(x / GiB, 2)).astype(str).to_numpy(dtype=object)  # noqa: E731
+    over = np.flatnonzero(~fits_gpu)  # the text is built for these rows only
+    if len(over):
+        parts = np.stack([mem[k][over] for k in MEMORY])
+        top = np.argmax(parts, axis=0)
+        reason[over] = ("needs " + gib(total[over]) + f" GiB per GPU, has {capacity / GiB:.2f} GiB (largest: "
+                        + np.array(MEMORY, dtype=object)[top] + " " + gib(parts[top, np.arange(len(over))]) + " GiB)")
+    host = np.flatnonzero(fits_gpu & ~fits_host)
+    if len(host):
+        reason[host] = "offload needs " + gib(host_bytes[host]) + f" GiB of host memory per node, has {host_capacity / GiB:.1f} GiB"
+    return reason

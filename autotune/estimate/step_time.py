@@ -1,0 +1,225 @@
+"""Time per optimizer step: the sum of what runs on the compute stream of the first pipeline rank
+(sections of docs/formulas.md in brackets).
+
+Dense matmuls (6N) at the matmul efficiency, SDPA at the FLOPs its causal flash kernels execute and
+the attention efficiency, memory-bound ops as the bytes measured on the engine's model over HBM at
+the memory efficiency, AdamW + clipping as bytes; collectives cost latency + bytes / bus bandwidth,
+overlap where the engine overlaps them and slow the compute they overlap (overlap_slowdown,
+FSDP2's copy-out); the pipeline bubble, offload transfers and host dispatch per op add to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autotune.engine.config import JobConfig, ModelConfig
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.calibration import Calibration, factors
+from autotune.estimate.columns import TIME
+from autotune.estimate.layout import HeldNumels
+from autotune.estimate.traffic import micro_batch_traffic
+from autotune.hardware import Hardware
+from autotune.profile import flops_per_token
+
+ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
+CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g for the norm, then g *= scale (read + write)
+HOST_ADAM_BYTES_PER_S = 10e9  # CPU AdamW over host memory (ZeRO-Offload reports a few GB/s per socket)
+LAUNCH_S = 5e-6  # host time to dispatch one op in eager PyTorch
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
+
+
+@dataclass(frozen=True)
+class MicroBatchCompute:
+    """One micro-batch on the first pipeline rank's compute stream, in seconds, per plan."""
+
+    matmul_blocks: np.ndarray  # the blocks' dense matmuls, forward
+    matmul_head: np.ndarray  # the head's matmul, forward (its share of the pipeline)
+    attention: np.ndarray  # SDPA forward
+    memory_blocks: dict[str, np.ndarray]  # the blocks' memory-bound ops, {"fwd", "bwd"}
+    memory_outside: dict[str, np.ndarray]  # the same outside the blocks (embedding, final norm, head, loss)
+    recompute_share: np.ndarray  # of the blocks' forward, recomputed in backward
+    dispatched_ops: np.ndarray  # ops the host dispatches
+
+    @property
+    def forward(self) -> np.ndarray:
+        return self.matmul_blocks + self.matmul_head + self.attention + self.memory_blocks["fwd"] + self.memory_outside["fwd"]
+
+    @property
+    def backward(self) -> np.ndarray:
+        # SDPA's backward runs 5 matmuls of the forward's 2 (it recomputes the scores) [FlashAttention-2]
+        return (2 * (self.matmul_blocks + self.matmul_head) + 2.5 * self.attention + self.memory_blocks["bwd"]
+                + self.memory_outside["bwd"])
+
+    @property
+    def recompute(self) -> np.ndarray:
+        return self.recompute_share * (self.matmul_blocks + self.attention + self.memory_blocks["fwd"])
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """The time of one optimizer step per plan, by part (TIME) and by kind of compute work."""
+
+    parts: dict[str, np.ndarray]
+    total: np.ndarray
+    compute: dict[str, np.ndarray]  # forward + backward + recompute by kind: matmul, attention, memory
+    memory_bound: np.ndarray  # everything timed over HBM, which scales with the memory efficiency
+    peak_flops: np.ndarray  # the peak FLOP/s of each plan's precision (MFU's denominator)
+
+
+def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
+                        efficiency: dict[str, float]) -> MicroBatchCompute:
+    """Dense matmuls at the achieved matmul rate, SDPA at its own rate, and the memory-bound ops
+    (norms, activations, rotary, residual adds, casts, the loss over the vocabulary) as the bytes
+    they move over HBM [FLOPs and MFU]."""
+    tp, pp, layers = plans.tp, plans.pp, held.layers
+    peak = _peak_flops(plans, hw)
+    achieved = peak * efficiency["matmul_efficiency"]
+    hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"]
+    tokens = plans.micro_batch * seq_len
+    head_weights = model.vocab_size * model.d_model
+    matmul_params = flops_per_token(model, seq_len)["matmul_params"]
+    # SDPA's flash kernels skip the masked half of the causal s x s scores: forward 2 matmuls of
+    # b·a·s²·d/2 each [FlashAttention-2]. MFU still counts the full 12·L·a·d·s (flops_per_token).
+    attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
+                 / (peak * efficiency["attention_efficiency"]))
+    traffic = micro_batch_traffic(model, plans, seq_len)
+    recompute_share = plans.checkpointed(layers) / np.maximum(layers, 1)
+    return MicroBatchCompute(
+        matmul_blocks=2 * tokens * (matmul_params - head_weights) / model.n_layers * layers / tp / achieved,
+        matmul_head=2 * tokens * head_weights / pp / tp / achieved,
+        attention=attention,
+        memory_blocks={phase: traffic[f"block_{phase}"] * layers / hbm for phase in ("fwd", "bwd")},
+        memory_outside={phase: traffic[f"outside_{phase}"] / pp / tp / hbm for phase in ("fwd", "bwd")},
+        recompute_share=recompute_share,
+        # eager PyTorch: the host dispatches every op the engine's model runs (counted with the traffic)
+        dispatched_ops=(traffic["block_ops"] * layers + traffic["outside_ops"] / pp
+                        + recompute_share * traffic["block_fwd_ops"] * layers),
+    )
+
+
+def _peak_flops(plans: PlanArrays, hw: Hardware) -> np.ndarray:
+    return np.select([plans.precision == "bf16", plans.precision == "fp16"],
+                     [hw.peak_flops["bf16"], hw.peak_flops["fp16"]], hw.peak_flops["fp32"])
+
+
+def _optimizer(job: JobConfig, plans: PlanArrays, held: HeldNumels, hbm: float) -> np.ndarray:
+    """AdamW (+ gradient clipping) over the rank's optimizer share, as bytes over HBM, or on the
+    host when offloaded."""
+    zero = plans.zero_stage
+    numel = np.where(zero == 1, held.zero1, np.where(zero >= 2, held.shard, held.local))
+    device_bytes = (ADAM_BYTES_PER_PARAM + (CLIP_BYTES_PER_PARAM if job.optimizer.grad_clip > 0 else 0)) * numel
+    return np.where(plans.offloaded, ADAM_BYTES_PER_PARAM * numel / HOST_ADAM_BYTES_PER_S, device_bytes / hbm)
+
+
+def _data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, efficiency: dict[str, float],
+                   micro: MicroBatchCompute, forward_and_backward: np.ndarray, hbm: float) -> dict[str, np.ndarray]:
+    """dp_comm (exposed gradient and parameter collectives) and overlap (what overlapping costs the
+    compute stream), and copy_out (FSDP2's share of it, timed over HBM) [Communication]."""
+    zero, dp, tp, pp, micro_batches = plans.zero_stage, plans.dp, plans.tp, plans.pp, plans.micro_batches
+    # The dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp). Each collective costs
+    # its latency plus its bytes over the bus bandwidth. Across nodes NCCL runs one ring per NIC:
+    # each of the group's ranks on a node drives its own port, so the ring's bus bandwidth is the
+    # per-GPU network figure times those ranks (at most the node's links).
+    inside = tp * dp <= hw.gpus_per_node
+    per_node = np.maximum(1, np.minimum(dp, hw.gpus_per_node // tp))
+    bandwidth = np.where(inside, hw.intra_node_bytes_per_s,
+                         np.minimum(hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s * per_node)) * calib.collective_efficiency
+    latency = np.where(inside, hw.collective_latency_s, 2 * hw.collective_latency_s)
+    ring = (dp - 1) / dp
+    buckets = np.ceil(4 * held.local / DDP_BUCKET_BYTES)
+    units = held.layers + 1  # FSDP2 units: one per block, and the root
+    allreduce = 2 * ring * 4 * held.local / bandwidth + buckets * latency  # fp32 gradients, once per step (no_sync until the last)
+    zero1_gather = np.where(zero == 1, ring * 4 * held.local / bandwidth + latency, 0)  # updated partitions broadcast
+    gather = ring * plans.compute_bytes * held.local / bandwidth + units * latency  # FSDP2 all-gather of 16-bit params
+    scatter = ring * 4 * held.local / bandwidth + units * latency  # reduce-scatter in fp32
+    # ZeRO-3 gathers each unit for every forward and backward. Under pp the stages keep units gathered
+    # from a backward to the next forward (no reshard after backward until the step's end): one
+    # gather per backward plus the forwards that run before the first backward (all of them in
+    # GPipe, the pp warm-up forwards in 1F1B). ZeRO-2 gathers once per forward.
+    pipelined = np.where(plans.schedule == "gpipe", micro_batches + 1, micro_batches + np.minimum(pp, micro_batches))
+    gathers = np.where(zero == 3, np.where(pp > 1, pipelined, 2 * micro_batches), micro_batches)
+    # reduce-scatter per micro-batch, or once per step under pp (its stages skip the sync until the last)
+    fsdp = gathers * gather + np.where(pp > 1, 1, micro_batches) * scatter
+    # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
+    # but waits for the first unit's gather
+    overlapped = np.where(zero <= 1, np.minimum(allreduce, micro.backward), np.minimum(fsdp, forward_and_backward))
+    exposed = np.where(zero <= 1, allreduce - overlapped + zero1_gather, fsdp - overlapped + gather / units)
+    # Overlap is not free: while a collective runs, its NCCL channels hold SMs the compute stream
+    # loses (overlap_slowdown); and FSDP2 copies every gathered unit out of the all-gather buffer
+    # on the compute stream (read + write of the 16-bit params per gather).
+    copy_out = np.where(zero >= 2, gathers * 2 * plans.compute_bytes * held.local / hbm, 0)
+    return {"dp_comm": np.where(dp > 1, exposed, 0),
+            "overlap": np.where(dp > 1, efficiency["overlap_slowdown"] * overlapped + copy_out, 0),
+            "copy_out": copy_out}
+
+
+def _tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
+                     calib: Calibration) -> np.ndarray:
+    """4 all-reduces of b·s·h per block per micro-batch (2 forward, 2 backward), 2 more for a
+    recomputed block; the same volume as gather + scatter with sp [Communication]."""
+    tp = plans.tp
+    bandwidth = hw.intra_node_bytes_per_s * calib.collective_efficiency
+    tp_bytes = 2 * (tp - 1) / tp * plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
+    collectives = 4 * held.layers + 2 * plans.checkpointed(held.layers)
+    return np.where(tp > 1, plans.micro_batches * collectives * (tp_bytes / bandwidth + hw.collective_latency_s), 0)
+
+
+def _pipeline(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware, calib: Calibration,
+              micro: MicroBatchCompute) -> dict[str, np.ndarray]:
+    """The bubble, (p−1)/v of one micro-batch's work, and the boundary transfers: one activation
+    forward and one gradient backward per micro-batch per boundary [Pipeline, Communication]."""
+    pp = plans.pp
+    bubble = np.where(pp > 1, (pp - 1) / plans.virtual_stages * (micro.forward + micro.backward + micro.recompute), 0)
+    bandwidth = np.where(plans.world <= hw.gpus_per_node, hw.intra_node_bytes_per_s,
+                         hw.inter_node_bytes_per_s) * calib.collective_efficiency
+    # a tied embedding's two copies (first and last stage) sum their fp32 gradients (shards under
+    # ZeRO 2/3) once per step: a two-rank all-reduce moves the bytes once each way
+    if model.tie_embeddings:
+        tied = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp, 1) / bandwidth
+    else:
+        tied = np.zeros(plans.rows)
+    activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
+    boundary = plans.micro_batches * 2 * (activation_bytes / bandwidth + hw.collective_latency_s)
+    return {"pp_bubble": bubble, "pp_comm": np.where(pp > 1, boundary + tied, 0)}
+
+
+def _offload(plans: PlanArrays, held: HeldNumels, hw: Hardware) -> np.ndarray:
+    """Host-device transfers. CPUOffloadPolicy (ZeRO 2/3): sharded fp32 params up and their gradients
+    down, per micro-batch (ZeRO-3 twice); HostOffloadAdamW (ZeRO-1): its partition's params and
+    grads down, params up, once per step."""
+    per_step = np.where(plans.zero_stage == 3, 2 * plans.micro_batches, plans.micro_batches)
+    moves = per_step * 4 * held.shard + 4 * held.shard
+    moves = np.where(plans.host_adam, 12 * held.zero1, moves)
+    return np.where(plans.offloaded, moves / hw.host_device_bytes_per_s, 0)
+
+
+def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldNumels, hw: Hardware,
+              calib: Calibration) -> StepTime:
+    """The step time of each plan on its first pipeline rank (`held`)."""
+    efficiency = factors(hw, calib)
+    hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"]
+    micro = micro_batch_compute(model, job.seq_len, plans, held, hw, efficiency)
+    micro_batches = plans.micro_batches  # per optimizer step
+    parts = {"forward": micro_batches * micro.forward, "backward": micro_batches * micro.backward,
+             "recompute": micro_batches * micro.recompute, "optimizer": _optimizer(job, plans, held, hbm)}
+    data_parallel = _data_parallel(plans, held, hw, calib, efficiency, micro, parts["forward"] + parts["backward"], hbm)
+    parts["dp_comm"], parts["overlap"] = data_parallel["dp_comm"], data_parallel["overlap"]
+    parts["tp_comm"] = _tensor_parallel(model, job.seq_len, plans, held, hw, calib)
+    parts |= _pipeline(model, job.seq_len, plans, hw, calib, micro)
+    parts["offload"] = _offload(plans, held, hw)
+    # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work)
+    launches = micro_batches * micro.dispatched_ops * LAUNCH_S if hw.device == "cuda" else np.zeros(plans.rows)
+    parts["overhead"] = launches + calib.step_overhead_s
+    compute = parts["forward"] + parts["backward"] + parts["recompute"]
+    # compute by kind, over forward, backward and recompute (they sum to those three)
+    matmul = micro_batches * (3 * (micro.matmul_blocks + micro.matmul_head) + micro.recompute_share * micro.matmul_blocks)
+    attention = micro_batches * (3.5 + micro.recompute_share) * micro.attention
+    memory = compute - matmul - attention
+    return StepTime(
+        parts=parts, total=sum(parts[k] for k in TIME),
+        compute={"matmul": matmul, "attention": attention, "memory": memory},
+        memory_bound=(memory + np.where(plans.offloaded, 0, parts["optimizer"])
+                      + np.where(plans.dp > 1, data_parallel["copy_out"], 0)),
+        peak_flops=_peak_flops(plans, hw),
+    )
