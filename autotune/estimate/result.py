@@ -15,7 +15,7 @@ from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.columns import COMPUTE, MEMORY, TIME
 from autotune.estimate.frame import estimate_frame
 from autotune.hardware import Hardware
-from autotune.plans import PLAN_FIELDS
+from autotune.plans import plans_frame
 from autotune.profile import flops_per_token
 
 
@@ -92,8 +92,8 @@ def flat_estimate(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def plan_frame(plans: list[PlanConfig]) -> pd.DataFrame:
-    """One row per plan, one column per plan field (autotune.plans.PLAN_FIELDS)."""
-    return pd.DataFrame([{k: getattr(p, k) for k in PLAN_FIELDS} for p in plans])
+    """One row per plan, one column per plan field: autotune.plans.plans_frame (plain values)."""
+    return plans_frame(plans)
 
 
 def estimate(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> Estimate:
