@@ -176,7 +176,7 @@ def test_auto_without_a_gpu_profiles_the_cpu():
     assert est.step_time_s > 0 and est.time["overhead_s"] == 0  # no CUDA launches on a CPU
 
 
-# --- published anchors [REFERENCE.md "Model states"] --------------------------------------------
+# --- published anchors ([Model states] in docs/formulas.md) ---------------------------------------
 
 def test_mixed_precision_adam_is_16_bytes_per_param():
     cfg = train(precision="bf16", zero_stage=0)

@@ -126,7 +126,7 @@ def test_profile_cli_writes_profile_json(tmp_path, capsys):
 @pytest.mark.parametrize("name, copies", [("llama-3-8b", 28), ("mistral-7b", 28)])
 def test_saved_bytes_match_published_measurement(name, copies):
     """ml-engineering measured 28·2·b·s·h bytes per layer for Llama-3.1-8B and Mistral-7B (bf16,
-    flash attention) [REFERENCE.md Activations]; the fit from tiny models reproduces it at full width."""
+    flash attention) ([Activations] in docs/formulas.md); the fit from tiny models reproduces it at full width."""
     from autotune.config import planner_config
 
     model = planner_config([f"model={name}"]).train.model
