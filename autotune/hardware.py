@@ -1,10 +1,10 @@
 """The hardware a plan runs on: a GPU from the catalog in conf/gpu/, or this machine, measured.
 
-`load_hardware(cluster)` reads conf/gpu/<cluster.gpu>.yaml (datasheet figures, REFERENCE.md), or,
-for `gpu: auto`, probes the local machine: its CUDA GPU when there is one, else the CPU (measured
-matmul FLOP/s per dtype, memory copy bandwidth, available RAM), so that profile -> estimate ->
-search runs end to end on a laptop. Cluster-level figures (GPUs per node, nodes, link and host
-memory overrides) come from the ClusterConfig.
+`load_hardware(cluster)` reads conf/gpu/<cluster.gpu>.yaml (datasheet figures: [GPU catalog] in
+docs/formulas.md), or, for `gpu: auto`, probes the local machine: its CUDA GPU when there is one,
+else the CPU (measured matmul FLOP/s per dtype, memory copy bandwidth, available RAM), so that
+profile -> estimate -> search runs end to end on a laptop. Cluster-level figures (GPUs per node,
+nodes, link and host memory overrides) come from the ClusterConfig.
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ def _copy_bytes_per_s(nbytes: int, device: str, reps: int) -> float:
 
 def measure_collectives(nbytes: int = 64 * 2**20, reps: int = 5) -> dict[str, float]:
     """Bus bandwidth (bytes/s) of all-reduce, all-gather and reduce-scatter over the default process
-    group, with nccl-tests' factors [REFERENCE.md Communication]: busbw = bytes/time · 2(n−1)/n for
-    all-reduce, (n−1)/n for the others (bytes = the full, gathered size)."""
+    group, with nccl-tests' factors ([Communication] in docs/formulas.md): busbw = bytes/time ·
+    2(n−1)/n for all-reduce, (n−1)/n for the others (bytes = the full, gathered size)."""
     import torch.distributed as dist
 
     n = dist.get_world_size()

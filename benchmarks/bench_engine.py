@@ -18,7 +18,7 @@ Modes:
 Every (model, mode, micro-batch) runs in its own process, so an OOM is one row's status and the
 peak memory (torch.cuda.max_memory_allocated) is that configuration's alone. Timing: median wall
 time of the measured steps, each ending in a device sync (a loss.item()); MFU against the dense
-bf16 peak with 6N + 12·L·a·d·s FLOPs per token (REFERENCE.md).
+bf16 peak with 6N + 12·L·a·d·s FLOPs per token ([FLOPs and MFU] in docs/formulas.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Apply a plan to a model: one small function per concern, in the order DESIGN.md's table implies.
+"""Apply a plan to a model: one small function per concern (what each does: docs/design.md, section 5).
 
     mesh = build_mesh(plan, device.type)
     model = apply_plan(model, plan, mesh, device, seed)   # tp -> checkpointing -> compile -> ZeRO
