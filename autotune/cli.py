@@ -1,4 +1,4 @@
-"""`autotune <command> [--flags] [hydra overrides]`: profile, estimate, search, train, report.
+"""`autotune <command> [--flags] [hydra overrides]`: profile, estimate, search, train, report, emit, export.
 
 Each command lives in its own module and exposes `cli(argv) -> int`; this file only dispatches
 and turns a user's mistake (ConfigError) into one `error: ...` line and exit status 2.
@@ -14,7 +14,10 @@ COMMANDS = {
     "profile": ("autotune.profile", "the model and hardware profile -> profile.json"),
     "estimate": ("autotune.estimate", "predicted memory and step time of one plan"),
     "search": ("autotune.search.command", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
-    "train": ("autotune.engine.train", "train from a config (launches torchrun when the plan needs several processes)"),
+    "train": ("autotune.engine.train", "train from a config (launches torchrun when the plan needs several "
+              "processes); with --deepspeed DS_CONFIG under DeepSpeed's engine"),
+    "emit": ("autotune.emit", "best.yaml, ds_config.json and launch.sh for a training config"),
+    "export": ("autotune.export", "a trained run's checkpoint as a Hugging Face model folder"),
     "report": ("autotune.reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
 }
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[name][0])
+        module = importlib.import_module(_module_of(name, rest))
         return int(module.cli(rest) or 0)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def _module_of(name: str, rest: list[str]) -> str:
+    """The module of a command: `train --deepspeed` is DeepSpeed's engine on the same config."""
+    if name == "train" and any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in rest):
+        return "autotune.engine.deepspeed_train"
+    return COMMANDS[name][0]
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": fp16,
         "gradient_clipping": opt.grad_clip,
+        # torch's AdamW (`torch_adam`), the update the engine runs and its plans were measured with;
+        # without it DeepSpeed builds its FusedAdam (DeepSpeedCPUAdam when offloaded), C++ extensions
+        # it compiles at first use. The parameter groups (no decay on norms and biases) and the lr
+        # schedule come from the training script: the engine's warmup starts at lr / warmup_steps,
+        # which none of DeepSpeed's schedulers computes (theirs start at 0), so there is no `scheduler`.
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -90,18 +95,7 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
                 "betas": [opt.beta1, opt.beta2],
                 "eps": opt.eps,
                 "weight_decay": opt.weight_decay,
-            },
-        },
-        # The engine's schedule: linear warmup, then cosine to lr * min_lr_ratio at job.steps. DeepSpeed
-        # warms up from 0 where the engine starts at lr / warmup_steps, and needs a warmup of >= 1 step.
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": job.steps,
-                "warmup_num_steps": max(1, opt.warmup_steps),
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": opt.min_lr_ratio,
+                "torch_adam": True,
             },
         },
         "steps_per_print": job.log_every,

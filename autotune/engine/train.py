@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as tdist
 
 from autotune.engine import checkpoint, dist
-from autotune.engine.config import ConfigError, TrainConfig, load_train_config
+from autotune.engine.config import ConfigError, JobConfig, TrainConfig, load_train_config
 from autotune.engine.data import check_vocab, micro_batches
 from autotune.engine.files import write_atomic
 from autotune.engine.model import build_model
@@ -134,6 +135,16 @@ class PhaseTimer:
 
 # --- the engine: model, optimizer and the training step --------------------------------------
 
+def lr_factor(job: JobConfig, step: int) -> float:
+    """The multiple of the peak lr at (0-based) step `step`: linear warmup from lr / warmup_steps,
+    then cosine decay to min_lr_ratio at the last step."""
+    o, steps = job.optimizer, job.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (not yet reduced across ranks)
@@ -170,21 +181,13 @@ class Engine:
         self.model = self.pipeline.model if self.pipeline else apply_plan(model, plan, self.mesh, device, job.seed)
         self.pp_group = self.mesh["pp"].get_group() if plan.pp > 1 else None
         self.optimizer = build_optimizer(self.model, plan, job, self.mesh)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, job))
         self.scaler = build_grad_scaler(plan, device)
         self.fixed_scale = fixed_loss_scale(plan)
         self.timer = PhaseTimer(device, enabled=timed)  # the probe's forward/backward/optimizer breakdown
         self.tokens_per_step = job.global_batch * job.seq_len
         self.flops_per_token = flops_per_token(model_cfg, job.seq_len)["total"]
         self.peak_flops = peak_flops(device, plan.precision)
-
-    def _lr_factor(self, step: int) -> float:
-        """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
-        o, steps = self.cfg.job.optimizer, self.cfg.job.steps
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return micro_batches(self.cfg.job, self.cfg.model, self.cfg.plan, step, self.dp_rank, self.dp_size)
@@ -308,7 +311,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     out_dir = Path(job.out_dir)
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _forget_metrics_after(out_dir / "metrics.jsonl", start)
+        forget_metrics_after(out_dir / "metrics.jsonl", start)
     metrics = open(out_dir / "metrics.jsonl", "a") if rank0 else None
     meter = MemoryMeter(device)
     try:
@@ -333,7 +336,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
                     **{f"moe_{k}": v for k, v in (result.moe or {}).items()},
                 }
                 if rank0:
-                    _log(record, metrics)
+                    log_record(record, metrics)
                 t_last, steps_since_log = time.perf_counter(), 0
             if stopping or done == job.steps or (job.checkpoint_every and done % job.checkpoint_every == 0):
                 t_save = time.perf_counter()
@@ -351,7 +354,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     return 0
 
 
-def _forget_metrics_after(path: Path, step: int) -> None:
+def forget_metrics_after(path: Path, step: int) -> None:
     """Drop the logged steps after `step`: a run that died after its last checkpoint repeats them,
     and metrics.jsonl should hold each step once."""
     if not path.exists():
@@ -362,7 +365,7 @@ def _forget_metrics_after(path: Path, step: int) -> None:
         write_atomic(path, "".join(kept))
 
 
-def _log(record: dict, metrics) -> None:
+def log_record(record: dict, metrics) -> None:
     mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
     print(
         f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
@@ -402,16 +405,20 @@ def cli(argv: list[str]) -> int:
     args = parse_args(argv)
     cfg = load_train_config(args.config, args.overrides)
     preflight(cfg)
-    world = cfg.plan.world_size
-    if world == 1 or "WORLD_SIZE" in os.environ:
+    if cfg.plan.world_size == 1 or "WORLD_SIZE" in os.environ:
         return train(cfg)
+    return launch_workers("autotune.engine.train", cfg.plan.world_size, [args.config, *args.overrides])
+
+
+def launch_workers(module: str, world: int, arguments: list[str]) -> int:
+    """Run `python -m module *arguments` in `world` processes under torchrun (one node) and wait."""
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         raise ConfigError(
             f"the plan needs {world} GPUs but this machine has {torch.cuda.device_count()}; run "
-            f"`torchrun --nnodes ... -m autotune.engine.train` on several nodes or pick a plan with fewer ranks"
+            f"`torchrun --nnodes ... -m {module}` on several nodes or pick a plan with fewer ranks"
         )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               "-m", "autotune.engine.train", args.config, *args.overrides]
+               "-m", module, *arguments]
     # Its own session: a signal meant for this job reaches it only through us (below).
     child = subprocess.Popen(command, start_new_session=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: _terminate_workers(child.pid))
