@@ -1,10 +1,12 @@
-"""Write what a search chose: `best.yaml` for the engine, `ds_config.json` for DeepSpeed, `launch.sh`.
+"""Write a training config three ways: `best.yaml` for the engine, `ds_config.json` for DeepSpeed,
+`launch.sh`. A search writes its pick; `autotune emit CONFIG.yaml --out DIR [key=value ...]` any config.
 
 All three are rendered before any is written, and each is written atomically, so a bad plan or a
 crash never leaves a run folder with a half-written or mismatched file.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from autotune.config import ClusterConfig
-from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, to_yaml
+from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, load_train_config, to_yaml
 from autotune.engine.model import param_counts
 from autotune.engine.parallel import checkpointed_blocks
 from autotune.engine.files import write_atomic
@@ -26,19 +28,30 @@ FP16_MIN_SCALE = 1
 MASTER_PORT = 29500
 
 
-def write_outputs(run_dir: Path, best: TrainConfig, cluster: ClusterConfig) -> None:
-    """Write best.yaml, ds_config.json and launch.sh for `best` on `cluster` into `run_dir`."""
+def write_outputs(run_dir: Path, best: TrainConfig, cluster: ClusterConfig, replace: bool = True) -> None:
+    """Write best.yaml, ds_config.json and launch.sh for `best` on `cluster` into `run_dir`.
+    replace=False: refuse (before writing any) if one of them is there with other contents."""
+    files = render(best, cluster)
+    if not replace:
+        for name, data in files.items():
+            path = Path(run_dir) / name
+            if path.exists() and (not path.is_file() or path.read_text() != data):
+                raise ConfigError(f"{path} exists with other contents; give another --out or move it away")
+    for name, data in files.items():
+        write_atomic(Path(run_dir) / name, data, executable=name.endswith(".sh"))
+
+
+def render(best: TrainConfig, cluster: ClusterConfig) -> dict[str, str]:
+    """The three files' contents, by name."""
     text = to_yaml(best)
     # What we write is what `autotune train best.yaml` will read: rebuild it from the text so an
     # invalid plan is refused here, before anything is written, and grad_accum is filled in.
     checked = build_train_config(OmegaConf.to_container(OmegaConf.create(text)))
-    files = {
+    return {
         "best.yaml": to_yaml(checked),
         "ds_config.json": json.dumps(ds_config(checked), indent=2) + "\n",
         "launch.sh": launch_script(checked, cluster),
     }
-    for name, data in files.items():
-        write_atomic(Path(run_dir) / name, data, executable=name.endswith(".sh"))
 
 
 def block_params(model: ModelConfig) -> int:
@@ -198,3 +211,25 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def cli(argv: list[str]) -> int:
+    """`autotune emit CONFIG.yaml --out DIR [key=value ...]`."""
+    parser = argparse.ArgumentParser(prog="autotune emit",
+                                     description="best.yaml, ds_config.json and launch.sh for a training config.")
+    parser.add_argument("config", help="a training config (model, job, plan), e.g. outputs/<run>/best.yaml")
+    parser.add_argument("--out", required=True, help="the folder to write the three files into")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node for launch.sh (default: all the plan's ranks on one node)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. plan.zero_stage=3")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_train_config(args.config, args.overrides)
+    world = cfg.plan.world_size
+    per_node = world if args.gpus_per_node is None else args.gpus_per_node
+    if per_node < 1:
+        raise ConfigError(f"--gpus-per-node={per_node} must be at least 1")
+    nodes = -(-world // per_node)
+    cluster = ClusterConfig(name=f"{nodes}x{per_node}", gpus_per_node=per_node, nodes=nodes)
+    write_outputs(Path(args.out), cfg, cluster, replace=False)
+    print(f"wrote best.yaml, ds_config.json and launch.sh to {args.out}")
+    return 0

@@ -87,10 +87,8 @@ def test_ds_config_does_not_claim_tensor_or_pipeline_parallel():
 @pytest.mark.parametrize("plan", [*PLANS, dict(zero_stage=2, precision="bf16", dp=2, tp=2, pp=2, micro_batch=2)],
                          ids=lambda p: f"zero{p['zero_stage']}-{p['precision']}-dp{p.get('dp', 1)}")
 def test_ds_config_accepted_by_deepspeed(plan, monkeypatch):
-    """DeepSpeed's own parser (`DeepSpeedConfig`, what `deepspeed.initialize` builds) reads the plan back.
-
-    Checked by hand with deepspeed 0.19.8 on torch 2.13 CPU in a separate venv (deepspeed is not a
-    dependency of autotune); skipped where deepspeed is not importable."""
+    """DeepSpeed's own parser (`DeepSpeedConfig`, what `deepspeed.initialize` builds) reads the plan back
+    (deepspeed is a test extra; tests/test_deepspeed.py trains under it)."""
     runtime_config = pytest.importorskip("deepspeed.runtime.config")
     cfg = train_config(global_batch=16, **plan)
     p = cfg.plan
@@ -204,3 +202,34 @@ def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
         files.write_atomic(target, "new and longer\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ds_config.json"]  # no temp file left behind
+
+
+def test_emit_command(tmp_path, capsys):
+    """`autotune emit CONFIG --out DIR [overrides]`: any training config, the three files; a mistake
+    is one error line and nothing is written; a file of other contents in DIR is kept."""
+    from autotune.cli import main
+
+    (tmp_path / "train.yaml").write_text(emit.to_yaml(train_config(global_batch=16, dp=2, tp=2)))
+    out = tmp_path / "out"
+    assert main(["emit", str(tmp_path / "train.yaml"), "--out", str(out), "plan.zero_stage=3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert load_train_config(out / "best.yaml").plan.zero_stage == 3
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    assert "--nproc_per_node=4" in (out / "launch.sh").read_text()
+    assert main(["emit", str(tmp_path / "train.yaml"), "--out", str(out), "plan.zero_stage=3"]) == 0  # same files
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for argv, words in [
+        (["plan.zero_stage=2"], "best.yaml exists with other contents"),
+        (["plan.micro_batch=3"], "not divisible"),
+        (["--gpus-per-node", "3"], "whole nodes"),
+        (["plan.zero_stage=5"], "plan.zero_stage=5"),
+    ]:
+        assert main(["emit", str(tmp_path / "train.yaml"), "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and len(err.splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["emit", str(tmp_path / "train.yaml"), "--out", str(tmp_path / "two"), "--gpus-per-node", "2"]) == 0
+    assert "--nnodes=2" in (tmp_path / "two" / "launch.sh").read_text()
+    assert main(["emit", str(tmp_path / "nowhere.yaml"), "--out", str(tmp_path / "three")]) == 2
+    assert not (tmp_path / "three").exists()
