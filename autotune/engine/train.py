@@ -29,7 +29,7 @@ import torch
 import torch.distributed as tdist
 
 from autotune.engine import checkpoint, dist
-from autotune.engine.config import ConfigError, JobConfig, TrainConfig, load_train_config
+from autotune.engine.config import ConfigError, JobConfig, TrainConfig, load_train_config, to_yaml
 from autotune.engine.data import check_vocab, micro_batches
 from autotune.engine.files import write_atomic
 from autotune.engine.model import build_model
@@ -51,6 +51,8 @@ from autotune.engine.parallel import (
 )
 from autotune.hardware import catalog_gpu_of
 from autotune.profile import flops_per_token
+
+RUN_CONFIG = "config.yaml"  # the config a run trains, in its out_dir
 
 # --- throughput accounting --------------------------------------------------------------------
 
@@ -312,6 +314,7 @@ def _train(cfg: TrainConfig, device: torch.device, stop: StopFlag) -> int:
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
         forget_metrics_after(out_dir / "metrics.jsonl", start)
+        write_atomic(out_dir / RUN_CONFIG, to_yaml(cfg))  # what `autotune export` rebuilds the model from
     metrics = open(out_dir / "metrics.jsonl", "a") if rank0 else None
     meter = MemoryMeter(device)
     try:
