@@ -132,7 +132,10 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
 def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
     """The parts of the plan that DeepSpeed's config cannot express, stated rather than claimed."""
     plan = cfg.plan
-    notes = ["DeepSpeed ignores this key; it records the plan parts that have no DeepSpeed config key."]
+    notes = ["DeepSpeed ignores this key; it records the plan parts that have no DeepSpeed config key.",
+             "lr_schedule: linear warmup from lr / warmup_steps at the first step to lr, then cosine to "
+             "lr * min_lr_ratio at total_steps; no DeepSpeed scheduler computes it, so the training script "
+             "passes it to deepspeed.initialize as lr_scheduler (autotune train --deepspeed does)."]
     if plan.tp > 1 or plan.pp > 1:
         notes.append(
             f"tensor_parallel={plan.tp} and pipeline_parallel={plan.pp} are not set by this file: they come "
@@ -148,6 +151,8 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
     return {
         "note": " ".join(notes),
         "model": cfg.model.name,
+        "lr_schedule": {"warmup_steps": cfg.job.optimizer.warmup_steps, "total_steps": cfg.job.steps,
+                        "min_lr_ratio": cfg.job.optimizer.min_lr_ratio},
         "seq_len": cfg.job.seq_len,
         "data_parallel": plan.dp,
         "tensor_parallel": plan.tp,

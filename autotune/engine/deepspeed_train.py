@@ -2,7 +2,7 @@
 parallelism: `autotune train CONFIG.yaml --deepspeed ds_config.json [key=value ...]`, or launched by
 either launcher:
 
-    deepspeed --num_gpus N -m autotune.engine.deepspeed_train CONFIG.yaml --deepspeed ds_config.json
+    deepspeed --num_gpus N --module autotune.engine.deepspeed_train CONFIG.yaml --deepspeed ds_config.json
     torchrun --nproc_per_node N -m autotune.engine.deepspeed_train CONFIG.yaml --deepspeed ds_config.json
 
 `deepspeed.initialize` gets the ds_config as it is: ZeRO stage, offload, precision, clipping and the
@@ -10,7 +10,9 @@ optimizer come from it. What DeepSpeed's config cannot say comes from the traini
 the data (each rank's micro-batches of each step, as the engine cuts them, so both train on the same
 tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
 at lr / warmup_steps, which none of DeepSpeed's schedulers computes: it is handed to DeepSpeed as the
-client lr_scheduler, which DeepSpeed steps once per optimizer step). metrics.jsonl is the engine's.
+client lr_scheduler, which DeepSpeed steps once per optimizer step). When the file has an
+`activation_checkpointing` section, the plan's checkpointed blocks run through
+deepspeed.checkpointing with it. metrics.jsonl is the engine's.
 The plan must be data parallel only (tp = pp = ep = 1): DeepSpeed's tensor and pipeline parallelism
 need other model code. No checkpoint is written.
 """
@@ -244,9 +246,10 @@ def check_device_support(ds: dict[str, Any], path: str) -> None:
 
 
 def cli(argv: list[str]) -> int:
-    """`autotune train CONFIG --deepspeed DS_CONFIG`: in this process, or torchrun's when dp > 1."""
+    """`autotune train CONFIG --deepspeed DS_CONFIG`: under torchrun, dp processes (one too: DeepSpeed
+    wants a launcher's environment)."""
     args, cfg, ds = load(argv)
-    if cfg.plan.dp == 1 or "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ:
         return train(cfg, ds)
     return launch_workers("autotune.engine.deepspeed_train", cfg.plan.dp,
                           [args.config, "--deepspeed", args.deepspeed, *args.overrides])
