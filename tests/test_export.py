@@ -40,7 +40,7 @@ def trained_run(tmp_path, model: dict, **plan):
     return cfg
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
 def test_export_gives_the_engines_logits_in_transformers(tmp_path, family):
     """llama: a dp=2 ZeRO-3 run (sharded checkpoint); gpt2: one process, tied embeddings."""
     plan = dict(dp=2, zero_stage=3) if family == "llama" else {}
