@@ -442,11 +442,11 @@ def clip_grad_norm(
     every rank holds whole), so each kind's norm is reduced over its own mesh and the squares summed.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    kinds: dict = {}  # (mesh, placements) -> (all its gradients, those counted in the norm)
+    kinds: dict = {}  # (mesh, placements) -> (its parameters, the gradients counted in the norm)
     for p in params:
         g = p.grad
-        grads, counted = kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, ([], []))
-        grads.append(g)
+        members, counted = kinds.setdefault((g.device_mesh, g.placements) if isinstance(g, DTensor) else None, ([], []))
+        members.append(p)  # clip_grads_with_norm_ takes parameters (and scales their .grad)
         if not any(p is d for d in duplicates):
             counted.append(g)
     squares = torch.zeros((), device=params[0].device if params else "cpu")
@@ -458,6 +458,6 @@ def clip_grad_norm(
         dist.all_reduce(squares, group=pp_group)
     total = squares.sqrt()
     if max_norm > 0:
-        for grads, _ in kinds.values():  # one foreach multiply per mesh
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+        for members, _ in kinds.values():  # one foreach multiply per mesh
+            torch.nn.utils.clip_grads_with_norm_(members, max_norm, total, foreach=True)
     return total
