@@ -114,3 +114,67 @@ def fit_belief(factors: list[Factor], parts: np.ndarray, measured: np.ndarray,
     fitted = parts @ mode
     return Belief(factors, mode, cov, (parts > 0).sum(axis=0).astype(int), len(measured),
                   list(measured / np.where(fitted > 0, fitted, np.nan)))
+
+
+# --- the factors of a plan's estimated step time ------------------------------------------------
+
+# A scale's prior spread: how far the estimate's part may be off before any trial measured it.
+# Wide: a datasheet or a microbenchmark says little about a whole training step (on this CPU the
+# uncalibrated estimate was off by +66% to +1744%; published runs put GPU estimates 30-90% off).
+SCALE_SD = 0.5
+# Corrections with no part of their own (a ZeRO stage's or the Triton kernels' effect on compute):
+# centred on 0, a third of the compute either way.
+CORRECTION_SD = 0.3
+OFFLOAD_SD = 1.0  # host links and the host's AdamW: the least known part
+
+
+def factor_parts(frame) -> dict[str, tuple[Factor, np.ndarray]]:
+    """Every factor a plan of `frame` may lean on (an estimate frame: plan columns and time_*_s),
+    with each plan's part of it in seconds per step."""
+    col = lambda name: frame[name].to_numpy(dtype=float)  # noqa: E731
+    compute = col("time_forward_s") + col("time_backward_s")
+    zero = frame["zero_stage"].to_numpy()
+    offloaded = (frame["offload_optimizer"].to_numpy(bool) | frame["offload_params"].to_numpy(bool)) & (zero >= 1)
+    precision = frame["precision"].astype(str).to_numpy()
+    kernels = frame["kernels"].astype(str).to_numpy()
+    dp_comm = col("time_dp_comm_s") + col("time_overlap_s")
+    out = {}
+    for p in ("fp32", "bf16", "fp16"):
+        out[f"compute[{p}]"] = (Factor(f"compute[{p}]", 1.0, SCALE_SD, 0.05, f"forward + backward in {p}"),
+                                np.where(precision == p, compute, 0.0))
+    out["kernels[triton]"] = (Factor("kernels[triton]", 0.0, CORRECTION_SD, -0.9, "compute with Triton kernels, beyond torch's"),
+                              np.where(kernels == "triton", compute, 0.0))
+    for z in (1, 2, 3):
+        out[f"zero[{z}]"] = (Factor(f"zero[{z}]", 0.0, CORRECTION_SD, -0.5, f"compute under ZeRO-{z}, beyond ZeRO-0's"),
+                             np.where(zero == z, compute, 0.0))
+    rows = [
+        ("recompute", 1.0, SCALE_SD, "activation checkpointing's recompute", col("time_recompute_s")),
+        ("optimizer", 1.0, SCALE_SD, "the optimizer step on the device", np.where(offloaded, 0.0, col("time_optimizer_s"))),
+        ("offload", 1.0, OFFLOAD_SD, "offload transfers and the host's optimizer step",
+         col("time_offload_s") + np.where(offloaded, col("time_optimizer_s"), 0.0)),
+        ("dp_comm[ddp]", 1.0, SCALE_SD, "data-parallel communication, ZeRO 0-1", np.where(zero <= 1, dp_comm, 0.0)),
+        ("dp_comm[fsdp]", 1.0, SCALE_SD, "data-parallel communication, ZeRO 2-3", np.where(zero >= 2, dp_comm, 0.0)),
+        ("tp_comm", 1.0, SCALE_SD, "tensor-parallel communication", col("time_tp_comm_s")),
+        ("pp", 1.0, SCALE_SD, "the pipeline bubble and its transfers", col("time_pp_bubble_s") + col("time_pp_comm_s")),
+        ("dispatch", 1.0, SCALE_SD, "per-op dispatch and the fixed cost per step", col("time_overhead_s")),
+    ]
+    out |= {name: (Factor(name, prior, sd, 0.0, about), part) for name, prior, sd, about, part in rows}
+    # a fixed cost per step the estimate does not know of; its part is one second per step, its
+    # prior spread set by factors_of from the plans' step times
+    out["fixed"] = (Factor("fixed", 0.0, 1.0, 0.0, "a fixed cost per step (seconds)"), np.ones(len(frame)))
+    return out
+
+
+def factors_of(frame) -> list[Factor]:
+    """The factors the plans of `frame` lean on (tp on one GPU is not one, say), with their priors.
+    The fixed cost's spread is a quarter of a typical step either way."""
+    parts = factor_parts(frame)
+    kept = [f for f, part in parts.values() if f.name != "fixed" and np.any(part > 0)]
+    typical = float(np.median(frame["step_time_s"].to_numpy(dtype=float))) if len(frame) else 1.0
+    return kept + [Factor("fixed", 0.0, 0.25 * typical, 0.0, parts["fixed"][0].about)]
+
+
+def parts_matrix(frame, factors: list[Factor]) -> np.ndarray:
+    """Each plan's part of each of `factors`, one row per plan of `frame`."""
+    parts = factor_parts(frame)
+    return np.stack([parts[f.name][1] for f in factors], axis=1) if len(frame) else np.zeros((0, len(factors)))
