@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 import pandas as pd
 import pytest
 
@@ -393,21 +394,23 @@ def test_analytic_ties_go_to_the_simpler_plan_then_less_memory():
 
 
 def test_every_sampler_proposes_distinct_candidates():
-    """tpe, random and grid (gp and cmaes need scipy / cmaes): after the estimate's first picks the
-    sampler's proposals take turns, each snapped to a plan still to run (no probe here: told values)."""
+    """tpe, random and grid (gp and cmaes need scipy / cmaes): once the estimate's picks have measured
+    each dimension's values, the sampler's proposals take turns, each snapped to a plan still to run
+    (no probe here: the trials are told they were pruned, which measures their plan's values)."""
     for sampler in ("tpe", "random", "grid"):
-        pc = planner_config([*TINY, f"search.sampler={sampler}", "search.trials=6"])
+        pc = planner_config([*TINY, f"search.sampler={sampler}", "search.trials=12"])
         frame = candidate_table(pc, _fixed_hardware(pc.cluster))
         search = Search(pc, Path("unused"), "s", _fixed_hardware(pc.cluster), frame, optuna.storages.InMemoryStorage())
         keys, sources = [], set()
-        for i in range(6):
+        for i in range(12):
+            search.guidance.learn(search.ledger())
             asked = search.next_trial(search.ledger())
             keys.append(plan_key(asked.plan))
             sources.add(asked.source)
-            for k, v in {"claim": keys[-1], "plan": plan_values(asked.plan), "status": "ok", "final": False}.items():
+            for k, v in {"claim": keys[-1], "plan": plan_values(asked.plan), "status": "pruned", "final": False}.items():
                 asked.trial.set_user_attr(k, v)
-            search.study.tell(asked.trial, 100.0 + i)
-        assert len(set(keys)) == 6 and set(keys) <= set(search.guidance.pool.key), sampler
+            search.study.tell(asked.trial, state=TrialState.PRUNED)
+        assert len(set(keys)) == 12 and set(keys) <= set(search.guidance.pool.key), sampler
         assert "estimate" in sources and any(s.startswith("sampler") for s in sources), (sampler, sources)
 
 

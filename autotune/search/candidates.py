@@ -42,8 +42,11 @@ def objective_estimate(frame: pd.DataFrame, objective: str) -> pd.Series:
     return tps
 
 
-def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
-    """Every plan with its estimate, `key`, `objective_est`, `dropped` and `why`."""
+def candidate_table(pc: PlannerConfig, hw: Hardware, dominance: bool = True) -> pd.DataFrame:
+    """Every plan with its estimate, `key`, `objective_est`, `dropped` and `why`. With `dominance`
+    (the analytic answer, which rests on the estimate alone) a plan another beats on the estimate
+    in speed and memory is dropped too; a measured search drops only what cannot fit, since an
+    estimate must not veto plans no trial has tested."""
     plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw))
     frame = estimate_frame(pc.model, pc.job, plans, hw)
     frame["objective_est"] = objective_estimate(frame, pc.search.objective)
@@ -58,7 +61,7 @@ def candidate_table(pc: PlannerConfig, hw: Hardware) -> pd.DataFrame:
                             index=frame.index[over])
         need = (frame.loc[over, "mem_total_bytes"] / GIB).map("{:.2f}".format)
         frame.loc[over, "why"] = need + f" GiB/GPU > {hw.memory_bytes / GIB:.2f}; largest: " + largest
-    if pc.search.use_estimator and fits.any():
+    if dominance and pc.search.use_estimator and fits.any():
         by = dominated_by(frame[fits], throughput="objective_est")
         by = by[by >= 0]
         frame.loc[by.index, "dropped"] = "dominated"

@@ -97,7 +97,8 @@ def measured_vs_modelled(mode: str, pc: PlannerConfig, hw: Hardware) -> tuple[st
     if pc.cluster.n_gpus <= cap:
         return ("step time, tokens/s and peak memory of every trial, run as is on this machine "
                 f"({pc.cluster.n_gpus} rank(s) of the local device)",
-                "the ranking of plans not run: the estimator, recalibrated on the measured trials")
+                "the ranking of plans not run: the estimator, corrected factor by factor by the measured trials "
+                "(autotune.belief)")
     return (f"each trial's share of its plan, on at most {cap} rank(s) of {device}: the plan as is when it "
             "fits; else its tp x pp with as many data-parallel replicas as fit; else one rank's share on one "
             "device (its pipeline stage's layers, each matmul as one tensor-parallel rank holds it, fewer layers "
@@ -141,7 +142,7 @@ def search(pc: PlannerConfig, run_dir: Path, name: str, probe: ProbeFn = run_pro
         capacity(pc.cluster, pc.search)  # search.local_devices is checked before anything is written
         if pc.cluster.gpu != "auto":
             check_local_gpu(pc.cluster, hw)
-    frame = candidate_table(pc, hw)
+    frame = candidate_table(pc, hw, dominance=mode == "analytic")
     if not frame["fits"].astype(bool).any():
         raise ConfigError(nothing_fits_message(frame, pc, hw))
 

@@ -9,14 +9,18 @@ The search (autotune.search.loop) asks a guidance object only this:
     why_not(plan row)      why a plan is not worth a trial (its trial's reason)
     why_stop(plans)        why none of `plans` is worth a trial (the search's reason to stop)
     preference(plans)      an order among equally near plans (higher first)
+    summary()              what the trials taught the estimate, for search.json (None: nothing)
     calibration, pool      the estimator's calibration (what a trial's share and scaling use) and
                            the candidate plans with their current estimate
 
-`EstimatorGuidance` recalibrates the estimator on every measured trial (fit_calibration), ranks
-by the recalibrated estimate and skips a plan whose optimistic estimate (x the optimism: how far
-the estimate has underestimated a measured trial, at least OPTIMISM_FLOOR) cannot beat the best
-measured one. `NoGuidance` is plain Optuna (search.use_estimator=false): every valid plan is worth
-a trial and the sampler proposes them all.
+`EstimatorGuidance` ranks by the estimate corrected by what the trials measured, factor by factor
+(autotune.belief: a posterior over the scale of each part of the step time, e.g. compute in bf16,
+recompute, offload, tp communication). It never lets an estimate veto plans it has no evidence
+about: a plan's optimistic bound grows with every factor no measured trial has pinned down, so a
+plan is skipped only when even that bound cannot beat the best measured one; and before the search
+stops early, each value of each major dimension (`DIMENSIONS`) that has a candidate has been
+measured once, at its best-estimated plan. `NoGuidance` is plain Optuna (search.use_estimator=false):
+every valid plan is worth a trial and the sampler proposes them all.
 """
 from __future__ import annotations
 
@@ -26,17 +30,27 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from autotune.belief import Belief, factors_of, fit_belief, parts_matrix, prior_belief
 from autotune.config import PlannerConfig
 from autotune.estimate import Calibration, estimate_frame, fit_calibration
 from autotune.hardware import Hardware
-from autotune.engine.config import PLAN_FIELDS
-from autotune.search.candidates import objective_estimate
+from autotune.plans import plans_frame
 from autotune.search.progress import rate
+from autotune.search.record import TrialRecord
 from autotune.search.study import Ledger
 
-# How much faster than its estimate a plan may still turn out: at least this, more if the
-# measured trials show the calibrated estimator erring by more.
-OPTIMISM_FLOOR = 1.10
+# The major dimensions of a plan: before the search stops early, each value of each that has a
+# candidate has been measured at least once (at its best-estimated plan).
+DIMENSIONS = {
+    "precision": lambda f: f["precision"].astype(str),
+    "ZeRO stage": lambda f: f["zero_stage"].astype(int).astype(str),
+    "offload": lambda f: np.where(f["offload_params"].astype(bool), "params",
+                                  np.where(f["offload_optimizer"].astype(bool), "optimizer", "none")),
+    "activation checkpointing": lambda f: f["activation_checkpointing"].astype(str),
+    "kernels": lambda f: f["kernels"].astype(str),
+    "tensor parallel": lambda f: np.where(f["tp"] > 1, "tp > 1", "tp = 1"),
+    "pipeline parallel": lambda f: np.where(f["pp"] > 1, "pp > 1", "pp = 1"),
+}
 
 
 class NoGuidance:
@@ -62,6 +76,9 @@ class NoGuidance:
     def why_stop(self, plans: pd.DataFrame) -> str:
         return ""
 
+    def summary(self) -> Optional[dict]:
+        return None
+
     def preference(self, plans: pd.DataFrame) -> pd.Series:
         """A seeded random order, another for each trial of the study."""
         rng = np.random.default_rng(self.seed + len(self.study.get_trials(deepcopy=False)))
@@ -69,46 +86,61 @@ class NoGuidance:
 
 
 class EstimatorGuidance:
-    """The calibrated estimator ranks the plans, skips the hopeless ones and says when to stop."""
+    """The estimate, corrected factor by factor by the measured trials, ranks the plans, skips those
+    whose optimistic bound cannot win, asks for each dimension's values to be measured once, and
+    says when to stop."""
 
     def __init__(self, pc: PlannerConfig, hw: Hardware, hw_here: Hardware, pool: pd.DataFrame, whole_here: bool):
         self.pc, self.hw, self.hw_here, self.whole_here = pc, hw, hw_here, whole_here
-        self.pool = pool  # the candidates, with the current estimate (objective_est, tokens_per_s, mem_total_bytes)
-        self.calibration: Optional[Calibration] = None
-        self.calibrated_on = -1
+        self.pool = pool.copy()  # the candidates; their current belief in columns step_*, objective_*
+        self.factors = factors_of(pool)
+        self.parts = parts_matrix(pool, self.factors)
+        self.values = pd.DataFrame({dim: value(pool) for dim, value in DIMENSIONS.items()}, index=pool.index)
+        self.calibration: Optional[Calibration] = None  # what a share's scaling uses
+        self.belief: Belief = prior_belief(self.factors)
+        self.covered: set[tuple[str, str]] = set()
         self.best: Optional[float] = None
-        self.optimism = OPTIMISM_FLOOR
         self.oom_ceiling: Optional[float] = None
+        self._parts_of: dict[int, np.ndarray] = {}  # a trial's parts, by trial number
+        self._believe()
 
     def learn(self, ledger: Ledger) -> None:
         ok = ledger.ok() + ledger.ok(final=True)
-        if ok and len(ok) != self.calibrated_on:
-            self._recalibrate([ledger.record(t) for t in ok])
-            self.calibrated_on = len(ok)
+        records = [ledger.record(t) for t in ok]
+        if records and not self.whole_here:  # a share is scaled to its plan by the calibrated estimator
+            self.calibration = fit_calibration(
+                [{**r.ran.attrs(), "step_time_s": r.probe["step_time_s"], "peak_mem_bytes": r.probe["peak_mem_bytes"]}
+                 for r in records], self.hw_here)
+        if len(ok) != self.belief.trials:
+            parts = np.stack([self._trial_parts(t.number, r) for t, r in zip(ok, records)])
+            measured = np.array([r.probe["step_time_s"] for r in records])
+            self.belief = fit_belief(self.factors, parts, measured, np.array([spread(r) for r in records]))
+            self._believe()
+        measured_plans = [ledger.record(t).plan for t in ledger.measured() + ledger.measured(True)]
+        if measured_plans:
+            seen = pd.DataFrame({dim: value(plans_frame(measured_plans)) for dim, value in DIMENSIONS.items()})
+            self.covered = {(dim, str(v)) for dim in DIMENSIONS for v in seen[dim]}
         self.best = ledger.best_value()
-        self.optimism = self._optimism(ledger)
         self.oom_ceiling = self._oom_ceiling(ledger)
 
-    def _recalibrate(self, records: list) -> None:
-        # calibrate on what ran here: the plan, or its share of a larger cluster
-        self.calibration = fit_calibration(
-            [{**r.ran.attrs(), "step_time_s": r.probe["step_time_s"], "peak_mem_bytes": r.probe["peak_mem_bytes"]}
-             for r in records],
-            self.hw_here)
-        est = estimate_frame(self.pc.model, self.pc.job, self.pool[list(PLAN_FIELDS)], self.hw, self.calibration)
-        self.pool = self.pool.assign(objective_est=objective_estimate(est, self.pc.search.objective).to_numpy(),
-                                     tokens_per_s=est["tokens_per_s"].to_numpy(),
-                                     mem_total_bytes=est["mem_total_bytes"].to_numpy())
+    def _trial_parts(self, number: int, record: TrialRecord) -> np.ndarray:
+        """What ran in a trial (the plan, or its share), in the factors' parts of its estimate."""
+        if number not in self._parts_of:
+            ran = record.ran.train
+            frame = estimate_frame(ran.model, ran.job, plans_frame([ran.plan]), self.hw_here)
+            self._parts_of[number] = parts_matrix(frame, self.factors)[0]
+        return self._parts_of[number]
 
-    def _optimism(self, ledger: Ledger) -> float:
-        """How far the calibrated estimate has underestimated a measured trial (at least the floor)."""
-        by_key = self.pool.set_index("key")["objective_est"]
-        ratios = []
-        for t in ledger.ok():
-            est = by_key.get(ledger.record(t).claim)
-            if est and t.values:
-                ratios.append(t.values[0] / float(est))
-        return max([OPTIMISM_FLOOR, *ratios])
+    def _believe(self) -> None:
+        """The pool's step time as the belief has it: mean, spread, optimistic bound, and the
+        objective at the mean (`objective_est`) and at the bound (`objective_best_case`)."""
+        mean, sd = self.belief.predict(self.parts)
+        fastest = self.belief.optimistic(self.parts)
+        tokens = self.pc.job.global_batch * self.pc.job.seq_len
+        per = (self.pool["dp"] * self.pool["tp"] * self.pool["pp"]).to_numpy() if self.pc.search.objective == "cost" else 1
+        self.pool["step_mean_s"], self.pool["step_sd_s"], self.pool["step_best_case_s"] = mean, sd, fastest
+        self.pool["objective_est"] = tokens / mean / per
+        self.pool["objective_best_case"] = tokens / fastest / per
 
     def _oom_ceiling(self, ledger: Ledger) -> Optional[float]:
         """The smallest estimated memory of a plan that ran out of memory here: plans estimated to
@@ -119,32 +151,47 @@ class EstimatorGuidance:
                  if r.status == "oom" and r.estimate]
         return min(sizes) if sizes else None
 
+    def unmeasured(self, plans: pd.DataFrame) -> pd.DataFrame:
+        """For each (dimension, value) of `plans` no trial has measured: its best-estimated plan."""
+        rows = []
+        for dim in DIMENSIONS:
+            for value, group in plans.groupby(self.values.loc[plans.index, dim]):
+                if (dim, str(value)) not in self.covered:
+                    best = self.pool.loc[group.index, "objective_est"].idxmax()
+                    rows.append({"dimension": dim, "value": str(value), "plan": best})
+        return pd.DataFrame(rows, columns=["dimension", "value", "plan"])
+
+    def pick(self, plans: pd.DataFrame, measured: int) -> Optional[pd.Series]:
+        """A dimension's unmeasured value first (the one whose best plan is estimated fastest), then
+        the best-estimated plan every other trial; the sampler proposes in between (its proposals
+        are snapped to plans worth running), so a structure the factors miss can still be found."""
+        todo = self.unmeasured(plans)
+        if len(todo):
+            return self.rank(plans.loc[todo["plan"].unique()]).iloc[0]
+        return self.rank(plans).iloc[0] if measured % 2 == 0 else None
+
     def rank(self, plans: pd.DataFrame) -> pd.DataFrame:
         """`plans` (rows of the pool), the best estimate first."""
         return self.pool.loc[plans.index].sort_values("objective_est", ascending=False, kind="stable")
 
-    def pick(self, plans: pd.DataFrame, measured: int) -> Optional[pd.Series]:
-        """The best-estimated plan for the first third of the budget, then every other trial."""
-        seeds = max(1, self.pc.search.trials // 3)
-        if measured < seeds or (measured - seeds) % 2 == 0:
-            return self.rank(plans).iloc[0]
-        return None
-
     def worth_running(self, plans: pd.DataFrame) -> pd.DataFrame:
+        """Plans that may fit and whose optimistic bound beats the best measured one, and the best
+        plan of each dimension value not measured yet."""
         plans = self.pool.loc[plans.index]
         if self.oom_ceiling is not None:
             plans = plans[plans["mem_total_bytes"] < self.oom_ceiling]
         if self.best is None or self.pc.search.objective == "pareto":
             return plans
-        return plans[plans["objective_est"] * self.optimism >= self.best]
+        explore = plans.index.isin(self.unmeasured(plans)["plan"])
+        return plans[(plans["objective_best_case"] >= self.best) | explore]
 
     def why_not(self, row: pd.Series) -> str:
         row = self.pool.loc[row.name]
         if self.oom_ceiling is not None and row["mem_total_bytes"] >= self.oom_ceiling:
             return (f"not run: estimated to need {row['mem_total_bytes'] / 2**20:,.0f} MiB, as much as a plan that "
                     "ran out of memory here")
-        return (f"not run: its optimistic estimate ({self.optimism:.2f} x {rate(row['objective_est'])}) "
-                f"cannot beat the best measured {rate(self.best or 0)}")
+        return (f"not run: even at its optimistic bound ({rate(row['objective_best_case'])}; estimate "
+                f"{rate(row['objective_est'])}) it cannot beat the best measured {rate(self.best or 0)}")
 
     def why_stop(self, plans: pd.DataFrame) -> str:
         plans = self.pool.loc[plans.index]
@@ -153,11 +200,27 @@ class EstimatorGuidance:
         if too_big:
             parts.append(f"{too_big} need as much memory as a plan that ran out of it")
         if len(plans) > too_big:
-            parts.append(f"{len(plans) - too_big} have an optimistic estimate (x{self.optimism:.2f}) below the "
-                         f"best measured {rate(self.best)}")
+            parts.append(f"{len(plans) - too_big} have an optimistic bound below the best measured {rate(self.best)}")
         if len(parts) == 1:
             parts[0] = "all " + parts[0]
-        return f"no plan left can beat the best measured one: of the {len(plans)} plans left, " + " and ".join(parts)
+        return (f"no plan left can beat the best measured one: every dimension's values were measured, and of the "
+                f"{len(plans)} plans left, " + " and ".join(parts))
 
     def preference(self, plans: pd.DataFrame) -> pd.Series:
         return self.pool.loc[plans.index, "objective_est"]
+
+    def summary(self) -> dict:
+        """What the trials taught the estimate (for search.json and report.md): per factor its
+        prior, fitted value, spread and trials; the factors whose prior was wrong; the dimension
+        values of the candidates that no trial measured."""
+        todo = self.unmeasured(self.pool)
+        return {"factors": self.belief.table(), "wrong_priors": [r["factor"] for r in self.belief.surprises()],
+                "unmeasured": [f"{d}={v}" for d, v in zip(todo["dimension"], todo["value"])]}
+
+
+def spread(record: TrialRecord) -> float:
+    """The standard error of a trial's median step time, from its measured steps' times."""
+    times = np.asarray(record.step_times_s or [], dtype=float)
+    if len(times) < 2:
+        return 0.0
+    return float(1.2533 * np.std(times, ddof=1) / np.sqrt(len(times)))

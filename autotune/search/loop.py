@@ -12,12 +12,14 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy.stats import kendalltau
 
+from autotune.belief import RELATIVE_NOISE
 from autotune.config import PlannerConfig
+from autotune.engine.config import PlanConfig
 from autotune.hardware import Hardware
 from autotune.local_share import capacity
 from autotune.plans import plan_from_row, plan_key, plan_label
 from autotune.runner import run_probe
-from autotune.search.guidance import EstimatorGuidance, NoGuidance
+from autotune.search.guidance import EstimatorGuidance, NoGuidance, spread
 from autotune.search.progress import Progress
 from autotune.search.proposals import Asked, Proposals, search_space
 from autotune.search.record import TrialRecord
@@ -45,7 +47,8 @@ class Search:
                                          load_if_exists=True)
         self.proposals = Proposals(self.study, space, frame.iloc[0], pc.job)
         if self.s.use_estimator:
-            self.guidance = EstimatorGuidance(pc, hw, hw_here, frame[frame["dropped"] == ""],
+            # every plan that fits: the estimate ranks them, it does not drop any unmeasured
+            self.guidance = EstimatorGuidance(pc, hw, hw_here, frame[frame["fits"].astype(bool)],
                                               whole_here=pc.cluster.n_gpus <= cap)
         else:
             self.guidance = NoGuidance(frame, self.s.seed, self.study)
@@ -131,14 +134,15 @@ class Search:
                                  exploring=not self.stopped)
 
     def finals(self) -> None:
-        """Rerun the best short trials with search.final_steps (once, whoever gets there first)."""
+        """Rerun with search.final_steps the short trials whose interval overlaps the best one's
+        (at most search.finalists of them; none when the best stands clear of the rest), once,
+        whoever gets there first."""
         # every process must rank the same finished short runs, or each would pick its own finalists
         deadline = time.monotonic() + self.s.trial_timeout_s
         while self.s.finalists and self.ledger().others_running() and time.monotonic() < deadline:
             time.sleep(1.0)
         ledger = self.ledger()
-        for short in sorted(ledger.ok(), key=lambda t: -t.values[0])[: self.s.finalists]:
-            plan = ledger.record(short).plan
+        for plan in finalists(ledger, ledger.ok(), self.s.finalists):
             for _ in range(3):  # a queued trial of another process may come out first: run it, retry
                 if plan_key(plan) in self.ledger().claimed_keys(final=True):
                     break
@@ -146,27 +150,48 @@ class Search:
                 self.run_trial(self.proposals.ask())
 
     def result(self) -> dict[str, Any]:
-        """The chosen plan (best long run, else best short run) and how well short runs ranked."""
+        """The chosen plan (best long run, else best short run), whether it is within noise of the
+        runner-up, how well short runs ranked the finalists, and what the trials taught the estimate."""
         ledger = self.ledger()
         finals = {ledger.record(t).claim.removeprefix(FINAL): t for t in ledger.ok(final=True)}
         shorts = {ledger.record(t).claim: t for t in ledger.ok()}
         pairs = [(shorts[k].values[0], f.values[0]) for k, f in finals.items() if k in shorts]
         tau = kendall_tau([p[0] for p in pairs], [p[1] for p in pairs])
-        pool = list(finals.values()) or list(shorts.values())
+        pool = sorted(list(finals.values()) or list(shorts.values()), key=lambda t: -t.values[0])
+        out = {"best": None, "kendall_tau": tau, "kendall_pairs": len(pairs), "stopped": self.stopped,
+               "learned": self.guidance.summary()}
         if not pool:
-            return {"best": None, "kendall_tau": tau, "stopped": self.stopped}
-        best = max(pool, key=lambda t: t.values[0])
-        record = ledger.record(best)
+            return out
+        best, record = pool[0], ledger.record(pool[0])
         source = (f"measured in part ({record.ran.kind}: {record.ran.note}), scaled to the cluster by the estimator"
                   if record.scaled else "measured")
-        return {
-            "best": {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.values[0],
-                     "values": best.values, "final": record.final, "source": source,
-                     "describe": plan_label(record.plan)},
-            "kendall_tau": tau,
-            "kendall_pairs": len(pairs),
-            "stopped": self.stopped,
-        }
+        low, high = interval(record, best.values[0])
+        out["best"] = {"trial": best.number, "plan": best.user_attrs["plan"], "value": best.values[0],
+                       "values": best.values, "final": record.final, "source": source,
+                       "describe": plan_label(record.plan), "interval": [low, high]}
+        if len(pool) > 1:
+            second = ledger.record(pool[1])
+            out["runner_up"] = {"trial": pool[1].number, "describe": plan_label(second.plan), "value": pool[1].values[0],
+                                "within_noise": interval(second, pool[1].values[0])[1] >= low}
+        return out
+
+
+def interval(record: TrialRecord, value: float) -> tuple[float, float]:
+    """The range a trial's measured value is known to within: two standard errors of its median
+    step time, or the run-to-run noise of RELATIVE_NOISE, whichever is wider."""
+    relative = max(RELATIVE_NOISE, 2 * spread(record) / float(record.probe["step_time_s"]))
+    return value * (1 - relative), value * (1 + relative)
+
+
+def finalists(ledger: Ledger, short: list[optuna.trial.FrozenTrial], most: int) -> list[PlanConfig]:
+    """The plans of the short trials whose interval overlaps the best one's, best first, at most
+    `most`; none when only the best is left (its short run decides)."""
+    ranked = sorted(short, key=lambda t: -t.values[0])
+    if not ranked or most < 2:
+        return [ledger.record(t).plan for t in ranked[:most]]
+    low = interval(ledger.record(ranked[0]), ranked[0].values[0])[0]
+    close = [t for t in ranked if interval(ledger.record(t), t.values[0])[1] >= low][:most]
+    return [ledger.record(t).plan for t in close] if len(close) > 1 else []
 
 
 def kendall_tau(a: list[float], b: list[float]) -> Optional[float]:
