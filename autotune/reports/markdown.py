@@ -38,7 +38,7 @@ def render(run: Run, plots: dict[str, str]) -> str:
     choice = choose(run)
     parts = [_header(run), _chosen(run, choice), _top(run, choice)]
     if not run.trials.empty:
-        parts += [_failures(run), _estimate_vs_measured(run), _short_vs_long(run)]
+        parts += [_failures(run), _estimate_vs_measured(run), _learned(run), _short_vs_long(run)]
     else:
         parts.append(_analytic(run, choice))
     parts += [_measured_and_modelled(run), _candidates(run), _plots(plots)]
@@ -145,6 +145,10 @@ def _why(run: Run, choice: Choice) -> list[str]:
                 f"trial {int(r.number)} ({rate(r.meas_tokens_per_s)} tokens/s in {gib(r.meas_peak_mem_bytes)})"
                 for _, r in front.iterrows()) + ". The fastest on it is written out; pick another from trials.csv "
                 "to trade throughput for memory")
+        runner_up = run.result.get("runner_up") or {}
+        if runner_up.get("within_noise"):
+            reasons.append(f"within noise of the runner-up, {runner_up['describe']} ({rate(runner_up['value'])}): their "
+                           "measurement intervals overlap, so either is as good on this evidence")
         memory = row.meas_peak_mem_bytes
     else:
         ranked = ranked_candidates(run)
@@ -244,6 +248,30 @@ def _estimate_vs_measured(run: Run) -> str:
                   "of the plan here (`ran` in trials.csv: a node share or one rank's share); their measured figures "
                   "are the share's, scaled to the plan by the estimator's ratio of the two, so their error is that "
                   "of the share's estimate against its measurement."]
+    return "\n".join(lines)
+
+
+def _learned(run: Run) -> str:
+    """What the trials taught the estimate, factor by factor (autotune.belief), and what is untested."""
+    learned = run.result.get("learned")
+    if not learned:
+        return ""
+    lines = ["## What the trials taught the estimate", "",
+             "The search models a step's time as the estimate's parts, each scaled by a factor it learns from "
+             "the measured trials (a Gaussian posterior: prior, then fitted value with its spread). A factor no "
+             "trial has varied keeps its prior's spread, and plans that lean on it keep a wide optimistic bound, "
+             "so the estimate alone never rules them out.", ""]
+    rows = [[r["factor"], r["scales"], f"{r['prior']:.3g} ± {r['prior_sd']:.2g}", f"{r['fitted']:.3g}",
+             f"{r['sd']:.2g}", str(r["trials"])] for r in learned["factors"]]
+    lines.append(markdown_table(rows, ["factor", "scales", "prior", "fitted", "spread", "trials"]))
+    wrong = learned.get("wrong_priors") or []
+    lines += ["", (f"**The estimate was wrong about: {', '.join(wrong)}** (the measurements put the fitted value "
+                   "more than two spreads, and at least 0.2, from the prior)." if wrong else
+                   "No factor's prior was rejected by the measurements.")]
+    unmeasured = learned.get("unmeasured") or []
+    if unmeasured:
+        lines += ["", "Never measured (the budget ran out first): " + ", ".join(f"`{v}`" for v in unmeasured)
+                  + ". Plans with these values rest on the estimate alone."]
     return "\n".join(lines)
 
 

@@ -105,21 +105,22 @@ class EstimatorGuidance:
         self._believe()
 
     def learn(self, ledger: Ledger) -> None:
-        ok = ledger.ok() + ledger.ok(final=True)
-        records = [ledger.record(t) for t in ok]
-        if records and not self.whole_here:  # a share is scaled to its plan by the calibrated estimator
+        measured = ledger.measured() + ledger.measured(final=True)
+        ok = [ledger.record(t) for t in measured if ledger.record(t).status == "ok"]
+        if ok and not self.whole_here:  # a share is scaled to its plan by the calibrated estimator
             self.calibration = fit_calibration(
                 [{**r.ran.attrs(), "step_time_s": r.probe["step_time_s"], "peak_mem_bytes": r.probe["peak_mem_bytes"]}
-                 for r in records], self.hw_here)
-        if len(ok) != self.belief.trials:
-            parts = np.stack([self._trial_parts(t.number, r) for t, r in zip(ok, records)])
-            measured = np.array([r.probe["step_time_s"] for r in records])
-            self.belief = fit_belief(self.factors, parts, measured, np.array([spread(r) for r in records]))
+                 for r in ok], self.hw_here)
+        # every trial that timed steps teaches the belief, a pruned one too (its few steps, wider)
+        timed = [(t.number, ledger.record(t)) for t in measured if step_time(ledger.record(t)) is not None]
+        if len(timed) != self.belief.trials:
+            parts = np.stack([self._trial_parts(number, r) for number, r in timed])
+            seconds = np.array([step_time(r) for _, r in timed])
+            self.belief = fit_belief(self.factors, parts, seconds, np.array([spread(r) for _, r in timed]))
             self._believe()
-        measured_plans = [ledger.record(t).plan for t in ledger.measured() + ledger.measured(True)]
-        if measured_plans:
-            seen = pd.DataFrame({dim: value(plans_frame(measured_plans)) for dim, value in DIMENSIONS.items()})
-            self.covered = {(dim, str(v)) for dim in DIMENSIONS for v in seen[dim]}
+        if measured:
+            seen = plans_frame([ledger.record(t).plan for t in measured])
+            self.covered = {(dim, str(v)) for dim, value in DIMENSIONS.items() for v in value(seen)}
         self.best = ledger.best_value()
         self.oom_ceiling = self._oom_ceiling(ledger)
 
@@ -218,9 +219,20 @@ class EstimatorGuidance:
                 "unmeasured": [f"{d}={v}" for d, v in zip(todo["dimension"], todo["value"])]}
 
 
+def step_time(record: TrialRecord) -> Optional[float]:
+    """What a trial measured of its step time here: the probe's median, or for a pruned trial the
+    median of the steps it ran; None when it timed none."""
+    if record.status == "ok":
+        return float(record.probe["step_time_s"])
+    if record.status == "pruned" and record.step_times_s:
+        return float(np.median(record.step_times_s))
+    return None
+
+
 def spread(record: TrialRecord) -> float:
-    """The standard error of a trial's median step time, from its measured steps' times."""
+    """The standard error of a trial's median step time, from its measured steps' times (a single
+    step's: half its time, for want of a second)."""
     times = np.asarray(record.step_times_s or [], dtype=float)
     if len(times) < 2:
-        return 0.0
+        return 0.5 * float(times[0]) if len(times) else 0.0
     return float(1.2533 * np.std(times, ddof=1) / np.sqrt(len(times)))
