@@ -68,7 +68,7 @@ class SearchConfig:
     """How `autotune search` explores plans."""
 
     mode: SearchMode = SearchMode.auto  # auto: measure on the local machine, analytic for a catalog cluster
-    trials: int = 6
+    trials: int = 12  # enough to measure every value of every dimension once, and then some (docs/design.md)
     sampler: Sampler = Sampler.tpe
     storage: Optional[str] = None  # None: SQLite study.db in the run folder; or a SQLAlchemy URL or .journal file
     probe_steps: int = 4

@@ -163,12 +163,14 @@ class EstimatorGuidance:
         return pd.DataFrame(rows, columns=["dimension", "value", "plan"])
 
     def pick(self, plans: pd.DataFrame, measured: int) -> Optional[pd.Series]:
-        """A dimension's unmeasured value first (the one whose best plan is estimated fastest), then
-        the best-estimated plan every other trial; the sampler proposes in between (its proposals
-        are snapped to plans worth running), so a structure the factors miss can still be found."""
+        """A dimension's unmeasured value first: of the values' best-estimated plans, the one with
+        the most to gain (the highest optimistic bound: what the estimate knows least about); then
+        the best-estimated plan every other trial, the sampler proposing in between (snapped to
+        plans worth running), so a structure the factors miss can still be found."""
         todo = self.unmeasured(plans)
         if len(todo):
-            return self.rank(plans.loc[todo["plan"].unique()]).iloc[0]
+            explore = self.pool.loc[todo["plan"].unique()]
+            return explore.sort_values(["objective_best_case", "objective_est"], ascending=False, kind="stable").iloc[0]
         return self.rank(plans).iloc[0] if measured % 2 == 0 else None
 
     def rank(self, plans: pd.DataFrame) -> pd.DataFrame:
