@@ -5,21 +5,22 @@ copies. A training step of the engine is more than that. On the 2-core CPU of th
 bf16 matmul runs faster than an fp32 one, yet the engine's bf16 step runs about 1.7 times slower
 (autocast's casts, the norms and the loss in fp32); and a small model's step is mostly the
 dispatch of hundreds of small ops, which a matmul's rate does not see. So for a local device the
-forward and backward of one block of the job's own model (with its embedding, head and loss) are
-timed, as the engine runs them, at two micro-batch sizes in every precision the device computes
-in (and each kernel choice where Triton runs), and fitted as
+engine's own forward and backward are timed as the engine runs them (autocast at ZeRO-0), in every
+precision the device computes in (and each kernel choice where Triton runs):
 
-    measured(b) = compute_scale[precision/kernels] * modelled_compute(b) + ops(b) * dispatch_s
+- a block too small to compute anything gives the time to dispatch one op (`dispatch_s`, the
+  median over precisions of time / ops, with the estimator's own op count);
+- one block of the job's model (a small vocabulary, at a shape whose modelled compute is about
+  TARGET_S) gives, once its ops' dispatch is taken off, what each precision's modelled compute is
+  multiplied by (`compute_scale["precision/kernels"]`).
 
-with the estimator's own modelled compute and op count of that model. `dispatch_s` becomes the
-device's time per dispatched op, `compute_scale` what each precision's (and kernels') modelled
-compute is multiplied by (docs/formulas.md [Calibration]). The search's per-factor belief
-(autotune.belief) starts from these and learns the rest from its trials.
+The estimator uses both for every plan (docs/formulas.md [Calibration]); the search's per-factor
+belief (autotune.belief) starts from them and learns the rest from its trials. Each timing is the
+fastest of REPS runs: a shared machine only ever slows a run down.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import numpy as np
@@ -28,9 +29,10 @@ import torch
 from autotune.engine.config import JobConfig, ModelConfig, PlanConfig, TrainConfig
 from autotune.hardware import Hardware
 
-BATCHES = (1, 4)  # micro-batch sizes timed: dispatch dominates the first, compute the second
-REPS = 5  # timed runs per shape; the fastest counts (a shared machine only ever slows a run down)
-TARGET_S = 0.05  # the larger shape's modelled compute is kept near this (seconds per run)
+REPS = 3  # timed runs per shape; the fastest counts
+TARGET_S = 0.02  # the job's block is timed at a shape whose modelled compute is about this
+# a block so small that its compute is nothing beside the dispatch of its ops
+DISPATCH_MODEL = ModelConfig(name="dispatch", n_layers=1, d_model=32, n_heads=2, d_ff=64, vocab_size=64, max_seq_len=16)
 
 
 def _time_block(model_cfg: ModelConfig, precision: str, kernels: str, batch: int, seq: int, device: str) -> float:
@@ -59,6 +61,8 @@ def _time_block(model_cfg: ModelConfig, precision: str, kernels: str, batch: int
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
+        if best > 1.0:  # one slow run is measurement enough
+            break
     return best
 
 
@@ -74,40 +78,51 @@ def _modelled(model_cfg: ModelConfig, precision: str, kernels: str, batch: int, 
     return est.time["forward_s"] + est.time["backward_s"], est.time["overhead_s"]
 
 
-def _prior_model(model: ModelConfig, seq: int, hw: Hardware) -> tuple[ModelConfig, int]:
-    """One block of `model` and a sequence length whose larger shape takes about TARGET_S."""
-    block = dataclasses.replace(model, n_layers=1, hf_config=None, init_from=None)
-    while seq > 16:
-        compute, _ = _modelled(block, "fp32", "torch", BATCHES[-1], seq, hw)
-        if compute <= TARGET_S:
-            break
+def _job_block(model: ModelConfig, seq: int, hw: Hardware) -> tuple[ModelConfig, int, int]:
+    """One block of `model` (with a small vocabulary: the block's compute is what is timed, not a
+    large head's), and a micro-batch and sequence length at which its modelled compute is about
+    TARGET_S (longer sequences first halved, then the micro-batch grown)."""
+    block = dataclasses.replace(model, n_layers=1, vocab_size=min(model.vocab_size, 1024), hf_config=None, init_from=None)
+    while seq > 16 and _modelled(block, "fp32", "torch", 1, seq, hw)[0] > TARGET_S:
         seq //= 2
-    return block, seq
+    batch = 1
+    while batch < 64 and _modelled(block, "fp32", "torch", 2 * batch, seq, hw)[0] <= TARGET_S:
+        batch *= 2
+    return block, batch, seq
 
 
-@functools.cache
+_MEASURED: dict[tuple, tuple[float, dict[str, float]]] = {}  # once per process, model and device
+
+
 def _measure(model: ModelConfig, seq: int, hw: Hardware, choices: tuple[tuple[str, str], ...]) -> tuple[float, dict[str, float]]:
-    block, seq = _prior_model(model, seq, hw)
-    rows, measured, keys = [], [], []
+    key = (repr(model), seq, hw.gpu, choices)
+    if key not in _MEASURED:
+        _MEASURED[key] = _fit(model, seq, hw, choices)
+    return _MEASURED[key]
+
+
+def _fit(model: ModelConfig, seq: int, hw: Hardware, choices: tuple[tuple[str, str], ...]) -> tuple[float, dict[str, float]]:
+    """(dispatch seconds per op, compute scale per choice): the dispatch from a block too small to
+    compute anything, each scale from one block of the job's model once its ops' dispatch is taken off."""
+    per_op = []
     for precision, kernels in choices:
-        for batch in BATCHES:
-            compute, ops = _modelled(block, precision, kernels, batch, seq, hw)
-            rows.append((compute, ops, len(keys)))
-            measured.append(_time_block(block, precision, kernels, batch, seq, hw.device))
-        keys.append(f"{precision}/{kernels}")
-    # least squares in (dispatch_s, one scale per choice): columns ops and compute-by-choice
-    a = np.zeros((len(rows), 1 + len(keys)))
-    for i, (compute, ops, k) in enumerate(rows):
-        a[i, 0], a[i, 1 + k] = ops, compute
-    coef, *_ = np.linalg.lstsq(a, np.array(measured), rcond=None)
-    dispatch = float(max(coef[0], 0.0))
-    scales = {key: float(np.clip(c, 0.05, 20.0)) for key, c in zip(keys, coef[1:])}
+        compute, ops = _modelled(DISPATCH_MODEL, precision, kernels, 1, 16, hw)
+        per_op.append((_time_block(DISPATCH_MODEL, precision, kernels, 1, 16, hw.device) - compute) / ops)
+    dispatch = float(max(np.median(per_op), 0.0))
+    block, batch, seq = _job_block(model, seq, hw)
+    scales = {}
+    for precision, kernels in choices:
+        compute, ops = _modelled(block, precision, kernels, batch, seq, hw)
+        measured = _time_block(block, precision, kernels, batch, seq, hw.device)
+        scales[f"{precision}/{kernels}"] = float(np.clip((measured - ops * dispatch) / compute, 0.05, 20.0))
     return dispatch, scales
 
 
 def with_engine_prior(hw: Hardware, model: ModelConfig, seq_len: int, precisions: list[str]) -> Hardware:
-    """`hw` (a probed local device) with the dispatch time and compute scales measured on the
-    engine's own block of `model` (see the module docstring)."""
+    """`hw`, a probed local device, with the dispatch time and compute scales measured on the
+    engine's own block of `model` in `precisions` (see the module docstring); a catalog GPU as it is."""
+    if not hw.measured:
+        return hw
     kernels = ["torch", "triton"] if hw.device == "cuda" else ["torch"]
     choices = tuple((p, k) for p in precisions for k in kernels)
     dispatch, scales = _measure(model, min(seq_len, model.max_seq_len), hw, choices)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,6 +32,9 @@ NCCL_CHANNELS = 16
 # One collective's latency inside a node: nccl-tests all-reduce of a few bytes on 8 NVLink GPUs
 # takes tens of microseconds; across nodes the estimate doubles it.
 COLLECTIVE_LATENCY_S = 20e-6
+# Host time to dispatch one op in eager PyTorch on a GPU: a kernel launch through the CUDA driver
+# takes about 5 us [Fixed overheads].
+DISPATCH_S = 5e-6
 # torch.cuda.get_device_name() -> its conf/gpu entry, first match wins ("NVIDIA H100 80GB HBM3" is
 # the SXM part, "NVIDIA H100 PCIe" the PCIe one; PCIe A100s have the SXM parts' peaks).
 CUDA_NAMES = (
@@ -71,6 +73,12 @@ class Hardware:
     host_memory_bytes: int = 0  # per node
     measured: bool = False  # True: probed on this machine; False: catalog datasheet
     collectives: dict[str, float] = field(default_factory=dict)  # measured bus bytes/s (under torchrun)
+    # host time to dispatch one op of the eager engine (a CUDA launch takes ~5 us; a local device's
+    # is measured on the engine's own block: autotune.device_prior)
+    dispatch_s: float = DISPATCH_S
+    # "precision/kernels" -> what that modelled compute is multiplied by on this device: measured on
+    # the engine's own block for a local device (autotune.device_prior); empty (1) for a catalog GPU
+    compute_scale: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_gpus(self) -> int:
@@ -81,6 +89,15 @@ class Hardware:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"n_gpus": self.n_gpus}
+
+
+def supported_precisions(hw: Hardware) -> list[str]:
+    """Dtypes the device trains in: a CPU does fp32 and bf16; a GPU fp32, fp16, and bf16 where it
+    has bf16 units (faster than its fp32: not on a V100, which only emulates it)."""
+    if hw.device == "cpu":
+        return ["fp32", "bf16"]
+    flops = hw.peak_flops
+    return ["fp32", "fp16"] + (["bf16"] if flops.get("bf16", 0) > flops.get("fp32", 0) else [])
 
 
 def gpu_catalog() -> list[str]:
@@ -140,7 +157,9 @@ def catalog_gpu_of(device_name: str) -> Hardware | None:
 
 
 def _time(fn, reps: int) -> float:
-    """Median seconds of fn() over reps runs after one warm-up."""
+    """The fastest of reps runs of fn() after one warm-up, in seconds: a machine shared with other
+    work only ever slows a run down, so the fastest is the device's own speed (a median moved 20x
+    between two probes of this project's shared 2-core CPU)."""
     fn()
     times = []
     for _ in range(reps):
@@ -151,7 +170,7 @@ def _time(fn, reps: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _matmul_flops(n: int, dtype: torch.dtype, device: str, reps: int) -> float:

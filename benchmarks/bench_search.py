@@ -80,7 +80,7 @@ def run_grid(args: argparse.Namespace, model: str, folder: Path) -> tuple[list[d
     from autotune.engine.config import with_changes
     from autotune.plans import enumerate_plans, plan_from_row, plan_key, plan_values
     from autotune.runner import run_probe
-    from autotune.search.candidates import supported_precisions
+    from autotune.hardware import supported_precisions
 
     pc = planner_config(overrides(args, model))
     hw = load_hardware(pc.cluster)

@@ -59,6 +59,7 @@ def _fake_search(run: Path, monkeypatch, overrides: list[str], probe: FakeProbe 
     """`autotune search` with the fake probe on the fixed CPU; asserts it succeeded."""
     probe = probe or FakeProbe()
     monkeypatch.setattr(command, "load_hardware", _fixed_hardware)
+    monkeypatch.setattr(command, "with_engine_prior", lambda hw, *args: hw)  # the fixed CPU's figures stand
     assert command.search(planner_config(overrides), run, run.name, probe=probe) == 0
     return probe
 
@@ -125,7 +126,7 @@ def test_oom_trial_is_recorded_and_search_finishes_with_a_plan_that_fits(tmp_pat
     run = tmp_path / "run"
     cap = 60_000_000  # the fake's micro-batches of 16 (84 MB) run out, those of 8 (52 MB) fit
     _fake_search(run, monkeypatch, ["job.global_batch=16", "job.seq_len=32", "search.precisions=[fp32]",
-                                     "search.trials=3", "search.finalists=0", f"search.trial_memory_cap_bytes={cap}"])
+                                     "search.trials=6", "search.finalists=0", f"search.trial_memory_cap_bytes={cap}"])
     study = _study(run)
     statuses = {t.user_attrs["status"] for t in _measured(study)}
     assert "oom" in statuses and "ok" in statuses, statuses

@@ -3,7 +3,8 @@
 A fake probe (through the search's probe hook) measures each plan as the estimate's own parts
 (autotune.belief.factor_parts), every part at its prior scale but one: fp32 compute far faster
 than estimated, offload three times slower, recompute free, or tp communication four times
-slower. With its default budget the search must return a plan as fast as the truly fastest one,
+slower. With its default budget the search must return a plan as fast as the truly fastest one
+(within the fake probe's own 0-4% step-to-step spread),
 and report.md must name the factor whose prior was wrong."""
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ CASES = {
     # the estimate has bf16 compute 1.6x faster than fp32 on this CPU; the world has fp32 ~2x faster
     "fp32 faster": ([], "compute[fp32]", 0.3, None),
     "offload slower": ([], "offload", 3.0, None),
-    # memory binds (a 4 MiB device): large micro-batches fit only with checkpointing, which is free
-    "recompute free": ([], "recompute", 0.0, 4 * 2**20),
+    # compute-bound, and memory binds (30 MiB): large micro-batches fit only with checkpointing, which is free
+    "recompute free": (["model.d_model=256", "model.d_ff=688", "job.seq_len=128"], "recompute", 0.0, 30 * 2**20),
     "tp comm slower": (["cluster.gpus_per_node=4", "job.global_batch=16"], "tp_comm", 4.0, None),
 }
 
@@ -64,12 +65,14 @@ def test_the_search_finds_the_best_plan_when_one_factor_is_wrong(case, tmp_path,
     step_time = truth(hw, factor, scale)
     probe = FakeProbe(step_time=step_time, peak_memory=lambda train: estimate(train, hw).memory["total_bytes"])
     monkeypatch.setattr(command, "load_hardware", hardware)
+    monkeypatch.setattr(command, "with_engine_prior", lambda hw, *args: hw)  # the fixed CPU's figures stand
     run = tmp_path / "run"
     assert command.search(pc, run, "run", probe=probe) == 0
 
     best = json.loads((run / "search.json").read_text())["result"]["best"]
     chosen = step_time(dataclasses.replace(pc.train, plan=plan_from_row(best["plan"])))
-    assert chosen <= 1.02 * fastest(pc, hw, step_time), (case, best["describe"])
+    # within the fake's own step-to-step spread (0-4%) of the truly fastest plan
+    assert chosen <= 1.03 * fastest(pc, hw, step_time), (case, best["describe"])
     report = (run / "report.md").read_text()
     wrong = next(line for line in report.splitlines() if line.startswith("**The estimate was wrong about"))
     assert factor in wrong, wrong

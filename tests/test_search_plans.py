@@ -82,7 +82,7 @@ def test_device_limits_precisions_and_kernels():
 
 def test_v100_has_no_bf16():
     from autotune.hardware import catalog_gpu
-    from autotune.search.candidates import supported_precisions
+    from autotune.hardware import supported_precisions
 
     assert "bf16" not in supported_precisions(catalog_gpu("v100-32g"))
     assert "bf16" in supported_precisions(catalog_gpu("h100-sxm"))

@@ -81,6 +81,10 @@ def cli(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = planner_config(overrides)
     hw = load_hardware(cfg.cluster)
+    if cfg.cluster.gpu == "auto":  # this machine: the engine's own speed in the plan's precision
+        from autotune.device_prior import with_engine_prior
+
+        hw = with_engine_prior(hw, cfg.model, cfg.job.seq_len, [str(cfg.plan.precision)])
     note = resolve_world(cfg, overrides)
     check_engine_supports(cfg.train.plan, hw)
     calib = load_calibration(cfg)

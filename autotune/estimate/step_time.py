@@ -25,7 +25,6 @@ from autotune.profile import flops_per_token
 ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
 CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g for the norm, then g *= scale (read + write)
 HOST_ADAM_BYTES_PER_S = 10e9  # CPU AdamW over host memory (ZeRO-Offload reports a few GB/s per socket)
-LAUNCH_S = 5e-6  # host time to dispatch one op in eager PyTorch
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
 
 
@@ -73,9 +72,10 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     (norms, activations, rotary, residual adds, casts, the loss over the vocabulary) as the bytes
     they move over HBM [FLOPs and MFU]."""
     tp, pp, layers = plans.tp, plans.pp, held.layers
-    peak = _peak_flops(plans, hw)
+    # a local device's measured slowdown of the engine's compute in this precision and kernels
+    peak = _peak_flops(plans, hw) / compute_scale(plans, hw)
     achieved = peak * efficiency["matmul_efficiency"]
-    hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"]
+    hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"] / compute_scale(plans, hw)
     tokens = plans.micro_batch * seq_len
     head_weights = model.vocab_size * model.d_model
     matmul_params = flops_per_token(model, seq_len)["matmul_params"]
@@ -96,6 +96,16 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
         dispatched_ops=(traffic["block_ops"] * layers + traffic["outside_ops"] / pp
                         + recompute_share * traffic["block_fwd_ops"] * layers),
     )
+
+
+def compute_scale(plans: PlanArrays, hw: Hardware) -> np.ndarray:
+    """What each plan's modelled compute is multiplied by: `hw.compute_scale` of its precision and
+    kernels (measured on the engine's own block for a local device [Calibration]), else 1."""
+    scale = np.ones(plans.rows)
+    for key, value in hw.compute_scale.items():
+        precision, kernels = key.split("/")
+        scale = np.where((plans.precision == precision) & (plans.kernels == kernels), value, scale)
+    return scale
 
 
 def _peak_flops(plans: PlanArrays, hw: Hardware) -> np.ndarray:
@@ -208,9 +218,9 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     parts["tp_comm"] = _tensor_parallel(model, job.seq_len, plans, held, hw, calib)
     parts |= _pipeline(model, job.seq_len, plans, hw, calib, micro)
     parts["offload"] = _offload(plans, held, hw)
-    # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work)
-    launches = micro_batches * micro.dispatched_ops * LAUNCH_S if hw.device == "cuda" else np.zeros(plans.rows)
-    parts["overhead"] = launches + calib.step_overhead_s
+    # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work; on a CPU
+    # the host does both) [Fixed overheads]
+    parts["overhead"] = micro_batches * micro.dispatched_ops * hw.dispatch_s + calib.step_overhead_s
     compute = parts["forward"] + parts["backward"] + parts["recompute"]
     # compute by kind, over forward, backward and recompute (they sum to those three)
     matmul = micro_batches * (3 * (micro.matmul_blocks + micro.matmul_head) + micro.recompute_share * micro.matmul_blocks)

@@ -34,6 +34,11 @@ def cli(argv: list[str]) -> int:
             return 0
     else:
         hw = load_hardware(cfg.cluster)
+    if cfg.cluster.gpu == "auto":  # this machine: the engine's own speed in each precision it runs
+        from autotune.device_prior import with_engine_prior
+        from autotune.hardware import supported_precisions
+
+        hw = with_engine_prior(hw, train.model, train.job.seq_len, supported_precisions(hw))
     prof = model_profile(train.model, train.job.seq_len, train.plan.micro_batch)
     prof["hardware"] = hw.to_dict()
     prof["cluster"] = dataclasses.asdict(cfg.cluster)

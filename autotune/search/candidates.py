@@ -15,7 +15,7 @@ import pandas as pd
 from autotune.config import PlannerConfig
 from autotune.engine.files import write_atomic
 from autotune.estimate import estimate_frame
-from autotune.hardware import Hardware
+from autotune.hardware import Hardware, supported_precisions
 from autotune.plans import dominated_by, enumerate_plans, plan_from_row, plan_keys, plan_label
 
 GIB = 2**30
@@ -23,15 +23,6 @@ GIB = 2**30
 # are derived from (or feed) the columns kept.
 NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "step_grads_bytes", "matmul_s", "memory_bound_s",
                      "compute_matmul_s", "compute_attention_s", "compute_memory_s")
-
-
-def supported_precisions(hw: Hardware) -> list[str]:
-    """Dtypes the device trains in: a CPU does fp32 and bf16; a GPU fp32, fp16, and bf16 where it
-    has bf16 units (faster than its fp32: not on a V100, which only emulates it)."""
-    if hw.device == "cpu":
-        return ["fp32", "bf16"]
-    flops = hw.peak_flops
-    return ["fp32", "fp16"] + (["bf16"] if flops.get("bf16", 0) > flops.get("fp32", 0) else [])
 
 
 def objective_estimate(frame: pd.DataFrame, objective: str) -> pd.Series:

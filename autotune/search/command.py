@@ -14,9 +14,10 @@ import optuna
 import pandas as pd
 
 from autotune.config import PlannerConfig, SearchConfig, planner_config
+from autotune.device_prior import with_engine_prior
 from autotune.engine.config import ConfigError, as_json, with_changes
 from autotune.engine.files import write_atomic
-from autotune.hardware import Hardware, load_hardware
+from autotune.hardware import Hardware, load_hardware, supported_precisions
 from autotune.local_share import capacity, check_local_gpu
 from autotune.plans import DOMINANCE_MARGIN, plain, plan_from_row, plan_label, plan_values
 from autotune.runner import run_probe
@@ -138,6 +139,9 @@ def search(pc: PlannerConfig, run_dir: Path, name: str, probe: ProbeFn = run_pro
         raise ConfigError(f"{run_dir} holds a search of another model, job, cluster or objective; "
                           "give another --out or --name")
     hw = load_hardware(pc.cluster)
+    if pc.cluster.gpu == "auto":  # this machine: the engine's own speed in each precision it may run
+        hw = with_engine_prior(hw, pc.model, pc.job.seq_len,
+                               [p for p in supported_precisions(hw) if p in pc.search.precisions])
     if mode == "measure":
         capacity(pc.cluster, pc.search)  # search.local_devices is checked before anything is written
         if pc.cluster.gpu != "auto":
