@@ -135,7 +135,7 @@ for phase in "$@"; do
       ;;
     search)
       step search 420 $PY benchmarks/bench_search.py --models gpt2-medium --global-batch 16 --seq-len 1024 \
-        --budgets 6 --seeds 0 --grid-limit 20 --trial-timeout 60 --out "$WORK/search"
+        --budgets 6 --seeds 0 --grid-limit 20 --repeats 1 --trial-timeout 60 --out "$WORK/search"
       publish search/results.json:search-results.json search/gpt2-medium/grid.jsonl:search-grid.jsonl
       ;;
   esac
