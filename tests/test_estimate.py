@@ -173,7 +173,7 @@ def test_auto_without_a_gpu_profiles_the_cpu():
     assert hw.device == "cpu" and hw.measured and hw.memory_bytes > 0 and hw.hbm_bytes_per_s > 0
     assert all(hw.peak_flops[k] > 0 for k in ("fp32", "bf16", "fp16")) and 0 < hw.attention_efficiency <= 1
     est = estimate(planner_config(["model=tiny"]).train, hw)
-    assert est.step_time_s > 0 and est.time["overhead_s"] == 0  # no CUDA launches on a CPU
+    assert est.step_time_s > 0 and est.time["overhead_s"] > 0  # the host dispatches every op, a CPU too
 
 
 # --- published anchors ([Model states] in docs/formulas.md) ---------------------------------------
