@@ -12,7 +12,7 @@ from autotune.engine.config import ConfigError
 
 COMMANDS = {
     "profile": ("autotune.profile", "the model and hardware profile -> profile.json"),
-    "estimate": ("autotune.estimate", "predicted memory and step time of one plan"),
+    "estimate": ("autotune.estimate.cli", "predicted memory and step time of one plan"),
     "search": ("autotune.search.command", "find the fastest plan that fits; writes best.yaml, ds_config.json, launch.sh"),
     "train": ("autotune.engine.train", "train from a config (launches torchrun when the plan needs several "
               "processes); with --deepspeed DS_CONFIG under DeepSpeed's engine"),

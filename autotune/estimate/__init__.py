@@ -46,20 +46,39 @@ The parts, each a module of this package:
 - result: Estimate, one plan's estimate, and its forms (a frame row, JSON, flat table columns);
 - suggest: what the engine runs of a plan on the target hardware, and the nearest plan that fits;
 - cli: `autotune estimate`.
-"""
-from autotune.estimate.calibration import (
-    CALIBRATION_RANGES, FRAGMENTATION, HARDWARE_FACTORS, Calibration, factors, fit_calibration, fit_memory_slack,
-)
-from autotune.estimate.cli import cli, load_calibration, resolve_world
-from autotune.estimate.columns import COMPUTE, MEMORY, TIME, GiB
-from autotune.estimate.frame import estimate_frame
-from autotune.estimate.layout import rank_layout
-from autotune.estimate.result import Estimate, estimate, flat_estimate, plan_frame
-from autotune.estimate.suggest import check_engine_supports, fit_suggestion
 
-__all__ = [
-    "CALIBRATION_RANGES", "COMPUTE", "Calibration", "Estimate", "FRAGMENTATION", "GiB", "HARDWARE_FACTORS", "MEMORY",
-    "TIME", "check_engine_supports", "cli", "estimate", "estimate_frame", "factors", "fit_calibration",
-    "fit_memory_slack", "fit_suggestion", "flat_estimate", "load_calibration", "plan_frame", "rank_layout",
-    "resolve_world",
-]
+The names below are loaded when first used, so that a module of this package that needs no torch
+(columns, which the reports read) is imported without it.
+"""
+import importlib
+
+_HOME = {
+    "CALIBRATION_RANGES": "calibration",
+    "FRAGMENTATION": "calibration",
+    "HARDWARE_FACTORS": "calibration",
+    "Calibration": "calibration",
+    "factors": "calibration",
+    "fit_calibration": "calibration",
+    "fit_memory_slack": "calibration",
+    "load_calibration": "cli",
+    "resolve_world": "cli",
+    "COMPUTE": "columns",
+    "MEMORY": "columns",
+    "TIME": "columns",
+    "GiB": "columns",
+    "flat_estimate": "columns",
+    "estimate_frame": "frame",
+    "rank_layout": "layout",
+    "Estimate": "result",
+    "estimate": "result",
+    "plan_frame": "result",
+    "check_engine_supports": "suggest",
+    "fit_suggestion": "suggest",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'autotune.estimate' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"autotune.estimate.{_HOME[name]}"), name)

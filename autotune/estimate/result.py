@@ -12,7 +12,7 @@ import pandas as pd
 
 from autotune.engine.config import PlanConfig, TrainConfig
 from autotune.estimate.calibration import Calibration, factors
-from autotune.estimate.columns import COMPUTE, MEMORY, TIME
+from autotune.estimate.columns import COMPUTE, MEMORY, TIME, flat_estimate
 from autotune.estimate.frame import estimate_frame
 from autotune.hardware import Hardware
 from autotune.plans import plans_frame
@@ -73,22 +73,6 @@ class Estimate:
     def flat(self) -> dict[str, Any]:
         """The columns of a table: see flat_estimate."""
         return flat_estimate(self.to_dict())
-
-
-def flat_estimate(data: Mapping[str, Any]) -> dict[str, Any]:
-    """An estimate's JSON form as the flat columns of a table (candidates.csv, trials.csv): the
-    memory parts as mem_<part>_bytes, the time parts as time_<part>_s (estimate_frame's names), and
-    every other scalar as it is; the nested breakdowns (model_states, compute, factors,
-    calibration) are left out. Reads older trials' dicts too (parts named without the unit)."""
-    flat: dict[str, Any] = {}
-    for name, value in (data.get("memory") or {}).items():
-        flat["mem_" + (name if name.endswith("_bytes") else name + "_bytes")] = value
-    for name, value in (data.get("time") or {}).items():
-        flat["time_" + (name if name.endswith("_s") else name + "_s")] = value
-    for name, value in data.items():
-        if name not in ("memory", "time") and not isinstance(value, (dict, list)):
-            flat[name] = value
-    return flat
 
 
 def plan_frame(plans: list[PlanConfig]) -> pd.DataFrame:

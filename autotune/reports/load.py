@@ -16,6 +16,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from autotune.engine.config import PLAN_FIELDS, ConfigError
+from autotune.estimate.columns import flat_estimate
 from autotune.plans import plan_values
 from autotune.search.record import TrialRecord
 from autotune.storage import open_storage, sqlite_path
@@ -164,19 +165,6 @@ def _memory_limit(search: dict[str, Any]) -> Optional[float]:
     return None
 
 
-def flatten_estimate(estimate: dict[str, Any]) -> dict[str, Any]:
-    """An estimate dict (memory {...}, time {...}, step_time_s, ...) as candidates.csv columns."""
-    flat: dict[str, Any] = {}
-    for name, value in (estimate.get("memory") or {}).items():
-        flat["mem_" + (name if name.endswith("_bytes") else name + "_bytes")] = value
-    for name, value in (estimate.get("time") or {}).items():
-        flat["time_" + (name if name.endswith("_s") else name + "_s")] = value
-    for name, value in estimate.items():
-        if name not in ("memory", "time") and not isinstance(value, (dict, list)):
-            flat[name] = value
-    return flat
-
-
 def _status(trial: optuna.trial.FrozenTrial, record: TrialRecord) -> str:
     if record.status:
         return record.status
@@ -213,7 +201,7 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
             "final": record.final,
         }
         row.update({name: plan.get(name) for name in PLAN_FIELDS})
-        row.update({"est_" + k: v for k, v in flatten_estimate(record.estimate or {}).items()})
+        row.update({"est_" + k: v for k, v in flat_estimate(record.estimate or {}).items()})
         row.update({"meas_" + k: probe.get(k) for k in PROBE_FIELDS})
         if record.scaled:  # a share of the plan ran: its figures carried to the plan by the estimator
             row.update({"meas_" + k: getattr(record.scaled, k) for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},

@@ -28,9 +28,19 @@ from autotune.reports.tables import (
 PLAN_ROWS = [
     ("ZeRO stage", "zero_stage"), ("offload optimizer", "offload_optimizer"), ("offload params", "offload_params"),
     ("precision", "precision"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
-    ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"), ("tp", "tp"), ("pp", "pp"),
-    ("pipeline schedule", "pp_schedule"), ("kernels", "kernels"), ("compile", "compile"),
+    ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"), ("tp", "tp"),
+    ("sequence parallel", "sequence_parallel"), ("pp", "pp"), ("pipeline schedule", "pp_schedule"),
+    ("virtual stages", "pp_virtual_stages"), ("ep", "ep"), ("loss scale", "loss_scale"), ("kernels", "kernels"),
+    ("compile", "compile"),
 ]
+# fields that mean something only beside another: shown when some plan of the table has that
+MEANINGFUL_WHEN = {
+    "sequence_parallel": lambda r: int(r.get("tp") or 1) > 1,
+    "pp_schedule": lambda r: int(r.get("pp") or 1) > 1,
+    "pp_virtual_stages": lambda r: int(r.get("pp") or 1) > 1,
+    "ep": lambda r: int(r.get("ep") or 1) > 1,
+    "loss_scale": lambda r: r.get("precision") == "fp16",
+}
 
 
 def render(run: Run, plots: dict[str, str]) -> str:
@@ -83,8 +93,8 @@ KEY_ROWS = ("zero_stage", "precision", "micro_batch", "grad_accum", "activation_
 def _plan_rows(rows: list[pd.Series]) -> list[tuple[str, str]]:
     """The plan fields worth a row: the key ones, and any on which these plans differ."""
     def shown(key: str) -> bool:
-        if key == "pp_schedule":
-            return any(int(r.get("pp") or 1) > 1 for r in rows)
+        if key in MEANINGFUL_WHEN:
+            return any(MEANINGFUL_WHEN[key](r) for r in rows)
         if len(rows) > 1 and key not in KEY_ROWS:
             return len({norm(r.get(key)) for r in rows}) > 1
         return True
