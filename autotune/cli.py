@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(_module_of(name, rest))
         return int(module.cli(rest) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from autotune.storage import hide_secrets  # the error may quote a storage URL given as an override
+
+        print(f"error: {hide_secrets(str(e))}", file=sys.stderr)
         return 2
     except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         # a path the user gave that cannot be read or written (e.g. --out naming a file)

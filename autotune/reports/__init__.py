@@ -1,11 +1,14 @@
 """Study results -> tables (pandas) and figures (matplotlib). Knows nothing of torch.
 
 `build_report(run_dir)` (re)builds trials.csv, report.md and plots/*.png from what a search left
-in its run folder; every file is written atomically.
+in its run folder; every file is written atomically. The study's storage is the one search.json
+names (its password masked there: libpq's PGPASSWORD or ~/.pgpass supplies it), or `storage`, the
+URL the search that just ran holds in memory.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from autotune.reports import markdown, plots
 from autotune.engine.files import write_atomic
@@ -20,9 +23,9 @@ PLOTS = {
 }
 
 
-def build_report(run_dir: str | Path) -> Path:
+def build_report(run_dir: str | Path, storage: Optional[str] = None) -> Path:
     """Rebuild the report of a run folder; returns the path of report.md."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, storage)
     choice = choose(run)
     figures = {
         "throughput_vs_memory.png": plots.throughput_vs_memory(run, choice),

@@ -19,7 +19,7 @@ from autotune.engine.config import PLAN_FIELDS, ConfigError
 from autotune.estimate.columns import flat_estimate
 from autotune.plans import plan_values
 from autotune.search.record import TrialRecord
-from autotune.storage import open_storage, sqlite_path
+from autotune.storage import hide_secrets, open_storage, shown, sqlite_path
 
 # grad_accum is derived from the others; two records of one plan may differ only in whether it is filled.
 PLAN_KEY = [f for f in PLAN_FIELDS if f != "grad_accum"]
@@ -69,13 +69,15 @@ class Run:
         return self.trials[(self.trials.status == "ok") & self.trials.meas_tokens_per_s.notna()]
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, storage: Optional[str] = None) -> Run:
+    """The run folder's files and its study, from `storage` (a URL that may carry a password) or
+    the storage search.json names."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"no such run folder: {run_dir}; give the folder `autotune search` wrote (--out)")
     search = _read_json(run_dir / "search.json")
     candidates = _read_candidates(run_dir / "candidates.csv")
-    study, storage = _open_study(run_dir, search)
+    study, storage = _open_study(run_dir, search, storage)
     if study is None and candidates is None:
         raise ConfigError(
             f"{run_dir} holds neither a study (study.db or the storage named in search.json) nor "
@@ -129,8 +131,9 @@ def _as_bool(value: Any) -> bool:
     return bool(value) if pd.notna(value) else False
 
 
-def _open_study(run_dir: Path, search: dict[str, Any]) -> tuple[Optional[optuna.Study], Optional[str]]:
-    url = search.get("storage")
+def _open_study(run_dir: Path, search: dict[str, Any], url: Optional[str]) -> tuple[Optional[optuna.Study], Optional[str]]:
+    """The study and its storage URL as the report shows it (its password masked)."""
+    url = url or search.get("storage")
     local_db = run_dir / "study.db"
     if not url or (sqlite_path(url) is not None and not sqlite_path(url).is_file()):
         # No storage named, or a SQLite path that no longer exists (the folder was moved): use the
@@ -140,11 +143,11 @@ def _open_study(run_dir: Path, search: dict[str, Any]) -> tuple[Optional[optuna.
         url = f"sqlite:///{local_db.resolve()}"
     try:
         storage = open_storage(url, run_dir, create=False)
-        return optuna.load_study(study_name=search.get("study_name"), storage=storage), url
+        return optuna.load_study(study_name=search.get("study_name"), storage=storage), shown(url)
     except ConfigError:
         raise
     except Exception as e:  # SQLAlchemy, journal and lookup errors all mean: this study cannot be read
-        raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {url}: {e}")
+        raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {shown(url)}: {hide_secrets(str(e))}")
 
 
 def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:

@@ -25,7 +25,7 @@ from autotune.search.candidates import candidate_table, nothing_fits_message, wr
 from autotune.search.loop import Search
 from autotune.search.progress import rate
 from autotune.search.trial import ProbeFn
-from autotune.storage import check_reachable, open_storage, storage_url
+from autotune.storage import check_reachable, open_storage, shown, storage_url
 
 ANALYTIC_TIE = 0.01  # plans estimated this close to the fastest count as ties
 NEEDS = {"gp": "scipy", "cmaes": "cmaes"}  # samplers that need a package Optuna does not
@@ -152,29 +152,33 @@ def search(pc: PlannerConfig, run_dir: Path, name: str, probe: ProbeFn = run_pro
 
     # Everything is validated: from here on the run folder is written.
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = _search_info(pc, name, mode, hw, frame, storage_url(pc.search.storage, run_dir))
+    url = storage_url(pc.search.storage, run_dir)  # with its password: in memory only
+    info = _search_info(pc, name, mode, hw, frame, url)
     write_candidates(run_dir / "candidates.csv", frame)
     _write_profile(run_dir, pc, hw)
     write_json(run_dir / "search.json", {**info, "result": previous.get("result")})
     if mode == "analytic":
         result = analytic_result(frame)
     else:
-        measured = Search(pc, run_dir, name, hw, frame, open_storage(info["storage"], run_dir), probe=probe)
+        measured = Search(pc, run_dir, name, hw, frame, open_storage(url, run_dir), probe=probe)
         measured.explore()
         measured.finals()
         result = measured.result()
     info["result"] = result
     info["elapsed_s"] = round(time.monotonic() - started, 2)
     write_json(run_dir / "search.json", info)
-    return _finish(run_dir, pc, result)
+    return _finish(run_dir, pc, result, url)
 
 
 def _search_info(pc: PlannerConfig, name: str, mode: str, hw: Hardware, frame: pd.DataFrame, url: str) -> dict[str, Any]:
-    """search.json before a result (the contract in autotune/search/__init__.py)."""
+    """search.json before a result (the contract in autotune/search/__init__.py); the storage's
+    password is masked."""
     measured, modelled = measured_vs_modelled(mode, pc, hw)
+    config = {section: as_json(getattr(pc, section)) for section in ("model", "job", "plan", "cluster", "search")}
+    config["search"]["storage"] = shown(config["search"]["storage"]) if config["search"]["storage"] else None
     return {
-        "name": name, "study_name": name, "storage": url, "mode": mode, "objective": str(pc.search.objective),
-        "config": {section: as_json(getattr(pc, section)) for section in ("model", "job", "plan", "cluster", "search")},
+        "name": name, "study_name": name, "storage": shown(url), "mode": mode, "objective": str(pc.search.objective),
+        "config": config,
         "hardware": hw.to_dict(), "memory_limit_bytes": hw.memory_bytes,
         "plans": {"enumerated": len(frame), "fit": int(frame["fits"].astype(bool).sum()),
                   "candidates": int((frame["dropped"] == "").sum()),
@@ -184,14 +188,14 @@ def _search_info(pc: PlannerConfig, name: str, mode: str, hw: Hardware, frame: p
     }
 
 
-def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any]) -> int:
+def _finish(run_dir: Path, pc: PlannerConfig, result: dict[str, Any], url: str) -> int:
     from autotune.emit import write_outputs
     from autotune.reports import build_report
 
     best = result.get("best")
     if best is not None:
         write_outputs(run_dir, with_changes(pc.train, plan=plan_from_row(best["plan"])), pc.cluster)
-    build_report(run_dir)
+    build_report(run_dir, url)
     if best is None:
         print(f"error: no trial ran successfully ({result.get('stopped')}); see {run_dir / 'report.md'}",
               file=sys.stderr)
