@@ -105,6 +105,7 @@ def run_probe(train: TrainConfig, trial_dir: Path, *, steps: int, warmup: int, t
               on_poll: Optional[Callable[[], None]] = None, log_path: Optional[Path] = None) -> ProbeRun:
     """Run the probe on `train` in `trial_dir` and say what happened; never raises for the trial's
     own failure (OOM, crash, timeout are data)."""
+    trial_dir = trial_dir.resolve()  # the probe runs in the repository root: a relative --out would miss
     trial_dir.mkdir(parents=True, exist_ok=True)
     config_path, out, progress = trial_dir / "config.yaml", trial_dir / "metrics.json", trial_dir / "progress.jsonl"
     for stale in (out, progress):  # a rerun of this trial directory starts clean
