@@ -144,6 +144,7 @@ class Search:
         ledger = self.ledger()
         for plan in finalists(ledger, ledger.ok(), self.s.finalists):
             for _ in range(3):  # a queued trial of another process may come out first: run it, retry
+                fail_stale_trials(self.study)  # a finalist whose process was killed is free again
                 if plan_key(plan) in self.ledger().claimed_keys(final=True):
                     break
                 self.proposals.queue(plan, "finalist")
