@@ -51,8 +51,8 @@ status, metrics (the probe's JSON: at least step_time_s, tokens_per_s and peak_m
 reason, wall_s, and steps (the {"step", "step_time_s"} rows it reported), from which the record
 takes the measured per-step times. Tests use it to check the search's logic without a real run.
 
-search.json: name, study_name, storage, mode, objective, config (model, job, plan, cluster,
-search), hardware (Hardware.to_dict), memory_limit_bytes, counts of plans, `measured` and
-`modelled` (what this run's numbers rest on), and `result` (best plan, its trial, value, Kendall
-tau, why the search stopped) once it has one.
+search.json: name, study_name, storage (its password masked: autotune.storage), mode, objective,
+config (model, job, plan, cluster, search), hardware (Hardware.to_dict), memory_limit_bytes, counts
+of plans, `measured` and `modelled` (what this run's numbers rest on), and `result` (best plan, its
+trial, value, Kendall tau, why the search stopped) once it has one.
 """
