@@ -6,7 +6,7 @@ several local search processes should share. A storage that cannot be used is th
 ConfigError, said before anything is written.
 
 Credentials: a password in the URL lives only in memory. Files and messages show the URL with
-`***` in its place (`shown`, `hide_secrets`); a URL read back from a file with `***`, or one
+`***` in its place (`hide_secrets`); a URL read back from a file with `***`, or one
 without a password, leaves the password to libpq as PostgreSQL users expect (PGPASSWORD,
 ~/.pgpass), so rerunning or reporting a study never needs the secret on disk.
 """
@@ -37,11 +37,6 @@ def hide_secrets(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***: what a file or a message may show."""
     text = _NETLOC_PASSWORD.sub(lambda m: m.group(1) + (MASK if m.group(2) else "") + m.group(3), text)
     return _QUERY_PASSWORD.sub(lambda m: m.group(1) + MASK, text)
-
-
-def shown(url: str) -> str:
-    """The storage URL as files and messages show it (its password masked)."""
-    return hide_secrets(url)
 
 
 def _connect_url(url: str) -> str:
@@ -75,7 +70,7 @@ def check_reachable(url: str) -> None:
     local = journal_path(url) or sqlite_path(url)
     if local is not None:
         if local.is_absolute() and not local.parent.is_dir():
-            raise ConfigError(f"search.storage={shown(url)}: folder {local.parent} does not exist")
+            raise ConfigError(f"search.storage={hide_secrets(url)}: folder {local.parent} does not exist")
         return
     try:
         engine = sqlalchemy.create_engine(_connect_url(url))
@@ -83,7 +78,7 @@ def check_reachable(url: str) -> None:
             pass
         engine.dispose()
     except Exception as e:  # SQLAlchemy, driver and OS errors all mean: cannot use this storage
-        raise ConfigError(f"search.storage={shown(url)}: cannot connect ({_first_line(e, url)}); {ADVICE}")
+        raise ConfigError(f"search.storage={hide_secrets(url)}: cannot connect ({_first_line(e, url)}); {ADVICE}")
 
 
 def open_storage(url: str, run_dir: Path, create: bool = True) -> Any:
@@ -96,13 +91,13 @@ def open_storage(url: str, run_dir: Path, create: bool = True) -> Any:
     try:
         if journal is not None:
             if not journal.parent.is_dir():
-                raise ConfigError(f"search.storage={shown(url)}: folder {journal.parent} does not exist")
+                raise ConfigError(f"search.storage={hide_secrets(url)}: folder {journal.parent} does not exist")
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
         return _database(_connect_url(url))
     except ConfigError:
         raise
     except Exception as e:  # SQLAlchemy, driver and OS errors all mean: cannot use this storage
-        raise ConfigError(f"search.storage={shown(url)}: cannot open it ({_first_line(e, url)}); {ADVICE}")
+        raise ConfigError(f"search.storage={hide_secrets(url)}: cannot open it ({_first_line(e, url)}); {ADVICE}")
 
 
 def _database(url: str) -> optuna.storages.RDBStorage:

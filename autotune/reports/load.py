@@ -19,7 +19,7 @@ from autotune.engine.config import PLAN_FIELDS, ConfigError
 from autotune.estimate.columns import flat_estimate
 from autotune.plans import plan_values
 from autotune.search.record import TrialRecord
-from autotune.storage import hide_secrets, open_storage, shown, sqlite_path
+from autotune.storage import hide_secrets, open_storage, sqlite_path
 
 # grad_accum is derived from the others; two records of one plan may differ only in whether it is filled.
 PLAN_KEY = [f for f in PLAN_FIELDS if f != "grad_accum"]
@@ -143,11 +143,11 @@ def _open_study(run_dir: Path, search: dict[str, Any], url: Optional[str]) -> tu
         url = f"sqlite:///{local_db.resolve()}"
     try:
         storage = open_storage(url, run_dir, create=False)
-        return optuna.load_study(study_name=search.get("study_name"), storage=storage), shown(url)
+        return optuna.load_study(study_name=search.get("study_name"), storage=storage), hide_secrets(url)
     except ConfigError:
         raise
     except Exception as e:  # SQLAlchemy, journal and lookup errors all mean: this study cannot be read
-        raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {shown(url)}: {hide_secrets(str(e))}")
+        raise ConfigError(f"cannot open the study {search.get('study_name')!r} in {hide_secrets(url)}: {hide_secrets(str(e))}")
 
 
 def _read_best_plan(path: Path) -> Optional[dict[str, Any]]:

@@ -25,7 +25,7 @@ from autotune.search.candidates import candidate_table, nothing_fits_message, wr
 from autotune.search.loop import Search
 from autotune.search.progress import rate
 from autotune.search.trial import ProbeFn
-from autotune.storage import check_reachable, open_storage, shown, storage_url
+from autotune.storage import check_reachable, hide_secrets, open_storage, storage_url
 
 ANALYTIC_TIE = 0.01  # plans estimated this close to the fastest count as ties
 NEEDS = {"gp": "scipy", "cmaes": "cmaes"}  # samplers that need a package Optuna does not
@@ -175,9 +175,10 @@ def _search_info(pc: PlannerConfig, name: str, mode: str, hw: Hardware, frame: p
     password is masked."""
     measured, modelled = measured_vs_modelled(mode, pc, hw)
     config = {section: as_json(getattr(pc, section)) for section in ("model", "job", "plan", "cluster", "search")}
-    config["search"]["storage"] = shown(config["search"]["storage"]) if config["search"]["storage"] else None
+    if pc.search.storage:
+        config["search"]["storage"] = hide_secrets(pc.search.storage)
     return {
-        "name": name, "study_name": name, "storage": shown(url), "mode": mode, "objective": str(pc.search.objective),
+        "name": name, "study_name": name, "storage": hide_secrets(url), "mode": mode, "objective": str(pc.search.objective),
         "config": config,
         "hardware": hw.to_dict(), "memory_limit_bytes": hw.memory_bytes,
         "plans": {"enumerated": len(frame), "fit": int(frame["fits"].astype(bool).sum()),
