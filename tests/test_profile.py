@@ -15,8 +15,12 @@ from autotune.profile import (
     TrafficCounter, flops_per_token, measure_saved_bytes, measure_traffic, model_profile, predict_saved_bytes,
     predict_traffic,
 )
-from autotune.engine.config import ModelConfig
+import yaml
+
+from autotune.engine.config import ModelConfig, build_train_config
 from autotune.engine.model import build_model, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA = ModelConfig(name="t-llama", family="llama", n_layers=3, d_model=96, n_heads=6, n_kv_heads=2, d_ff=256,
                     vocab_size=320, max_seq_len=256)
@@ -40,6 +44,27 @@ def test_flops_per_token_match_flop_counter(model):
         net(tokens, tokens).backward()
     predicted = flops_per_token(model, s)["total"] * b * s
     assert predicted == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_moe_flops_per_token_count_the_active_experts(monkeypatch):
+    """A MoE model's FLOPs are its active weights': the router, k of the E experts per token, the
+    shared expert and its gate (tiny-moe: a dense block, then 3 MoE blocks), exactly what torch runs
+    dropless (the loop over experts: FlopCounterMode has no formula for the grouped matmul)."""
+    from autotune.engine import moe
+    from autotune.engine.model import count_active_params, count_params
+
+    monkeypatch.setattr(moe, "grouped_mm_runs", lambda x: False)
+    model = build_train_config({"model": yaml.safe_load((ROOT / "conf" / "model" / "tiny-moe.yaml").read_text())}).model
+    b, s = 2, 64
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        build_model(model)(tokens, tokens).backward()
+    flops = flops_per_token(model, s)
+    assert flops["total"] * b * s == counter.get_total_flops()
+    # N: every active parameter but the input embedding and the norms (tiny-moe has no biases)
+    norms = (2 * model.n_layers + 1) * model.d_model
+    assert flops["matmul_params"] == count_active_params(model) - model.vocab_size * model.d_model - norms
+    assert count_active_params(model) < count_params(model)
 
 
 # Shapes larger than the fit (widths 32..80, b·s <= 24) in width, batch and sequence.

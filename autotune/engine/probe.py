@@ -9,7 +9,8 @@ writes ONE JSON object to --out (atomically):
     status          ok | oom | error | timeout
     step_time_s     median wall time of the N measured steps (each ends with a device sync)
     tokens_per_s    global tokens per second at that median
-    tflops_per_gpu  model FLOPs (6N + 12·L·a·d·s per token, autotune.profile.flops_per_token) per
+    tflops_per_gpu  model FLOPs (6N + 12·L·a·d·s per token, N the active matmul weights:
+                    autotune.profile.flops_per_token) per
                     second per rank, in TFLOP/s
     mfu             tflops_per_gpu / the device's dense peak for the precision in the GPU catalog
                     (conf/gpu; null on a CPU or a GPU the catalog lacks)

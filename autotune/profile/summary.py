@@ -34,7 +34,7 @@ def model_profile(model: ModelConfig, seq_len: int | None = None, micro_batch: i
             "coefficients": traffic_coefficients(model),
             "at": {"micro_batch": micro_batch, "seq_len": s, "bytes": traffic},
         },
-        "flops_per_token": flops_per_token(model, s) | {"seq_len": s, "convention": "6N + 12·L·a·d·s, N = matmul weights"},
+        "flops_per_token": flops_per_token(model, s) | {"seq_len": s, "convention": "6N + 12·L·a·d·s, N = active matmul weights"},
         "activations": {
             "formula": "block = b·s·(tok + h·h + f·f + kv·g·d + a·a) + P·P_block; outside = b·s·(tok + h·h + V·V) + s·s + P·P_head",
             "coefficients": coefs,
