@@ -34,6 +34,7 @@ class PlanArrays:
     dp: np.ndarray
     tp: np.ndarray
     pp: np.ndarray
+    ep: np.ndarray  # expert parallelism: dp ranks per group that split each MoE layer's experts
     virtual_stages: np.ndarray
     schedule: np.ndarray
     sequence_parallel: np.ndarray
@@ -45,7 +46,7 @@ class PlanArrays:
     kernels: np.ndarray
     loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
     world: np.ndarray
-    ddp_buckets: np.ndarray  # gradients in DDP's buckets (engine.parallel.apply_ddp)
+    ddp_buckets: np.ndarray  # gradients in DDP's buckets (engine.parallel.apply_ddp; FSDP2's replicate under tp, pp, ep)
 
     @classmethod
     def of(cls, plans: pd.DataFrame, job: JobConfig) -> "PlanArrays":
@@ -55,6 +56,7 @@ class PlanArrays:
         dp = _column(plans, "dp", 1).astype(np.int64)
         tp = _column(plans, "tp", 1).astype(np.int64)
         pp = _column(plans, "pp", 1).astype(np.int64)
+        ep = _column(plans, "ep", 1).astype(np.int64)
         grad_accum = pd.to_numeric(pd.Series(_column(plans, "grad_accum", None)), errors="coerce").to_numpy()
         precision = _column(plans, "precision", "fp32").astype(str)
         kernels = _column(plans, "kernels", "torch").astype(str)
@@ -68,7 +70,7 @@ class PlanArrays:
             micro_batch=micro_batch,
             micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * dp, 1),
                                    grad_accum).astype(np.int64),
-            dp=dp, tp=tp, pp=pp,
+            dp=dp, tp=tp, pp=pp, ep=ep,
             virtual_stages=_column(plans, "pp_virtual_stages", 1).astype(np.int64),
             schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
             sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),
@@ -83,7 +85,7 @@ class PlanArrays:
             # computes torch's loss whatever plan.kernels says (autotune/engine/model.py, autotune/engine/pipeline.py).
             loss_kernels=np.where((kernels == "triton") & (tp == 1) & (pp == 1), "triton", "torch"),
             world=dp * tp * pp,
-            ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1),
+            ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
         )
 
     @property

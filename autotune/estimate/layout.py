@@ -1,6 +1,11 @@
 """What one rank holds: the numels of the parameters on the first and the last pipeline rank,
 whole, as FSDP2 shards, as ZeRO-1 partitions and as the units FSDP2 gathers ([Model states] in
-docs/formulas.md), per (dp, tp, pp, virtual stages) layout and as arrays over a plan frame.
+docs/formulas.md), per (dp, tp, pp, virtual stages, ep) layout and as arrays over a plan frame.
+
+Under expert parallelism (autotune/engine/parallel.py, apply_ep) a MoE layer's routed experts are
+cut over the ep ranks of a group (E/ep each, dim 0) and are data-parallel over the dp/ep ranks
+holding the same experts (edp): FSDP2 shards them there, ZeRO-1 partitions them there, apart from
+everything else, which stays data-parallel over all dp ranks.
 """
 from __future__ import annotations
 
@@ -42,13 +47,20 @@ def _tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ..
 
 class _Held(NamedTuple):
     name: str
-    numel: int  # on this tp rank
+    numel: int  # on this tp rank (of a routed expert tensor: this ep rank's experts)
     shard: int  # dp-rank 0's FSDP2 shard of it
     dims: int
+    expert: bool  # a routed expert tensor: data-parallel over the edp ranks only
 
 
-def _held_on(model: ModelConfig, pp_rank: int, layers: set[int], pp: int, tp: int, dp: int) -> list[_Held]:
-    """The parameters pipeline rank `pp_rank` holds (its blocks `layers`), as one tp rank holds them."""
+def is_expert(name: str) -> bool:
+    """Whether a parameter is one of a MoE layer's routed-expert tensors ([E, ., .], dim 0 the expert)."""
+    return ".mlp.experts." in name
+
+
+def _held_on(model: ModelConfig, pp_rank: int, layers: set[int], pp: int, tp: int, dp: int, ep: int) -> list[_Held]:
+    """The parameters pipeline rank `pp_rank` holds (its blocks `layers`), as one tp rank and one
+    ep rank hold them."""
     is_first, is_last = pp_rank == 0, pp_rank == pp - 1
     held = []
     for name, shape in _param_shapes(model):
@@ -64,49 +76,69 @@ def _held_on(model: ModelConfig, pp_rank: int, layers: set[int], pp: int, tp: in
                 continue
         elif not is_last:  # final norm, lm_head
             continue
-        local = _tp_local_shape(name, shape, tp)
-        held.append(_Held(name, math.prod(local), math.ceil(local[0] / dp) * math.prod(local[1:]), len(local)))
+        expert = is_expert(name)
+        local = (shape[0] // ep,) + shape[1:] if expert else _tp_local_shape(name, shape, tp)
+        ranks = dp // ep if expert else dp  # FSDP2 shards dim 0 of the local tensor over these
+        held.append(_Held(name, math.prod(local), math.ceil(local[0] / ranks) * math.prod(local[1:]), len(local), expert))
     return held
 
 
-def _largest_zero1_partition(held: list[_Held], dp: int) -> tuple[int, int]:
-    """(numel, tensors) of the largest ZeRO-1 partition: ZeroRedundancyOptimizer._partition_parameters,
+def _zero1_partitions(held: list[_Held], ranks: int) -> tuple[list[int], list[int]]:
+    """(numels, tensors) per rank of ZeroRedundancyOptimizer._partition_parameters over `ranks`:
     greedy, largest first, per param group (matrices, then vectors)."""
-    sizes = [0] * dp
-    counts = [0] * dp
+    sizes = [0] * ranks
+    counts = [0] * ranks
     for group in ([h for h in held if h.dims >= 2], [h for h in held if h.dims < 2]):
         for h in sorted(group, key=lambda h: h.numel, reverse=True):
             r = sizes.index(min(sizes))
             sizes[r] += h.numel
             counts[r] += 1
+    return sizes, counts
+
+
+def _largest_zero1_partition(held: list[_Held], dp: int, ep: int) -> tuple[int, int]:
+    """(numel, tensors) of the largest ZeRO-1 partition. Under expert parallelism the engine's
+    ShardedOptimizer partitions the routed experts over their edp group and the rest over dp, each
+    by the same greedy rule: dp rank i holds its dense partition and the expert partition of edp
+    rank i // ep (ep groups are consecutive dp ranks)."""
+    if ep == 1:
+        sizes, counts = _zero1_partitions(held, dp)
+    else:
+        dense, dense_counts = _zero1_partitions([h for h in held if not h.expert], dp)
+        experts, expert_counts = _zero1_partitions([h for h in held if h.expert], dp // ep)
+        sizes = [dense[i] + experts[i // ep] for i in range(dp)]
+        counts = [dense_counts[i] + expert_counts[i // ep] for i in range(dp)]
     r = sizes.index(max(sizes))
     return sizes[r], counts[r]
 
 
-def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int) -> dict[str, dict[str, int]]:
+def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int, ep: int = 1) -> dict[str, dict[str, int]]:
     """Numels held by the first and the last pipeline rank: whole on the rank (`local`), the FSDP2
-    shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk), the largest ZeRO-1 partition
-    (`zero1`: ZeroRedundancyOptimizer's greedy rule over the engine's two param groups, applied to
-    the tp shards as engine.parallel.ShardedOptimizer does), tensor counts, and the units
-    FSDP2 gathers (`block`: largest block, `root`: embeddings, final norm, head)."""
-    key = (repr(model), dp, tp, pp, v)
+    shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk; routed experts: ceil(dim0/(dp/ep))
+    of the rank's E/ep), the largest ZeRO-1 partition (`zero1`: ZeroRedundancyOptimizer's greedy
+    rule over the engine's two param groups, applied to the tp shards as
+    engine.parallel.ShardedOptimizer does), tensor counts, the units FSDP2 gathers (`block`: largest
+    block, its experts included; `root`: embeddings, final norm, head), and the routed experts'
+    part of `local` (`experts`)."""
+    key = (repr(model), dp, tp, pp, v, ep)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
     stages = stage_layers(model.n_layers, pp * v)
     out = {}
     for kind, pp_rank in (("first", 0), ("last", pp - 1)):
         layers = {i for k in range(v) for i in stages[pp_rank + k * pp]}
-        held = _held_on(model, pp_rank, layers, pp, tp, dp)
+        held = _held_on(model, pp_rank, layers, pp, tp, dp, ep)
         blocks: dict[int, int] = {}
         for h in held:
             if h.name.startswith("layers."):
                 blocks[int(h.name.split(".")[1])] = blocks.get(int(h.name.split(".")[1]), 0) + h.numel
-        zero1, zero1_tensors = _largest_zero1_partition(held, dp)
+        zero1, zero1_tensors = _largest_zero1_partition(held, dp, ep)
         out[kind] = {
             "local": sum(h.numel for h in held), "shard": sum(h.shard for h in held), "tensors": len(held),
             "zero1": zero1, "zero1_tensors": zero1_tensors, "layers": len(layers),
             "block": max(blocks.values(), default=0),
             "root": sum(h.numel for h in held if not h.name.startswith("layers.")),
+            "experts": sum(h.numel for h in held if h.expert),
         }
     _LAYOUTS[key] = out
     return out
@@ -124,14 +156,17 @@ class HeldNumels:
     layers: np.ndarray
     block: np.ndarray
     root: np.ndarray
+    experts: np.ndarray
 
 
 def stage_layouts(model: ModelConfig, plans: PlanArrays) -> dict[str, HeldNumels]:
     """{"first": ..., "last": ...}: what the first and the last pipeline rank of each plan hold,
-    one rank_layout per distinct (dp, tp, pp, virtual stages)."""
-    packed = ((plans.dp * 4096 + plans.tp) * 4096 + plans.pp) * 4096 + plans.virtual_stages  # one int64 per layout
+    one rank_layout per distinct (dp, tp, pp, virtual stages, ep)."""
+    packed = np.zeros(plans.rows, dtype=np.int64)
+    for column in (plans.dp, plans.tp, plans.pp, plans.virtual_stages, plans.ep):  # 12 bits each: one int64 per layout
+        packed = packed * 4096 + column
     keys, inverse = np.unique(packed, return_inverse=True)
-    layouts = [rank_layout(model, int(k >> 36), int((k >> 24) & 4095), int((k >> 12) & 4095), int(k & 4095))
+    layouts = [rank_layout(model, *(int(k >> shift) & 4095 for shift in (48, 36, 24, 12)), ep=int(k & 4095))
                for k in keys]
     names = [f.name for f in dataclasses.fields(HeldNumels)]
     return {kind: HeldNumels(**{name: np.array([float(lay[kind][name]) for lay in layouts])[inverse] for name in names})
