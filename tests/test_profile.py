@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -212,6 +213,53 @@ def test_traffic_within_5_percent_at_larger_shapes(model, b, s, precision, cast,
     predicted = predict_traffic(model, b, s, precision, cast, kernels)
     assert predicted["fwd"] == pytest.approx(measured["fwd"], rel=0.05)
     assert predicted["bwd"] == pytest.approx(measured["bwd"], rel=0.05)
+
+
+# mixture-of-experts blocks, wider and with more experts than the fit's: Qwen2-MoE-like (a dense
+# block, shared expert and gate) and Mixtral-like (no shared expert), both dropless
+MOE = ModelConfig(name="t-moe", n_layers=3, d_model=128, n_heads=8, n_kv_heads=4, d_ff=256, vocab_size=320,
+                  max_seq_len=256, n_experts=8, experts_per_token=3, moe_d_ff=200, n_shared_experts=1,
+                  shared_d_ff=160, shared_expert_gate=True, dense_layers=[0])
+MIXTRAL_LIKE = ModelConfig(name="t-mixtral", n_layers=2, d_model=96, n_heads=6, n_kv_heads=2, d_ff=176,
+                           vocab_size=300, max_seq_len=256, n_experts=6, experts_per_token=2)
+MOE_CASES = [
+    (MOE, 2, 64, "fp32", "params", "none", "torch"),
+    (MOE, 1, 96, "bf16", "autocast", "none", "torch"),
+    (MOE, 2, 48, "bf16", "params", "full", "triton"),
+    (MIXTRAL_LIKE, 3, 40, "bf16", "params", "none", "torch"),
+    (MIXTRAL_LIKE, 2, 56, "fp16", "autocast", "none", "triton"),
+]
+
+
+@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels", MOE_CASES)
+def test_moe_block_bytes_and_traffic_within_5_percent(model, b, s, precision, cast, ckpt, kernels):
+    """A MoE block's two parts, the block without its routed experts and the experts, saved bytes
+    and memory traffic as fitted on the small MoE models, against fresh measurements of larger ones."""
+    from autotune.profile import predict_moe_saved_bytes, predict_moe_traffic
+
+    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+    predicted = predict_moe_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+    for part in ("moe_block", "experts"):
+        assert predicted[part] == pytest.approx(measured[part], rel=0.05, abs=64), part
+    if model.dense_layers:  # a MoE model's dense block, as the dense fit predicts it
+        dense = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels)["block"]
+        assert dense == pytest.approx(measured["dense_block"], rel=0.05)
+    traffic, layers = measure_traffic(model, b, s, precision, cast, kernels), len(model.moe_layers)
+    for key, value in predict_moe_traffic(model, b, s, precision, cast, kernels).items():
+        assert value == pytest.approx(traffic[key] / layers, rel=0.05), key
+
+
+def test_moe_measurements_tell_the_routed_experts_apart():
+    """The experts' bytes and traffic grow with k (the slots they compute), the rest of the block's
+    with the router's width, and the experts' weights cast by autocast are theirs."""
+    one, two = (measure_saved_bytes(dataclasses.replace(MIXTRAL_LIKE, experts_per_token=k), 2, 32) for k in (1, 2))
+    assert two["experts"] == pytest.approx(2 * one["experts"], rel=0.02)
+    cast = measure_saved_bytes(MIXTRAL_LIKE, 2, 32, "bf16", "autocast")["experts"]
+    copies = measure_saved_bytes(MIXTRAL_LIKE, 2, 32, "bf16", "params")["experts"]
+    weights = MIXTRAL_LIKE.n_experts * 3 * MIXTRAL_LIKE.d_model * MIXTRAL_LIKE.d_ff * 2  # bf16 copies of every expert
+    assert cast - copies >= weights
+    t_one, t_two = (measure_traffic(dataclasses.replace(MIXTRAL_LIKE, experts_per_token=k), 2, 32) for k in (1, 2))
+    assert t_two["experts_fwd"] > 1.8 * t_one["experts_fwd"] and t_two["block_fwd"] > t_one["block_fwd"]
 
 
 def test_triton_kernels_save_passes_over_memory():

@@ -1,18 +1,22 @@
 """What one micro-batch saves for backward on a rank, per plan: the bytes measured on the engine's
 model (autotune.profile) for the plan's precision x cast x checkpointing x kernels, as a
-tensor-parallel rank holds them ([Activations] in docs/formulas.md).
+tensor-parallel rank holds them, and a MoE block's routed experts as the busiest expert-parallel
+rank holds them ([Activations] in docs/formulas.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
 from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.routing import Routing
 from autotune.profile import (
-    BLOCK_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key, block_features, outside_features,
-    tp_block_bytes, tp_outside_bytes,
+    BLOCK_FEATURES, EXPERT_FEATURES, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key,
+    block_features, expert_features, moe_activation_coefficients, moe_features, outside_features, tp_block_bytes,
+    tp_outside_bytes,
 )
 
 
@@ -29,12 +33,15 @@ class SavedBytes:
     head: np.ndarray  # the head gradient or cast head the loss saves (the outside fit's P term)
 
 
-def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int) -> SavedBytes:
+def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing) -> SavedBytes:
     """What a tp rank's block saves (autotune.profile.tp_block_bytes) is the fit at its features;
     sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
     (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
-    their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)"""
+    their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)
+    A MoE model's block is the mean over its dense and MoE blocks (`_with_moe_blocks`)."""
     terms = _measured_terms(model, plans, seq_len)
+    if model.n_experts:
+        terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
     shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
     return SavedBytes(
         block=tp_block_bytes(terms["none_tok"], terms["none_hidden"], *shape),
@@ -43,6 +50,17 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int) -> SavedByt
         cast_weights=terms["none_P"], cast_weights_checkpointed=terms["full_P"],
         logits=terms["out_V"], head=terms["out_P"],
     )
+
+
+def _choices(plans: PlanArrays, kernels: np.ndarray) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(precision, cast, kernels, rows) for each choice some rows of the frame make (`kernels`: per row)."""
+    for precision in PRECISIONS:
+        for cast in ("autocast", "params"):
+            same = (plans.precision == precision) & (plans.autocast == (cast == "autocast"))
+            for kernel in KERNELS:
+                rows = same & (kernels == kernel)
+                if rows.any():
+                    yield precision, cast, kernel, rows
 
 
 def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[str, np.ndarray]:
@@ -54,26 +72,42 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict
     outside_at = outside_features(model, plans.micro_batch, seq_len)
     names = ("none_tok", "none_hidden", "none_P", "full_tok", "full_hidden", "full_P", "out_tok", "out_hidden", "out_V", "out_P")
     terms = {k: np.zeros(plans.rows) for k in names}
-    for precision in PRECISIONS:
-        for cast in ("autocast", "params"):
-            for kernel in KERNELS:
-                same = (plans.precision == precision) & (plans.autocast == (cast == "autocast"))
-                rows = same & (plans.kernels == kernel)
-                if rows.any():
-                    for mode in ("none", "full"):
-                        coef = coefs[activation_key(precision, cast, mode, kernel)]["block"]
-                        terms[f"{mode}_tok"][rows] = sum(coef[k] * block_at[k][rows] for k in BLOCK_FEATURES if k != "P")
-                        terms[f"{mode}_hidden"][rows] = coef["tok"] * block_at["tok"][rows] + coef["h"] * block_at["h"][rows]
-                        terms[f"{mode}_P"][rows] = coef["P"] * block_at["P"][rows]
-                    coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
-                    terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
-                    terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]
-                # The head and loss save the V terms (logits) and the P term (head gradient or cast
-                # head) of the loss actually run; the per-token terms (the final norm, and the hidden
-                # states the head saves or the fused loss's d hidden, of one size) follow plan.kernels.
-                rows = same & (plans.loss_kernels == kernel)
-                if rows.any():
-                    coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
-                    terms["out_V"][rows] = coef["V"] * outside_at["V"][rows]
-                    terms["out_P"][rows] = coef["P"] * outside_at["P"][rows]
+    for precision, cast, kernel, rows in _choices(plans, plans.kernels):
+        for mode in ("none", "full"):
+            coef = coefs[activation_key(precision, cast, mode, kernel)]["block"]
+            terms[f"{mode}_tok"][rows] = sum(coef[k] * block_at[k][rows] for k in BLOCK_FEATURES if k != "P")
+            terms[f"{mode}_hidden"][rows] = coef["tok"] * block_at["tok"][rows] + coef["h"] * block_at["h"][rows]
+            terms[f"{mode}_P"][rows] = coef["P"] * block_at["P"][rows]
+        coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
+        terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
+        terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]
+    # The head and loss save the V terms (logits) and the P term (head gradient or cast head) of the
+    # loss actually run; the per-token terms (the final norm, and the hidden states the head saves or
+    # the fused loss's d hidden, of one size) follow plan.kernels.
+    for precision, cast, kernel, rows in _choices(plans, plans.loss_kernels):
+        coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
+        terms["out_V"][rows] = coef["V"] * outside_at["V"][rows]
+        terms["out_P"][rows] = coef["P"] * outside_at["P"][rows]
     return terms
+
+
+def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing,
+                     dense: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The block terms as the mean over the model's dense and MoE blocks. A MoE block is its two
+    measured parts: the block without its routed experts at the slots the rank routes, and the
+    experts at the slots that reach the busiest rank (autotune.estimate.routing), E/ep of them."""
+    coefs = moe_activation_coefficients(model)
+    moe_at = moe_features(model, plans.micro_batch, seq_len, routing.sent)
+    experts_at = expert_features(model, plans.micro_batch, seq_len, routing.arrived, plans.ep)
+    n_moe = len(model.moe_layers)
+    out = dict(dense)
+    for mode in ("none", "full"):
+        tok, weights = np.zeros(plans.rows), np.zeros(plans.rows)
+        for precision, cast, kernel, rows in _choices(plans, plans.kernels):
+            coef = coefs[activation_key(precision, cast, mode, kernel)]
+            tok[rows] = (sum(coef["moe"][k] * moe_at[k][rows] for k in MOE_FEATURES if k != "P")
+                         + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe"))
+            weights[rows] = coef["moe"]["P"] * moe_at["P"][rows] + coef["experts"]["Pe"] * experts_at["Pe"][rows]
+        for name, moe in ((f"{mode}_tok", tok), (f"{mode}_P", weights)):
+            out[name] = ((model.n_layers - n_moe) * dense[name] + n_moe * moe) / model.n_layers
+    return out

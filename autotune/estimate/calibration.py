@@ -4,7 +4,7 @@
 `Calibration` holds the factors a calibration set (None: the hardware's), `factors()` resolves
 them against a hardware profile, `fit_calibration()` fits them to probe records and
 `fit_memory_slack()` splits the unexplained memory into a fixed part and a fraction of the dynamic
-part. A calibration is saved and loaded as JSON (`estimate.calibration=PATH`). Sections of
+part; a mixture-of-experts model's load imbalance is the one the probe measured. A calibration is saved and loaded as JSON (`estimate.calibration=PATH`). Sections of
 docs/formulas.md in brackets.
 """
 from __future__ import annotations
@@ -30,13 +30,14 @@ CALIBRATION_RANGES = {
     "matmul_efficiency": (1e-3, 1.0), "attention_efficiency": (1e-3, 1.0), "memory_efficiency": (1e-3, 1.0),
     "overlap_slowdown": (0.0, 1.0), "collective_efficiency": (1e-3, 1.0), "fragmentation": (0.0, 10.0),
     "workspace_bytes": (0.0, float("inf")), "context_bytes": (0.0, float("inf")), "step_overhead_s": (0.0, float("inf")),
-    "records": (0, float("inf")),
+    "moe_imbalance": (1.0, float("inf")), "records": (0, float("inf")),
 }
 
 # The factors the hardware profile defaults (None in a calibration: the hardware's), and all of them
 HARDWARE_FACTORS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "overlap_slowdown")
 FACTOR_NAMES = (*HARDWARE_FACTORS, "collective_efficiency", "fragmentation", "workspace_bytes", "context_bytes",
-                "step_overhead_s")
+                "step_overhead_s", "moe_imbalance")
+OPTIONAL_FACTORS = (*HARDWARE_FACTORS, "context_bytes", "moe_imbalance")  # None: the default rule's value
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Calibration:
     workspace_bytes: float = 0.0
     context_bytes: float | None = None  # CUDA context + NCCL; None: autotune.estimate.memory's defaults
     step_overhead_s: float = 0.0  # fixed time per optimizer step (data, logging, host syncs)
+    # a MoE model's router: the most tokens an expert gets over the mean, as the probe measured it
+    # (engine.moe.step_stats); None: an evenly spreading router's (autotune.estimate.routing)
+    moe_imbalance: float | None = None
     source: str = "defaults"
     records: int = 0
 
@@ -83,7 +87,7 @@ class Calibration:
             raise ConfigError(f"estimate.calibration: {path} is not a calibration JSON ({e})")
         for name, (low, high) in CALIBRATION_RANGES.items():
             value = getattr(calib, name)
-            if value is None and name in (*HARDWARE_FACTORS, "context_bytes"):
+            if value is None and name in OPTIONAL_FACTORS:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ConfigError(f"estimate.calibration: {path} has {name}={value!r}; it must be a number in "
@@ -101,7 +105,9 @@ def factors(hw: Hardware, calib: Calibration | None = None) -> dict[str, float]:
 
 def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibration:
     """Efficiency factors fitted to probe results: records of {"model", "job", "plan"} (dicts) with
-    the measured "step_time_s" and "peak_mem_bytes" (torch.cuda.max_memory_allocated).
+    the measured "step_time_s" and "peak_mem_bytes" (torch.cuda.max_memory_allocated), and for a
+    mixture-of-experts model the probe's "moe" figures (its "imbalance": the median over the records
+    is the calibration's moe_imbalance, the router's, which no plan changes).
 
     Memory: measured = static + workspace + (1 + fragmentation)·dynamic, least squares in both when
     the records' dynamic bytes differ enough to tell them apart; else one of them takes the rest:
@@ -109,10 +115,11 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
     on a CPU (its measure, the resident-set growth, carries the runtime's fixed buffers).
     Time: measured = k·(matmul time) + other terms + overhead, least squares in k and overhead;
     matmul_efficiency = default/k. With dp/tp communication in at least three records, the
-    collective efficiency is fitted the same way (exposed communication taken as linear). The
-    memory-bound and attention parts get their own scale (memory_efficiency, attention_efficiency)
-    when the records tell them apart from the others (more records than unknowns, and the
-    columns far from collinear: plans of one sequence length cannot separate attention from matmuls).
+    collective efficiency is fitted the same way (exposed communication taken as linear: dp, tp and
+    the experts' all-to-alls). The memory-bound and attention parts get their own scale
+    (memory_efficiency, attention_efficiency) when the records tell them apart from the others (more
+    records than unknowns, and the columns far from collinear: plans of one sequence length cannot
+    separate attention from matmuls).
     """
     if not records:
         raise ConfigError("fit_calibration needs at least one probe record")
@@ -138,8 +145,15 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
         attention_efficiency=refit("attention", hw.attention_efficiency),
         collective_efficiency=float(np.clip(1.0 / max(scale["comm"], 1e-3), 0.01, 1.0)) if "comm" in scale else 1.0,
         fragmentation=fragmentation, workspace_bytes=workspace,
-        step_overhead_s=max(float(scale.get("overhead", 0.0)), 0.0), source="fit", records=len(records),
+        step_overhead_s=max(float(scale.get("overhead", 0.0)), 0.0), moe_imbalance=_measured_imbalance(records),
+        source="fit", records=len(records),
     )
+
+
+def _measured_imbalance(records: list[dict]) -> float | None:
+    """The median imbalance the probe measured on the records' MoE steps (None: no record has one)."""
+    measured = [float(r["moe"]["imbalance"]) for r in records if (r.get("moe") or {}).get("imbalance") is not None]
+    return float(np.median(measured)) if measured else None
 
 
 def _estimated_rows(records: list[dict], hw: Hardware) -> list:
@@ -163,7 +177,8 @@ def _time_scales(rows: list, measured_s: np.ndarray) -> dict[str, float]:
         return np.array([row[key] for row in rows])
 
     parts = {"matmul": column("compute_matmul_s"), "memory": column("memory_bound_s"),
-             "attention": column("compute_attention_s"), "comm": column("time_dp_comm_s") + column("time_tp_comm_s")}
+             "attention": column("compute_attention_s"),
+             "comm": column("time_dp_comm_s") + column("time_tp_comm_s") + column("time_ep_comm_s")}
     # A per-step overhead is told apart from the matmul scale only by plans whose compute differs;
     # records of one shape (the first trials often are) fit the scale alone, through the origin.
     unknowns = {"matmul": parts["matmul"]}

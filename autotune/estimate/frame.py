@@ -11,6 +11,7 @@ from autotune.estimate.calibration import Calibration
 from autotune.estimate.columns import COMPUTE, MEMORY, TIME
 from autotune.estimate.layout import stage_layouts
 from autotune.estimate.memory import peak_memory
+from autotune.estimate.routing import expert_routing
 from autotune.estimate.step_time import step_time
 from autotune.hardware import Hardware
 from autotune.profile import flops_per_token
@@ -21,13 +22,16 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     """The plans with their estimate: mem_<component>_bytes, mem_total_bytes, time_<component>_s,
     step_time_s, compute_<kind>_s, tokens_per_s, mfu, fits, reason; host_bytes, peak_stage (first |
     last pipeline stage), peak_phase, step_grads_bytes, allocated_bytes (the total less the CUDA
-    context: what max_memory_allocated shows), and the parts fit_calibration scales (matmul_s,
-    memory_bound_s)."""
+    context: what max_memory_allocated shows), the parts fit_calibration scales (matmul_s,
+    memory_bound_s), and a MoE model's routing (expert_imbalance: the most slots an expert gets over
+    the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
     calib = calib or Calibration()
     arrays = PlanArrays.of(plans, job)
     layouts = stage_layouts(model, arrays)
-    memory = peak_memory(model, job.seq_len, arrays, layouts, saved_bytes(model, arrays, job.seq_len), hw, calib)
-    time = step_time(model, job, arrays, layouts["first"], hw, calib)
+    routing = expert_routing(model, arrays, job.seq_len, calib)
+    saved = saved_bytes(model, arrays, job.seq_len, routing)
+    memory = peak_memory(model, job.seq_len, arrays, layouts, saved, hw, calib)
+    time = step_time(model, job, arrays, layouts["first"], hw, calib, routing)
     tokens_per_s = job.global_batch * job.seq_len / time.total
 
     out = plans.copy()
@@ -50,4 +54,6 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["step_grads_bytes"] = memory.step_grads  # gradients held at the optimizer step (model states)
     out["allocated_bytes"] = memory.allocated
     out["reason"] = memory.reason
+    out["expert_imbalance"] = routing.imbalance
+    out["expert_load"] = routing.arrived
     return out

@@ -5,7 +5,9 @@ Dense matmuls (6N) at the matmul efficiency, SDPA at the FLOPs its causal flash 
 the attention efficiency, memory-bound ops as the bytes measured on the engine's model over HBM at
 the memory efficiency, AdamW + clipping as bytes; collectives cost latency + bytes / bus bandwidth,
 overlap where the engine overlaps them and slow the compute they overlap (overlap_slowdown,
-FSDP2's copy-out); the pipeline bubble, offload transfers and host dispatch per op add to it.
+FSDP2's copy-out); the pipeline bubble, offload transfers and host dispatch per op add to it. A
+MoE model's routed experts compute the slots that reach the busiest expert-parallel rank, and the
+all-to-alls that bring them are exposed (autotune.estimate.routing).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.columns import TIME
 from autotune.estimate.layout import HeldNumels
+from autotune.estimate.routing import Routing, all_to_all_time
 from autotune.estimate.traffic import micro_batch_traffic
 from autotune.hardware import Hardware
 from autotune.profile import flops_per_token
@@ -67,10 +70,11 @@ class StepTime:
 
 
 def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-                        efficiency: dict[str, float]) -> MicroBatchCompute:
+                        efficiency: dict[str, float], routing: Routing) -> MicroBatchCompute:
     """Dense matmuls at the achieved matmul rate, SDPA at its own rate, and the memory-bound ops
     (norms, activations, rotary, residual adds, casts, the loss over the vocabulary) as the bytes
-    they move over HBM [FLOPs and MFU]."""
+    they move over HBM [FLOPs and MFU]. The routed experts' matmuls are those of the slots that
+    reach the busiest expert-parallel rank."""
     tp, pp, layers = plans.tp, plans.pp, held.layers
     # a local device's measured slowdown of the engine's compute in this precision and kernels
     peak = _peak_flops(plans, hw) / compute_scale(plans, hw)
@@ -78,15 +82,18 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"] / compute_scale(plans, hw)
     tokens = plans.micro_batch * seq_len
     head_weights = model.vocab_size * model.d_model
-    matmul_params = flops_per_token(model, seq_len)["matmul_params"]
+    flops = flops_per_token(model, seq_len)
+    # per token, over all blocks: the weights every rank computes its own tokens with, and the routed
+    # experts' (k per token), which compute the slots that reach the rank
+    per_token = flops["matmul_params"] - head_weights - flops["expert_params"] * (1 - routing.arrived)
     # SDPA's flash kernels skip the masked half of the causal s x s scores: forward 2 matmuls of
     # b·a·s²·d/2 each [FlashAttention-2]. MFU still counts the full 12·L·a·d·s (flops_per_token).
     attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
                  / (peak * efficiency["attention_efficiency"]))
-    traffic = micro_batch_traffic(model, plans, seq_len)
+    traffic = micro_batch_traffic(model, plans, seq_len, routing)
     recompute_share = plans.checkpointed(layers) / np.maximum(layers, 1)
     return MicroBatchCompute(
-        matmul_blocks=2 * tokens * (matmul_params - head_weights) / model.n_layers * layers / tp / achieved,
+        matmul_blocks=2 * tokens * per_token / model.n_layers * layers / tp / achieved,
         matmul_head=2 * tokens * head_weights / pp / tp / achieved,
         attention=attention,
         memory_blocks={phase: traffic[f"block_{phase}"] * layers / hbm for phase in ("fwd", "bwd")},
@@ -136,13 +143,16 @@ def _data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Cal
     bandwidth = np.where(inside, hw.intra_node_bytes_per_s,
                          np.minimum(hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s * per_node)) * calib.collective_efficiency
     latency = np.where(inside, hw.collective_latency_s, 2 * hw.collective_latency_s)
-    ring = (dp - 1) / dp
+    # the ring's share of each rank's numel; a MoE model's routed experts are data-parallel over
+    # their edp = dp/ep ranks only, everything else over dp
+    edp = dp // plans.ep
+    moved = (dp - 1) / dp * (held.local - held.experts) + (edp - 1) / edp * held.experts
     buckets = np.ceil(4 * held.local / DDP_BUCKET_BYTES)
     units = held.layers + 1  # FSDP2 units: one per block, and the root
-    allreduce = 2 * ring * 4 * held.local / bandwidth + buckets * latency  # fp32 gradients, once per step (no_sync until the last)
-    zero1_gather = np.where(zero == 1, ring * 4 * held.local / bandwidth + latency, 0)  # updated partitions broadcast
-    gather = ring * plans.compute_bytes * held.local / bandwidth + units * latency  # FSDP2 all-gather of 16-bit params
-    scatter = ring * 4 * held.local / bandwidth + units * latency  # reduce-scatter in fp32
+    allreduce = 2 * 4 * moved / bandwidth + buckets * latency  # fp32 gradients, once per step (no_sync until the last)
+    zero1_gather = np.where(zero == 1, 4 * moved / bandwidth + latency, 0)  # updated partitions broadcast
+    gather = plans.compute_bytes * moved / bandwidth + units * latency  # FSDP2 all-gather of 16-bit params
+    scatter = 4 * moved / bandwidth + units * latency  # reduce-scatter in fp32
     # ZeRO-3 gathers each unit for every forward and backward. Under pp the stages keep units gathered
     # from a backward to the next forward (no reshard after backward until the step's end): one
     # gather per backward plus the forwards that run before the first backward (all of them in
@@ -205,17 +215,18 @@ def _offload(plans: PlanArrays, held: HeldNumels, hw: Hardware) -> np.ndarray:
 
 
 def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-              calib: Calibration) -> StepTime:
+              calib: Calibration, routing: Routing) -> StepTime:
     """The step time of each plan on its first pipeline rank (`held`)."""
     efficiency = factors(hw, calib)
     hbm = hw.hbm_bytes_per_s * efficiency["memory_efficiency"]
-    micro = micro_batch_compute(model, job.seq_len, plans, held, hw, efficiency)
+    micro = micro_batch_compute(model, job.seq_len, plans, held, hw, efficiency, routing)
     micro_batches = plans.micro_batches  # per optimizer step
     parts = {"forward": micro_batches * micro.forward, "backward": micro_batches * micro.backward,
              "recompute": micro_batches * micro.recompute, "optimizer": _optimizer(job, plans, held, hbm)}
     data_parallel = _data_parallel(plans, held, hw, calib, efficiency, micro, parts["forward"] + parts["backward"], hbm)
     parts["dp_comm"], parts["overlap"] = data_parallel["dp_comm"], data_parallel["overlap"]
     parts["tp_comm"] = _tensor_parallel(model, job.seq_len, plans, held, hw, calib)
+    parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, calib)
     parts |= _pipeline(model, job.seq_len, plans, hw, calib, micro)
     parts["offload"] = _offload(plans, held, hw)
     # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work; on a CPU

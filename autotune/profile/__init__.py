@@ -8,6 +8,8 @@ measured on the engine (sections of docs/formulas.md in brackets).
   coefficients of the model's widths [Activations];
 - traffic: the bytes the memory-bound ops move, counted with a TorchDispatchMode on the same
   forwards and backwards and fitted on the same features (the step time's memory-bound part);
+- moe: the same two tables for a mixture-of-experts block, in two parts (the block without its
+  routed experts; the experts, whose work follows the token slots that reach them);
 - fits: the small models the tables are fitted on and the coefficient cache ($AUTOTUNE_CACHE,
   else ~/.cache/autotune; one file per engine version);
 - summary and cli: profile.json and `autotune profile`.
@@ -25,21 +27,27 @@ from autotune.profile.activations import (
 )
 from autotune.profile.cli import cli
 from autotune.profile.features import (
-    BLOCK_FEATURES, OUTSIDE_FEATURES, TP_SPLIT_FEATURES, TRAFFIC_BLOCK_FEATURES, block_features, outside_features,
-    tp_block_bytes, tp_outside_bytes,
+    BLOCK_FEATURES, EXPERT_FEATURES, MOE_FEATURES, OUTSIDE_FEATURES, TP_SPLIT_FEATURES, TRAFFIC_BLOCK_FEATURES,
+    TRAFFIC_MOE_FEATURES, block_features, expert_features, moe_features, outside_features, tp_block_bytes,
+    tp_outside_bytes,
 )
 from autotune.profile.fits import FIT_BATCHES, cache_dir, fit_shapes
-from autotune.profile.flops import flops_per_token, matmul_params
+from autotune.profile.flops import expert_matmul_params, flops_per_token, matmul_params
 from autotune.profile.measure import CASTS, DTYPE, temporary_env
+from autotune.profile.moe import (
+    moe_activation_coefficients, moe_traffic_coefficients, predict_moe_saved_bytes, predict_moe_traffic,
+)
 from autotune.profile.summary import model_profile
 from autotune.profile.traffic import (
     TrafficCounter, measure_traffic, predict_traffic, traffic_coefficients, traffic_fit, traffic_key,
 )
 
 __all__ = [
-    "BLOCK_FEATURES", "CASTS", "DTYPE", "FIT_BATCHES", "MEASURED_CHECKPOINTING", "OUTSIDE_FEATURES", "TP_SPLIT_FEATURES",
-    "TRAFFIC_BLOCK_FEATURES", "TrafficCounter", "activation_coefficients", "activation_fit", "activation_key",
-    "block_features", "cache_dir", "cli", "fit_shapes", "flops_per_token", "matmul_params", "measure_saved_bytes",
-    "measure_traffic", "model_profile", "outside_features", "predict_saved_bytes", "predict_traffic",
+    "BLOCK_FEATURES", "CASTS", "DTYPE", "EXPERT_FEATURES", "FIT_BATCHES", "MEASURED_CHECKPOINTING", "MOE_FEATURES",
+    "OUTSIDE_FEATURES", "TP_SPLIT_FEATURES", "TRAFFIC_BLOCK_FEATURES", "TRAFFIC_MOE_FEATURES", "TrafficCounter",
+    "activation_coefficients", "activation_fit", "activation_key", "block_features", "cache_dir", "cli",
+    "expert_features", "expert_matmul_params", "fit_shapes", "flops_per_token", "matmul_params", "measure_saved_bytes",
+    "measure_traffic", "model_profile", "moe_activation_coefficients", "moe_features", "moe_traffic_coefficients",
+    "outside_features", "predict_moe_saved_bytes", "predict_moe_traffic", "predict_saved_bytes", "predict_traffic",
     "temporary_env", "tp_block_bytes", "tp_outside_bytes", "traffic_coefficients", "traffic_fit", "traffic_key",
 ]

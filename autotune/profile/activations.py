@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
+from typing import Iterable
 
 import torch
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig
+from autotune.engine.moe import MoE
 from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 from autotune.profile.features import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, block_features, outside_features, tp_block_bytes, tp_outside_bytes,
@@ -29,7 +31,9 @@ def measure_saved_bytes(
 ) -> dict[str, float]:
     """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU, with
     the engine's own activation checkpointing: {"block": mean over blocks, "outside": embedding +
-    final norm + head + loss, "total": all of it}.
+    final norm + head + loss, "total": all of it}; for a MoE model also "moe_block" (the mean over
+    its MoE blocks without their routed experts), "experts" (the routed experts' mean per MoE
+    layer) and "dense_block" (the mean over its dense blocks, 0 without any).
 
     With kernels="triton" the kernels' launches are skipped: what a kernel keeps for backward is
     decided by its autograd.Function (`ctx.save_for_backward` on tensors allocated by torch), not by
@@ -45,6 +49,9 @@ def measure_saved_bytes(
     for name, block in net.layers.items():
         block.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, name))
         block.register_forward_hook(lambda mod, args, out: owner.__setitem__(0, "outside"))
+        if isinstance(block.mlp, MoE):  # the routed experts' bytes apart: expert parallelism moves them
+            block.mlp.experts.register_forward_pre_hook(lambda mod, args, name=name: owner.__setitem__(0, f"{name}.experts"))
+            block.mlp.experts.register_forward_hook(lambda mod, args, out, name=name: owner.__setitem__(0, name))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -63,9 +70,22 @@ def measure_saved_bytes(
         triton = triton_launches(lambda *args, **kwargs: None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton:
         net(tokens, tokens)
-    blocks = sum(n for who, n in seen.values() if who != "outside")
-    outside = sum(n for who, n in seen.values() if who == "outside")
-    return {"block": blocks / model.n_layers, "outside": float(outside), "total": float(blocks + outside)}
+    return _by_owner(model, seen.values())
+
+
+def _by_owner(model: ModelConfig, saved: Iterable[tuple[str, int]]) -> dict[str, float]:
+    """measure_saved_bytes's result from the saved storages' (owner, bytes)."""
+    total: dict[str, float] = {}
+    for who, nbytes in saved:
+        total[who] = total.get(who, 0.0) + nbytes
+    blocks = sum(n for who, n in total.items() if who != "outside")
+    out = {"block": blocks / model.n_layers, "outside": total.get("outside", 0.0), "total": sum(total.values())}
+    if model.n_experts:
+        moe, dense = model.moe_layers, [i for i in range(model.n_layers) if not model.is_moe_layer(i)]
+        out["moe_block"] = sum(total.get(str(i), 0.0) for i in moe) / len(moe)
+        out["experts"] = sum(total.get(f"{i}.experts", 0.0) for i in moe) / len(moe)
+        out["dense_block"] = sum(total.get(str(i), 0.0) for i in dense) / max(len(dense), 1)
+    return out
 
 
 def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) -> str:

@@ -5,6 +5,15 @@
 
 (b micro-batch, s sequence, h hidden, f MLP, q query width, g·d kv width, a heads, V vocab; P the
 parameters, s the learned-position indices of gpt2; [Activations] in docs/formulas.md.)
+
+A mixture-of-experts block has its own two parts (autotune/engine/moe.py), fitted apart:
+
+    MoE block bytes = b·s·(c_tok + c_h·h + c_q·q + c_kv·g·d + c_a·a + c_e·E + c_slot·k + c_rh·k·h
+                           + c_sf·n_shared·f_s) + c_P·P_block            (router, shared experts, combine)
+    experts bytes   = c_slot·slots + c_rh·slots·h + c_rf·slots·f_e + c_Pe·P_experts   (the routed experts)
+
+with slots the routed token slots: b·s·k on the rank that routes them; on the rank whose experts
+compute them, what arrives there (expert parallelism, load imbalance, capacity).
 """
 from __future__ import annotations
 
@@ -21,15 +30,30 @@ TRAFFIC_BLOCK_FEATURES = (*BLOCK_FEATURES, "sd")
 # (autotune/engine/tensor_parallel.py); hidden-width tensors stay whole
 TP_SPLIT_FEATURES = ("f", "q", "kv", "a")
 OUTSIDE_FEATURES = ("tok", "h", "V", "P", "s")
+# a MoE block without its routed experts: attention, router (e: b·s·E), combine of the routed slots
+# (slot: b·s·k, rh: b·s·k·h), shared experts (sf: b·s·n_shared·f_s); P its parameters
+MOE_FEATURES = ("tok", "h", "q", "kv", "a", "e", "slot", "rh", "sf", "P")
+TRAFFIC_MOE_FEATURES = (*MOE_FEATURES, "sd")
+# the routed experts of one MoE layer, on the rank that computes them: the slots that arrive there,
+# d_model (rh) and expert (rf) wide, and the experts it holds (Pe: their parameters)
+EXPERT_FEATURES = ("slot", "rh", "rf", "Pe")
+
+
+def _dense_block_params(model: ModelConfig) -> int:
+    """The parameters of one block with a dense MLP."""
+    pc = param_counts(model)
+    final_norm = pc["norms"] // (2 * model.n_layers + 1)
+    mlp = (3 if model.family == "llama" else 2) * model.d_model * model.d_ff + (
+        0 if model.family == "llama" else model.d_ff + model.d_model)
+    return (pc["attention"] + pc["norms"] - final_norm) // model.n_layers + mlp
 
 
 def block_features(model: ModelConfig, b, s, tp=1) -> dict:
     """The features of BLOCK_FEATURES for micro-batch b and sequence s (numbers or numpy arrays),
-    of one block as a rank of `tp` tensor-parallel ranks holds it (P stays the whole block's)."""
+    of one block as a rank of `tp` tensor-parallel ranks holds it (P stays the whole block's). A MoE
+    model's dense blocks (moe_features: its MoE blocks)."""
     bs = b * s
-    pc = param_counts(model)
-    final_norm = pc["norms"] // (2 * model.n_layers + 1)
-    block_params = (pc["attention"] + pc["mlp"] + pc["norms"] - final_norm) / model.n_layers
+    block_params = _dense_block_params(model)
     features = {
         "tok": bs, "h": bs * model.d_model, "f": bs * model.d_ff, "q": bs * model.n_heads * model.head_dim,
         "kv": bs * model.kv_heads * model.head_dim,
@@ -65,3 +89,30 @@ def tp_outside_bytes(per_token, hidden, b, s, h: int, beta, tp, sp):
     parallel the final norm's hidden-width tensors (`hidden`: the fit's h term) are sharded but
     the head's all-gathered input, b·s·h elements of `beta` bytes, is saved whole."""
     return per_token - np.where(sp, 1 - 1 / tp, 0.0) * (hidden - b * s * h * beta)
+
+
+def moe_features(model: ModelConfig, b, s, sent=1.0) -> dict:
+    """The features of TRAFFIC_MOE_FEATURES of one MoE block without its routed experts, for
+    micro-batch b and sequence s; `sent`: the share of the b·s·k slots the block routes (under a
+    capacity factor below 1, fewer)."""
+    bs = b * s
+    pc = param_counts(model)
+    final_norm = pc["norms"] // (2 * model.n_layers + 1)
+    moe_mlp = (pc["mlp"] - (model.n_layers - len(model.moe_layers)) * 3 * model.d_model * model.d_ff) // len(model.moe_layers)
+    experts = model.n_experts * 3 * model.d_model * model.expert_d_ff
+    slots = bs * model.experts_per_token * sent
+    return {
+        "tok": bs, "h": bs * model.d_model, "q": bs * model.n_heads * model.head_dim,
+        "kv": bs * model.kv_heads * model.head_dim, "a": bs * model.n_heads, "e": bs * model.n_experts,
+        "slot": slots, "rh": slots * model.d_model, "sf": bs * model.n_shared_experts * model.shared_expert_d_ff,
+        "P": (pc["attention"] + pc["norms"] - final_norm) / model.n_layers + moe_mlp - experts + 0 * slots,
+        "sd": s * model.head_dim + 0 * slots,
+    }
+
+
+def expert_features(model: ModelConfig, b, s, arrived=1.0, ep=1) -> dict:
+    """The features of EXPERT_FEATURES of one MoE layer's routed experts on a rank holding
+    n_experts/ep of them, to which `arrived` x b·s·k slots are routed."""
+    slots = b * s * model.experts_per_token * arrived
+    return {"slot": slots, "rh": slots * model.d_model, "rf": slots * model.expert_d_ff,
+            "Pe": model.n_experts // ep * 3 * model.d_model * model.expert_d_ff + 0 * slots}

@@ -51,12 +51,12 @@ def cache_dir() -> Path:
 
 
 def _engine_fingerprint() -> str:
-    """What the measured bytes depend on: the engine's model, checkpointing and kernels, this
-    package, torch."""
+    """What the measured bytes depend on: the engine's model (its MoE layer too), checkpointing and
+    kernels, this package, torch."""
     from autotune import kernels
-    from autotune.engine import model, parallel
+    from autotune.engine import model, moe, parallel
 
-    files = [Path(model.__file__), Path(parallel.__file__), *sorted(Path(__file__).parent.glob("*.py")),
+    files = [Path(model.__file__), Path(moe.__file__), Path(parallel.__file__), *sorted(Path(__file__).parent.glob("*.py")),
              *sorted(Path(kernels.__file__).parent.glob("*.py"))]
     src = b"".join(f.read_bytes() for f in files)
     return hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:16]

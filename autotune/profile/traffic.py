@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autotune.engine.config import KERNELS, ModelConfig
+from autotune.engine.moe import MoE
 from autotune.profile.features import (
     OUTSIDE_FEATURES, TRAFFIC_BLOCK_FEATURES, block_features, outside_features,
 )
@@ -24,7 +26,7 @@ from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
 from autotune.profile.measure import CASTS, DTYPE, cpu_model, triton_launches
 
 # Ops whose time is FLOP-bound: the dense matmuls (timed from 6N) and SDPA (timed from its FLOPs).
-MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"})
 # Ops that write their first argument without reading it.
 WRITE_ONLY = frozenset({"copy_", "fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like",
                         "normal_", "uniform_", "new_zeros", "new_full"})
@@ -54,10 +56,13 @@ class TrafficCounter(TorchDispatchMode):
         super().__init__()
         self.phase = "fwd"
         self.in_block = False  # set by the blocks' hooks (measure_traffic)
+        self.part = ""  # in a MoE block: "moe", or "experts" inside its routed experts (measure_traffic)
         self.bytes = {p: 0.0 for p in TRAFFIC_PHASES}
         self.ops = {p: 0 for p in TRAFFIC_PHASES}
         self.block_bytes = {p: 0.0 for p in TRAFFIC_PHASES}
         self.block_ops = {p: 0 for p in TRAFFIC_PHASES}
+        self.part_bytes = {(part, p): 0.0 for part in ("moe", "experts") for p in TRAFFIC_PHASES}
+        self.part_ops = {(part, p): 0 for part in ("moe", "experts") for p in TRAFFIC_PHASES}
 
     def _add(self, nbytes: float, ops: int = 1) -> None:
         self.bytes[self.phase] += nbytes
@@ -65,6 +70,9 @@ class TrafficCounter(TorchDispatchMode):
         if self.in_block:
             self.block_bytes[self.phase] += nbytes
             self.block_ops[self.phase] += ops
+        if self.part:
+            self.part_bytes[self.part, self.phase] += nbytes
+            self.part_ops[self.part, self.phase] += ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -87,11 +95,13 @@ class TrafficCounter(TorchDispatchMode):
 
     @contextmanager
     def paused(self):
-        saved = [dict(d) for d in (self.bytes, self.ops, self.block_bytes, self.block_ops)]
+        names = ("bytes", "ops", "block_bytes", "block_ops", "part_bytes", "part_ops")
+        saved = [dict(getattr(self, name)) for name in names]
         try:
             yield
         finally:
-            self.bytes, self.ops, self.block_bytes, self.block_ops = saved
+            for name, value in zip(names, saved):
+                setattr(self, name, value)
 
 
 class _FusedRMSNorm(torch.autograd.Function):
@@ -133,16 +143,18 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
     """Bytes moved by the memory-bound ops of one forward and one backward of the engine's model
     (loss included) on the CPU, and their op counts: {"fwd", "bwd", "fwd_ops", "bwd_ops"}, and
     the blocks' share of each ("block_fwd", ...: all blocks together; module hooks mark where a
-    block's forward and backward begin and end). Parameter updates, gradient communication and
-    FSDP's copies are not in it (the estimate times those itself)."""
+    block's forward and backward begin and end); of a MoE model, the MoE blocks' share without
+    their routed experts ("moe_fwd", ...) and the routed experts' ("experts_fwd", ...), each over
+    all MoE layers. Parameter updates, gradient communication and FSDP's copies are not in it (the
+    estimate times those itself)."""
     net = cpu_model(model, s, precision, cast, kernels)
     tokens = torch.randint(0, model.vocab_size, (b, s))
     counter = TrafficCounter()
     for block in net.layers.values():
-        block.register_forward_pre_hook(lambda *_: setattr(counter, "in_block", True))
-        block.register_forward_hook(lambda *_: setattr(counter, "in_block", False))
-        block.register_full_backward_pre_hook(lambda *_: setattr(counter, "in_block", True))
-        block.register_full_backward_hook(lambda *_: setattr(counter, "in_block", False))
+        part = "moe" if isinstance(block.mlp, MoE) else ""
+        _mark(block, lambda on, part=part: (setattr(counter, "in_block", on), setattr(counter, "part", part if on else "")))
+        if part:
+            _mark(block.mlp.experts, lambda on: setattr(counter, "part", "experts" if on else "moe"))
     autocast = torch.autocast("cpu", dtype=DTYPE[precision]) if precision != "fp32" and cast == "autocast" else nullcontext()
     with triton_launches(lambda *args, **kwargs: counter.count_launch(args)), _fused_rms_norm(counter), counter:
         with autocast:
@@ -153,7 +165,24 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
     for p in TRAFFIC_PHASES:
         out |= {p: counter.bytes[p], f"{p}_ops": float(counter.ops[p]),
                 f"block_{p}": counter.block_bytes[p], f"block_{p}_ops": float(counter.block_ops[p])}
+        if model.n_experts:
+            for part in ("moe", "experts"):
+                out |= {f"{part}_{p}": counter.part_bytes[part, p], f"{part}_{p}_ops": float(counter.part_ops[part, p])}
     return out
+
+
+def _mark(module: torch.nn.Module, inside: Callable[[bool], object]) -> None:
+    """Call inside(True) where the module's forward and its backward begin, inside(False) where they end."""
+    def begin(*_) -> None:  # a hook that returns a value would replace the module's inputs or outputs
+        inside(True)
+
+    def end(*_) -> None:
+        inside(False)
+
+    module.register_forward_pre_hook(begin)
+    module.register_forward_hook(end)
+    module.register_full_backward_pre_hook(begin)
+    module.register_full_backward_hook(end)
 
 
 def _fit_traffic_measured(family: str, gqa: bool) -> dict[str, dict]:
