@@ -148,6 +148,8 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
             f"activation_checkpointing={plan.activation_checkpointing}: the model must checkpoint {blocks} of "
             f"{cfg.model.n_layers} blocks itself (selective: every {plan.checkpoint_every_k}-th block)."
         )
+    if cfg.model.n_experts:
+        notes.append(expert_parallel_note(cfg))
     return {
         "note": " ".join(notes),
         "model": cfg.model.name,
@@ -160,11 +162,32 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         "pipeline_parallel": plan.pp,
         "pipeline_schedule": plan.pp_schedule,
         "pipeline_virtual_stages": plan.pp_virtual_stages,
+        "expert_parallel": plan.ep,
         "activation_checkpointing": plan.activation_checkpointing,
         "checkpoint_every_k": plan.checkpoint_every_k,
         "kernels": plan.kernels,
         "compile": plan.compile,
     }
+
+
+def expert_parallel_note(cfg: TrainConfig) -> str:
+    """Where a DeepSpeed user sets the plan's expert parallelism: in the model code, not in ds_config."""
+    model, plan = cfg.model, cfg.plan
+    drop = (f"capacity_factor={model.capacity_factor}, drop_tokens=True" if model.capacity_factor is not None
+            else "drop_tokens=False")
+    note = (f"expert_parallel={plan.ep}: DeepSpeed sets expert parallelism in the model code, not in this file: each of "
+            f"the {len(model.moe_layers)} MoE layers is deepspeed.moe.layer.MoE(hidden_size={model.d_model}, expert=<a "
+            f"SwiGLU MLP of width {model.expert_d_ff}>, num_experts={model.n_experts}, ep_size={plan.ep}, "
+            f"k={model.experts_per_token}, {drop}, use_rts=False, noisy_gate_policy=None, "
+            "top2_2nd_expert_sampling=False), and the optimizer's param groups are split with "
+            "deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer.")
+    if model.n_shared_experts:
+        note += (f" DeepSpeed's MoE has no gated shared expert (use_residual mixes an MLP otherwise): the model adds "
+                 f"its {model.n_shared_experts} shared expert(s) of width {model.shared_expert_d_ff} beside the layer.")
+    if plan.zero_stage == 3:
+        note += (" DeepSpeed refuses MoE layers under ZeRO stage 3 (\"MoE not supported with Stage 3\"): "
+                 "with DeepSpeed this plan needs zero_optimization.stage 2 or less.")
+    return note
 
 
 def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
@@ -188,6 +211,10 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
         f"of cluster {_one_line(cluster.name)}.",
         "# Extra arguments are config overrides for the engine, e.g. ./launch.sh job.steps=1000",
     ]
+    if cfg.model.n_experts:
+        head.append(f"# Expert parallelism: ep={cfg.plan.ep} (each group of {cfg.plan.ep} data-parallel ranks splits every MoE "
+                    f"layer's {cfg.model.n_experts} experts); under DeepSpeed that is ep_size={cfg.plan.ep} of "
+                    "deepspeed.moe.layer.MoE in the model code (ds_config.json, autotune.note).")
     if nodes == 1:
         body = [
             "set -euo pipefail",

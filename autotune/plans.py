@@ -2,7 +2,9 @@
 one conversion between a frame row and a PlanConfig.
 
 A plan is built from independent choices: the parallel layout (dp x tp x pp with its pipeline
-schedule and sequence parallelism), the micro-batch (a divisor of global_batch / dp; grad_accum
+schedule and sequence parallelism; for a mixture-of-experts model, ep: how many of the dp ranks
+split each MoE layer's experts, every divisor of dp that divides the experts' count, and no tp,
+which the engine does not combine with experts), the micro-batch (a divisor of global_batch / dp; grad_accum
 follows), the ZeRO stage with its offloads, the precision, activation checkpointing and the kernels.
 Each group is enumerated on its own, with its own validity rules, and the groups are joined with
 cross merges, so 10^5 plans take well under a second. The rules are those of
@@ -65,10 +67,10 @@ def world_sizes(n_gpus: int, gpus_per_node: int, all_sizes: bool) -> list[int]:
 
 def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gpus_per_node: int,
              max_dp: int | None) -> list[dict[str, Any]]:
-    """Parallel layouts (dp, tp, pp, schedule, virtual stages, sequence_parallel) for `world` GPUs."""
+    """Parallel layouts (dp, tp, pp, schedule, virtual stages, sequence_parallel, ep) for `world` GPUs."""
     rows = []
     for tp in _divisors(min(world, gpus_per_node)):
-        if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp:
+        if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp or (model.n_experts and tp > 1):
             continue
         for pp in _divisors(world // tp):
             if model.n_layers % pp:
@@ -82,10 +84,11 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
                 schedules += [("interleaved_1f1b", v) for v in range(2, MAX_VIRTUAL_STAGES + 1)
                               if model.n_layers % (pp * v) == 0]
             sps = [False] + ([True] if tp > 1 and seq_len % tp == 0 else [])
+            eps = [ep for ep in _divisors(dp) if model.n_experts % ep == 0] if model.n_experts else [1]
             for schedule, v in schedules:
                 for sp in sps:
-                    rows.append(dict(dp=dp, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v,
-                                     sequence_parallel=sp))
+                    rows += [dict(dp=dp, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, sequence_parallel=sp,
+                                  ep=ep) for ep in eps]
     return rows
 
 
@@ -141,10 +144,9 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
-    plans["ep"] = _DEFAULTS.ep  # expert parallelism is not searched yet (issue 16)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
-                                               "dp", "tp", "pp", "pp_virtual_stages")})
+                                               "dp", "tp", "pp", "pp_virtual_stages", "ep")})
 
 
 def plain(value: Any) -> Any:
@@ -188,10 +190,12 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 
 
 def plan_label(plan: PlanConfig) -> str:
-    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton`."""
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton` (`dp8 ep4`: expert parallel)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
     ckpt = f"sel{plan.checkpoint_every_k}" if plan.activation_checkpointing == "selective" else plan.activation_checkpointing
     parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}"]
+    if plan.ep > 1:
+        parts.append(f"ep{plan.ep}")
     if plan.tp > 1:
         parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else ""))
     if plan.pp > 1:
@@ -240,7 +244,6 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),
         "kernels not on this device": plan.kernels != "torch" and device != "cuda",
         "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
-        "expert parallelism, not searched yet": plan.ep != _DEFAULTS.ep,
     }
     return ", ".join(why for why, broken in rules.items() if broken)
 

@@ -38,6 +38,19 @@ def test_a_plan_whose_tp_x_pp_fits_runs_the_replicas_that_fit():
     assert ran.job.global_batch == 2 * 2 * t.plan.grad_accum and ran.model == t.model
 
 
+def test_an_expert_parallel_plan_keeps_the_experts_split_over_the_ranks_that_run():
+    """A node share keeps ep where it divides the replicas that run, else the largest divisor of
+    both; a rank's share holds every expert (ep = 1)."""
+    for ep, cap, ran_ep in ((2, 4, 2), (4, 2, 2), (4, 6, 2)):
+        t = train("tiny-moe", gb=16, seq=64, dp=8, ep=ep, micro_batch=2)
+        share = share_here(t, cap=cap, gpus_per_node=8, hw_here=H100)
+        assert share.kind == NODE_SHARE and (share.train.plan.dp, share.train.plan.ep) == (cap, ran_ep)
+        assert f"ep={ran_ep} of {ep}" in share.note
+    t = train("tiny-moe", gb=16, seq=64, dp=2, pp=2, ep=2, micro_batch=2)
+    share = share_here(t, cap=1, gpus_per_node=8, hw_here=dataclasses.replace(H100, gpus_per_node=1))
+    assert share.kind == RANK_SHARE and share.train.plan.ep == 1 and share.train.model.n_experts == 4
+
+
 @pytest.mark.parametrize("name, tp", [("llama-3-8b", 8), ("qwen2.5-0.5b", 2), ("gpt2", 4)])
 def test_tp_rank_model_holds_what_a_tp_rank_holds(name, tp):
     """The rank's model has the parameters the engine's tp layout leaves on one rank (the

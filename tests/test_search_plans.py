@@ -33,6 +33,7 @@ def _train(model: str, global_batch: int, seq_len: int = 64):
     ("gpt2", 16, ClusterConfig(gpus_per_node=4)),  # tied head: no pipeline
     ("llama-3-8b", 64, ClusterConfig(gpu="h100-sxm", gpus_per_node=8)),
     ("llama-3-70b", 96, ClusterConfig(gpu="h100-sxm", gpus_per_node=8, nodes=2)),
+    ("tiny-moe", 16, ClusterConfig(gpus_per_node=8)),  # ep a dimension, tp none
 ])
 def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
     train = _train(model, gb)
@@ -49,6 +50,8 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
     seen_valid = seen_invalid = 0
     for _ in range(1500):
         tp, pp = rng.choice(divs), rng.choice(divs)
+        if train.model.n_experts and rng.random() < 0.7:  # tp > 1 never holds experts: valid plans are rarer
+            tp = 1
         sched = rng.choice(["1f1b", "gpipe", "interleaved_1f1b"])
         ac = rng.choice(["none", "full", "selective"])
         plan = dict(
@@ -58,7 +61,7 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
             checkpoint_every_k=rng.choice(SELECTIVE_EVERY_K) if ac == "selective" else 2,
             dp=max(1, cluster.n_gpus // (tp * pp)), tp=tp, pp=pp, pp_schedule=sched,
             pp_virtual_stages=rng.randint(2, MAX_VIRTUAL_STAGES) if sched == "interleaved_1f1b" else 1,
-            sequence_parallel=rng.random() < 0.3, ep=1, kernels="torch", compile=False,
+            sequence_parallel=rng.random() < 0.3, ep=rng.choice([1, 1, 2, 4, 8]), kernels="torch", compile=False,
         )
         plan = PlanConfig(**plan)
         valid = outside_search_space(plan, train, cluster, SearchConfig()) == ""
@@ -129,6 +132,7 @@ def test_plan_label():
                       pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, kernels="triton")
     assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
     assert plan_label(PlanConfig()) == "Z0 fp32 mb1 ckpt:none dp1"
+    assert plan_label(PlanConfig(dp=8, ep=4, zero_stage=2)) == "Z2 fp32 mb1 ckpt:none dp8 ep4"
 
 
 def test_dominated_by_matches_brute_force():

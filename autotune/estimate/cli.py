@@ -5,9 +5,11 @@ import argparse
 import json
 
 from autotune.engine.config import ConfigError, TrainConfig, validate_plan
+from autotune.engine.model import count_active_params
 from autotune.estimate.calibration import Calibration
 from autotune.estimate.columns import GiB
-from autotune.estimate.result import Estimate, estimate
+from autotune.estimate.frame import estimate_frame
+from autotune.estimate.result import Estimate, plan_frame
 from autotune.estimate.suggest import check_engine_supports, fit_suggestion
 from autotune.hardware import Hardware, load_hardware
 
@@ -43,13 +45,19 @@ def _size(n: float) -> str:
     return f"{n:9.0f} B  "
 
 
-def _print_table(est: Estimate, train: TrainConfig, hw: Hardware, note: str, calib_path: str | None) -> None:
-    plan = train.plan
-    print(f"{train.model.name}: {est.params:,} params on {hw.n_gpus} x {hw.gpu} "
+def _print_table(est: Estimate, row, train: TrainConfig, hw: Hardware, note: str, calib_path: str | None) -> None:
+    plan, model = train.plan, train.model
+    active = f" ({count_active_params(model):,} active per token)" if model.n_experts else ""
+    print(f"{model.name}: {est.params:,} params{active} on {hw.n_gpus} x {hw.gpu} "
           f"({'measured' if hw.measured else 'catalog'}), {hw.memory_bytes / GiB:.2f} GiB each")
     print(f"plan: zero {plan.zero_stage}, {plan.precision}, micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, "
-          f"dp {plan.dp} tp {plan.tp} pp {plan.pp}, checkpointing {plan.activation_checkpointing}, kernels {plan.kernels}"
+          f"dp {plan.dp} tp {plan.tp} pp {plan.pp}" + (f" ep {plan.ep}" if model.n_experts else "")
+          + f", checkpointing {plan.activation_checkpointing}, kernels {plan.kernels}"
           + (", offload" if (plan.offload_optimizer or plan.offload_params) else ""))
+    if model.n_experts:
+        print(f"experts: {model.n_experts // plan.ep} of {model.n_experts} per rank in each of {len(model.moe_layers)} "
+              f"MoE layers, {model.experts_per_token} per token; router imbalance {row['expert_imbalance']:.2f} "
+              f"(most tokens per expert over the mean), the busiest rank computes {row['expert_load']:.2f}x its share")
     if note:
         print(f"note: {note}")
     print(f"\nmemory per GPU (peak: {est.peak_stage} pipeline stage, at the {est.peak_phase} phase)")
@@ -88,11 +96,12 @@ def cli(argv: list[str]) -> int:
     note = resolve_world(cfg, overrides)
     check_engine_supports(cfg.train.plan, hw)
     calib = load_calibration(cfg)
-    est = estimate(cfg.train, hw, calib)
+    row = estimate_frame(cfg.train.model, cfg.train.job, plan_frame([cfg.train.plan]), hw, calib).iloc[0]
+    est = Estimate.from_row(row, cfg.train, hw, calib)
     if not est.fits:
         est.to_fit = fit_suggestion(cfg.train, hw, calib)
     if args.json:
-        print(json.dumps(est.to_dict() | {"note": note}))
+        print(json.dumps(est.to_dict() | {"note": note, "active_params": count_active_params(cfg.train.model)}))
     else:
-        _print_table(est, cfg.train, hw, note, getattr(getattr(cfg, "estimate", None), "calibration", None))
+        _print_table(est, row, cfg.train, hw, note, getattr(getattr(cfg, "estimate", None), "calibration", None))
     return 0

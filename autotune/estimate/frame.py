@@ -23,8 +23,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     step_time_s, compute_<kind>_s, tokens_per_s, mfu, fits, reason; host_bytes, peak_stage (first |
     last pipeline stage), peak_phase, step_grads_bytes, allocated_bytes (the total less the CUDA
     context: what max_memory_allocated shows), the parts fit_calibration scales (matmul_s,
-    memory_bound_s), and a MoE model's routing (expert_imbalance: the most slots an expert gets over
-    the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
+    memory_bound_s), and for a MoE model its routing (expert_imbalance: the most slots an expert gets
+    over the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
     calib = calib or Calibration()
     arrays = PlanArrays.of(plans, job)
     layouts = stage_layouts(model, arrays)
@@ -54,6 +54,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["step_grads_bytes"] = memory.step_grads  # gradients held at the optimizer step (model states)
     out["allocated_bytes"] = memory.allocated
     out["reason"] = memory.reason
-    out["expert_imbalance"] = routing.imbalance
-    out["expert_load"] = routing.arrived
+    if model.n_experts:
+        out["expert_imbalance"] = routing.imbalance
+        out["expert_load"] = routing.arrived
     return out

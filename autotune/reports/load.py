@@ -190,7 +190,9 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
 
     `ran` says what of the plan ran (autotune.local_share): "as is", or a "node share" / "rank
     share" of a plan larger than the machine, whose meas_* are the share's measurement scaled to the
-    plan by the estimator (the trial's `scaled`; its MFU is left out)."""
+    plan by the estimator (the trial's `scaled`; its MFU is left out). A MoE model's trials also
+    have the probe's router figures: meas_moe_imbalance, meas_moe_imbalance_max, meas_moe_aux_loss,
+    meas_moe_dropped."""
     rows = []
     for t in trials:
         record = TrialRecord.from_attrs(t.user_attrs)
@@ -210,6 +212,8 @@ def trials_table(trials: list[optuna.trial.FrozenTrial], objective: str = "throu
             row.update({"meas_" + k: getattr(record.scaled, k) for k in ("step_time_s", "tokens_per_s", "peak_mem_bytes")},
                        meas_tflops_per_gpu=None, meas_mfu=None, meas_reserved_bytes=None)
         row["ran"] = (record.ran.kind if record.ran else "as is") if probe else ""
+        if probe.get("moe"):  # a MoE model's router as the probe measured it (engine.moe.step_stats)
+            row.update({f"meas_moe_{k}": v for k, v in probe["moe"].items()})
         row.update(
             loss_first=probe.get("loss_first"),
             loss_last=probe.get("loss_last"),

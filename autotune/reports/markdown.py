@@ -5,6 +5,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from autotune.reports.experts import experts_section
 from autotune.reports.load import FAILED, PLAN_KEY, Run
 from autotune.reports.tables import (
     Choice,
@@ -51,7 +52,7 @@ def render(run: Run, plots: dict[str, str]) -> str:
         parts += [_failures(run), _estimate_vs_measured(run), _learned(run), _short_vs_long(run)]
     else:
         parts.append(_analytic(run, choice))
-    parts += [_measured_and_modelled(run), _candidates(run), _plots(plots)]
+    parts += [experts_section(run, choice), _measured_and_modelled(run), _candidates(run), _plots(plots)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

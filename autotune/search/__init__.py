@@ -52,7 +52,8 @@ reason, wall_s, and steps (the {"step", "step_time_s"} rows it reported), from w
 takes the measured per-step times. Tests use it to check the search's logic without a real run.
 
 search.json: name, study_name, storage (its password masked: autotune.storage), mode, objective,
-config (model, job, plan, cluster, search), hardware (Hardware.to_dict), memory_limit_bytes, counts
-of plans, `measured` and `modelled` (what this run's numbers rest on), and `result` (best plan, its
-trial, value, Kendall tau, why the search stopped) once it has one.
+config (model, job, plan, cluster, search), params (the model's total, active per token and
+routed-expert parameters), hardware (Hardware.to_dict), memory_limit_bytes, counts of plans,
+`measured` and `modelled` (what this run's numbers rest on), and `result` (best plan, its trial,
+value, Kendall tau, why the search stopped) once it has one.
 """

@@ -173,6 +173,8 @@ def search(pc: PlannerConfig, run_dir: Path, name: str, probe: ProbeFn = run_pro
 def _search_info(pc: PlannerConfig, name: str, mode: str, hw: Hardware, frame: pd.DataFrame, url: str) -> dict[str, Any]:
     """search.json before a result (the contract in autotune/search/__init__.py); the storage's
     password is masked."""
+    from autotune.engine.model import count_active_params, count_params, expert_params
+
     measured, modelled = measured_vs_modelled(mode, pc, hw)
     config = {section: as_json(getattr(pc, section)) for section in ("model", "job", "plan", "cluster", "search")}
     if pc.search.storage:
@@ -180,6 +182,8 @@ def _search_info(pc: PlannerConfig, name: str, mode: str, hw: Hardware, frame: p
     return {
         "name": name, "study_name": name, "storage": hide_secrets(url), "mode": mode, "objective": str(pc.search.objective),
         "config": config,
+        "params": {"total": count_params(pc.model), "active": count_active_params(pc.model),
+                   "routed_experts": expert_params(pc.model)},
         "hardware": hw.to_dict(), "memory_limit_bytes": hw.memory_bytes,
         "plans": {"enumerated": len(frame), "fit": int(frame["fits"].astype(bool).sum()),
                   "candidates": int((frame["dropped"] == "").sum()),
