@@ -2,13 +2,14 @@
 # Everything worth measuring on a lent GPU, in order of value, in phases small enough for one
 # device `run` call each (10 minutes at most per call, 30 minutes of device time per session).
 #
-#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search
+#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search moe
 #
 # Run it through the device tool from the repo root, with the wheels carried (BENCHMARKS.md, "Status
 # of the GPU measurements", has the exact calls):
 #   1. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh tests estimate`
 #   2. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh engine kernels`
 #   3. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh tp search`
+#   4. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh moe`
 #
 # Each step has its own `timeout`, so one hang costs that step, not the lease; every script rewrites
 # its JSON after each row, so a step cut short keeps what it measured. Steps work in $WORK
@@ -18,7 +19,7 @@
 # versions; then step, exit code, seconds, 124 = hit its timeout), session.tar.gz (all of $WORK:
 # logs, results, search folders) and each step's main result file:
 #   estimate_vs_probe-gpu.jsonl + .md, engine-<model>.json, kernels-{elementwise,lce}.json,
-#   tp_slice.json, search-results.json + search-grid.jsonl
+#   tp_slice.json, search-results.json + search-grid.jsonl, moe.json
 # (so run no more phases in one call than the groups above: more would pass the 8 files).
 #
 # Durations on one H100 are ESTIMATES from the work each step does (none of this has run on a GPU
@@ -37,6 +38,10 @@
 #   tp        ~1 min  (timeout 90 s) one llama-3-8b and one llama-3-70b block at tp 1, 2, 4, 8
 #   search    ~6 min  (timeout 420 s) gpt2-medium: 20 sampled grid plans, then autotune / Optuna TPE /
 #                     random search with 6 trials each (~26 probes of ~8 s, 3 search setups)
+#   moe       ~4 min  (timeout 420 s) a MoE training step at published widths, few layers, bf16, ZeRO 0:
+#                     mixtral-8x7b cut to 2 blocks (3.1B parameters, ~50 GB of states) and
+#                     qwen2-57b-a14b cut to 1 (3.3B), micro-batch 1 and 2 at seq 4096: 4 probes of
+#                     ~40-60 s each (the seeded CPU initialisation of 3B parameters dominates)
 # So call 1 ~8 min, call 2 ~8 min, call 3 ~7 min; each call's timeouts sum to 510-530 s, leaving
 # the wheels' install and the summary inside the tool's 600 s.
 set -uo pipefail  # not -e: a failed step is a result; the next one still runs
@@ -48,7 +53,7 @@ if [[ -z ${OUT:-} ]]; then
 fi
 WORK=${WORK:-/tmp/gpu_session}
 mkdir -p "$OUT" "$WORK"
-PHASES=" tests estimate engine kernels tp search "
+PHASES=" tests estimate engine kernels tp search moe "
 for phase in "$@"; do  # a typo found now, not after minutes of the lease
   [[ $PHASES == *" $phase "* ]] || { echo "gpu_session.sh: unknown phase '$phase' (one of:$PHASES)" >&2; exit 2; }
 done
@@ -137,6 +142,11 @@ for phase in "$@"; do
       step search 420 $PY benchmarks/bench_search.py --models gpt2-medium --global-batch 16 --seq-len 1024 \
         --budgets 6 --seeds 0 --grid-limit 20 --repeats 1 --trial-timeout 60 --out "$WORK/search"
       publish search/results.json:search-results.json search/gpt2-medium/grid.jsonl:search-grid.jsonl
+      ;;
+    moe)
+      step moe 420 $PY benchmarks/bench_moe.py --device cuda --models mixtral-8x7b:2 qwen2-57b-a14b:1 \
+        --micro-batches 1 2 --seq-len 4096 --steps 5 --warmup 2 --timeout 180 --out "$WORK/moe.json"
+      publish moe.json:moe.json
       ;;
   esac
 done

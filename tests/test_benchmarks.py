@@ -108,6 +108,26 @@ def test_bench_kernels_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_moe_cpu(tmp_path):
+    """A MoE step under expert parallelism on 2 gloo ranks: the probe's time and router figures,
+    and the estimate of the same plan, per row."""
+    out = tmp_path / "moe.json"
+    proc = run_script("bench_moe.py", "--device", "cpu", "--models", "tiny-moe:3", "--micro-batches", "1",
+                      "--seq-len", "32", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--nproc", "2",
+                      "--ep", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["benchmark"] == "moe"
+    (row,) = result["rows"]
+    assert (row["status"], row["model"], row["dp"], row["ep"]) == ("ok", "tiny-moe:3", 2, 2), row
+    assert row["mfu"] is None  # a CPU has no peak to divide by
+    assert math.isclose(row["tokens_per_s"], 2 * 32 / row["step_time_s"], rel_tol=1e-6)
+    moe = row["moe"]
+    assert 1 <= moe["imbalance"] <= moe["imbalance_max"] <= 4 and moe["dropped"] == 0  # 4 experts, dropless
+    assert row["est_step_time_s"] > 0 and row["est_ep_comm_s"] > 0 and row["est_imbalance"] > 1
+    assert "| tiny-moe:3 | 1 | 2 x 2 | ok |" in proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_estimate_cpu(tmp_path):
     out = tmp_path / "vs_probe.jsonl"
     proc = run_script("bench_estimate.py", "--probe", "cpu", "--steps", "1", "--calibrate", "--out", str(out))
