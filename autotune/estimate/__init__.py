@@ -31,12 +31,17 @@ autotune/engine/tensor_parallel.py) decides what each plan means:
   (autotune.profile.measure_traffic) over HBM at the memory efficiency, AdamW + clipping as bytes,
   host dispatch per op; collectives cost latency + bytes / bus bandwidth, overlap where the engine
   overlaps them, and slow the compute they overlap (overlap_slowdown, FSDP2's copy-out). The
-  factors (`factors()`) come from the hardware profile and a calibration may replace each.
+  factors (`factors()`) come from the hardware profile and a calibration may replace each;
+- a mixture-of-experts model's routed experts are held E/ep per rank (plan.ep) and data-parallel
+  over the dp/ep ranks holding the same experts; their matmuls, activations and traffic are the
+  slots that reach the busiest expert-parallel rank (the router's load imbalance), and the
+  all-to-alls that bring them are exposed ([Mixture of experts]).
 
 The parts, each a module of this package:
 
 - arrays: a plan frame's columns as one typed bundle (PlanArrays), what every other part reads;
 - layout: what one rank holds (rank_layout), per pipeline stage and plan;
+- routing: a MoE plan's routed slots: the imbalance, the busiest rank's load, the all-to-alls;
 - activations, traffic: the measured bytes saved for backward and moved by memory-bound ops, per plan;
 - memory: per-stage memory at the two moments, the peak, and whether the plan fits;
 - step_time: compute, communication, overlap, pipeline, offload and overhead;

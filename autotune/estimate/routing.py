@@ -1,4 +1,5 @@
-"""Where a mixture-of-experts plan's routed tokens go, and what that costs the busiest rank.
+"""Where a mixture-of-experts plan's routed tokens go, and what that costs the busiest rank
+([Mixture of experts] in docs/formulas.md).
 
 Per MoE layer and micro-batch each rank routes its b·s tokens to k experts each: b·s·k slots, of
 which a capacity factor cf below 1 keeps at most cf of them (`sent`, autotune/engine/moe.py's

@@ -1,6 +1,6 @@
 """Activation bytes and memory traffic of mixture-of-experts blocks, measured on the engine's MoE
 layer (autotune/engine/moe.py) and fitted per element of its widths, as autotune.profile.activations
-and autotune.profile.traffic do for dense blocks.
+and autotune.profile.traffic do for dense blocks ([Mixture of experts] in docs/formulas.md).
 
 A MoE block is fitted in two parts (autotune.profile.features): the block without its routed
 experts (attention, router, shared experts, the combine of the routed slots) and the routed experts
