@@ -43,7 +43,8 @@ def cli(argv: list[str]) -> int:
     prof["hardware"] = hw.to_dict()
     prof["cluster"] = dataclasses.asdict(cfg.cluster)
     pc, fl = prof["params"], prof["flops_per_token"]
-    print(f"model {train.model.name}: {pc['total']:,} parameters "
+    active = f" ({prof['active_params']['total']:,} active per token)" if train.model.n_experts else ""
+    print(f"model {train.model.name}: {pc['total']:,} parameters{active} "
           + ", ".join(f"{k} {v:,}" for k, v in pc.items() if k != "total" and v))
     print(f"FLOPs per token at seq_len {fl['seq_len']}: {fl['total']:.4g} (6N, N = {fl['matmul_params']:,}; "
           f"attention {fl['attention']:.3g})")
