@@ -81,13 +81,9 @@ def test_measured_search_of_a_moe_model_reports_the_measured_imbalance(tmp_path,
     """A measured search (the fake probe on a fixed CPU, 2 ranks): the trials carry the probe's
     imbalance, the estimate is recalibrated with it, and report.md shows it."""
     from autotune.reports.load import load_run
-    from autotune.search import guidance
 
     monkeypatch.setattr(command, "load_hardware", lambda cluster: dataclasses.replace(
         HARDWARE, gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes))
-    learned = []
-    fit = guidance.fit_calibration
-    monkeypatch.setattr(guidance, "fit_calibration", lambda records, hw: learned.append(fit(records, hw)) or learned[-1])
     run = tmp_path / "run"
     pc = planner_config(["model=tiny-moe", "cluster=local", "cluster.gpus_per_node=2", "job.global_batch=4",
                          "job.seq_len=32", "search.precisions=[fp32]", "search.trials=4", "search.finalists=0",
@@ -95,7 +91,9 @@ def test_measured_search_of_a_moe_model_reports_the_measured_imbalance(tmp_path,
     assert command.search(pc, run, run.name, probe=RoutingProbe()) == 0
     trials = load_run(run).measured
     assert trials.meas_moe_imbalance.notna().all()
-    assert learned and learned[-1].moe_imbalance == pytest.approx(trials.meas_moe_imbalance.median())
+    learned = json.loads((run / "search.json").read_text())["result"]["learned"]["moe_imbalance"]
+    assert learned == pytest.approx(trials.meas_moe_imbalance.median())
     section = (run / "report.md").read_text().split("## Mixture of experts")[1]
     assert f"Measured by the probe over {len(trials)} trial(s)" in section and "1.90 in the worst layer" in section
+    assert f"estimated every plan again with an imbalance of {learned:.2f}" in section
     assert "| ep=2 | Z" in section and " ep2 |" in section  # every ep's best plan, labelled with its ep

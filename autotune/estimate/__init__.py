@@ -65,6 +65,7 @@ _HOME = {
     "factors": "calibration",
     "fit_calibration": "calibration",
     "fit_memory_slack": "calibration",
+    "measured_imbalance": "calibration",
     "load_calibration": "cli",
     "resolve_world": "cli",
     "COMPUTE": "columns",

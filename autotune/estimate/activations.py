@@ -40,7 +40,7 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)
     A MoE model's block is the mean over its dense and MoE blocks (`_with_moe_blocks`)."""
     terms = _measured_terms(model, plans, seq_len)
-    if model.n_experts:
+    if model.moe_layers:
         terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
     shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
     return SavedBytes(

@@ -145,13 +145,14 @@ def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibrat
         attention_efficiency=refit("attention", hw.attention_efficiency),
         collective_efficiency=float(np.clip(1.0 / max(scale["comm"], 1e-3), 0.01, 1.0)) if "comm" in scale else 1.0,
         fragmentation=fragmentation, workspace_bytes=workspace,
-        step_overhead_s=max(float(scale.get("overhead", 0.0)), 0.0), moe_imbalance=_measured_imbalance(records),
+        step_overhead_s=max(float(scale.get("overhead", 0.0)), 0.0), moe_imbalance=measured_imbalance(records),
         source="fit", records=len(records),
     )
 
 
-def _measured_imbalance(records: list[dict]) -> float | None:
-    """The median imbalance the probe measured on the records' MoE steps (None: no record has one)."""
+def measured_imbalance(records: list[dict]) -> float | None:
+    """The median imbalance the probe measured on the records' MoE steps (their "moe" figures, as
+    the probe's JSON has them; None: no record has one)."""
     measured = [float(r["moe"]["imbalance"]) for r in records if (r.get("moe") or {}).get("imbalance") is not None]
     return float(np.median(measured)) if measured else None
 

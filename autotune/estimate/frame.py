@@ -54,7 +54,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["step_grads_bytes"] = memory.step_grads  # gradients held at the optimizer step (model states)
     out["allocated_bytes"] = memory.allocated
     out["reason"] = memory.reason
-    if model.n_experts:
+    if model.moe_layers:
         out["expert_imbalance"] = routing.imbalance
         out["expert_load"] = routing.arrived
     return out

@@ -71,7 +71,7 @@ def busiest_rank_load(imbalance: np.ndarray, n_experts: int, ep: np.ndarray) -> 
 def expert_routing(model: ModelConfig, plans: PlanArrays, seq_len: int, calib: Calibration) -> Routing:
     """The routed slots of every plan of the frame."""
     ones = np.ones(plans.rows)
-    if not model.n_experts:
+    if not model.moe_layers:
         return Routing(0.0, 1.0, ones, ones, 4 * ones, 4 * ones)
     cf = model.capacity_factor
     group_slots = plans.ep * plans.micro_batch * seq_len * model.experts_per_token

@@ -40,7 +40,7 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
     out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]
     out["block_fwd_ops"] = np.array([f["ops"]["block_fwd"] for f in fits])[block]
     out["outside_ops"] = np.array([f["ops"]["outside_fwd"] + f["ops"]["outside_bwd"] for f in fits])[outside]
-    if model.n_experts:
+    if model.moe_layers:
         n_moe = len(model.moe_layers)
         for key, moe in _moe_blocks(model, plans, seq_len, routing).items():
             out[key] = ((model.n_layers - n_moe) * out[key] + n_moe * moe) / model.n_layers

@@ -80,7 +80,7 @@ def _by_owner(model: ModelConfig, saved: Iterable[tuple[str, int]]) -> dict[str,
         total[who] = total.get(who, 0.0) + nbytes
     blocks = sum(n for who, n in total.items() if who != "outside")
     out = {"block": blocks / model.n_layers, "outside": total.get("outside", 0.0), "total": sum(total.values())}
-    if model.n_experts:
+    if model.moe_layers:
         moe, dense = model.moe_layers, [i for i in range(model.n_layers) if not model.is_moe_layer(i)]
         out["moe_block"] = sum(total.get(str(i), 0.0) for i in moe) / len(moe)
         out["experts"] = sum(total.get(f"{i}.experts", 0.0) for i in moe) / len(moe)

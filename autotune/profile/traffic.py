@@ -165,7 +165,7 @@ def measure_traffic(model: ModelConfig, b: int, s: int, precision: str = "fp32",
     for p in TRAFFIC_PHASES:
         out |= {p: counter.bytes[p], f"{p}_ops": float(counter.ops[p]),
                 f"block_{p}": counter.block_bytes[p], f"block_{p}_ops": float(counter.block_ops[p])}
-        if model.n_experts:
+        if model.moe_layers:
             for part in ("moe", "experts"):
                 out |= {f"{part}_{p}": counter.part_bytes[part, p], f"{part}_{p}_ops": float(counter.part_ops[part, p])}
     return out

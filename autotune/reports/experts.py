@@ -121,10 +121,12 @@ def _imbalance(run: Run, chosen: pd.Series) -> str:
     if not measured.empty and "meas_moe_imbalance" in measured and measured.meas_moe_imbalance.notna().any():
         values = measured.meas_moe_imbalance.dropna()
         worst = measured.get("meas_moe_imbalance_max", pd.Series(dtype=float)).dropna()
+        learned = (run.result.get("learned") or {}).get("moe_imbalance")
         return (f"Measured by the probe over {len(values)} trial(s): the most tokens any expert got in a step over the "
                 f"mean, per MoE layer, {values.median():.2f} (median over trials of the mean over layers)"
-                + (f", {worst.max():.2f} in the worst layer" if not worst.empty else "")
-                + "; the recalibrated estimate takes it as the router's imbalance.")
+                + (f", {worst.max():.2f} in the worst layer" if not worst.empty else "") + ". "
+                + (f"The search estimated every plan again with an imbalance of {learned:.2f}." if learned else
+                   "A calibration fitted to these trials takes their median as the router's imbalance."))
     imbalance, load = float(chosen.get("expert_imbalance", 1.0)), float(chosen.get("expert_load", 1.0))
     return (f"No trial measured the router here: the estimate assumes a router that spreads tokens evenly at random, "
             f"whose busiest expert gets {imbalance:.2f}x the mean of a micro-batch's slots in an ep group; the "

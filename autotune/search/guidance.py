@@ -32,9 +32,9 @@ import pandas as pd
 
 from autotune.belief import Belief, factors_of, fit_belief, parts_matrix, prior_belief
 from autotune.config import PlannerConfig
-from autotune.estimate import Calibration, estimate_frame, fit_calibration
+from autotune.estimate import Calibration, estimate_frame, fit_calibration, measured_imbalance
 from autotune.hardware import Hardware
-from autotune.plans import plans_frame
+from autotune.plans import PLAN_FIELDS, plans_frame
 from autotune.search.progress import rate
 from autotune.search.record import TrialRecord
 from autotune.search.study import Ledger
@@ -50,6 +50,7 @@ DIMENSIONS = {
     "kernels": lambda f: f["kernels"].astype(str),
     "tensor parallel": lambda f: np.where(f["tp"] > 1, "tp > 1", "tp = 1"),
     "pipeline parallel": lambda f: np.where(f["pp"] > 1, "pp > 1", "pp = 1"),
+    "expert parallel": lambda f: np.where(f["ep"] > 1, "ep > 1", "ep = 1"),
 }
 
 
@@ -97,6 +98,7 @@ class EstimatorGuidance:
         self.parts = parts_matrix(pool, self.factors)
         self.values = pd.DataFrame({dim: value(pool) for dim, value in DIMENSIONS.items()}, index=pool.index)
         self.calibration: Optional[Calibration] = None  # what a share's scaling uses
+        self.routing = Calibration()  # a MoE model's router imbalance, once a trial measured it
         self.belief: Belief = prior_belief(self.factors)
         self.covered: set[tuple[str, str]] = set()
         self.best: Optional[float] = None
@@ -109,8 +111,9 @@ class EstimatorGuidance:
         ok = [ledger.record(t) for t in measured if ledger.record(t).status == "ok"]
         if ok and not self.whole_here:  # a share is scaled to its plan by the calibrated estimator
             self.calibration = fit_calibration(
-                [{**r.ran.attrs(), "step_time_s": r.probe["step_time_s"], "peak_mem_bytes": r.probe["peak_mem_bytes"]}
-                 for r in ok], self.hw_here)
+                [{**r.ran.attrs(), "step_time_s": r.probe["step_time_s"], "peak_mem_bytes": r.probe["peak_mem_bytes"],
+                  "moe": r.probe.get("moe")} for r in ok], self.hw_here)
+        self._learn_imbalance(ok)
         # every trial that timed steps teaches the belief, a pruned one too (its few steps, wider)
         timed = [(t.number, ledger.record(t)) for t in measured if step_time(ledger.record(t)) is not None]
         if len(timed) != self.belief.trials:
@@ -124,11 +127,24 @@ class EstimatorGuidance:
         self.best = ledger.best_value()
         self.oom_ceiling = self._oom_ceiling(ledger)
 
+    def _learn_imbalance(self, ok: list[TrialRecord]) -> None:
+        """A MoE model's router as the probe measured it: the candidates' and the trials' parts are
+        estimated again with its imbalance (it moves the experts' work and all-to-alls of ep plans)
+        and the belief is fitted again on them."""
+        imbalance = measured_imbalance([r.probe for r in ok])
+        if imbalance is None or imbalance == self.routing.moe_imbalance:
+            return
+        self.routing = Calibration(moe_imbalance=imbalance)
+        self.parts = parts_matrix(estimate_frame(self.pc.model, self.pc.job, self.pool[list(PLAN_FIELDS)], self.hw,
+                                                 self.routing), self.factors)
+        self._parts_of.clear()
+        self.belief = prior_belief(self.factors)  # fitted below, on the new parts
+
     def _trial_parts(self, number: int, record: TrialRecord) -> np.ndarray:
         """What ran in a trial (the plan, or its share), in the factors' parts of its estimate."""
         if number not in self._parts_of:
             ran = record.ran.train
-            frame = estimate_frame(ran.model, ran.job, plans_frame([ran.plan]), self.hw_here)
+            frame = estimate_frame(ran.model, ran.job, plans_frame([ran.plan]), self.hw_here, self.routing)
             self._parts_of[number] = parts_matrix(frame, self.factors)[0]
         return self._parts_of[number]
 
@@ -218,7 +234,8 @@ class EstimatorGuidance:
         values of the candidates that no trial measured."""
         todo = self.unmeasured(self.pool)
         return {"factors": self.belief.table(), "wrong_priors": [r["factor"] for r in self.belief.surprises()],
-                "unmeasured": [f"{d}={v}" for d, v in zip(todo["dimension"], todo["value"])]}
+                "unmeasured": [f"{d}={v}" for d, v in zip(todo["dimension"], todo["value"])],
+                "moe_imbalance": self.routing.moe_imbalance}
 
 
 def step_time(record: TrialRecord) -> Optional[float]:
