@@ -23,6 +23,9 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
     model's block is the mean over its dense and MoE blocks (`_moe_blocks`)."""
     coefs = traffic_coefficients(model)
     block_at = block_features(model, plans.micro_batch, seq_len, plans.tp)
+    # the weight term (casts, gradient accumulation) moves the rank's own share of the block's
+    # weights: 1/tp of them under tensor parallelism (norms, replicated, are a rounding error)
+    block_at = block_at | {"P": block_at["P"] / plans.tp}
     outside_at = outside_features(model, plans.micro_batch, seq_len)
     block_x = _stacked(block_at, TRAFFIC_BLOCK_FEATURES, plans.rows)
     outside_x = _stacked(outside_at, OUTSIDE_FEATURES, plans.rows)
