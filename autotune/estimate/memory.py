@@ -100,12 +100,14 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
     # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
     # current and the prefetched block [Model states] (derived from FSDP2's behaviour)
-    autocast_copies = (saved.cast_weights * (layers - checkpointed) + saved.cast_weights_checkpointed * checkpointed
-                       + np.where(checkpointed > 0, saved.cast_weights, 0)) / tp * micro_batches_held
-    # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input,
-    # and backward recomputes one block's full set at a time
-    per_micro_batch = (saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
-                       + np.where(checkpointed > 0, saved.block, 0))
+    # The blocks of one micro-batch, plain or checkpointed, are held for each micro-batch in flight;
+    # backward recomputes one checkpointed block at a time, once for the rank, whatever is in flight.
+    recomputing = np.where(checkpointed > 0, 1, 0)
+    autocast_copies = (saved.cast_weights * (layers - checkpointed) * micro_batches_held
+                       + saved.cast_weights_checkpointed * checkpointed * micro_batches_held
+                       + saved.cast_weights * recomputing) / tp  # the fit's P is the whole block's
+    # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input
+    per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
     # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
     # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
     # comes after those are freed), vocab-sharded by tp
@@ -113,7 +115,8 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     return {
         "param_copies": np.select([(zero == 2) | (pp_fsdp & (plans.micro_batches > 1)), zero == 3],
                                   [beta * held.local, beta * (held.root + 2 * held.block)], autocast_copies),
-        "activations": per_micro_batch * micro_batches_held + np.where(holds_head, saved.outside_per_token, 0),
+        "activations": (per_micro_batch * micro_batches_held + saved.block * recomputing
+                        + np.where(holds_head, saved.outside_per_token, 0)),
         "logits": np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0),
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
         # grads and their fp32 cast; the root's comes last, when the activations are gone);
