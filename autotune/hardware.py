@@ -35,6 +35,9 @@ COLLECTIVE_LATENCY_S = 20e-6
 # Host time to dispatch one op in eager PyTorch on a GPU: a kernel launch through the CUDA driver
 # takes about 5 us [Fixed overheads].
 DISPATCH_S = 5e-6
+# The share of a network port's line rate NCCL's rings reach at large messages (the figure the
+# cluster files use: 36 GB/s for NDR 400 Gb/s, 18 for HDR 200) [GPU catalog].
+NETWORK_EFFICIENCY = 0.73
 # torch.cuda.get_device_name() -> its conf/gpu entry, first match wins ("NVIDIA H100 80GB HBM3" is
 # the SXM part, "NVIDIA H100 PCIe" the PCIe one; PCIe A100s have the SXM parts' peaks).
 CUDA_NAMES = (
@@ -115,13 +118,20 @@ def load_hardware(cluster: ClusterConfig) -> Hardware:
     hw = replace(base, gpus_per_node=cluster.gpus_per_node, nodes=cluster.nodes)
     if cluster.intra_node_gbps is not None:
         hw.intra_node_bytes_per_s = cluster.intra_node_gbps * 1e9
-    # Without a figure for the network, assume it as fast as the node's links (one-node clusters).
-    hw.inter_node_bytes_per_s = (
-        cluster.inter_node_gbps * 1e9 if cluster.inter_node_gbps is not None else hw.intra_node_bytes_per_s
-    )
+    # Without a figure for the network: the catalog GPU's (its reference server's port per GPU), or,
+    # on this machine, as fast as its own links
+    if cluster.inter_node_gbps is not None:
+        hw.inter_node_bytes_per_s = cluster.inter_node_gbps * 1e9
+    elif not hw.inter_node_bytes_per_s:
+        hw.inter_node_bytes_per_s = hw.intra_node_bytes_per_s
     if cluster.host_memory_gb is not None:
         hw.host_memory_bytes = int(cluster.host_memory_gb * 1e9)
     return hw
+
+
+def network_bytes_per_s(line_rate_gbps: float) -> float:
+    """The bus bandwidth per GPU a collective reaches across nodes over a port of this line rate (Gb/s)."""
+    return line_rate_gbps / 8 * 1e9 * NETWORK_EFFICIENCY
 
 
 def catalog_gpu(name: str) -> Hardware:
@@ -140,6 +150,7 @@ def catalog_gpu(name: str) -> Hardware:
             memory_efficiency=float(d["memory_efficiency"]),
             overlap_slowdown=NCCL_CHANNELS / int(d["sms"]),
             intra_node_bytes_per_s=d["intra_node_gbps"] * 1e9,
+            inter_node_bytes_per_s=network_bytes_per_s(float(d["network_gbps"])),
             host_device_bytes_per_s=d["host_device_gbps"] * 1e9,
             host_memory_bytes=0, measured=False,
         )
