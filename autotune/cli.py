@@ -1,4 +1,5 @@
-"""`autotune <command> [--flags] [hydra overrides]`: profile, estimate, search, train, report, emit, export.
+"""`autotune <command> [--flags] [hydra overrides]`: profile, estimate, search, train, report, emit, export,
+validate, calibrate.
 
 Each command lives in its own module and exposes `cli(argv) -> int`; this file only dispatches
 and turns a user's mistake (ConfigError) into one `error: ...` line and exit status 2.
@@ -19,6 +20,8 @@ COMMANDS = {
     "emit": ("autotune.emit", "best.yaml, ds_config.json and launch.sh for a training config"),
     "export": ("autotune.export", "a trained run's checkpoint as a Hugging Face model folder"),
     "report": ("autotune.reports.cli", "rebuild report.md, trials.csv and plots from a run folder"),
+    "validate": ("autotune.validate.cli", "the cost model against measured runs (docs/runs.md): errors, tau, plot"),
+    "calibrate": ("autotune.validate.calibrate", "fit the hardware factors to measured runs -> calib.json"),
 }
 
 USAGE = "usage: autotune {" + ",".join(COMMANDS) + "} [--flags] [key=value ...]\n\n" + "\n".join(

@@ -1,0 +1,257 @@
+"""A run (autotune.validate.runs) as what the engine would run: model, job, plan and hardware, with
+the assumptions made for what the source left unstated, or the reason the engine cannot express it.
+
+Texts are read by keyword (docs/runs.md lists every rule). What the engine cannot run is refused
+with its reason rather than guessed: fp8 linears, context parallelism, hybrid sharding, async
+tensor parallelism. Unstated fields take a stated default and the row says so.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from autotune.config import CONF_DIR
+from autotune.engine.config import ConfigError, TrainConfig, build_train_config
+from autotune.hardware import Hardware, catalog_gpu, network_bytes_per_s
+from autotune.profile import flops_per_token
+from autotune.validate.runs import Run
+
+GiB = 2**30
+# Published GPU names -> conf/gpu entry, first match wins; the entry's file says where its figures come from.
+GPU_NAMES = (
+    (r"H100.*(HBM2e|9[456] ?GB|500 ?W|lower TDP)", "h100-sxm-96g-500w"),
+    (r"H100.*PCIe", "h100-pcie"),
+    (r"H100", "h100-sxm"),
+    (r"H200", "h200"),
+    (r"A100.*40 ?GB", "a100-40g"),
+    (r"A100", "a100-80g"),
+)
+# What a variant left unstated is taken as (the row says so): the SXM H100, the 80 GB A100
+DEFAULT_VARIANT = {"h100-sxm": r"SXM|HBM3", "a100-80g": r"80 ?GB"}
+
+
+class NotExpressible(Exception):
+    """A run the engine cannot run as the source ran it; the message says why."""
+
+
+@dataclass
+class Mapped:
+    """One run as the engine's config on the catalog hardware, and what it was measured at."""
+
+    run: Run
+    train: TrainConfig
+    hw: Hardware
+    assumptions: list[str] = field(default_factory=list)
+    tokens_per_s_per_gpu: float | None = None  # measured, stated or derived (tokens_source says how)
+    tokens_source: str = ""
+    peak_reserved_bytes: float | None = None
+
+
+def _gpu(run: Run, assumed: list[str]) -> str:
+    for pattern, entry in GPU_NAMES:
+        if re.search(pattern, run.gpu, re.IGNORECASE):
+            if entry in DEFAULT_VARIANT and not re.search(DEFAULT_VARIANT[entry], run.gpu, re.IGNORECASE):
+                assumed.append(f"gpu variant unstated: {entry}")
+            return entry
+    raise NotExpressible(f"gpu {run.gpu!r} is not in the catalog (conf/gpu/)")
+
+
+def _network_gbps(run: Run, gpus_per_node: int, assumed: list[str]) -> float | None:
+    """The network's line rate per GPU in Gb/s: 'N x R Gbps per node' shares N ports among the node's
+    GPUs; any other 'R Gb/s' is per GPU; None (unstated): the catalog GPU's reference server's."""
+    text = run.interconnect or ""
+    per_node = re.search(r"(\d+)\s*x\s*(\d+)\s*Gb(?:ps|/s).*per node", text, re.IGNORECASE)
+    if per_node:
+        return int(per_node.group(1)) * float(per_node.group(2)) / gpus_per_node
+    rate = re.search(r"(\d+)\s*Gb(?:ps|/s)", text, re.IGNORECASE)
+    if rate:
+        return float(rate.group(1))
+    if run.gpus > gpus_per_node:
+        assumed.append("network unstated: the catalog GPU's reference server's ports")
+    return None
+
+
+def _model(run: Run, seq_len: int, assumed: list[str]) -> dict:
+    """The model's fields: from `arch`, or a conf/model entry named like the model."""
+    family = "gpt2" if re.search(r"\bGPT", run.model) else "llama"
+    arch = run.arch or {}
+    if arch.get("n_layers") and arch.get("d_model") and arch.get("vocab"):
+        d = int(arch["d_model"])
+        heads = arch.get("n_heads")
+        if not heads:
+            heads = max(d // 128, 1)
+            assumed.append(f"heads unstated: {heads} of width 128")
+        ffn = arch.get("ffn")
+        if not ffn:
+            if family == "llama":
+                raise NotExpressible("arch.ffn unstated for a llama model")
+            ffn = 4 * d
+            assumed.append("ffn unstated: 4 x d_model")
+        return {"name": run.model, "family": family, "n_layers": int(arch["n_layers"]), "d_model": d,
+                "n_heads": int(heads), "n_kv_heads": int(arch.get("kv_heads") or heads), "d_ff": int(ffn),
+                "vocab_size": int(arch["vocab"]), "max_seq_len": seq_len, "tie_embeddings": family == "gpt2"}
+    name = re.sub(r"\s*\(.*?\)", "", run.model).strip().lower()
+    name = re.sub(r"[\s.]+", "-", name).replace("-3-1-", "-3-")
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise NotExpressible(f"model {run.model!r}: no arch and no conf/model/{name}.yaml")
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(OmegaConf.load(path))
+    return model | {"max_seq_len": max(seq_len, model.get("max_seq_len", 0))}
+
+
+def _precision(run: Run, assumed: list[str]) -> str:
+    text = run.precision.lower()
+    if re.search(r"fp8|float8", text):
+        raise NotExpressible("fp8 linears: the engine computes in bf16, fp16 or fp32")
+    if not text or text == "unstated":
+        assumed.append("precision unstated: bf16")
+        return "bf16"
+    if "bf16" in text or "16-bit" in text or "mixed" in text:
+        return "bf16"  # fp16 has the same tensor-core peak: the cost model treats the two alike
+    return "fp16" if "fp16" in text else "fp32"
+
+
+def _zero(run: Run, assumed: list[str]) -> int:
+    text = run.zero.lower()
+    if re.search(r"hsdp|hybrid", text):
+        raise NotExpressible("hybrid sharding (HSDP): the engine shards over the whole data-parallel group")
+    if re.search(r"fsdp|full.?shard|zero.?3", text):
+        return 3
+    if re.search(r"zero.?2|shard.?grad", text):
+        return 2
+    if re.search(r"zero.?1|distributed optimizer", text):
+        return 1
+    if text in ("", "unstated"):
+        if re.search(r"param.?gather|distributed.optimizer", run.other, re.IGNORECASE):
+            assumed.append("sharding unstated: a distributed optimizer (ZeRO-1), as its param-gather overlap implies")
+            return 1
+        assumed.append("sharding unstated: none (ZeRO-0)")
+    return 0
+
+
+def activation_mode(ac: str) -> tuple[str, int] | None:
+    """A row's `ac` text as the engine's (activation_checkpointing, checkpoint_every_k); None: a
+    selective mode the engine does not have (per-operator, attention-core, or unstated which)."""
+    text = ac.lower()
+    if text in ("", "unstated", "none") or text.startswith("none"):
+        return ("none", 2)
+    if text.startswith("full"):
+        return ("full", 2)
+    if "layer" in text:  # torchtitan's selective layer: every second block
+        return ("selective", 2)
+    if "fraction of blocks" in text:  # fms-fsdp's selective_checkpointing, default 1: every block
+        return ("full", 2)
+    return None
+
+
+def _checkpointing(run: Run, assumed: list[str]) -> tuple[str, int]:
+    mode = activation_mode(run.ac)
+    if mode is None:
+        raise NotExpressible(f"activation checkpointing {run.ac!r}: op-level selective modes are issue 21's")
+    if not run.ac or run.ac.lower() == "unstated":
+        assumed.append("activation checkpointing unstated: none")
+    elif "fraction of blocks" in run.ac.lower():
+        assumed.append("fraction of checkpointed blocks unstated: every block (fms-fsdp's default 1)")
+    return mode
+
+
+def _parallel(run: Run, gpus_per_node: int, assumed: list[str]) -> tuple[int, int]:
+    """(tp, pp): as stated, or, with only their product known (GPUs / (dp x cp)), tensor parallel
+    filling a node first and the pipeline the rest (Megatron's practice)."""
+    if run.cp and run.cp > 1:
+        raise NotExpressible(f"context parallelism (cp={run.cp}): the engine has none")
+    if re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE):
+        raise NotExpressible("async tensor parallelism: the engine's tp collectives do not overlap its matmuls")
+    model_parallel, rest = divmod(run.gpus, run.dp * (run.cp or 1))
+    if rest:
+        raise NotExpressible(f"gpus={run.gpus} is not a multiple of dp x cp = {run.dp * (run.cp or 1)}")
+    tp, pp = run.tp, run.pp
+    if tp is None and pp is None:
+        tp = min(model_parallel, gpus_per_node)
+        while model_parallel % tp:
+            tp -= 1
+        pp = model_parallel // tp
+        assumed.append(f"tp x pp = {model_parallel} split unstated: tp={tp}, pp={pp}")
+    elif tp is None or pp is None:
+        known = tp or pp
+        other = model_parallel // known
+        tp, pp = (known, other) if run.tp else (other, known)
+        assumed.append(f"{'pp' if run.tp else 'tp'} unstated: {other}")
+    if run.dp * tp * pp * (run.cp or 1) != run.gpus:
+        raise NotExpressible(f"dp x tp x pp x cp = {run.dp * tp * pp * (run.cp or 1)}, not the run's {run.gpus} GPUs")
+    return tp, pp
+
+
+def _schedule(run: Run, pp: int, assumed: list[str]) -> dict:
+    if pp == 1:
+        return {}
+    interleaved = re.search(r"interleaved(?:[^;,]*?\b(?:m|v)\s*=\s*(\d+))?", run.other, re.IGNORECASE)
+    if interleaved and "not stated" not in run.other.lower():
+        stages = int(interleaved.group(1) or 2)
+        if not interleaved.group(1):
+            assumed.append("interleaved stages per rank unstated: 2")
+        return {"pp_schedule": "interleaved_1f1b", "pp_virtual_stages": stages}
+    return {"pp_schedule": "1f1b"}
+
+
+def _plan(run: Run, gpus_per_node: int, assumed: list[str]) -> dict:
+    tp, pp = _parallel(run, gpus_per_node, assumed)
+    micro_batch = run.micro_batch
+    if micro_batch is None:
+        micro_batch = 1
+        assumed.append("micro_batch unstated: 1")
+    mode, every_k = _checkpointing(run, assumed)
+    text = f"{run.ac} {run.other}".lower()
+    return {
+        "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "micro_batch": micro_batch,
+        "dp": run.dp, "tp": tp, "pp": pp, "activation_checkpointing": mode, "checkpoint_every_k": every_k,
+        "sequence_parallel": tp > 1 and "sequence parallel" in text and "no sequence parallel" not in text,
+        "compile": "compile" in text and "no compile" not in text,
+    } | _schedule(run, pp, assumed)
+
+
+def _measured_tokens(run: Run, train: TrainConfig, hw: Hardware) -> tuple[float | None, str]:
+    """Tokens/s per GPU as stated, from the step time, or from TFLOP/s or MFU with 6N + 12·L·a·d·s
+    per token (Megatron's and torchtitan's model-FLOPs count, docs/formulas.md [FLOPs and MFU])."""
+    if run.tokens_per_s_per_gpu:
+        return run.tokens_per_s_per_gpu, "stated"
+    tokens = train.job.global_batch * train.job.seq_len
+    if run.step_time_s:
+        return tokens / run.step_time_s / run.gpus, "from step_time_s"
+    per_token = flops_per_token(train.model, train.job.seq_len)["total"]
+    if run.tflops_per_gpu:
+        return run.tflops_per_gpu * 1e12 / per_token, "from tflops_per_gpu"
+    if run.mfu:
+        return run.mfu * hw.peak_flops[str(train.plan.precision)] / per_token, "from mfu"
+    return None, ""
+
+
+def map_run(run: Run) -> Mapped:
+    """The engine's config and the catalog hardware of `run`, or NotExpressible."""
+    if run.config:
+        raise NotExpressible("config: exact engine configs are read by the probe's records (not yet)")
+    assumed: list[str] = []
+    gpu = _gpu(run, assumed)
+    nodes = run.nodes or max(run.gpus // 8, 1)
+    gpus_per_node = run.gpus // nodes if run.gpus % nodes == 0 else 8
+    base = catalog_gpu(gpu)
+    network = _network_gbps(run, gpus_per_node, assumed)
+    hw = replace(base, gpus_per_node=gpus_per_node, nodes=nodes)
+    if network is not None:
+        hw.inter_node_bytes_per_s = network_bytes_per_s(network)
+    plan = _plan(run, gpus_per_node, assumed)
+    global_batch = run.global_batch
+    if global_batch is None:
+        global_batch = plan["micro_batch"] * run.dp
+        assumed.append(f"global_batch unstated: {global_batch} (one micro-batch per rank)")
+    try:
+        train = build_train_config({"model": _model(run, run.seq_len, assumed),
+                                    "job": {"seq_len": run.seq_len, "global_batch": global_batch},
+                                    "plan": plan})
+    except ConfigError as e:
+        raise NotExpressible(f"not a valid engine config: {e}")
+    tokens, how = _measured_tokens(run, train, hw)
+    return Mapped(run=run, train=train, hw=hw, assumptions=assumed, tokens_per_s_per_gpu=tokens, tokens_source=how,
+                  peak_reserved_bytes=run.peak_mem_gib * GiB if run.peak_mem_gib else None)
