@@ -67,6 +67,7 @@ class Hardware:
     attention_efficiency: float = 0.5  # achieved fraction of the peak by SDPA (FLOPs it executes, causal half)
     memory_efficiency: float = 0.9  # achieved fraction of hbm_bytes_per_s by memory-bound kernels
     overlap_slowdown: float = 0.0  # compute lost while a collective runs beside it: NCCL's channels / SMs
+    sms: int = 0  # streaming multiprocessors, over which GEMM tiles are quantized; 0: a CPU (no tiling model)
     collective_latency_s: float = COLLECTIVE_LATENCY_S  # fixed cost of one collective (small messages)
     intra_node_bytes_per_s: float = 0.0  # collective bus bandwidth inside a node
     inter_node_bytes_per_s: float = 0.0  # collective bus bandwidth per GPU across nodes
@@ -148,7 +149,7 @@ def catalog_gpu(name: str) -> Hardware:
             matmul_efficiency=float(d["matmul_efficiency"]),
             attention_efficiency=float(d["attention_efficiency"]),
             memory_efficiency=float(d["memory_efficiency"]),
-            overlap_slowdown=NCCL_CHANNELS / int(d["sms"]),
+            overlap_slowdown=NCCL_CHANNELS / int(d["sms"]), sms=int(d["sms"]),
             intra_node_bytes_per_s=d["intra_node_gbps"] * 1e9,
             inter_node_bytes_per_s=network_bytes_per_s(float(d["network_gbps"])),
             host_device_bytes_per_s=d["host_device_gbps"] * 1e9,
@@ -273,7 +274,7 @@ def _probe_device() -> Hardware:
             gpu=props.name, device="cuda", memory_bytes=props.total_memory,
             hbm_bytes_per_s=_copy_bytes_per_s(1 << 30, "cuda", 5), peak_flops=flops, matmul_efficiency=1.0,
             attention_efficiency=min(attention / flops["bf16"], 1.0), memory_efficiency=1.0,
-            overlap_slowdown=NCCL_CHANNELS / props.multi_processor_count,
+            overlap_slowdown=NCCL_CHANNELS / props.multi_processor_count, sms=props.multi_processor_count,
             intra_node_bytes_per_s=h2d, host_device_bytes_per_s=h2d, host_memory_bytes=host, measured=True,
         )
     fp32 = _matmul_flops(384, torch.float32, "cpu", 5)

@@ -19,6 +19,7 @@ from autotune.engine.config import JobConfig, ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.columns import TIME
+from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
 from autotune.estimate.routing import Routing, all_to_all_time
 from autotune.estimate.traffic import micro_batch_traffic
@@ -37,6 +38,7 @@ class MicroBatchCompute:
 
     matmul_blocks: np.ndarray  # the blocks' dense matmuls, forward
     matmul_head: np.ndarray  # the head's matmul, forward (its share of the pipeline)
+    matmul_backward: np.ndarray  # the blocks' and the head's matmuls, backward (their own shapes)
     attention: np.ndarray  # SDPA forward
     memory_blocks: dict[str, np.ndarray]  # the blocks' memory-bound ops, {"fwd", "bwd"}
     memory_outside: dict[str, np.ndarray]  # the same outside the blocks (embedding, final norm, head, loss)
@@ -50,8 +52,7 @@ class MicroBatchCompute:
     @property
     def backward(self) -> np.ndarray:
         # SDPA's backward runs 5 matmuls of the forward's 2 (it recomputes the scores) [FlashAttention-2]
-        return (2 * (self.matmul_blocks + self.matmul_head) + 2.5 * self.attention + self.memory_blocks["bwd"]
-                + self.memory_outside["bwd"])
+        return self.matmul_backward + 2.5 * self.attention + self.memory_blocks["bwd"] + self.memory_outside["bwd"]
 
     @property
     def recompute(self) -> np.ndarray:
@@ -71,10 +72,10 @@ class StepTime:
 
 def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
                         efficiency: dict[str, float], routing: Routing) -> MicroBatchCompute:
-    """Dense matmuls at the achieved matmul rate, SDPA at its own rate, and the memory-bound ops
-    (norms, activations, rotary, residual adds, casts, the loss over the vocabulary) as the bytes
-    they move over HBM [FLOPs and MFU]. The routed experts' matmuls are those of the slots that
-    reach the busiest expert-parallel rank."""
+    """Dense matmuls at the achieved matmul rate of their shapes [Matmul shapes], SDPA at its own
+    rate, and the memory-bound ops (norms, activations, rotary, residual adds, casts, the loss over
+    the vocabulary) as the bytes they move over HBM [FLOPs and MFU]. The routed experts' matmuls
+    are those of the slots that reach the busiest expert-parallel rank."""
     tp, pp, layers = plans.tp, plans.pp, held.layers
     # a local device's measured slowdown of the engine's compute in this precision and kernels
     peak = _peak_flops(plans, hw) / compute_scale(plans, hw)
@@ -92,9 +93,14 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
                  / (peak * efficiency["attention_efficiency"]))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
     recompute_share = plans.checkpointed(layers) / np.maximum(layers, 1)
+    block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
+    head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms)
+    block_flops = 2 * tokens * per_token / model.n_layers * layers / tp
+    head_flops = 2 * tokens * head_weights / pp / tp
     return MicroBatchCompute(
-        matmul_blocks=2 * tokens * per_token / model.n_layers * layers / tp / achieved,
-        matmul_head=2 * tokens * head_weights / pp / tp / achieved,
+        matmul_blocks=block_flops / (achieved * block["fwd"]),
+        matmul_head=head_flops / (achieved * head["fwd"]),
+        matmul_backward=2 * (block_flops / block["bwd"] + head_flops / head["bwd"]) / achieved,
         attention=attention,
         memory_blocks={phase: traffic[f"block_{phase}"] * layers / hbm for phase in ("fwd", "bwd")},
         memory_outside={phase: traffic[f"outside_{phase}"] / pp / tp / hbm for phase in ("fwd", "bwd")},
@@ -234,7 +240,8 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     parts["overhead"] = micro_batches * micro.dispatched_ops * hw.dispatch_s + calib.step_overhead_s
     compute = parts["forward"] + parts["backward"] + parts["recompute"]
     # compute by kind, over forward, backward and recompute (they sum to those three)
-    matmul = micro_batches * (3 * (micro.matmul_blocks + micro.matmul_head) + micro.recompute_share * micro.matmul_blocks)
+    matmul = micro_batches * (micro.matmul_blocks + micro.matmul_head + micro.matmul_backward
+                              + micro.recompute_share * micro.matmul_blocks)
     attention = micro_batches * (3.5 + micro.recompute_share) * micro.attention
     memory = compute - matmul - attention
     return StepTime(

@@ -42,6 +42,9 @@ class Mapped:
     train: TrainConfig
     hw: Hardware
     assumptions: list[str] = field(default_factory=list)
+    # what the source left unstated -> the plan changes the run may have made (one dict each); the
+    # prediction takes the fastest plan among them that fits (the source tuned its run; so would the planner)
+    free: dict[str, list[dict]] = field(default_factory=dict)
     tokens_per_s_per_gpu: float | None = None  # measured, stated or derived (tokens_source says how)
     tokens_source: str = ""
     peak_reserved_bytes: float | None = None
@@ -146,20 +149,20 @@ def activation_mode(ac: str) -> tuple[str, int] | None:
     return None
 
 
-def _checkpointing(run: Run, assumed: list[str]) -> tuple[str, int]:
+def _checkpointing(run: Run, assumed: list[str], free: dict) -> tuple[str, int]:
     mode = activation_mode(run.ac)
     if mode is None:
         raise NotExpressible(f"activation checkpointing {run.ac!r}: op-level selective modes are issue 21's")
     if not run.ac or run.ac.lower() == "unstated":
-        assumed.append("activation checkpointing unstated: none")
+        free["activation checkpointing"] = [{"activation_checkpointing": m} for m in ("none", "selective", "full")]
     elif "fraction of blocks" in run.ac.lower():
         assumed.append("fraction of checkpointed blocks unstated: every block (fms-fsdp's default 1)")
     return mode
 
 
-def _parallel(run: Run, gpus_per_node: int, assumed: list[str]) -> tuple[int, int]:
-    """(tp, pp): as stated, or, with only their product known (GPUs / (dp x cp)), tensor parallel
-    filling a node first and the pipeline the rest (Megatron's practice)."""
+def _parallel(run: Run, gpus_per_node: int, free: dict) -> tuple[int, int]:
+    """(tp, pp): as stated, or, with only their product known (GPUs / (dp x cp)), each split with tp
+    inside a node free (first: tp filling a node, Megatron's practice)."""
     if run.cp and run.cp > 1:
         raise NotExpressible(f"context parallelism (cp={run.cp}): the engine has none")
     if re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE):
@@ -169,47 +172,59 @@ def _parallel(run: Run, gpus_per_node: int, assumed: list[str]) -> tuple[int, in
         raise NotExpressible(f"gpus={run.gpus} is not a multiple of dp x cp = {run.dp * (run.cp or 1)}")
     tp, pp = run.tp, run.pp
     if tp is None and pp is None:
-        tp = min(model_parallel, gpus_per_node)
-        while model_parallel % tp:
-            tp -= 1
-        pp = model_parallel // tp
-        assumed.append(f"tp x pp = {model_parallel} split unstated: tp={tp}, pp={pp}")
+        splits = [t for t in range(min(model_parallel, gpus_per_node), 0, -1) if model_parallel % t == 0]
+        tp, pp = splits[0], model_parallel // splits[0]
+        if len(splits) > 1:
+            free["tp x pp"] = [{"tp": t, "pp": model_parallel // t} for t in splits]
     elif tp is None or pp is None:
         known = tp or pp
         other = model_parallel // known
         tp, pp = (known, other) if run.tp else (other, known)
-        assumed.append(f"{'pp' if run.tp else 'tp'} unstated: {other}")
     if run.dp * tp * pp * (run.cp or 1) != run.gpus:
         raise NotExpressible(f"dp x tp x pp x cp = {run.dp * tp * pp * (run.cp or 1)}, not the run's {run.gpus} GPUs")
     return tp, pp
 
 
-def _schedule(run: Run, pp: int, assumed: list[str]) -> dict:
-    if pp == 1:
-        return {}
+def _schedule(run: Run, free: dict) -> dict:
+    """An interleaved pipeline with its stages per rank ('m=3' or 'v=3'; unstated: free), else 1F1B
+    (the pipeline's schedule is free when tp x pp is)."""
     interleaved = re.search(r"interleaved(?:[^;,]*?\b(?:m|v)\s*=\s*(\d+))?", run.other, re.IGNORECASE)
     if interleaved and "not stated" not in run.other.lower():
-        stages = int(interleaved.group(1) or 2)
         if not interleaved.group(1):
-            assumed.append("interleaved stages per rank unstated: 2")
-        return {"pp_schedule": "interleaved_1f1b", "pp_virtual_stages": stages}
+            free["interleaved stages per rank"] = [{"pp_virtual_stages": v} for v in (2, 3, 4)]
+        return {"pp_schedule": "interleaved_1f1b", "pp_virtual_stages": int(interleaved.group(1) or 2)}
     return {"pp_schedule": "1f1b"}
 
 
-def _plan(run: Run, gpus_per_node: int, assumed: list[str]) -> dict:
-    tp, pp = _parallel(run, gpus_per_node, assumed)
+def _sequence_parallel(run: Run, tp: int, free: dict) -> bool:
+    """Stated ('sequence parallel', 'no sequence parallelism'); torchtitan's tensor parallelism always
+    shards its norms over the sequence (its SequenceParallel plan); else free when tp > 1."""
+    text = f"{run.ac} {run.other}".lower()
+    if re.search(r"no sequence parallel", text):
+        return False
+    if "sequence parallel" in text or "torchtitan" in run.source.lower():
+        return True
+    if tp > 1 or "tp x pp" in free:
+        free["sequence parallel"] = [{"sequence_parallel": False}, {"sequence_parallel": True}]
+    return False
+
+
+def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
+    tp, pp = _parallel(run, gpus_per_node, free)
     micro_batch = run.micro_batch
     if micro_batch is None:
         micro_batch = 1
-        assumed.append("micro_batch unstated: 1")
-    mode, every_k = _checkpointing(run, assumed)
+        if run.global_batch:
+            per_rank = run.global_batch // run.dp
+            free["micro_batch"] = [{"micro_batch": b} for b in (1, 2, 4) if per_rank % b == 0]
+    mode, every_k = _checkpointing(run, assumed, free)
     text = f"{run.ac} {run.other}".lower()
     return {
         "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "micro_batch": micro_batch,
         "dp": run.dp, "tp": tp, "pp": pp, "activation_checkpointing": mode, "checkpoint_every_k": every_k,
-        "sequence_parallel": tp > 1 and "sequence parallel" in text and "no sequence parallel" not in text,
+        "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
         "compile": "compile" in text and "no compile" not in text,
-    } | _schedule(run, pp, assumed)
+    } | (_schedule(run, free) if pp > 1 or "tp x pp" in free else {})
 
 
 def _measured_tokens(run: Run, train: TrainConfig, hw: Hardware) -> tuple[float | None, str]:
@@ -233,6 +248,7 @@ def map_run(run: Run) -> Mapped:
     if run.config:
         raise NotExpressible("config: exact engine configs are read by the probe's records (not yet)")
     assumed: list[str] = []
+    free: dict[str, list] = {}
     gpu = _gpu(run, assumed)
     nodes = run.nodes or max(run.gpus // 8, 1)
     gpus_per_node = run.gpus // nodes if run.gpus % nodes == 0 else 8
@@ -241,7 +257,7 @@ def map_run(run: Run) -> Mapped:
     hw = replace(base, gpus_per_node=gpus_per_node, nodes=nodes)
     if network is not None:
         hw.inter_node_bytes_per_s = network_bytes_per_s(network)
-    plan = _plan(run, gpus_per_node, assumed)
+    plan = _plan(run, gpus_per_node, assumed, free)
     global_batch = run.global_batch
     if global_batch is None:
         global_batch = plan["micro_batch"] * run.dp
@@ -253,5 +269,5 @@ def map_run(run: Run) -> Mapped:
     except ConfigError as e:
         raise NotExpressible(f"not a valid engine config: {e}")
     tokens, how = _measured_tokens(run, train, hw)
-    return Mapped(run=run, train=train, hw=hw, assumptions=assumed, tokens_per_s_per_gpu=tokens, tokens_source=how,
+    return Mapped(run=run, train=train, hw=hw, assumptions=assumed, free=free, tokens_per_s_per_gpu=tokens, tokens_source=how,
                   peak_reserved_bytes=run.peak_mem_gib * GiB if run.peak_mem_gib else None)

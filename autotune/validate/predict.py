@@ -4,20 +4,19 @@ fits), and the runs it cannot express with the reason.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
-from autotune.engine.config import with_changes
+from autotune.engine.config import ConfigError, with_changes
 from autotune.estimate import Calibration, estimate_frame, plan_frame
 from autotune.estimate.columns import GiB
 from autotune.validate.mapping import Mapped, NotExpressible, map_run
 from autotune.validate.runs import Run, RunError
 
-# What an unstated activation checkpointing is taken as: the least of these the engine fits in
-# (the run ran, so it fit); the row says which.
-CHECKPOINTING_LADDER = (("none", 2), ("selective", 2), ("full", 2))
+MAX_CANDIDATES = 2000  # plans tried for a run's unstated choices
 
 
 @dataclass
@@ -30,30 +29,42 @@ class Validation:
     frames: dict[int, pd.Series]  # the estimate_frame row of each predicted run, by line
 
 
-def _estimate(mapped: Mapped, calib: Calibration | None) -> pd.Series:
-    train = mapped.train
-    return estimate_frame(train.model, train.job, plan_frame([train.plan]), mapped.hw, calib).iloc[0]
-
-
-def _least_checkpointing(mapped: Mapped, calib: Calibration | None) -> tuple[Mapped, pd.Series]:
-    """For a run whose checkpointing the source did not state: the least of CHECKPOINTING_LADDER
-    that fits (else the last), with the assumption named."""
-    for mode, every_k in CHECKPOINTING_LADDER:
-        train = with_changes(mapped.train, plan={"activation_checkpointing": mode, "checkpoint_every_k": every_k})
-        candidate = replace(mapped, train=train)
-        row = _estimate(candidate, calib)
-        if row["fits"]:
-            break
-    assumed = [a for a in mapped.assumptions if not a.startswith("activation checkpointing unstated")]
-    assumed.append(f"activation checkpointing unstated: {mode}, the least that fits")
-    return replace(candidate, assumptions=assumed), row
+def _candidates(mapped: Mapped) -> list:
+    """The engine's valid configs over the run's unstated choices, each list ordered from the
+    source framework's default: the stated plan first, then the combinations that depart least
+    from the defaults (the sum of the choices' places in their lists), at most MAX_CANDIDATES."""
+    names = list(mapped.free)
+    combos = itertools.product(*(range(len(mapped.free[n])) for n in names))
+    ordered = sorted(itertools.islice(combos, MAX_CANDIDATES), key=sum)
+    configs = [mapped.train]
+    for places in ordered:
+        changes = {k: v for name, i in zip(names, places) for k, v in mapped.free[name][i].items()}
+        try:
+            configs.append(with_changes(mapped.train, plan=changes))
+        except ConfigError:
+            continue
+    return configs
 
 
 def predict(mapped: Mapped, calib: Calibration | None = None) -> tuple[Mapped, pd.Series]:
-    """The estimate of one mapped run (its checkpointing chosen when unstated)."""
-    if any(a.startswith("activation checkpointing unstated") for a in mapped.assumptions):
-        return _least_checkpointing(mapped, calib)
-    return mapped, _estimate(mapped, calib)
+    """The estimate of one mapped run: its stated plan, or, with unstated choices, the plan closest
+    to the framework's defaults that fits (a run that ran fit; the one that needs least memory when
+    none does), the choice named."""
+    configs = _candidates(mapped)
+    train = mapped.train
+    frame = estimate_frame(train.model, train.job, plan_frame([c.plan for c in configs]), mapped.hw, calib)
+    if not mapped.free:
+        return mapped, frame.iloc[0]
+    fits = frame["fits"].to_numpy(bool)
+    best = int(np.argmax(fits)) if fits.any() else int(frame["mem_total_bytes"].to_numpy().argmin())
+    chosen = configs[best].plan
+    picked = []
+    for name, changes in mapped.free.items():
+        values = ", ".join(f"{k}={getattr(chosen, k)}" for k in changes[0])
+        picked.append(f"{name} unstated: {values}")
+    why = "the plan nearest the defaults that fits" if fits.any() else "none fits: the one that needs least memory"
+    assumed = mapped.assumptions + [f"{'; '.join(picked)} ({why})"]
+    return replace(mapped, train=configs[best], assumptions=assumed), frame.iloc[best]
 
 
 def _error(predicted: float, measured: float | None) -> float:
