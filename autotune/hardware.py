@@ -68,6 +68,7 @@ class Hardware:
     memory_efficiency: float = 0.9  # achieved fraction of hbm_bytes_per_s by memory-bound kernels
     overlap_slowdown: float = 0.0  # compute lost while a collective runs beside it: NCCL's channels / SMs
     sms: int = 0  # streaming multiprocessors, over which GEMM tiles are quantized; 0: a CPU (no tiling model)
+    tensor_flops_per_clock: float = 0.0  # dense 16-bit tensor FLOPs a clock per SM (attention's exp/matmul balance)
     collective_latency_s: float = COLLECTIVE_LATENCY_S  # fixed cost of one collective (small messages)
     intra_node_bytes_per_s: float = 0.0  # collective bus bandwidth inside a node
     inter_node_bytes_per_s: float = 0.0  # collective bus bandwidth per GPU across nodes
@@ -150,6 +151,7 @@ def catalog_gpu(name: str) -> Hardware:
             attention_efficiency=float(d["attention_efficiency"]),
             memory_efficiency=float(d["memory_efficiency"]),
             overlap_slowdown=NCCL_CHANNELS / int(d["sms"]), sms=int(d["sms"]),
+            tensor_flops_per_clock=float(d["sm_tensor_flops_per_clock"]),
             intra_node_bytes_per_s=d["intra_node_gbps"] * 1e9,
             inter_node_bytes_per_s=network_bytes_per_s(float(d["network_gbps"])),
             host_device_bytes_per_s=d["host_device_gbps"] * 1e9,
