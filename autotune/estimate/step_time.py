@@ -18,7 +18,9 @@ import numpy as np
 from autotune.engine.config import JobConfig, ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
+from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.columns import TIME
+from autotune.estimate.communication import PassCompute, data_parallel, pipeline_transfers, tensor_parallel
 from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
 from autotune.estimate.routing import Routing, all_to_all_time
@@ -29,7 +31,6 @@ from autotune.profile import flops_per_token
 ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
 CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g for the norm, then g *= scale (read + write)
 HOST_ADAM_BYTES_PER_S = 10e9  # CPU AdamW over host memory (ZeRO-Offload reports a few GB/s per socket)
-DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,11 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     per_token = flops["matmul_params"] - head_weights - flops["expert_params"] * (1 - routing.arrived)
     # SDPA's flash kernels skip the masked half of the causal s x s scores: forward 2 matmuls of
     # b·a·s²·d/2 each [FlashAttention-2]. MFU still counts the full 12·L·a·d·s (flops_per_token).
+    # SDPA at its rate for this sequence length, head width and heads on the rank [Attention]
+    attention_rate = relative_attention_efficiency(plans.micro_batch * model.n_heads / tp, seq_len, model.head_dim,
+                                                   hw.sms, hw.tensor_flops_per_clock)
     attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
-                 / (peak * efficiency["attention_efficiency"]))
+                 / (peak * efficiency["attention_efficiency"] * attention_rate))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
     recompute_share = plans.checkpointed(layers) / np.maximum(layers, 1)
     block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
@@ -135,79 +139,9 @@ def _optimizer(job: JobConfig, plans: PlanArrays, held: HeldNumels, hbm: float) 
     return np.where(plans.offloaded, ADAM_BYTES_PER_PARAM * numel / HOST_ADAM_BYTES_PER_S, device_bytes / hbm)
 
 
-def _data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, efficiency: dict[str, float],
-                   micro: MicroBatchCompute, forward_and_backward: np.ndarray, hbm: float) -> dict[str, np.ndarray]:
-    """dp_comm (exposed gradient and parameter collectives) and overlap (what overlapping costs the
-    compute stream), and copy_out (FSDP2's share of it, timed over HBM) [Communication]."""
-    zero, dp, tp, pp, micro_batches = plans.zero_stage, plans.dp, plans.tp, plans.pp, plans.micro_batches
-    # The dp group spans nodes once tp x dp exceeds a node (mesh pp, dp, tp). Each collective costs
-    # its latency plus its bytes over the bus bandwidth. Across nodes NCCL runs one ring per NIC:
-    # each of the group's ranks on a node drives its own port, so the ring's bus bandwidth is the
-    # per-GPU network figure times those ranks (at most the node's links).
-    inside = tp * dp <= hw.gpus_per_node
-    per_node = np.maximum(1, np.minimum(dp, hw.gpus_per_node // tp))
-    bandwidth = np.where(inside, hw.intra_node_bytes_per_s,
-                         np.minimum(hw.intra_node_bytes_per_s, hw.inter_node_bytes_per_s * per_node)) * calib.collective_efficiency
-    latency = np.where(inside, hw.collective_latency_s, 2 * hw.collective_latency_s)
-    # the ring's share of each rank's numel; a MoE model's routed experts are data-parallel over
-    # their edp = dp/ep ranks only, everything else over dp
-    edp = dp // plans.ep
-    moved = (dp - 1) / dp * (held.local - held.experts) + (edp - 1) / edp * held.experts
-    buckets = np.ceil(4 * held.local / DDP_BUCKET_BYTES)
-    units = held.layers + 1  # FSDP2 units: one per block, and the root
-    allreduce = 2 * 4 * moved / bandwidth + buckets * latency  # fp32 gradients, once per step (no_sync until the last)
-    zero1_gather = np.where(zero == 1, 4 * moved / bandwidth + latency, 0)  # updated partitions broadcast
-    gather = plans.compute_bytes * moved / bandwidth + units * latency  # FSDP2 all-gather of 16-bit params
-    scatter = 4 * moved / bandwidth + units * latency  # reduce-scatter in fp32
-    # ZeRO-3 gathers each unit for every forward and backward. Under pp the stages keep units gathered
-    # from a backward to the next forward (no reshard after backward until the step's end): one
-    # gather per backward plus the forwards that run before the first backward (all of them in
-    # GPipe, the pp warm-up forwards in 1F1B). ZeRO-2 gathers once per forward.
-    pipelined = np.where(plans.schedule == "gpipe", micro_batches + 1, micro_batches + np.minimum(pp, micro_batches))
-    gathers = np.where(zero == 3, np.where(pp > 1, pipelined, 2 * micro_batches), micro_batches)
-    # reduce-scatter per micro-batch, or once per step under pp (its stages skip the sync until the last)
-    fsdp = gathers * gather + np.where(pp > 1, 1, micro_batches) * scatter
-    # exposed after overlap: DDP overlaps the last backward; FSDP2 overlaps forward and backward
-    # but waits for the first unit's gather
-    overlapped = np.where(zero <= 1, np.minimum(allreduce, micro.backward), np.minimum(fsdp, forward_and_backward))
-    exposed = np.where(zero <= 1, allreduce - overlapped + zero1_gather, fsdp - overlapped + gather / units)
-    # Overlap is not free: while a collective runs, its NCCL channels hold SMs the compute stream
-    # loses (overlap_slowdown); and FSDP2 copies every gathered unit out of the all-gather buffer
-    # on the compute stream (read + write of the 16-bit params per gather).
-    copy_out = np.where(zero >= 2, gathers * 2 * plans.compute_bytes * held.local / hbm, 0)
-    return {"dp_comm": np.where(dp > 1, exposed, 0),
-            "overlap": np.where(dp > 1, efficiency["overlap_slowdown"] * overlapped + copy_out, 0),
-            "copy_out": copy_out}
-
-
-def _tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-                     calib: Calibration) -> np.ndarray:
-    """4 all-reduces of b·s·h per block per micro-batch (2 forward, 2 backward), 2 more for a
-    recomputed block; the same volume as gather + scatter with sp [Communication]."""
-    tp = plans.tp
-    bandwidth = hw.intra_node_bytes_per_s * calib.collective_efficiency
-    tp_bytes = 2 * (tp - 1) / tp * plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
-    collectives = 4 * held.layers + 2 * plans.checkpointed(held.layers)
-    return np.where(tp > 1, plans.micro_batches * collectives * (tp_bytes / bandwidth + hw.collective_latency_s), 0)
-
-
-def _pipeline(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware, calib: Calibration,
-              micro: MicroBatchCompute) -> dict[str, np.ndarray]:
-    """The bubble, (p−1)/v of one micro-batch's work, and the boundary transfers: one activation
-    forward and one gradient backward per micro-batch per boundary [Pipeline, Communication]."""
-    pp = plans.pp
-    bubble = np.where(pp > 1, (pp - 1) / plans.virtual_stages * (micro.forward + micro.backward + micro.recompute), 0)
-    bandwidth = np.where(plans.world <= hw.gpus_per_node, hw.intra_node_bytes_per_s,
-                         hw.inter_node_bytes_per_s) * calib.collective_efficiency
-    # a tied embedding's two copies (first and last stage) sum their fp32 gradients (shards under
-    # ZeRO 2/3) once per step: a two-rank all-reduce moves the bytes once each way
-    if model.tie_embeddings:
-        tied = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp, 1) / bandwidth
-    else:
-        tied = np.zeros(plans.rows)
-    activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
-    boundary = plans.micro_batches * 2 * (activation_bytes / bandwidth + hw.collective_latency_s)
-    return {"pp_bubble": bubble, "pp_comm": np.where(pp > 1, boundary + tied, 0)}
+def _bubble(plans: PlanArrays, micro: MicroBatchCompute) -> np.ndarray:
+    """The pipeline bubble, (p−1)/v of one micro-batch's work on the first rank [Pipeline]."""
+    return np.where(plans.pp > 1, (plans.pp - 1) / plans.virtual_stages * (micro.forward + micro.backward + micro.recompute), 0)
 
 
 def _offload(plans: PlanArrays, held: HeldNumels, hw: Hardware) -> np.ndarray:
@@ -229,11 +163,15 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     micro_batches = plans.micro_batches  # per optimizer step
     parts = {"forward": micro_batches * micro.forward, "backward": micro_batches * micro.backward,
              "recompute": micro_batches * micro.recompute, "optimizer": _optimizer(job, plans, held, hbm)}
-    data_parallel = _data_parallel(plans, held, hw, calib, efficiency, micro, parts["forward"] + parts["backward"], hbm)
-    parts["dp_comm"], parts["overlap"] = data_parallel["dp_comm"], data_parallel["overlap"]
-    parts["tp_comm"] = _tensor_parallel(model, job.seq_len, plans, held, hw, calib)
+    layers = np.maximum(held.layers, 1)
+    per_block = PassCompute(forward=(micro.matmul_blocks + micro.attention + micro.memory_blocks["fwd"]) / layers,
+                            backward=(micro.backward + micro.recompute) / layers, last_backward=micro.backward)
+    dp = data_parallel(plans, held, hw, calib, per_block, efficiency["overlap_slowdown"], hbm)
+    parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]
+    parts["tp_comm"] = tensor_parallel(model, job.seq_len, plans, held, hw, calib)
     parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, calib)
-    parts |= _pipeline(model, job.seq_len, plans, hw, calib, micro)
+    parts["pp_bubble"] = _bubble(plans, micro)
+    parts["pp_comm"] = pipeline_transfers(model, job.seq_len, plans, hw, calib)
     parts["offload"] = _offload(plans, held, hw)
     # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work; on a CPU
     # the host does both) [Fixed overheads]
@@ -248,6 +186,6 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
         parts=parts, total=sum(parts[k] for k in TIME),
         compute={"matmul": matmul, "attention": attention, "memory": memory},
         memory_bound=(memory + np.where(plans.offloaded, 0, parts["optimizer"])
-                      + np.where(plans.dp > 1, data_parallel["copy_out"], 0)),
+                      + np.where(plans.dp > 1, dp["copy_out"], 0)),
         peak_flops=_peak_flops(plans, hw),
     )

@@ -1,0 +1,130 @@
+"""The step's collectives: data-parallel gradients and parameters, tensor-parallel activations,
+pipeline boundaries, timed by autotune.estimate.collectives, and what of them the compute cannot
+hide ([Communication] in docs/formulas.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from autotune.engine.config import ModelConfig
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.calibration import Calibration
+from autotune.estimate.collectives import collective_time, send_time
+from autotune.estimate.layout import HeldNumels
+from autotune.hardware import Hardware
+
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
+
+
+@dataclass(frozen=True)
+class PassCompute:
+    """One micro-batch's compute on the first pipeline rank's stream, per block, per plan."""
+
+    forward: np.ndarray  # one block's forward
+    backward: np.ndarray  # one block's backward, with its recompute
+    last_backward: np.ndarray  # the whole last micro-batch's backward (DDP's window)
+
+
+def dp_group(plans: PlanArrays, hw: Hardware) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, ranks per node) of the data-parallel group: mesh (pp, dp, tp), tp innermost."""
+    return plans.dp, np.maximum(1, np.minimum(plans.dp, hw.gpus_per_node // plans.tp))
+
+
+def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: Hardware, calib: Calibration):
+    """One collective over the data-parallel group of a rank's dense part, and one over the edp =
+    dp/ep ranks holding the same routed experts of their part (none without experts)."""
+    ranks, per_node = dp_group(plans, hw)
+    edp = plans.dp // plans.ep
+    edp_per_node = np.maximum(1, np.minimum(edp, per_node // plans.ep))
+    eff = calib.collective_efficiency
+    experts = collective_time(kind, expert_bytes, edp, edp_per_node, hw, eff)
+    return (collective_time(kind, dense_bytes, ranks, per_node, hw, eff)
+            + np.where(np.asarray(expert_bytes) > 0, experts, 0))
+
+
+def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, window: np.ndarray) -> dict:
+    """ZeRO 0/1: the fp32 gradients all-reduced once per step in DDP's buckets, launched as they fill
+    during the last backward: what outlasts that backward is exposed, and at least the last bucket.
+    ZeRO-1's owners then broadcast their updated partitions (not overlapped)."""
+    dense, experts = 4 * (held.local - held.experts), 4 * held.experts
+    buckets = np.maximum(np.ceil((dense + experts) / DDP_BUCKET_BYTES), 1)
+    bucket = dp_collective("all_reduce", dense / buckets, experts / buckets, plans, hw, calib)
+    total = buckets * bucket
+    exposed = np.maximum(total - window, bucket)
+    broadcast = np.where(plans.zero_stage == 1, dp_collective("all_gather", dense, experts, plans, hw, calib), 0)
+    return {"exposed": exposed + broadcast, "overlapped": total - np.minimum(exposed, total)}
+
+
+def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, compute: PassCompute) -> dict:
+    """ZeRO 2/3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
+    parameters is prefetched during the previous unit's compute, and each unit's fp32 gradients are
+    reduce-scattered during the next one's backward. So a pass waits for its first gather, for every
+    unit whose collectives outlast its neighbour's compute, and a backward for its last
+    reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step."""
+    layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
+    unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
+    unit_experts = held.experts / layers
+    gather = dp_collective("all_gather", plans.compute_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, calib)
+    scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, calib)
+    root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, calib)
+            + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, calib))
+    # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward; under pp the
+    # stages keep units gathered from a backward to the next forward: one gather per backward plus
+    # the forwards before the first backward (GPipe: one round, 1F1B: its warm-up). Reduce-scatters:
+    # per micro-batch, or once per step under pp (its stages skip the sync until the last).
+    backward_gathers = np.where(plans.zero_stage == 3, m, 0)
+    warmup = np.where(plans.schedule == "gpipe", 1, np.minimum(pp, m))
+    forward_gathers = np.where((plans.zero_stage == 3) & (pp > 1), warmup, m)
+    scatters = np.where(pp > 1, 1, m)
+    exposed = (forward_gathers * (gather + layers * np.maximum(0, gather - compute.forward))
+               + m * layers * np.maximum(0, backward_gathers / m * gather + scatters / m * scatter - compute.backward)
+               + scatters * scatter + root)
+    total = layers * ((forward_gathers + backward_gathers) * gather + scatters * scatter) + root
+    return {"exposed": exposed, "overlapped": np.maximum(total - exposed, 0),
+            "gathers": forward_gathers + backward_gathers}
+
+
+def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, compute: PassCompute,
+                  overlap_slowdown: float, hbm: float) -> dict[str, np.ndarray]:
+    """dp_comm (exposed collectives), overlap (what overlapping costs the compute stream: NCCL's
+    channels hold SMs; FSDP2 copies every gathered unit out of the all-gather buffer, read + write
+    of the 16-bit params, on the compute stream) and copy_out (that copy, timed over HBM)."""
+    ddp = _ddp(plans, held, hw, calib, compute.last_backward)
+    fsdp = _fsdp(plans, held, hw, calib, compute)
+    sharded = plans.zero_stage >= 2
+    copy_out = np.where(sharded, fsdp["gathers"] * 2 * plans.compute_bytes * held.local / hbm, 0)
+    overlapped = np.where(sharded, fsdp["overlapped"], ddp["overlapped"])
+    many = plans.dp > 1
+    return {"dp_comm": np.where(many, np.where(sharded, fsdp["exposed"], ddp["exposed"]), 0),
+            "overlap": np.where(many, overlap_slowdown * overlapped + copy_out, 0), "copy_out": copy_out}
+
+
+def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
+                    calib: Calibration) -> np.ndarray:
+    """Per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
+    recomputed block; with sequence parallelism the same bytes as all-gather + reduce-scatter.
+    Inside a node, not overlapped."""
+    tp = plans.tp
+    nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
+    one = collective_time("all_reduce", nbytes, tp, tp, hw, calib.collective_efficiency)
+    collectives = 4 * held.layers + 2 * plans.checkpointed(held.layers)
+    return np.where(tp > 1, plans.micro_batches * collectives * one, 0)
+
+
+def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware,
+                       calib: Calibration) -> np.ndarray:
+    """One activation forward and one gradient backward per micro-batch per boundary, across nodes
+    when a stage's dp x tp ranks fill a node; a tied embedding's two copies' fp32 gradients summed
+    once per step (shards under ZeRO 2/3)."""
+    across = (plans.world > hw.gpus_per_node) & (plans.dp * plans.tp >= hw.gpus_per_node)
+    eff = calib.collective_efficiency
+    activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
+    boundary = plans.micro_batches * 2 * send_time(activation_bytes, across, hw, eff)
+    if model.tie_embeddings:
+        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp, 1)
+        tied = send_time(tied_bytes, across, hw, eff)
+    else:
+        tied = np.zeros(plans.rows)
+    return np.where(plans.pp > 1, boundary + tied, 0)
