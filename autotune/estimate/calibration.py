@@ -38,6 +38,10 @@ HARDWARE_FACTORS = ("matmul_efficiency", "attention_efficiency", "memory_efficie
 FACTOR_NAMES = (*HARDWARE_FACTORS, "collective_efficiency", "fragmentation", "workspace_bytes", "context_bytes",
                 "step_overhead_s", "moe_imbalance")
 OPTIONAL_FACTORS = (*HARDWARE_FACTORS, "context_bytes", "moe_imbalance")  # None: the default rule's value
+# The efficiencies a calibration from measured runs scales (autotune.validate.calibrate), and the
+# range of a scale
+SCALED_FACTORS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "collective_efficiency")
+SCALE_RANGE = (0.05, 20.0)
 
 
 @dataclass
@@ -59,8 +63,16 @@ class Calibration:
     # a MoE model's router: the most tokens an expert gets over the mean, as the probe measured it
     # (engine.moe.step_stats); None: an evenly spreading router's (autotune.estimate.routing)
     moe_imbalance: float | None = None
+    # multipliers of the efficiencies (SCALED_FACTORS) fitted to measured runs (autotune calibrate):
+    # those of the GPU (by its catalog name) where the runs had it, else `scales`
+    scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    gpu_scales: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     source: str = "defaults"
     records: int = 0
+
+    def scale(self, name: str, gpu: str) -> float:
+        """What the calibration multiplies factor `name` by on `gpu` (1 when it has no scale for it)."""
+        return self.gpu_scales.get(gpu, {}).get(name, self.scales.get(name, 1.0))
 
     def changes(self, hw: Hardware | None = None) -> dict[str, dict[str, float]]:
         """{factor: {"default": d, "calibrated": c}} for every factor a calibration moved."""
@@ -85,6 +97,7 @@ class Calibration:
             raise ConfigError(f"estimate.calibration: no such file {path}; write one with fit_calibration(...).save(path)")
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ConfigError(f"estimate.calibration: {path} is not a calibration JSON ({e})")
+        _check_scales(calib, path)
         for name, (low, high) in CALIBRATION_RANGES.items():
             value = getattr(calib, name)
             if value is None and name in OPTIONAL_FACTORS:
@@ -95,12 +108,25 @@ class Calibration:
         return calib
 
 
+def _check_scales(calib: Calibration, path) -> None:
+    groups = [calib.scales] + list(calib.gpu_scales.values()) if isinstance(calib.gpu_scales, dict) else [None]
+    for group in groups:
+        if not isinstance(group, dict) or any(k not in SCALED_FACTORS for k in group) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not SCALE_RANGE[0] <= v <= SCALE_RANGE[1]
+                for v in group.values()):
+            raise ConfigError(f"estimate.calibration: {path} has scales {group!r}; each must map one of "
+                              f"{', '.join(SCALED_FACTORS)} to a number in {list(SCALE_RANGE)} (refit with autotune calibrate)")
+
+
 def factors(hw: Hardware, calib: Calibration | None = None) -> dict[str, float]:
     """The efficiency factors the time model uses: the calibration's where it set them, else the
-    hardware profile's (catalog figures, or measured by the probe)."""
+    hardware profile's (catalog figures, or measured by the probe), times the calibration's scale
+    for this GPU (an efficiency stays at most 1)."""
     calib = calib or Calibration()
     out = {k: getattr(calib, k) if getattr(calib, k) is not None else getattr(hw, k) for k in HARDWARE_FACTORS}
-    return out | {"collective_efficiency": calib.collective_efficiency, "collective_latency_s": hw.collective_latency_s}
+    out = {k: min(v * calib.scale(k, hw.gpu), 1.0) if k in SCALED_FACTORS else v for k, v in out.items()}
+    collective = min(calib.collective_efficiency * calib.scale("collective_efficiency", hw.gpu), 1.0)
+    return out | {"collective_efficiency": collective, "collective_latency_s": hw.collective_latency_s}
 
 
 def fit_calibration(records: list[dict], hw: Hardware | None = None) -> Calibration:

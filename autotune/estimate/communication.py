@@ -10,7 +10,6 @@ import numpy as np
 
 from autotune.engine.config import ModelConfig
 from autotune.estimate.arrays import PlanArrays
-from autotune.estimate.calibration import Calibration
 from autotune.estimate.collectives import collective_time, send_time
 from autotune.estimate.layout import HeldNumels
 from autotune.hardware import Hardware
@@ -32,32 +31,31 @@ def dp_group(plans: PlanArrays, hw: Hardware) -> tuple[np.ndarray, np.ndarray]:
     return plans.dp, np.maximum(1, np.minimum(plans.dp, hw.gpus_per_node // plans.tp))
 
 
-def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: Hardware, calib: Calibration):
+def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: Hardware, eff: float):
     """One collective over the data-parallel group of a rank's dense part, and one over the edp =
     dp/ep ranks holding the same routed experts of their part (none without experts)."""
     ranks, per_node = dp_group(plans, hw)
     edp = plans.dp // plans.ep
     edp_per_node = np.maximum(1, np.minimum(edp, per_node // plans.ep))
-    eff = calib.collective_efficiency
     experts = collective_time(kind, expert_bytes, edp, edp_per_node, hw, eff)
     return (collective_time(kind, dense_bytes, ranks, per_node, hw, eff)
             + np.where(np.asarray(expert_bytes) > 0, experts, 0))
 
 
-def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, window: np.ndarray) -> dict:
+def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, window: np.ndarray) -> dict:
     """ZeRO 0/1: the fp32 gradients all-reduced once per step in DDP's buckets, launched as they fill
     during the last backward: what outlasts that backward is exposed, and at least the last bucket.
     ZeRO-1's owners then broadcast their updated partitions (not overlapped)."""
     dense, experts = 4 * (held.local - held.experts), 4 * held.experts
     buckets = np.maximum(np.ceil((dense + experts) / DDP_BUCKET_BYTES), 1)
-    bucket = dp_collective("all_reduce", dense / buckets, experts / buckets, plans, hw, calib)
+    bucket = dp_collective("all_reduce", dense / buckets, experts / buckets, plans, hw, eff)
     total = buckets * bucket
     exposed = np.maximum(total - window, bucket)
-    broadcast = np.where(plans.zero_stage == 1, dp_collective("all_gather", dense, experts, plans, hw, calib), 0)
+    broadcast = np.where(plans.zero_stage == 1, dp_collective("all_gather", dense, experts, plans, hw, eff), 0)
     return {"exposed": exposed + broadcast, "overlapped": total - np.minimum(exposed, total)}
 
 
-def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, compute: PassCompute) -> dict:
+def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute) -> dict:
     """ZeRO 2/3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
     parameters is prefetched during the previous unit's compute, and each unit's fp32 gradients are
     reduce-scattered during the next one's backward. So a pass waits for its first gather, for every
@@ -66,10 +64,10 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration,
     layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
     unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
     unit_experts = held.experts / layers
-    gather = dp_collective("all_gather", plans.compute_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, calib)
-    scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, calib)
-    root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, calib)
-            + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, calib))
+    gather = dp_collective("all_gather", plans.compute_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, eff)
+    scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, eff)
+    root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, eff)
+            + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, eff))
     # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward; under pp the
     # stages keep units gathered from a backward to the next forward: one gather per backward plus
     # the forwards before the first backward (GPipe: one round, 1F1B: its warm-up). Reduce-scatters:
@@ -86,13 +84,13 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration,
             "gathers": forward_gathers + backward_gathers}
 
 
-def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Calibration, compute: PassCompute,
+def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute,
                   overlap_slowdown: float, hbm: float) -> dict[str, np.ndarray]:
     """dp_comm (exposed collectives), overlap (what overlapping costs the compute stream: NCCL's
     channels hold SMs; FSDP2 copies every gathered unit out of the all-gather buffer, read + write
     of the 16-bit params, on the compute stream) and copy_out (that copy, timed over HBM)."""
-    ddp = _ddp(plans, held, hw, calib, compute.last_backward)
-    fsdp = _fsdp(plans, held, hw, calib, compute)
+    ddp = _ddp(plans, held, hw, eff, compute.last_backward)
+    fsdp = _fsdp(plans, held, hw, eff, compute)
     sharded = plans.zero_stage >= 2
     copy_out = np.where(sharded, fsdp["gathers"] * 2 * plans.compute_bytes * held.local / hbm, 0)
     overlapped = np.where(sharded, fsdp["overlapped"], ddp["overlapped"])
@@ -102,24 +100,23 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, calib: Cali
 
 
 def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-                    calib: Calibration) -> np.ndarray:
+                    eff: float) -> np.ndarray:
     """Per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
     recomputed block; with sequence parallelism the same bytes as all-gather + reduce-scatter.
     Inside a node, not overlapped."""
     tp = plans.tp
     nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
-    one = collective_time("all_reduce", nbytes, tp, tp, hw, calib.collective_efficiency)
+    one = collective_time("all_reduce", nbytes, tp, tp, hw, eff)
     collectives = 4 * held.layers + 2 * plans.checkpointed(held.layers)
     return np.where(tp > 1, plans.micro_batches * collectives * one, 0)
 
 
 def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware,
-                       calib: Calibration) -> np.ndarray:
+                       eff: float) -> np.ndarray:
     """One activation forward and one gradient backward per micro-batch per boundary, across nodes
     when a stage's dp x tp ranks fill a node; a tied embedding's two copies' fp32 gradients summed
     once per step (shards under ZeRO 2/3)."""
     across = (plans.world > hw.gpus_per_node) & (plans.dp * plans.tp >= hw.gpus_per_node)
-    eff = calib.collective_efficiency
     activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     boundary = plans.micro_batches * 2 * send_time(activation_bytes, across, hw, eff)
     if model.tie_embeddings:

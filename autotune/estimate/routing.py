@@ -91,16 +91,16 @@ def expert_routing(model: ModelConfig, plans: PlanArrays, seq_len: int, calib: C
 
 
 def all_to_all_time(model: ModelConfig, seq_len: int, plans: PlanArrays, routing: Routing, layers: np.ndarray,
-                    hw: Hardware, calib: Calibration) -> np.ndarray:
+                    hw: Hardware, efficiency: float) -> np.ndarray:
     """Seconds per step the first pipeline rank spends in its MoE layers' all-to-alls (`layers`:
-    the blocks it holds), none without expert parallelism."""
+    the blocks it holds), none without expert parallelism; `efficiency`: the collectives'."""
     ep = plans.ep
     per_node = np.minimum(ep, hw.gpus_per_node)
     inter_node = hw.inter_node_bytes_per_s or hw.intra_node_bytes_per_s
     # seconds per byte of the rank's slots: what goes to the other ranks of its node over NVLink,
     # to the other nodes over the NIC, at once
     per_byte = np.maximum((per_node - 1) / ep / hw.intra_node_bytes_per_s,
-                          (ep - per_node) / ep / inter_node) / calib.collective_efficiency
+                          (ep - per_node) / ep / inter_node) / efficiency
     latency = np.where(ep > per_node, 2, 1) * hw.collective_latency_s
     rows = plans.micro_batch * seq_len * model.experts_per_token * routing.arrived * model.d_model
     volume = rows * (routing.dispatch_bytes + routing.combine_bytes) * per_byte  # dispatch + combine, one way

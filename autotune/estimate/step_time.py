@@ -166,12 +166,13 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     layers = np.maximum(held.layers, 1)
     per_block = PassCompute(forward=(micro.matmul_blocks + micro.attention + micro.memory_blocks["fwd"]) / layers,
                             backward=(micro.backward + micro.recompute) / layers, last_backward=micro.backward)
-    dp = data_parallel(plans, held, hw, calib, per_block, efficiency["overlap_slowdown"], hbm)
+    collective = efficiency["collective_efficiency"]
+    dp = data_parallel(plans, held, hw, collective, per_block, efficiency["overlap_slowdown"], hbm)
     parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]
-    parts["tp_comm"] = tensor_parallel(model, job.seq_len, plans, held, hw, calib)
-    parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, calib)
+    parts["tp_comm"] = tensor_parallel(model, job.seq_len, plans, held, hw, collective)
+    parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, collective)
     parts["pp_bubble"] = _bubble(plans, micro)
-    parts["pp_comm"] = pipeline_transfers(model, job.seq_len, plans, hw, calib)
+    parts["pp_comm"] = pipeline_transfers(model, job.seq_len, plans, hw, collective)
     parts["offload"] = _offload(plans, held, hw)
     # host dispatch counted in full (a bound: large kernels hide it behind the GPU's work; on a CPU
     # the host does both) [Fixed overheads]

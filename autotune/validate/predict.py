@@ -5,7 +5,7 @@ fits), and the runs it cannot express with the reason.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -13,6 +13,7 @@ import pandas as pd
 from autotune.engine.config import ConfigError, with_changes
 from autotune.estimate import Calibration, estimate_frame, plan_frame
 from autotune.estimate.columns import GiB
+from autotune.hardware import Hardware
 from autotune.validate.mapping import Mapped, NotExpressible, map_run
 from autotune.validate.runs import Run, RunError
 
@@ -27,6 +28,7 @@ class Validation:
     not_expressible: list[tuple[Run, str]]  # runs the engine cannot express, and why
     malformed: list[RunError]  # rows that are not in the schema (line and field)
     frames: dict[int, pd.Series]  # the estimate_frame row of each predicted run, by line
+    hardware: dict[int, Hardware] = field(default_factory=dict)  # the catalog hardware of each, by line
 
 
 def _candidates(mapped: Mapped) -> list:
@@ -97,7 +99,7 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
 def validate_runs(runs: list[Run], malformed: list[RunError] | None = None,
                   calib: Calibration | None = None) -> Validation:
     """Predict every run the engine can express; list the others with their reason."""
-    rows, refused, frames = [], [], {}
+    rows, refused, frames, hardware = [], [], {}, {}
     for run in runs:
         try:
             mapped, est = predict(map_run(run), calib)
@@ -105,5 +107,6 @@ def validate_runs(runs: list[Run], malformed: list[RunError] | None = None,
             refused.append((run, str(e)))
             continue
         rows.append(_row(mapped, est))
-        frames[run.line] = est
-    return Validation(table=pd.DataFrame(rows), not_expressible=refused, malformed=list(malformed or []), frames=frames)
+        frames[run.line], hardware[run.line] = est, mapped.hw
+    return Validation(table=pd.DataFrame(rows), not_expressible=refused, malformed=list(malformed or []), frames=frames,
+                      hardware=hardware)
