@@ -22,7 +22,8 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     """The plans with their estimate: mem_<component>_bytes, mem_total_bytes, time_<component>_s,
     step_time_s, compute_<kind>_s, tokens_per_s, mfu, fits, reason; host_bytes, peak_stage (first |
     last pipeline stage), peak_phase, step_grads_bytes, allocated_bytes (the total less the CUDA
-    context: what max_memory_allocated shows), the parts fit_calibration scales (matmul_s,
+    context: what max_memory_allocated shows), reserved_bytes (that plus the caching allocator's
+    rounding: what max_memory_reserved shows), the parts fit_calibration scales (matmul_s,
     memory_bound_s), and for a MoE model its routing (expert_imbalance: the most slots an expert gets
     over the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
     calib = calib or Calibration()
@@ -53,6 +54,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     out["peak_phase"] = memory.phase  # backward (start of a backward) | optimizer (the step)
     out["step_grads_bytes"] = memory.step_grads  # gradients held at the optimizer step (model states)
     out["allocated_bytes"] = memory.allocated
+    out["reserved_bytes"] = memory.reserved  # allocated plus the caching allocator's rounding [Peak memory]
     out["reason"] = memory.reason
     if model.moe_layers:
         out["expert_imbalance"] = routing.imbalance

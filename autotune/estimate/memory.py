@@ -21,6 +21,10 @@ from autotune.estimate.layout import HeldNumels
 from autotune.hardware import Hardware
 
 CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context with lazy loading [Fixed overheads]
+# PyTorch's caching allocator serves a request of 1 MiB or more from blocks rounded up to 2 MiB
+# (c10/cuda/CUDACachingAllocator.cpp, kRoundLarge): a live large tensor wastes 1 MiB on average [Peak memory]
+ALLOCATOR_ROUNDING_BYTES = 1 * 2**20
+STATE_TENSORS_PER_PARAM = 4  # each parameter tensor has a gradient and AdamW's two states beside it
 NCCL_BYTES = 0.5 * GiB  # NCCL communicators and their buffers, several ranks [Fixed overheads]
 
 
@@ -41,6 +45,7 @@ class PeakMemory:
     parts: dict[str, np.ndarray]
     total: np.ndarray
     allocated: np.ndarray  # the total less the CUDA context: what max_memory_allocated shows
+    reserved: np.ndarray  # allocated plus the caching allocator's rounding: what max_memory_reserved shows
     step_grads: np.ndarray
     phase: np.ndarray
     stage: np.ndarray  # the pipeline rank that peaks: first | last
@@ -175,11 +180,21 @@ def peak_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, layouts: di
     fits_gpu = total <= hw.memory_bytes
     fits_host = (hw.host_memory_bytes <= 0) | (host_bytes <= hw.host_memory_bytes)
     return PeakMemory(
-        parts=parts, total=total, allocated=total - parts["context"], step_grads=pick(first.step_grads, last.step_grads),
+        parts=parts, total=total, allocated=total - parts["context"],
+        reserved=total - parts["context"] + _rounding(plans, held, parts["activations"], seq_len, model.d_model),
+        step_grads=pick(first.step_grads, last.step_grads),
         phase=pick(first.phase, last.phase), stage=np.where(last_peaks, "last", "first"), host_bytes=host_bytes,
         fits=fits_gpu & fits_host,
         reason=_reasons(fits_gpu, fits_host, parts, total, hw.memory_bytes, host_bytes, hw.host_memory_bytes),
     )
+
+
+def _rounding(plans: PlanArrays, held: HeldNumels, activations: np.ndarray, seq_len: int, d_model: int) -> np.ndarray:
+    """The caching allocator's rounding at the peak: 1 MiB for each live tensor, the model states'
+    (STATE_TENSORS_PER_PARAM per parameter tensor) and the saved activations' (counted in tensors of
+    one micro-batch's hidden states, b·s·h elements)."""
+    hidden = plans.micro_batch * seq_len * d_model * plans.compute_bytes
+    return ALLOCATOR_ROUNDING_BYTES * (STATE_TENSORS_PER_PARAM * held.tensors + activations / np.maximum(hidden, 1))
 
 
 def _reasons(fits_gpu, fits_host, mem, total, capacity, host_bytes, host_capacity) -> np.ndarray:

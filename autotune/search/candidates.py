@@ -21,7 +21,7 @@ from autotune.plans import dominated_by, enumerate_plans, plan_from_row, plan_ke
 GIB = 2**30
 # Estimator internals a reader of candidates.csv does not need: `reason` repeats `why`, the rest
 # are derived from (or feed) the columns kept.
-NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "step_grads_bytes", "matmul_s", "memory_bound_s",
+NOT_IN_CANDIDATES = ("key", "objective_est", "reason", "allocated_bytes", "reserved_bytes", "step_grads_bytes", "matmul_s", "memory_bound_s",
                      "compute_matmul_s", "compute_attention_s", "compute_memory_s")
 
 

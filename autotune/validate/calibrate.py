@@ -52,7 +52,7 @@ def fit_multipliers(parts: np.ndarray, measured_s: np.ndarray, centre: np.ndarra
         return np.concatenate([np.log(predicted / measured_s) / ROW_SD, (log_k - np.log(centre)) / prior_sd])
 
     low = np.log(np.maximum(floor, 0.1))
-    start = np.clip(np.log(centre), low, np.log(10.0) - 1e-9)
+    start = np.clip(np.log(centre), low + 1e-6, np.log(10.0) - 1e-6)  # inside the bounds: a start on one stalls
     return np.exp(least_squares(residuals, start, bounds=(low, np.log(10.0))).x)
 
 
@@ -115,10 +115,10 @@ def leave_one_source_out(runs: list, validation: Validation) -> pd.DataFrame:
 
 def _table(before: pd.DataFrame, loso: pd.DataFrame) -> pd.DataFrame:
     """Per source: median |error| and max |error| with the catalog's factors and left out of the fit."""
-    a, b = by_source(before), by_source(loso) if not loso.empty else pd.DataFrame(columns=["source"])
-    merged = a[["source", "rows", "median_abs_error", "max_abs_error"]].merge(
-        b[["source", "median_abs_error", "max_abs_error"]], on="source", how="left", suffixes=("_catalog", "_loso"))
-    return merged
+    columns = ["source", "median_abs_error", "max_abs_error"]
+    a = by_source(before)
+    b = by_source(loso) if not loso.empty else pd.DataFrame(columns=columns)
+    return a[["source", "rows", *columns[1:]]].merge(b[columns], on="source", how="left", suffixes=("_catalog", "_loso"))
 
 
 def cli(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from autotune.config import CONF_DIR
-from autotune.engine.config import ConfigError, TrainConfig, build_train_config
+from autotune.engine.config import Checkpointing, ConfigError, TrainConfig, build_train_config
 from autotune.hardware import Hardware, catalog_gpu, network_bytes_per_s
 from autotune.profile import flops_per_token
 from autotune.validate.runs import Run
@@ -134,10 +134,13 @@ def _zero(run: Run, assumed: list[str]) -> int:
     return 0
 
 
-def activation_mode(ac: str) -> tuple[str, int] | None:
-    """A row's `ac` text as the engine's (activation_checkpointing, checkpoint_every_k); None: a
-    selective mode the engine does not have (per-operator, attention-core, or unstated which)."""
+def activation_mode(ac: str, source: str = "") -> tuple[str, int] | None:
+    """A row's `ac` text as the engine's (activation_checkpointing, checkpoint_every_k); None: a mode
+    the engine does not have. Per-operator selective checkpointing (torchtitan's `op`, its default
+    selective mode) and Megatron's attention-core recompute map to the engine's `op` and
+    `attention` modes once it has them (issue 21)."""
     text = ac.lower()
+    modes = Checkpointing.__members__
     if text in ("", "unstated", "none") or text.startswith("none"):
         return ("none", 2)
     if text.startswith("full"):
@@ -146,13 +149,18 @@ def activation_mode(ac: str) -> tuple[str, int] | None:
         return ("selective", 2)
     if "fraction of blocks" in text:  # fms-fsdp's selective_checkpointing, default 1: every block
         return ("full", 2)
+    if "attention" in text:
+        return ("attention", 2) if "attention" in modes else None
+    if re.search(r"\bop\b|per-op", text) or (text.startswith("selective") and "torchtitan" in source.lower()):
+        return ("op", 2) if "op" in modes else None
     return None
 
 
 def _checkpointing(run: Run, assumed: list[str], free: dict) -> tuple[str, int]:
-    mode = activation_mode(run.ac)
+    mode = activation_mode(run.ac, run.source)
     if mode is None:
-        raise NotExpressible(f"activation checkpointing {run.ac!r}: op-level selective modes are issue 21's")
+        raise NotExpressible(f"activation checkpointing {run.ac!r}: the engine has no such mode yet "
+                             "(per-operator and attention-core recompute are issue 21)")
     if not run.ac or run.ac.lower() == "unstated":
         free["activation checkpointing"] = [{"activation_checkpointing": m} for m in ("none", "selective", "full")]
     elif "fraction of blocks" in run.ac.lower():

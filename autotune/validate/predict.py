@@ -77,7 +77,7 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
     """The table row of one predicted run."""
     run, plan = mapped.run, mapped.train.plan
     tokens = est["tokens_per_s"] / run.gpus
-    reserved = est["reserved_bytes"] if "reserved_bytes" in est else est["mem_total_bytes"] - est["mem_context_bytes"]
+    reserved = est["reserved_bytes"]
     return {
         "line": run.line, "source": run.source, "table": run.table, "model": run.model, "gpu": mapped.hw.gpu,
         "gpus": run.gpus, "seq_len": run.seq_len,

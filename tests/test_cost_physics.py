@@ -1,0 +1,188 @@
+"""The cost model's first-principles terms, each against what its physics says it must do
+(docs/formulas.md: [Matmul shapes], [Attention], [Communication], [Peak memory])."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from autotune.config import ClusterConfig, planner_config
+from autotune.engine.config import with_changes
+from autotune.estimate import estimate, estimate_frame, plan_frame, rank_layout
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.attention import relative_attention_efficiency
+from autotune.estimate.collectives import NETWORK_HOP_S, bus_bandwidth, collective_time, nvlink_hop_s
+from autotune.estimate.gemm import relative_efficiency
+from autotune.estimate.traffic import micro_batch_traffic
+from autotune.hardware import catalog_gpu, load_hardware
+
+A100, H100 = catalog_gpu("a100-80g"), catalog_gpu("h100-sxm")
+
+
+def config(model="llama-3-8b", seq_len=4096, global_batch=16, cluster="8xh100", **plan):
+    cfg = planner_config([f"model={model}", f"cluster={cluster}", f"job.seq_len={seq_len}",
+                          f"job.global_batch={global_batch}", "plan.precision=bf16"]
+                         + [f"plan.{k}={v}" for k, v in plan.items()])
+    return cfg.train, load_hardware(cfg.cluster)
+
+
+# --- GEMM efficiency by shape --------------------------------------------------------------------
+
+def test_the_catalogs_reference_gemm_runs_at_the_catalog_efficiency():
+    for hw in (A100, H100):
+        assert relative_efficiency(8192, 8192, 8192, hw.sms) == pytest.approx(1.0)
+        assert relative_efficiency(16384, 4096, 4096, hw.sms) > 0.95  # large GEMMs lose little
+
+
+def test_wave_quantization_one_tile_past_a_full_wave_costs_most_of_a_wave():
+    """108 tiles of 128 x 256 fill an A100's 108 SMs once; 109 need a second wave (or half tiles)."""
+    full = relative_efficiency(128 * 12, 256 * 9, 8192, 108)
+    one_more = relative_efficiency(128 * 12 + 1, 256 * 9, 8192, 108)
+    assert one_more < 0.85 * full
+
+
+def test_tile_quantization_a_dimension_just_past_a_tile_loses():
+    assert relative_efficiency(8192, 4096 + 8, 8192, 132) < relative_efficiency(8192, 4096, 8192, 132)
+
+
+def test_skinny_and_small_gemms_lose():
+    big = relative_efficiency(8192, 8192, 8192, 132)
+    assert relative_efficiency(8192, 8192, 256, 132) < 0.75 * big  # shallow K: the tile's fixed costs dominate
+    assert relative_efficiency(512, 512, 512, 132) < 0.2 * big  # a few tiles on 132 SMs
+    assert relative_efficiency(16384, 64, 8192, 132) < 0.6 * big  # one tile column wide
+
+
+def test_tensor_parallel_gemms_are_skinnier_and_slower_per_flop():
+    """The same model's block matmuls split 8 ways take more than 1/8 of the time (a 1B model's widths)."""
+    one, hw = config(model="llama-3.2-1b", seq_len=1024, global_batch=8, dp=8, cluster="8xh100")
+    eight = with_changes(one, plan={"dp": 1, "tp": 8})
+    per_rank = lambda cfg, n: estimate(cfg, hw).compute["matmul_s"] / (cfg.job.global_batch / cfg.plan.dp)  # noqa: E731
+    assert per_rank(eight, 8) > 1.1 * per_rank(one, 1) / 8
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+def test_attention_rate_grows_with_sequence_and_head_width():
+    for hw in (A100, H100):
+        rate = lambda s, d: relative_attention_efficiency(64, s, d, hw.sms, hw.tensor_flops_per_clock)  # noqa: E731
+        assert rate(512, 128) < rate(2048, 128) < rate(8192, 128) < rate(32768, 128)
+        assert rate(4096, 64) < rate(4096, 128) < rate(4096, 256)
+        assert relative_attention_efficiency(32, 4096, 128, hw.sms, hw.tensor_flops_per_clock) == pytest.approx(1.0)
+
+
+def test_hopper_loses_more_to_softmax_at_narrow_heads():
+    """The SFU's exponentials weigh twice as much against H100's tensor cores as against A100's."""
+    loss = {hw.gpu: relative_attention_efficiency(64, 8192, 64, hw.sms, hw.tensor_flops_per_clock)
+            / relative_attention_efficiency(64, 8192, 128, hw.sms, hw.tensor_flops_per_clock) for hw in (A100, H100)}
+    assert loss[H100.gpu] < loss[A100.gpu] < 1
+
+
+def test_narrow_heads_cost_more_attention_time_for_the_same_flops():
+    wide, hw = config(dp=8, micro_batch=2, zero_stage=3)
+    narrow = dataclasses.replace(wide, model=dataclasses.replace(wide.model, n_heads=64, n_kv_heads=16))
+    assert estimate(narrow, hw).compute["attention_s"] > 1.1 * estimate(wide, hw).compute["attention_s"]
+
+
+# --- collectives -----------------------------------------------------------------------------------
+
+def test_a_small_collective_costs_a_latency_that_grows_with_its_ring():
+    hw = dataclasses.replace(H100, gpus_per_node=8)
+    tiny = 8.0
+    for n in (16, 64, 256):  # one rank per node: every step crosses the network
+        assert collective_time("all_gather", tiny, n, 1, hw) == pytest.approx((n - 1) * NETWORK_HOP_S, rel=0.01)
+    inside = collective_time("all_gather", tiny, 8, 8, hw)
+    assert inside == pytest.approx(7 * nvlink_hop_s(hw), rel=0.01) and inside < NETWORK_HOP_S * 7
+
+
+def test_all_reduce_takes_the_tree_at_scale():
+    """A small all-reduce over 64 nodes runs as a double binary tree: 2 log2(nodes) network hops,
+    far fewer than the ring's 2(n-1) steps; large ones are bandwidth-bound either way."""
+    hw = dataclasses.replace(H100, gpus_per_node=8)
+    small = collective_time("all_reduce", 1024, 512, 8, hw)
+    assert small < 2 * 511 * NETWORK_HOP_S / 10
+    assert small == pytest.approx(2 * 6 * NETWORK_HOP_S + 2 * 3 * nvlink_hop_s(hw), rel=0.05)
+    big = 8 * 2**30
+    bandwidth = bus_bandwidth(hw, 512, 8)
+    assert collective_time("all_reduce", big, 512, 8, hw) == pytest.approx(2 * 511 / 512 * big / bandwidth, rel=0.01)
+
+
+def test_bus_bandwidth_across_nodes_is_the_ports_of_the_groups_ranks_per_node():
+    hw = dataclasses.replace(H100, gpus_per_node=8)
+    assert bus_bandwidth(hw, 8, 8) == hw.intra_node_bytes_per_s
+    assert bus_bandwidth(hw, 64, 1) == pytest.approx(hw.inter_node_bytes_per_s)
+    assert bus_bandwidth(hw, 64, 8) == pytest.approx(min(hw.intra_node_bytes_per_s, 8 * hw.inter_node_bytes_per_s))
+
+
+# --- FSDP's communication that cannot hide -------------------------------------------------------
+
+def _fsdp_on(network_bytes_per_s: float):
+    cfg, hw = config(dp=16, micro_batch=1, global_batch=16, zero_stage=3, cluster="4x8xh100")
+    hw = dataclasses.replace(hw, nodes=2, inter_node_bytes_per_s=network_bytes_per_s)
+    return estimate(cfg, hw).time
+
+
+def test_fsdp_exposes_the_first_gather_and_last_reduce_scatter_when_compute_hides_the_rest():
+    """One micro-batch on a fast network: exposed are the first block's gather, the last block's
+    reduce-scatter and the root's (embedding and head: gathered once, never resharded)."""
+    cfg, _ = config(dp=16, micro_batch=1, global_batch=16, zero_stage=3, cluster="4x8xh100")
+    held = rank_layout(cfg.model, dp=16, tp=1, pp=1, v=1)["first"]
+    hw = dataclasses.replace(H100, gpus_per_node=8, nodes=2, inter_node_bytes_per_s=1e12)
+    unit = (held["local"] - held["root"]) / held["layers"]
+    expected = (collective_time("all_gather", 2 * unit, 16, 8, hw) + collective_time("reduce_scatter", 4 * unit, 16, 8, hw)
+                + collective_time("all_gather", 2 * held["root"], 16, 8, hw)
+                + collective_time("reduce_scatter", 4 * held["root"], 16, 8, hw))
+    assert _fsdp_on(1e12)["dp_comm_s"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_fsdp_exposes_the_layers_whose_communication_outlasts_their_compute():
+    """On a slow network each unit's gather outlasts the previous unit's compute: the excess of every
+    layer shows, so halving the bandwidth adds about the whole communication time again."""
+    slow, slower = _fsdp_on(5e9), _fsdp_on(2.5e9)
+    compute = slow["forward_s"] + slow["backward_s"]
+    assert slow["dp_comm_s"] > 0.5 * compute
+    # exposed = communication - what compute hides: doubling the communication adds all of it again
+    assert slower["dp_comm_s"] - slow["dp_comm_s"] > 0.8 * slow["dp_comm_s"]
+
+
+# --- the tp share of a block's weight traffic --------------------------------------------------
+
+def test_a_tp_rank_moves_its_share_of_the_blocks_weights():
+    """ZeRO-0 autocast re-casts the weights every micro-batch: at one token the block's traffic is
+    nearly all weight traffic, and a rank of 8 moves 1/8 of it (norms, replicated, aside)."""
+    cfg, _ = config(dp=1, micro_batch=1, seq_len=8, global_batch=1, zero_stage=0, cluster="8xh100")
+    frame = plan_frame([cfg.plan, dataclasses.replace(cfg.plan, tp=8)])
+    traffic = micro_batch_traffic(cfg.model, PlanArrays.of(frame, cfg.job), cfg.job.seq_len)
+    assert traffic["block_fwd"][1] == pytest.approx(traffic["block_fwd"][0] / 8, rel=0.05)
+
+
+# --- peak memory: a recomputed block once, reserved over allocated ---------------------------
+
+def test_the_recomputed_block_is_counted_once_however_many_micro_batches_are_in_flight():
+    """The first stage of a 1F1B pipeline holds p micro-batches of its blocks (every second one
+    checkpointed) and, while backward recomputes, one whole block: once, not once per micro-batch
+    in flight."""
+    from autotune.estimate.activations import saved_bytes
+
+    for pp in (2, 4):
+        cfg, hw = config(seq_len=2048, global_batch=64, dp=1, pp=pp, micro_batch=1, activation_checkpointing="selective")
+        frame = plan_frame([cfg.plan])
+        row = estimate_frame(cfg.model, cfg.job, frame, hw).iloc[0]
+        saved = saved_bytes(cfg.model, PlanArrays.of(frame, cfg.job), cfg.job.seq_len)
+        layers = cfg.model.n_layers // pp
+        checkpointed = -(-layers // 2)
+        assert row["peak_stage"] == "first"
+        per_micro_batch = saved.block[0] * (layers - checkpointed) + saved.checkpointed_block[0] * checkpointed
+        assert row["mem_activations_bytes"] == pytest.approx(pp * per_micro_batch + saved.block[0]), pp
+
+
+def test_reserved_is_allocated_plus_the_allocators_rounding():
+    cfg, hw = config(dp=8, micro_batch=2, zero_stage=3)
+    row = estimate_frame(cfg.model, cfg.job, plan_frame([cfg.plan]), hw).iloc[0]
+    assert row["allocated_bytes"] < row["reserved_bytes"] < 1.05 * row["allocated_bytes"]
+    deeper = estimate_frame(cfg.model, cfg.job, plan_frame([with_changes(cfg, plan={"micro_batch": 1}).plan]), hw).iloc[0]
+    assert row["reserved_bytes"] - row["allocated_bytes"] > 0
+    assert np.isfinite(deeper["reserved_bytes"])
+
+
+def test_network_unstated_is_the_catalog_servers_port():
+    hw = load_hardware(ClusterConfig(name="x", gpu="a100-80g", gpus_per_node=8, nodes=4))
+    assert hw.inter_node_bytes_per_s == pytest.approx(200 / 8 * 1e9 * 0.73)

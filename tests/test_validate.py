@@ -1,0 +1,154 @@
+"""`autotune validate` and `autotune calibrate`: the runs schema (docs/runs.md), the mapping of a run
+to the engine, the report, and the calibration's fit and leave-one-source-out errors."""
+import json
+
+import pandas as pd
+import pytest
+
+from autotune.cli import main
+from autotune.estimate import Calibration
+from autotune.profile import flops_per_token
+from autotune.validate import NotExpressible, map_run, parse_run, read_runs, validate_runs
+
+# a small Llama (the shape of Llama 3.2 1B): the grouped-query llama fit the other tests use
+ARCH = {"n_layers": 16, "d_model": 2048, "n_heads": 32, "kv_heads": 8, "ffn": 8192, "vocab": 128256}
+
+
+def row(**changes) -> dict:
+    base = {"source": "github.com/example/trainer README", "table": "t1", "model": "Llama 1B", "arch": ARCH,
+            "gpu": "A100 80GB", "gpus": 16, "nodes": 2, "interconnect": "200 Gb/s per GPU", "dp": 16, "tp": 1, "pp": 1,
+            "cp": 1, "zero": "FSDP", "micro_batch": 2, "global_batch": 32, "seq_len": 4096, "precision": "bf16",
+            "ac": "none", "other": "", "tokens_per_s_per_gpu": 20000, "tflops_per_gpu": "unstated", "mfu": "unstated",
+            "peak_mem_gib": "unstated", "step_time_s": "unstated", "notes": ""}
+    return base | changes
+
+
+def write_runs(path, rows) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_a_malformed_row_is_one_error_line_naming_its_line_and_field_and_the_others_go_on(tmp_path, capsys):
+    runs = write_runs(tmp_path / "runs.jsonl", [
+        row(), row(gpus="eight"), "{not json", {k: v for k, v in row().items() if k != "seq_len"}, row(mfu=41),
+        row(micro_batch=1),
+    ])
+    assert main(["validate", runs, "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and len(captured.err.splitlines()) == 4
+    assert "line 2: field 'gpus'" in errors[0] and "positive integer" in errors[0]
+    assert "line 3" in errors[1] and "not JSON" in errors[1]
+    assert "line 4: field 'seq_len'" in errors[2] and "missing" in errors[2]
+    assert "line 5: field 'mfu'" in errors[3] and "fraction" in errors[3]
+    table = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert sorted(table["line"]) == [1, 6]
+    assert "Rows not read" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_validate_reports_errors_rank_agreement_the_plot_and_what_it_cannot_express(tmp_path, capsys):
+    runs = write_runs(tmp_path / "runs.jsonl", [
+        row(micro_batch=1, global_batch=64, tokens_per_s_per_gpu=18000),
+        row(micro_batch=2, global_batch=64, tokens_per_s_per_gpu=20000),
+        row(micro_batch=4, global_batch=64, tokens_per_s_per_gpu=21000),
+        row(precision="bf16 + float8 linears"), row(cp=2, dp=8), row(zero="HSDP"), row(other="FSDP + async TP", tp=2, dp=8),
+        row(gpu="MI300X"),
+    ])
+    assert main(["validate", runs, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows predicted" in out and "5 the engine cannot express" in out
+    report = (tmp_path / "out" / "report.md").read_text()
+    for reason in ("fp8", "context parallelism", "hybrid sharding", "async tensor parallelism", "not in the catalog"):
+        assert reason in report
+    assert "Kendall's tau" in report
+    table = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert table["tokens_error"].notna().all() and (table["predicted_tokens_per_s_per_gpu"] > 0).all()
+    assert (tmp_path / "out" / "predicted_vs_published.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plan_the_source_left_unstated_is_the_nearest_the_framework_defaults_that_fits():
+    run = parse_run(1, json.dumps(row(micro_batch="unstated", ac="unstated", tp="unstated", pp="unstated", dp=2,
+                                      gpus=16, global_batch=16, zero="unstated")))
+    validation = validate_runs([run])
+    assumed = validation.table["assumptions"].iloc[0]
+    assert "micro_batch unstated" in assumed and "activation checkpointing unstated" in assumed
+    assert "tp x pp unstated: tp=8, pp=1" in assumed  # tensor parallel fills a node first
+    assert "the plan nearest the defaults that fits" in assumed and validation.table["fits"].iloc[0]
+
+
+@pytest.mark.parametrize("text, entry", [
+    ("H100 SXM HBM2e 96GB (Grand Teton), 500W power limit", "H100-SXM5-96GB-HBM2e-500W"),
+    ("H100 80GB HBM3 SXM, 700W TDP", "H100-SXM5-80GB"), ("H100 PCIe", "H100-PCIe-80GB"),
+    ("A100 40GB", "A100-SXM4-40GB"), ("H200 141GB", "H200-SXM-141GB"),
+])
+def test_published_gpu_names_map_to_the_catalog(text, entry):
+    from autotune.hardware import catalog_gpu
+
+    assert catalog_gpu("h100-pcie").gpu == "H100-PCIe-80GB" or entry != "H100-PCIe-80GB"
+    mapped = map_run(parse_run(1, json.dumps(row(gpu=text))))
+    assert mapped.hw.gpu == catalog_gpu({"H100-SXM5-96GB-HBM2e-500W": "h100-sxm-96g-500w", "H100-SXM5-80GB": "h100-sxm",
+                                         "H100-PCIe-80GB": "h100-pcie", "A100-SXM4-40GB": "a100-40g",
+                                         "H200-SXM-141GB": "h200"}[entry]).gpu
+
+
+def test_a_variant_left_unstated_is_assumed_and_said():
+    mapped = map_run(parse_run(1, json.dumps(row(gpu="H100 (variant unstated)"))))
+    assert any("gpu variant unstated: h100-sxm" in a for a in mapped.assumptions)
+    with pytest.raises(NotExpressible, match="catalog"):
+        map_run(parse_run(1, json.dumps(row(gpu="MI300X"))))
+
+
+def test_a_ports_line_rate_per_node_is_shared_by_the_nodes_gpus():
+    per_node = map_run(parse_run(1, json.dumps(row(interconnect="8x 200Gbps HDR InfiniBand per node"))))
+    per_gpu = map_run(parse_run(1, json.dumps(row(interconnect="NDR 400 Gb/s per GPU"))))
+    assert per_gpu.hw.inter_node_bytes_per_s == pytest.approx(2 * per_node.hw.inter_node_bytes_per_s)
+
+
+def test_the_measured_speed_comes_from_what_the_source_gives():
+    by_step = map_run(parse_run(1, json.dumps(row(tokens_per_s_per_gpu="unstated", step_time_s=2.0))))
+    assert by_step.tokens_per_s_per_gpu == pytest.approx(32 * 4096 / 2.0 / 16) and by_step.tokens_source == "from step_time_s"
+    by_flops = map_run(parse_run(1, json.dumps(row(tokens_per_s_per_gpu="unstated", tflops_per_gpu=150))))
+    per_token = flops_per_token(by_flops.train.model, 4096)["total"]
+    assert by_flops.tokens_per_s_per_gpu == pytest.approx(150e12 / per_token)
+    by_mfu = map_run(parse_run(1, json.dumps(row(tokens_per_s_per_gpu="unstated", mfu=0.5))))
+    assert by_mfu.tokens_per_s_per_gpu == pytest.approx(0.5 * 312e12 / per_token)
+
+
+def test_calibrate_fits_scales_that_a_command_applies_and_reports_leave_one_source_out(tmp_path, capsys):
+    """Runs 30% slower than the catalog's model, from two sources: the fit moves the scales so that
+    the calibrated model meets them, leave-one-source-out transfers it, and the file is read back
+    by validate and by estimate."""
+    shapes = [dict(micro_batch=b, seq_len=s, global_batch=16 * b) for b in (1, 2) for s in (2048, 4096)]
+    rows = [row(source=("alpha report", "beta paper")[i % 2], **shape) for i, shape in enumerate(shapes)]
+    truth = validate_runs([parse_run(i + 1, json.dumps(r)) for i, r in enumerate(rows)]).table
+    for r, predicted in zip(rows, truth["predicted_tokens_per_s_per_gpu"]):
+        r["tokens_per_s_per_gpu"] = predicted / 1.3
+    runs = write_runs(tmp_path / "runs.jsonl", rows)
+    calib_path = tmp_path / "calib.json"
+    assert main(["calibrate", runs, "--out", str(calib_path)]) == 0
+    out = capsys.readouterr().out
+    assert "median_abs_error_loso" in out and "alpha" in out and "beta" in out
+    calib = Calibration.load(calib_path)
+    assert calib.scales and calib.records == 4 and min(calib.scales.values()) < 0.95
+    fitted = validate_runs(read_runs(runs)[0], calib=calib).table
+    before = truth["predicted_tokens_per_s_per_gpu"] / (truth["predicted_tokens_per_s_per_gpu"] / 1.3) - 1
+    assert fitted["tokens_error"].abs().median() < 0.5 * before.abs().median()
+    assert main(["validate", runs, "--calibration", str(calib_path), "--out", str(tmp_path / "out")]) == 0
+    catalog = json.loads(_estimate_json(capsys, []))["tokens_per_s"]
+    calibrated = json.loads(_estimate_json(capsys, [f"estimate.calibration={calib_path}"]))["tokens_per_s"]
+    assert calibrated < catalog
+
+
+def _estimate_json(capsys, extra) -> str:
+    capsys.readouterr()
+    assert main(["estimate", "--json", "model=llama-3.2-1b", "cluster=8xa100-80g", "job.seq_len=2048",
+                 "job.global_batch=16", "plan.precision=bf16", "plan.zero_stage=3"] + extra) == 0
+    return capsys.readouterr().out
+
+
+def test_a_calibration_with_a_scale_out_of_range_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "calib.json"
+    Calibration(scales={"matmul_efficiency": 100.0}).save(path)
+    assert main(["estimate", "model=tiny", f"estimate.calibration={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: estimate.calibration") and len(err.splitlines()) == 1
