@@ -9,9 +9,11 @@ from autotune.config import ClusterConfig, planner_config
 from autotune.engine.config import with_changes
 from autotune.estimate import estimate, estimate_frame, plan_frame, rank_layout
 from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.calibration import Calibration
 from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.collectives import NETWORK_HOP_S, bus_bandwidth, collective_time, nvlink_hop_s
 from autotune.estimate.gemm import relative_efficiency
+from autotune.estimate.routing import expert_routing
 from autotune.estimate.traffic import micro_batch_traffic
 from autotune.hardware import catalog_gpu, load_hardware
 
@@ -150,7 +152,9 @@ def test_a_tp_rank_moves_its_share_of_the_blocks_weights():
     nearly all weight traffic, and a rank of 8 moves 1/8 of it (norms, replicated, aside)."""
     cfg, _ = config(dp=1, micro_batch=1, seq_len=8, global_batch=1, zero_stage=0, cluster="8xh100")
     frame = plan_frame([cfg.plan, dataclasses.replace(cfg.plan, tp=8)])
-    traffic = micro_batch_traffic(cfg.model, PlanArrays.of(frame, cfg.job), cfg.job.seq_len)
+    plans = PlanArrays.of(frame, cfg.job)
+    routing = expert_routing(cfg.model, plans, cfg.job.seq_len, Calibration())
+    traffic = micro_batch_traffic(cfg.model, plans, cfg.job.seq_len, routing)
     assert traffic["block_fwd"][1] == pytest.approx(traffic["block_fwd"][0] / 8, rel=0.05)
 
 
@@ -166,7 +170,8 @@ def test_the_recomputed_block_is_counted_once_however_many_micro_batches_are_in_
         cfg, hw = config(seq_len=2048, global_batch=64, dp=1, pp=pp, micro_batch=1, activation_checkpointing="selective")
         frame = plan_frame([cfg.plan])
         row = estimate_frame(cfg.model, cfg.job, frame, hw).iloc[0]
-        saved = saved_bytes(cfg.model, PlanArrays.of(frame, cfg.job), cfg.job.seq_len)
+        plans = PlanArrays.of(frame, cfg.job)
+        saved = saved_bytes(cfg.model, plans, cfg.job.seq_len, expert_routing(cfg.model, plans, cfg.job.seq_len, Calibration()))
         layers = cfg.model.n_layers // pp
         checkpointed = -(-layers // 2)
         assert row["peak_stage"] == "first"
