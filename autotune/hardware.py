@@ -42,6 +42,8 @@ NETWORK_EFFICIENCY = 0.73
 # the SXM part, "NVIDIA H100 PCIe" the PCIe one; PCIe A100s have the SXM parts' peaks).
 CUDA_NAMES = (
     (r"H100.*PCIe", "h100-pcie"),
+    # the 96 GB HBM2e part: its bandwidth is the entry's; its power cap (500 W) is what Meta's run
+    (r"H100.*HBM2e", "h100-sxm-96g-500w"),
     (r"H100", "h100-sxm"),
     (r"H200", "h200"),
     (r"A100.*40GB", "a100-40g"),

@@ -169,12 +169,17 @@ class EstimatorGuidance:
         return min(sizes) if sizes else None
 
     def unmeasured(self, plans: pd.DataFrame) -> pd.DataFrame:
-        """For each (dimension, value) of `plans` no trial has measured: its best-estimated plan."""
+        """For each (dimension, value) of `plans` no trial has measured: its best-estimated plan of
+        those new in the fewest other values, so that a trial varies one unmeasured thing where it
+        can and the belief can tell which factor its surprise belongs to."""
+        values = self.values.loc[plans.index]
+        new = sum(~values[dim].astype(str).map(lambda v, d=dim: (d, v) in self.covered) for dim in DIMENSIONS)
         rows = []
         for dim in DIMENSIONS:
-            for value, group in plans.groupby(self.values.loc[plans.index, dim]):
+            for value, group in plans.groupby(values[dim]):
                 if (dim, str(value)) not in self.covered:
-                    best = self.pool.loc[group.index, "objective_est"].idxmax()
+                    least_new = group.index[new[group.index] == new[group.index].min()]
+                    best = self.pool.loc[least_new, "objective_est"].idxmax()
                     rows.append({"dimension": dim, "value": str(value), "plan": best})
         return pd.DataFrame(rows, columns=["dimension", "value", "plan"])
 
