@@ -32,9 +32,9 @@ from autotune.engine.config import (
     omegaconf_message,
     check_choices,
     choices,
-    model_from_hf_config,
     validate,
 )
+from autotune.engine.hf_config import model_from_hf_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SECTIONS = ("model", "job", "plan", "cluster", "search", "estimate")  # the schema's sections

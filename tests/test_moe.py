@@ -23,7 +23,8 @@ import yaml
 
 from autotune.cli import main as autotune_main
 from autotune.engine import moe as moe_module
-from autotune.engine.config import ModelConfig, build_train_config, model_from_hf_config
+from autotune.engine.config import ModelConfig, build_train_config
+from autotune.engine.hf_config import model_from_hf_config
 from autotune.engine.model import build_model, count_active_params, count_params, expert_params
 from autotune.engine.moe import MoE, load_balancing_loss
 from tp_pp_worker import launch as run_worker
