@@ -129,6 +129,23 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
     return config
 
 
+# What each checkpointing mode asks of a DeepSpeed model, and DeepSpeed's nearest equivalent
+CHECKPOINTING_NOTES = {
+    "full": "activation_checkpointing=full: the model must checkpoint {blocks} of {n_layers} blocks itself.",
+    "selective": "activation_checkpointing=selective: the model must checkpoint {blocks} of {n_layers} blocks "
+                 "itself (every {k}-th block).",
+    "op": "activation_checkpointing=op (per operator: keep every {k}-th matmul's output and SDPA's, recompute "
+          "the rest, torchtitan's policy): deepspeed.checkpointing has no per-operator policy; its nearest "
+          "equivalent is checkpointing all {n_layers} blocks whole (activation_checkpointing=full: less "
+          "memory, more recompute), which this section configures. autotune train --deepspeed instead runs "
+          "the plan's policy with torch.utils.checkpoint's selective checkpoint contexts.",
+    "attention": "activation_checkpointing=attention (only the attention core recomputed): the model must "
+                 "run each of its {blocks} blocks' core attention (rotary, SDPA) through "
+                 "deepspeed.checkpointing.checkpoint, as Megatron-DeepSpeed's --recompute-granularity "
+                 "selective does.",
+}
+
+
 def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
     """The parts of the plan that DeepSpeed's config cannot express, stated rather than claimed."""
     plan = cfg.plan
@@ -144,10 +161,8 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
             f"given an mpu whose data-parallel world size is {plan.dp}."
         )
     if blocks:
-        notes.append(
-            f"activation_checkpointing={plan.activation_checkpointing}: the model must checkpoint {blocks} of "
-            f"{cfg.model.n_layers} blocks itself (selective: every {plan.checkpoint_every_k}-th block)."
-        )
+        notes.append(CHECKPOINTING_NOTES[str(plan.activation_checkpointing)].format(
+            blocks=blocks, n_layers=cfg.model.n_layers, k=plan.checkpoint_every_k))
     if cfg.model.n_experts:
         notes.append(expert_parallel_note(cfg))
     return {

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from autotune.engine.config import (
+    OP_CHECKPOINT_EVERY_K,
     PLAN_FIELDS,
     ConfigError,
     ModelConfig,
@@ -137,6 +138,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     memory = _frame([dict(zero_stage=z, offload_optimizer=o, offload_params=p) for z, o, p in ZERO_OFFLOAD])
     checkpointing = [("none", _DEFAULTS.checkpoint_every_k), ("full", _DEFAULTS.checkpoint_every_k)]
     checkpointing += [("selective", k) for k in SELECTIVE_EVERY_K if k <= model.n_layers]
+    checkpointing += [("op", k) for k in OP_CHECKPOINT_EVERY_K] + [("attention", _DEFAULTS.checkpoint_every_k)]
     kernels = ["torch", "triton"] if device == "cuda" else ["torch"]
     compute = _frame([dict(precision=pr, activation_checkpointing=ac, checkpoint_every_k=k, kernels=kn)
                       for pr in allowed for ac, k in checkpointing for kn in kernels])
@@ -192,7 +194,8 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 def plan_label(plan: PlanConfig) -> str:
     """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton` (`dp8 ep4`: expert parallel)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
-    ckpt = f"sel{plan.checkpoint_every_k}" if plan.activation_checkpointing == "selective" else plan.activation_checkpointing
+    ckpt = {"selective": f"sel{plan.checkpoint_every_k}", "op": f"op{plan.checkpoint_every_k}"}.get(
+        str(plan.activation_checkpointing), str(plan.activation_checkpointing))
     parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}"]
     if plan.ep > 1:
         parts.append(f"ep{plan.ep}")
@@ -209,11 +212,11 @@ def plan_label(plan: PlanConfig) -> str:
 
 
 def canonical(plan: PlanConfig) -> PlanConfig:
-    """Fields that mean nothing in a plan take their default (every k-th block without selective
-    checkpointing, a schedule without pipelining, sequence parallelism without tp), so that two
+    """Fields that mean nothing in a plan take their default (checkpoint_every_k without selective or
+    op checkpointing, a schedule without pipelining, sequence parallelism without tp), so that two
     spellings of one plan are one plan; the enumeration writes every plan this way."""
     changes: dict[str, Any] = {}
-    if plan.activation_checkpointing != "selective":
+    if plan.activation_checkpointing not in ("selective", "op"):
         changes["checkpoint_every_k"] = _DEFAULTS.checkpoint_every_k
     if plan.pp == 1:
         changes.update(pp_schedule=_DEFAULTS.pp_schedule, pp_virtual_stages=_DEFAULTS.pp_virtual_stages)

@@ -23,17 +23,17 @@ HARDWARE = Hardware(
 
 def step_time(train: TrainConfig) -> float:
     """Seconds per optimizer step: bf16 slower than fp32 (as on this CPU), larger micro-batches
-    faster, each ZeRO stage and offload a cost, recompute a third more."""
+    faster, each ZeRO stage and offload a cost, recompute a third more (less for the finer modes)."""
     p = train.plan
     tokens = train.job.global_batch * train.job.seq_len
     seconds = 2e-5 * tokens * (1.6 if p.precision == "bf16" else 1.0) / min(p.micro_batch, 4) ** 0.5
     seconds *= (1 + 0.1 * p.zero_stage) * (2.0 if p.offload_optimizer or p.offload_params else 1.0)
-    return seconds * {"none": 1.0, "full": 1.33, "selective": 1.15}[str(p.activation_checkpointing)]
+    return seconds * {"none": 1.0, "full": 1.33, "selective": 1.15, "op": 1.1, "attention": 1.05}[str(p.activation_checkpointing)]
 
 
 def peak_memory(train: TrainConfig) -> float:
     """Bytes at the peak: a fixed part and activations per sequence of a micro-batch."""
-    ckpt = 0.3 if train.plan.activation_checkpointing != "none" else 1.0
+    ckpt = {"none": 1.0, "op": 0.5, "attention": 0.95}.get(str(train.plan.activation_checkpointing), 0.3)
     return 20e6 + 4e6 * train.plan.micro_batch * ckpt * train.job.seq_len / 32
 
 

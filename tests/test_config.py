@@ -145,7 +145,7 @@ def test_an_output_path_that_cannot_be_used_is_one_error_line(tmp_path, capsys):
     ("search.precisions=[fp32,fp8]", "search.precisions='fp8': use one of fp32, bf16, fp16"),
     ("plan.precision=fp8", "plan.precision='fp8': use one of fp32, bf16, fp16"),
     ("plan.pp_schedule=2f2b", "plan.pp_schedule='2f2b': use one of gpipe, 1f1b, interleaved_1f1b"),
-    ("plan.activation_checkpointing=some", "plan.activation_checkpointing='some': use one of none, full, selective"),
+    ("plan.activation_checkpointing=some", "plan.activation_checkpointing='some': use one of none, full, selective, op, attention"),
     ("plan.kernels=cuda", "plan.kernels='cuda': use one of torch, triton"),
     ("model.family=t5", "model.family='t5': use one of llama, gpt2"),
     ("job.data.dtype=int8", "job.data.dtype='int8': use one of uint16, uint32"),

@@ -74,6 +74,13 @@ def test_ds_config_checkpointing_counts_blocks():
     assert emit.ds_config(cfg)["activation_checkpointing"]["number_checkpoints"] == 3  # blocks 0, 2, 4
 
 
+@pytest.mark.parametrize("mode, says", [("op", "no per-operator policy"), ("attention", "core attention")])
+def test_ds_config_says_deepspeeds_nearest_checkpointing(mode, says):
+    cfg = build_train_config({"model": {"n_layers": 5}, "plan": {"activation_checkpointing": mode}})
+    ds = emit.ds_config(cfg)
+    assert ds["activation_checkpointing"]["number_checkpoints"] == 5 and says in ds["autotune"]["note"]
+
+
 def test_ds_config_does_not_claim_tensor_or_pipeline_parallel():
     cfg = train_config(dp=1, tp=2, pp=2)
     ds = emit.ds_config(cfg)

@@ -107,9 +107,9 @@ def test_gradient_accumulation_matches_one_micro_batch(one_process_group):
     assert_same_run(run_plan(dict(micro_batch=2)), reference, "micro 2 x accum 4")
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_changes_no_loss_or_gradient(mode):
-    cfg = config(dict(activation_checkpointing=mode, checkpoint_every_k=2))
+@pytest.mark.parametrize("mode, k", [("full", 2), ("selective", 2), ("op", 1), ("op", 2), ("attention", 2)])
+def test_activation_checkpointing_changes_no_loss_or_gradient(mode, k):
+    cfg = config(dict(activation_checkpointing=mode, checkpoint_every_k=k))
     tokens = torch.randint(cfg.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     models = [build_model(cfg.model, seed=1) for _ in range(2)]
     apply_activation_checkpointing(models[1], cfg.plan)

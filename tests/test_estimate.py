@@ -297,6 +297,11 @@ def test_activations_follow_the_measured_profile():
     e = lambda **kw: estimate(train(**{**dict(precision="bf16", zero_stage=3, dp=8, micro_batch=2), **kw}), H100)  # noqa: E731
     full, sel, none = (e(activation_checkpointing=c).memory["activations_bytes"] for c in ("full", "selective", "none"))
     assert full < sel < none
+    # per operator: keeping every other matmul's output saves more than keeping all of them;
+    # recomputing the attention core saves least (SDPA keeps only q, k, v, its output and lse)
+    op2, op1, core = (e(activation_checkpointing=c, checkpoint_every_k=k).memory["activations_bytes"]
+                      for c, k in (("op", 2), ("op", 1), ("attention", 2)))
+    assert full < op2 < op1 < core < none
     assert e(micro_batch=1).memory["activations_bytes"] < none
     assert e(kernels="triton").memory["logits_bytes"] < e().memory["logits_bytes"]
     assert e(tp=2, dp=4, sequence_parallel=True).memory["activations_bytes"] < e(tp=2, dp=4).memory["activations_bytes"]
@@ -382,6 +387,20 @@ def test_compute_by_kind_follows_its_causes():
     full = estimate(llama(micro_batch=2, activation_checkpointing="full")[0], hw)
     assert 0.8 * full.time["forward_s"] < full.time["recompute_s"] < full.time["forward_s"]
     assert full.compute["matmul_s"] > base.compute["matmul_s"]
+    # op recomputes the memory-bound ops and only the matmuls whose outputs it drops (k, o, up of
+    # q k v o gate up down for k=2), no SDPA; attention recomputes SDPA and its core's rotary
+    op1, op2, core = (estimate(llama(micro_batch=2, activation_checkpointing=c, checkpoint_every_k=k)[0], hw)
+                      for c, k in (("op", 1), ("op", 2), ("attention", 2)))
+    assert op1.compute["matmul_s"] == pytest.approx(base.compute["matmul_s"])
+    h, q, kv, f = cfg.model.d_model, cfg.model.n_heads * cfg.model.head_dim, cfg.model.kv_heads * cfg.model.head_dim, cfg.model.d_ff
+    blocks = full.compute["matmul_s"] - base.compute["matmul_s"]  # one forward of the blocks' matmuls
+    assert op2.compute["matmul_s"] - base.compute["matmul_s"] == pytest.approx(
+        blocks * (h * kv + q * h + h * f) / (2 * h * q + 2 * h * kv + 3 * h * f))
+    assert op1.compute["attention_s"] == op2.compute["attention_s"] == base.compute["attention_s"]
+    assert core.compute["attention_s"] == pytest.approx(full.compute["attention_s"])
+    assert core.compute["matmul_s"] == base.compute["matmul_s"]
+    assert 0 < core.compute["memory_s"] - base.compute["memory_s"] < op1.compute["memory_s"] - base.compute["memory_s"]
+    assert op1.compute["memory_s"] == pytest.approx(full.compute["memory_s"])
     # each efficiency scales its own part only
     slow_attention = estimate(cfg, hw, Calibration(attention_efficiency=hw.attention_efficiency / 2))
     assert slow_attention.compute["attention_s"] == pytest.approx(2 * base.compute["attention_s"])
@@ -578,7 +597,7 @@ def test_100k_plans_in_under_2_cpu_seconds():
     plans = pd.DataFrame({
         "zero_stage": rng.integers(0, 4, n), "offload_optimizer": rng.random(n) < 0.2, "offload_params": False,
         "micro_batch": rng.choice([1, 2, 4, 8], n), "grad_accum": None, "precision": rng.choice(["fp32", "bf16"], n),
-        "activation_checkpointing": rng.choice(["none", "full", "selective"], n), "checkpoint_every_k": 2,
+        "activation_checkpointing": rng.choice(["none", "full", "selective", "op", "attention"], n), "checkpoint_every_k": 2,
         "dp": 32 // (tp * pp), "tp": tp, "pp": pp, "pp_schedule": "1f1b", "pp_virtual_stages": 1,
         "sequence_parallel": tp > 1, "kernels": rng.choice(["torch", "triton"], n), "compile": False,
     })
@@ -594,6 +613,8 @@ MEMTRACKED = [
     dict(precision="bf16", micro_batch=4, zero_stage=3),
     dict(precision="bf16", micro_batch=2, zero_stage=2, activation_checkpointing="selective"),
     dict(precision="bf16", micro_batch=2, kernels="torch", zero_stage=0),
+    dict(precision="bf16", micro_batch=4, zero_stage=3, activation_checkpointing="op", checkpoint_every_k=2),
+    dict(precision="fp32", micro_batch=2, activation_checkpointing="attention"),
 ]
 
 
@@ -627,5 +648,5 @@ def test_peak_memory_close_to_torch_memtracker():
             del eng
     finally:
         dist.shutdown()
-    # seen: -4.1%, +1.9%, -2.6%, +4.7%, -4.5%
+    # seen: -4.1%, +1.9%, -2.6%, +4.7%, -4.5%, +5.6% (op), +4.8% (attention)
     assert max(abs(e) for e in errors) < 0.10, errors

@@ -84,10 +84,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels", CASES)
-def test_activation_bytes_within_5_percent(model, b, s, precision, cast, ckpt, kernels):
-    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
-    predicted = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+# per-operator (every matmul's output kept, every other one's) and attention-core checkpointing
+OP_CASES = [
+    (LLAMA, 2, 96, "fp32", "params", "op", "torch", 1),
+    (LLAMA, 1, 128, "bf16", "params", "op", "triton", 2),
+    (LLAMA, 3, 64, "bf16", "autocast", "attention", "torch", 2),
+    (GPT2, 2, 96, "fp32", "params", "op", "torch", 2),
+    (GPT2, 2, 64, "bf16", "params", "attention", "triton", 2),
+    (MHA, 2, 72, "bf16", "autocast", "op", "torch", 1),
+]
+
+
+@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels, k", [(*c, 2) for c in CASES] + OP_CASES)
+def test_activation_bytes_within_5_percent(model, b, s, precision, cast, ckpt, kernels, k):
+    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels, every_k=k)
+    predicted = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels, every_k=k)
     assert predicted["total"] == pytest.approx(measured["total"], rel=0.05)
     assert predicted["outside"] == pytest.approx(measured["outside"], rel=0.05)
     if ckpt != "selective":

@@ -72,6 +72,9 @@ def four_rank_plans() -> dict[str, dict]:
     # recomputation inside stages and tp blocks changes nothing either
     plans["tp2_pp2_gpipe"]["activation_checkpointing"] = "full"
     plans["pp2_dp2_zero3_1f1b"]["activation_checkpointing"] = "selective"
+    # per-operator under tp + sequence parallel + FSDP2, the attention core under tp x pp
+    plans["tp2_dp2_zero3_sp"]["activation_checkpointing"] = "op"
+    plans["tp2_pp2_1f1b"]["activation_checkpointing"] = "attention"
     return plans
 
 
@@ -84,6 +87,12 @@ SAVED = {
     "saved_gpt2_bf16_sp": dict(model={**SAVED_MODEL, "family": "gpt2", "n_kv_heads": None, "tie_embeddings": True},
                                b=2, s=32, precision="bf16", sp=True),
 }
+# per-operator and attention-core checkpointing on tp ranks (sequence parallel: the partial sums and
+# reduce-scatter outputs op keeps, sp_hidden_layout)
+for ckpt, k in (("op", 1), ("op", 2), ("attention", 2)):
+    SAVED[f"saved_fp32_sp_{ckpt}{k}"] = dict(SAVED["saved_fp32_sp"], ckpt=ckpt, k=k)
+SAVED["saved_gpt2_bf16_sp_op2"] = dict(SAVED["saved_gpt2_bf16_sp"], ckpt="op", k=2)
+SAVED["saved_fp32_op2"] = dict(SAVED["saved_fp32"], ckpt="op", k=2)
 
 
 @pytest.mark.slow
@@ -181,7 +190,7 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     # as the estimator's activation model says (sequence parallel keeps the gathered linear inputs whole)
     for name, case in SAVED.items():
         predicted = predict_saved_bytes(ModelConfig(**case["model"]), case["b"], case["s"], case["precision"], "params",
-                                        "none", tp=4, sp=case["sp"])
+                                        case.get("ckpt", "none"), every_k=case.get("k", 2), tp=4, sp=case["sp"])
         for part in ("block", "outside"):
             assert predicted[part] == pytest.approx(result[name][part], rel=0.01), (name, part)
     # ZeRO-1 over tp shards: the largest rank's AdamW states are those autotune.estimate counts (a
@@ -239,6 +248,7 @@ REFUSED = [
     (dict(sequence_parallel=True), {}, "sequence_parallel needs plan.tp > 1"),
     (dict(tp=2, sequence_parallel=True), {"seq_len": 15}, "divisible by plan.tp=2"),
     (dict(tp=2, compile=True), {}, "use plan.compile=false under tp"),  # engine.parallel.check_supported
+    (dict(activation_checkpointing="op", checkpoint_every_k=3), {}, "use 1 (keep every matmul's output) or 2"),
 ]
 
 

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from autotune.engine import dist, probe
 from autotune.engine.config import ModelConfig, PlanConfig, build_train_config
 from autotune.engine.model import build_model
-from autotune.engine.parallel import local_tensor
+from autotune.engine.parallel import apply_activation_checkpointing, local_tensor
 from autotune.engine.tensor_parallel import apply_tp, loss_context
 from autotune.engine.train import Engine, reduce_loss
 from autotune.kernels._common import LazyKernel
@@ -150,10 +150,10 @@ def record_backward_starts(engine: Engine) -> list[int]:
     return seen
 
 
-def saved_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> dict[str, float]:
+def saved_bytes(model: dict, b: int, s: int, precision: str, sp: bool, ckpt: str = "none", k: int = 2) -> dict[str, float]:
     """Bytes one block (the mean) and the rest of the model save for backward on a tp rank: the
-    local shards of what autograd keeps, counted as autotune.profile.measure_saved_bytes counts
-    them, with 16-bit parameters as FSDP2 casts them."""
+    local shards of what autograd (and a per-operator checkpoint's cache) keeps, counted as
+    autotune.profile.measure_saved_bytes counts them, with 16-bit parameters as FSDP2 casts them."""
     cfg = ModelConfig(**model)
     net = build_model(cfg, "cpu")
     if precision != "fp32":
@@ -176,6 +176,9 @@ def saved_bytes(model: dict, b: int, s: int, precision: str, sp: bool) -> dict[s
             seen[key] = (owner[0], nbytes)
         return t
 
+    plan = PlanConfig(activation_checkpointing=ckpt, checkpoint_every_k=k)
+    apply_activation_checkpointing(net, plan, on_keep=lambda out: [pack(t) for t in (out if isinstance(out, tuple) else (out,))
+                                                                   if isinstance(t, torch.Tensor)])
     tokens = torch.randint(0, cfg.vocab_size, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), loss_context(PlanConfig(tp=tp, sequence_parallel=sp)):
         net(tokens, tokens)
@@ -231,7 +234,8 @@ def main(spec_path: str, out_path: str) -> None:
             start = resumed.load(path)
             out[name] = {"straight": first, "resumed": losses(resumed, range(start, cfg.job.steps)), "start": start}
         for name, case in spec.get("saved", {}).items():
-            out[name] = saved_bytes(case["model"], case["b"], case["s"], case["precision"], case["sp"])
+            out[name] = saved_bytes(case["model"], case["b"], case["s"], case["precision"], case["sp"],
+                                    case.get("ckpt", "none"), case.get("k", 2))
         for name, run in spec.get("load", {}).items():
             cfg = build_train_config(run["config"])
             engine = Engine(cfg, device)

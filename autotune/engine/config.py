@@ -37,7 +37,11 @@ def choices(name: str, *values: str) -> type[StrEnum]:
 
 Family = choices("Family", "llama", "gpt2")
 Precision = choices("Precision", "fp32", "bf16", "fp16")
-Checkpointing = choices("Checkpointing", "none", "full", "selective")
+# none; full: every block recomputed; selective: every k-th block; op: every block under a
+# per-operator policy (matmul and attention outputs kept, every k-th matmul's for k = 1 or 2, the
+# rest recomputed: torchtitan's); attention: only the attention core recomputed (Megatron's)
+Checkpointing = choices("Checkpointing", "none", "full", "selective", "op", "attention")
+OP_CHECKPOINT_EVERY_K = (1, 2)  # op: keep every matmul's output, or every other one's
 PipelineSchedule = choices("PipelineSchedule", "gpipe", "1f1b", "interleaved_1f1b")
 Kernels = choices("Kernels", "torch", "triton")
 TokenDtype = choices("TokenDtype", "uint16", "uint32")
@@ -211,7 +215,7 @@ class PlanConfig:
     precision: Precision = Precision.fp32
     loss_scale: str = "dynamic"  # fp16 only: dynamic | none | a fixed number
     activation_checkpointing: Checkpointing = Checkpointing.none
-    checkpoint_every_k: int = 2  # selective: checkpoint every k-th block
+    checkpoint_every_k: int = 2  # selective: checkpoint every k-th block; op: keep every k-th matmul output
     dp: int = 1
     tp: int = 1
     pp: int = 1
@@ -477,6 +481,9 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
         raise ConfigError(f"plan.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
     if p.checkpoint_every_k < 1:
         raise ConfigError(f"plan.checkpoint_every_k={p.checkpoint_every_k} must be at least 1")
+    if p.activation_checkpointing == "op" and p.checkpoint_every_k not in OP_CHECKPOINT_EVERY_K:
+        raise ConfigError(f"plan.checkpoint_every_k={p.checkpoint_every_k} with plan.activation_checkpointing=op: use 1 "
+                          "(keep every matmul's output) or 2 (every other one, as torchtitan)")
     for key in ("micro_batch", "dp", "tp", "pp", "pp_virtual_stages"):
         if getattr(p, key) < 1:
             raise ConfigError(f"plan.{key}={getattr(p, key)} must be at least 1")

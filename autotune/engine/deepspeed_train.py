@@ -11,8 +11,8 @@ the data (each rank's micro-batches of each step, as the engine cuts them, so bo
 tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
 at lr / warmup_steps, which none of DeepSpeed's schedulers computes: it is handed to DeepSpeed as the
 client lr_scheduler, which DeepSpeed steps once per optimizer step). When the file has an
-`activation_checkpointing` section, the plan's checkpointed blocks run through
-deepspeed.checkpointing with it. metrics.jsonl is the engine's.
+`activation_checkpointing` section, the plan's checkpointed blocks (or, for attention, their
+attention cores) run through deepspeed.checkpointing with it; op runs torch's per-operator policy. metrics.jsonl is the engine's.
 The plan must be data parallel only (tp = pp = ep = 1): DeepSpeed's tensor and pipeline parallelism
 need other model code. No checkpoint is written.
 """
@@ -34,7 +34,7 @@ from autotune.engine.config import ConfigError, TrainConfig, load_train_config
 from autotune.engine.data import micro_batches
 from autotune.engine.model import build_model
 from autotune.engine.moe import step_stats
-from autotune.engine.parallel import checkpointed_blocks, param_groups
+from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks, param_groups
 from autotune.engine.train import (MemoryMeter, StopFlag, forget_metrics_after, launch_workers, log_record,
                                    lr_factor, peak_flops, preflight, reduce_loss)
 from autotune.profile import flops_per_token
@@ -84,13 +84,18 @@ def build_model_for(cfg: TrainConfig, ds: dict[str, Any]) -> torch.nn.Module:
 
         load_hf_weights(model, cfg.model.init_from)
     blocks = checkpointed_blocks(cfg.plan, cfg.model.n_layers)
-    if blocks and "activation_checkpointing" in ds:
+    if cfg.plan.activation_checkpointing == "op":  # deepspeed.checkpointing has no per-operator policy
+        apply_activation_checkpointing(model, cfg.plan)
+    elif blocks and "activation_checkpointing" in ds:
         import deepspeed
 
         deepspeed.checkpointing.configure(None, deepspeed_config=ds)
         for i in blocks:
             block = model.layers[str(i)]
-            block.forward = functools.partial(deepspeed.checkpointing.checkpoint, block.forward)
+            if cfg.plan.activation_checkpointing == "attention":  # Megatron-DeepSpeed's selective recompute
+                block.attn.core = functools.partial(deepspeed.checkpointing.checkpoint, block.attn.core)
+            else:
+                block.forward = functools.partial(deepspeed.checkpointing.checkpoint, block.forward)
     if ds.get("zero_optimization", {}).get("stage") == 3:
         import deepspeed
 

@@ -107,6 +107,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        return self.wo(self.core(q, k, v, rope))
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Rotary, the kv heads' repeat and SDPA: [b, s, heads, d] projections to the [b, s, heads·d]
+        input of wo (what plan.activation_checkpointing=attention recomputes, as Megatron's selective
+        recompute does)."""
+        b, s = q.shape[:2]
         if self.use_rope:
             cos, sin = rope
             if self.triton:
@@ -118,7 +126,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+        return y.transpose(1, 2).reshape(b, s, -1)
 
 
 class MLP(nn.Module):

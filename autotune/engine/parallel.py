@@ -29,12 +29,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -122,26 +123,72 @@ def expert_modules(model: nn.Module) -> list[nn.Module]:
 # --- activation checkpointing -----------------------------------------------------------------
 
 def checkpointed_blocks(plan: PlanConfig, n_layers: int) -> list[int]:
-    """Indices of the blocks whose activations are recomputed in backward."""
-    if plan.activation_checkpointing == "full":
+    """Indices of the blocks whose activations are (wholly or in part) recomputed in backward."""
+    if plan.activation_checkpointing in ("full", "op", "attention"):
         return list(range(n_layers))
     if plan.activation_checkpointing == "selective":
         return list(range(0, n_layers, plan.checkpoint_every_k))
     return []
 
 
-def apply_activation_checkpointing(model: nn.Module, plan: PlanConfig) -> None:
-    """Recompute the chosen blocks in backward. The block's forward is wrapped in place rather than
-    the block replaced by a wrapper module, so parameter names (checkpoints, init seeds) stay as they are."""
+# What the per-operator policy keeps: matmul outputs (every k-th of a block's) and SDPA's outputs
+# (the costly ops; everything else is cheap to recompute), and a sequence-parallel reduce-scatter's
+# output (recomputing it would repeat the collective in backward).
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+KEPT_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+}
+
+
+def op_policy(every_k: int, on_keep: Callable[[object], None] | None = None):
+    """A fresh policy for one checkpointed forward (torch.utils.checkpoint's selective checkpointing):
+    keep the outputs of KEPT_OPS and of the 1st, (1+k)th, ... matmul, recompute the rest. Matmuls are
+    counted apart in forward and recompute, so both make the same choices. on_keep(output): told of
+    each output kept in forward (autotune.profile counts them)."""
+    matmuls = {False: 0, True: 0}
+
+    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        if func in MATMULS:
+            keep = matmuls[ctx.is_recompute] % every_k == 0
+            matmuls[ctx.is_recompute] += 1
+        else:
+            keep = func in KEPT_OPS
+        if keep and on_keep is not None and not ctx.is_recompute:
+            on_keep(ctx.op_output)
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: nn.Module, plan: PlanConfig,
+                                   on_keep: Callable[[object], None] | None = None) -> None:
+    """Recompute in backward, per plan.activation_checkpointing: the chosen blocks whole (full,
+    selective), every block under op_policy (op), or each block's attention core (attention).
+    Forwards are wrapped in place rather than the modules replaced by wrappers, so parameter names
+    (checkpoints, init seeds) stay as they are. on_keep: see op_policy."""
     chosen = set(checkpointed_blocks(plan, model.cfg.n_layers))
+    mode = plan.activation_checkpointing
     for name, block in model.layers.items():  # a pipeline stage holds some of the blocks
-        if int(name) in chosen:
+        if int(name) not in chosen:
+            continue
+        if mode == "attention":
+            block.attn.core = _checkpointed(block.attn.core)
+        elif mode == "op":
+            contexts = lambda: create_selective_checkpoint_contexts(op_policy(plan.checkpoint_every_k, on_keep))
+            block.forward = _checkpointed(block.forward, contexts)
+        else:
             block.forward = _checkpointed(block.forward)
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, context_fn=None):
+    contexts = {} if context_fn is None else {"context_fn": context_fn}
+
     def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **contexts, **kwargs)
 
     return run
 

@@ -14,9 +14,9 @@ from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.routing import Routing
 from autotune.profile import (
-    BLOCK_FEATURES, EXPERT_FEATURES, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients, activation_key,
-    block_features, expert_features, moe_activation_coefficients, moe_features, outside_features, tp_block_bytes,
-    tp_outside_bytes,
+    BLOCK_FEATURES, EXPERT_FEATURES, MEASURED_CHECKPOINTING, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients,
+    activation_key, block_features, expert_features, moe_activation_coefficients, moe_features, outside_features,
+    sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
 )
 
 
@@ -25,7 +25,7 @@ class SavedBytes:
     """Bytes one micro-batch saves, per plan."""
 
     block: np.ndarray  # one block without checkpointing
-    checkpointed_block: np.ndarray  # one checkpointed block (it keeps its input)
+    checkpointed_block: np.ndarray  # one checkpointed block: its input (full, selective), or what op / attention keep
     outside_per_token: np.ndarray  # the per-token part outside the blocks: final norm, the head's input
     cast_weights: np.ndarray  # autocast's 16-bit weight copies one block saves (the fit's P term)
     cast_weights_checkpointed: np.ndarray  # the same for a checkpointed block
@@ -43,11 +43,14 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     if model.moe_layers:
         terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
     shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
+    variant = _variants(plans)
+    layouts = {v: sp_hidden_layout(model, v) for v in MEASURED_CHECKPOINTING}
+    layout = tuple(np.select([variant == v for v in layouts], [layouts[v][i] for v in layouts], 0) for i in (0, 1))
     return SavedBytes(
         block=tp_block_bytes(terms["none_tok"], terms["none_hidden"], *shape),
-        checkpointed_block=tp_block_bytes(terms["full_tok"], terms["full_hidden"], *shape, checkpointed=True),
+        checkpointed_block=tp_block_bytes(terms["ck_tok"], terms["ck_hidden"], *shape, layout),
         outside_per_token=tp_outside_bytes(terms["out_tok"], terms["out_hidden"], *shape),
-        cast_weights=terms["none_P"], cast_weights_checkpointed=terms["full_P"],
+        cast_weights=terms["none_P"], cast_weights_checkpointed=terms["ck_P"],
         logits=terms["out_V"], head=terms["out_P"],
     )
 
@@ -65,19 +68,23 @@ def _choices(plans: PlanArrays, kernels: np.ndarray) -> Iterator[tuple[str, str,
 
 def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[str, np.ndarray]:
     """The fitted terms for each row's (precision, cast, checkpointing, kernels), at the rank's
-    features: per block (none_* and full_* checkpointing) its per-token part, the hidden-width part
-    of that (tok and h terms) and its weights (P); outside the blocks the same plus V (logits)."""
+    features: per block (none_*, and ck_* for the row's checkpointed variant) its per-token part, the
+    hidden-width part of that (tok and h terms) and its weights (P); outside the blocks the same plus
+    V (logits)."""
     coefs = activation_coefficients(model)
+    variant = _variants(plans)
     block_at = block_features(model, plans.micro_batch, seq_len, plans.tp)  # a block as a tp rank holds it
     outside_at = outside_features(model, plans.micro_batch, seq_len)
-    names = ("none_tok", "none_hidden", "none_P", "full_tok", "full_hidden", "full_P", "out_tok", "out_hidden", "out_V", "out_P")
+    names = ("none_tok", "none_hidden", "none_P", "ck_tok", "ck_hidden", "ck_P", "out_tok", "out_hidden", "out_V", "out_P")
     terms = {k: np.zeros(plans.rows) for k in names}
     for precision, cast, kernel, rows in _choices(plans, plans.kernels):
-        for mode in ("none", "full"):
-            coef = coefs[activation_key(precision, cast, mode, kernel)]["block"]
-            terms[f"{mode}_tok"][rows] = sum(coef[k] * block_at[k][rows] for k in BLOCK_FEATURES if k != "P")
-            terms[f"{mode}_hidden"][rows] = coef["tok"] * block_at["tok"][rows] + coef["h"] * block_at["h"][rows]
-            terms[f"{mode}_P"][rows] = coef["P"] * block_at["P"][rows]
+        for name, fitted, some in [("none", "none", rows)] + [("ck", v, rows & (variant == v)) for v in MEASURED_CHECKPOINTING]:
+            if some.any():
+                coef = coefs[activation_key(precision, cast, fitted, kernel)]["block"]
+                at = {k: v[some] for k, v in block_at.items()}
+                terms[f"{name}_tok"][some] = sum(coef[k] * at[k] for k in BLOCK_FEATURES if k != "P")
+                terms[f"{name}_hidden"][some] = coef["tok"] * at["tok"] + coef["h"] * at["h"]
+                terms[f"{name}_P"][some] = coef["P"] * at["P"]
         coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
         terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
         terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]
@@ -101,13 +108,19 @@ def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routin
     experts_at = expert_features(model, plans.micro_batch, seq_len, routing.arrived, plans.ep)
     n_moe = len(model.moe_layers)
     out = dict(dense)
-    for mode in ("none", "full"):
+    for name, mode in (("none", "none"), ("ck", "full")):  # a checkpointed MoE block as full keeps it
         tok, weights = np.zeros(plans.rows), np.zeros(plans.rows)
         for precision, cast, kernel, rows in _choices(plans, plans.kernels):
             coef = coefs[activation_key(precision, cast, mode, kernel)]
             tok[rows] = (sum(coef["moe"][k] * moe_at[k][rows] for k in MOE_FEATURES if k != "P")
                          + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe"))
             weights[rows] = coef["moe"]["P"] * moe_at["P"][rows] + coef["experts"]["Pe"] * experts_at["Pe"][rows]
-        for name, moe in ((f"{mode}_tok", tok), (f"{mode}_P", weights)):
-            out[name] = ((model.n_layers - n_moe) * dense[name] + n_moe * moe) / model.n_layers
+        for term, moe in ((f"{name}_tok", tok), (f"{name}_P", weights)):
+            out[term] = ((model.n_layers - n_moe) * dense[term] + n_moe * moe) / model.n_layers
     return out
+
+
+def _variants(plans: PlanArrays) -> np.ndarray:
+    """Each row's fitted variant of a checkpointed block (autotune.profile.checkpoint_variant)."""
+    return np.select([plans.checkpointing == "op", plans.checkpointing == "attention"],
+                     [np.char.add("op", plans.every_k.astype(str)), "attention"], "full")

@@ -94,7 +94,8 @@ class PlanArrays:
         return self.fsdp_offload | self.host_adam
 
     def checkpointed(self, layers: np.ndarray) -> np.ndarray:
-        """Checkpointed blocks among a rank's `layers` (engine.parallel.checkpointed_blocks: full:
-        all, selective: every k-th from block 0), spread evenly over the stages."""
-        return np.where(self.checkpointing == "full", layers,
+        """Checkpointed blocks among a rank's `layers` (engine.parallel.checkpointed_blocks: full, op,
+        attention: all, in whole or in part; selective: every k-th from block 0), spread evenly over
+        the stages."""
+        return np.where(np.isin(self.checkpointing, ("full", "op", "attention")), layers,
                         np.where(self.checkpointing == "selective", np.ceil(layers / self.every_k), 0))

@@ -102,12 +102,14 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float,
 def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
                     eff: float) -> np.ndarray:
     """Per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
-    recomputed block; with sequence parallelism the same bytes as all-gather + reduce-scatter.
+    recomputed block (op recomputes them too: it keeps no all-reduce or all-gather output; the
+    attention core has none); with sequence parallelism the same bytes as all-gather + reduce-scatter.
     Inside a node, not overlapped."""
     tp = plans.tp
     nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     one = collective_time("all_reduce", nbytes, tp, tp, hw, eff)
-    collectives = 4 * held.layers + 2 * plans.checkpointed(held.layers)
+    recomputed = np.where(plans.checkpointing == "attention", 0, plans.checkpointed(held.layers))
+    collectives = 4 * held.layers + 2 * recomputed
     return np.where(tp > 1, plans.micro_batches * collectives * one, 0)
 
 

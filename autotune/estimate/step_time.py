@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autotune.engine.config import JobConfig, ModelConfig
+from autotune.engine.config import OP_CHECKPOINT_EVERY_K, JobConfig, ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.attention import relative_attention_efficiency
@@ -26,7 +26,7 @@ from autotune.estimate.layout import HeldNumels
 from autotune.estimate.routing import Routing, all_to_all_time
 from autotune.estimate.traffic import micro_batch_traffic
 from autotune.hardware import Hardware
-from autotune.profile import flops_per_token
+from autotune.profile import block_matmuls, flops_per_token, kept_matmuls
 
 ADAM_BYTES_PER_PARAM = 32  # fused/foreach AdamW: read p, g, m, v; write p, m, v; zero g (fp32)
 CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g for the norm, then g *= scale (read + write)
@@ -43,7 +43,7 @@ class MicroBatchCompute:
     attention: np.ndarray  # SDPA forward
     memory_blocks: dict[str, np.ndarray]  # the blocks' memory-bound ops, {"fwd", "bwd"}
     memory_outside: dict[str, np.ndarray]  # the same outside the blocks (embedding, final norm, head, loss)
-    recompute_share: np.ndarray  # of the blocks' forward, recomputed in backward
+    recompute_share: dict[str, np.ndarray]  # of the blocks' forward {matmul, attention, memory}, recomputed in backward
     dispatched_ops: np.ndarray  # ops the host dispatches
 
     @property
@@ -57,7 +57,8 @@ class MicroBatchCompute:
 
     @property
     def recompute(self) -> np.ndarray:
-        return self.recompute_share * (self.matmul_blocks + self.attention + self.memory_blocks["fwd"])
+        share = self.recompute_share
+        return share["matmul"] * self.matmul_blocks + share["attention"] * self.attention + share["memory"] * self.memory_blocks["fwd"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
                  / (peak * efficiency["attention_efficiency"] * attention_rate))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
-    recompute_share = plans.checkpointed(layers) / np.maximum(layers, 1)
+    recompute_share = _recompute_share(model, plans, layers, traffic)
     block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
     head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms)
     block_flops = 2 * tokens * per_token / model.n_layers * layers / tp
@@ -111,8 +112,29 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
         recompute_share=recompute_share,
         # eager PyTorch: the host dispatches every op the engine's model runs (counted with the traffic)
         dispatched_ops=(traffic["block_ops"] * layers + traffic["outside_ops"] / pp
-                        + recompute_share * traffic["block_fwd_ops"] * layers),
+                        + recompute_share["memory"] * traffic["block_fwd_ops"] * layers),
     )
+
+
+def _recompute_share(model: ModelConfig, plans: PlanArrays, layers: np.ndarray,
+                     traffic: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What share of the blocks' forward matmuls, attention and memory-bound ops (and dispatched ops,
+    as the memory-bound share) backward recomputes [Activations]: full and selective the checkpointed
+    blocks' all; op every block's memory-bound ops and the matmuls whose outputs it does not keep
+    (engine.parallel.op_policy; SDPA's output is kept); attention each block's SDPA and the memory-bound
+    ops of its core (traffic's block_fwd_core)."""
+    whole = plans.checkpointed(layers) / np.maximum(layers, 1)
+    mode = plans.checkpointing
+    matmuls = block_matmuls(model)
+    recomputed = {k: sum(f for name, f in matmuls if name not in kept_matmuls(model, k)) / sum(f for _, f in matmuls)
+                  for k in OP_CHECKPOINT_EVERY_K}
+    op_matmul = np.select([plans.every_k == k for k in recomputed], list(recomputed.values()), 0.0)
+    core = traffic["block_fwd_core"] / np.maximum(traffic["block_fwd"], 1e-30)
+    return {
+        "matmul": np.select([mode == "op", mode == "attention"], [op_matmul, 0.0], whole),
+        "attention": np.select([mode == "op", mode == "attention"], [0.0, 1.0], whole),
+        "memory": np.select([mode == "op", mode == "attention"], [1.0, core], whole),
+    }
 
 
 def compute_scale(plans: PlanArrays, hw: Hardware) -> np.ndarray:
@@ -180,8 +202,8 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     compute = parts["forward"] + parts["backward"] + parts["recompute"]
     # compute by kind, over forward, backward and recompute (they sum to those three)
     matmul = micro_batches * (micro.matmul_blocks + micro.matmul_head + micro.matmul_backward
-                              + micro.recompute_share * micro.matmul_blocks)
-    attention = micro_batches * (3.5 + micro.recompute_share) * micro.attention
+                              + micro.recompute_share["matmul"] * micro.matmul_blocks)
+    attention = micro_batches * (3.5 + micro.recompute_share["attention"]) * micro.attention
     memory = compute - matmul - attention
     return StepTime(
         parts=parts, total=sum(parts[k] for k in TIME),

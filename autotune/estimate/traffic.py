@@ -15,9 +15,16 @@ from autotune.profile import (
 )
 
 
+# the traffic terms of the ops between the q/k/v projections and wo (model.Attention.core): rotary
+# and the kv repeat move query-, kv- and head-width tensors and read the rotary tables (the
+# projections' bias adds of gpt2 are q-width too: counted here, a small excess)
+ATTENTION_CORE_FEATURES = ("q", "kv", "a", "sd")
+
+
 def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing) -> dict[str, np.ndarray]:
     """Memory-bound bytes of one micro-batch per block and outside the blocks (block_fwd, block_bwd,
-    outside_fwd, outside_bwd) and op counts (block_ops, block_fwd_ops, outside_ops). The outside
+    outside_fwd, outside_bwd; block_fwd_core: a dense block_fwd's attention core) and op counts
+    (block_ops, block_fwd_ops, outside_ops). The outside
     (embedding, final norm, head and loss) follows the loss actually run. A block is as a tp rank
     holds it; sequence parallel runs its hidden-width ops (norms, residual adds) on s/tp rows. A MoE
     model's block is the mean over its dense and MoE blocks (`_moe_blocks`)."""
@@ -38,6 +45,9 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
         coef = np.array([[f[f"block_{phase}"][k] for k in TRAFFIC_BLOCK_FEATURES] for f in fits])[block]
         out[f"block_{phase}"] = (np.einsum("ij,ij->i", coef, block_x)
                                  - shard * np.einsum("ij,ij->i", coef[:, hidden], block_x[:, hidden]))
+        if phase == "fwd":  # the attention core's ops (rotary, the kv repeat): its query/kv/head-width terms
+            core = np.array([k in ATTENTION_CORE_FEATURES for k in TRAFFIC_BLOCK_FEATURES])
+            out["block_fwd_core"] = np.einsum("ij,ij->i", coef[:, core], block_x[:, core])
         coef = np.array([[f[f"outside_{phase}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside]
         out[f"outside_{phase}"] = np.einsum("ij,ij->i", coef, outside_x)
     out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]

@@ -28,8 +28,8 @@ from autotune.profile.activations import (
 from autotune.profile.cli import cli
 from autotune.profile.features import (
     BLOCK_FEATURES, EXPERT_FEATURES, MOE_FEATURES, OUTSIDE_FEATURES, TP_SPLIT_FEATURES, TRAFFIC_BLOCK_FEATURES,
-    TRAFFIC_MOE_FEATURES, block_features, expert_features, moe_features, outside_features, tp_block_bytes,
-    tp_outside_bytes,
+    TRAFFIC_MOE_FEATURES, block_features, block_matmuls, checkpoint_variant, expert_features, kept_matmuls,
+    moe_features, outside_features, sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
 )
 from autotune.profile.fits import FIT_BATCHES, cache_dir, fit_shapes
 from autotune.profile.flops import expert_matmul_params, flops_per_token, matmul_params
@@ -45,7 +45,8 @@ from autotune.profile.traffic import (
 __all__ = [
     "BLOCK_FEATURES", "CASTS", "DTYPE", "EXPERT_FEATURES", "FIT_BATCHES", "MEASURED_CHECKPOINTING", "MOE_FEATURES",
     "OUTSIDE_FEATURES", "TP_SPLIT_FEATURES", "TRAFFIC_BLOCK_FEATURES", "TRAFFIC_MOE_FEATURES", "TrafficCounter",
-    "activation_coefficients", "activation_fit", "activation_key", "block_features", "cache_dir", "cli",
+    "activation_coefficients", "activation_fit", "activation_key", "block_features", "block_matmuls", "cache_dir",
+    "checkpoint_variant", "cli", "kept_matmuls", "sp_hidden_layout",
     "expert_features", "expert_matmul_params", "fit_shapes", "flops_per_token", "matmul_params", "measure_saved_bytes",
     "measure_traffic", "model_profile", "moe_activation_coefficients", "moe_features", "moe_traffic_coefficients",
     "outside_features", "predict_moe_saved_bytes", "predict_moe_traffic", "predict_saved_bytes", "predict_traffic",

@@ -17,12 +17,16 @@ from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig
 from autotune.engine.moe import MoE
 from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 from autotune.profile.features import (
-    BLOCK_FEATURES, OUTSIDE_FEATURES, block_features, outside_features, tp_block_bytes, tp_outside_bytes,
+    BLOCK_FEATURES, OUTSIDE_FEATURES, block_features, checkpoint_variant, outside_features, sp_hidden_layout,
+    tp_block_bytes, tp_outside_bytes,
 )
 from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
 from autotune.profile.measure import CASTS, DTYPE, cpu_model, temporary_env, triton_launches
 
-MEASURED_CHECKPOINTING = ("none", "full")  # selective = a mix of the two, per block
+# the fitted variants (features.checkpoint_variant): selective mixes none and full per block, op
+# keeps every matmul's output (op1) or every other one's (op2)
+MEASURED_CHECKPOINTING = {"none": ("none", 2), "full": ("full", 2), "op1": ("op", 1), "op2": ("op", 2),
+                          "attention": ("attention", 2)}
 
 
 def measure_saved_bytes(
@@ -43,7 +47,6 @@ def measure_saved_bytes(
     """
     net = cpu_model(model, s, precision, cast, kernels)
     held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    apply_activation_checkpointing(net, PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k))
     owner = ["outside"]
     seen: dict[int, tuple[str, int]] = {}
     for name, block in net.layers.items():
@@ -60,6 +63,10 @@ def measure_saved_bytes(
             seen[ptr] = (owner[0], storage.nbytes())
         return t
 
+    # what a per-operator policy keeps is cached by the checkpoint, not saved through autograd's hooks
+    plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k)
+    apply_activation_checkpointing(net, plan, on_keep=lambda out: [pack(t) for t in _tensors(out)])
+
     tokens = torch.randint(0, model.vocab_size, (b, s))
     autocast = torch.autocast("cpu", dtype=DTYPE[precision]) if precision != "fp32" and cast == "autocast" else nullcontext()
     if kernels != "triton":
@@ -71,6 +78,10 @@ def measure_saved_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton:
         net(tokens, tokens)
     return _by_owner(model, seen.values())
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
 
 
 def _by_owner(model: ModelConfig, saved: Iterable[tuple[str, int]]) -> dict[str, float]:
@@ -97,12 +108,12 @@ def _fit_group(family: str, gqa: bool) -> dict[str, dict]:
     fits = {}
     for precision in PRECISIONS:
         for cast in CASTS if precision != "fp32" else ("params",):
-            for ckpt in MEASURED_CHECKPOINTING:
+            for ckpt, (mode, k) in MEASURED_CHECKPOINTING.items():
                 for kernels in KERNELS:
                     rows_b, rows_o, yb, yo = [], [], [], []
                     for m in fit_shapes(family, gqa):
                         for b, s in FIT_BATCHES:
-                            got = measure_saved_bytes(m, b, s, precision, cast, ckpt, kernels)
+                            got = measure_saved_bytes(m, b, s, precision, cast, mode, kernels, every_k=k)
                             rows_b.append(block_features(m, b, s))
                             rows_o.append(outside_features(m, b, s))
                             yb.append(got["block"])
@@ -137,11 +148,12 @@ def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, che
     fb, fo = block_features(model, b, s, tp), outside_features(model, b, s)
     beta = 4 if precision == "fp32" else 2
 
-    def block(mode: str) -> float:
-        c = coefs[activation_key(precision, cast, mode, kernels)]["block"]
+    def block(variant: str) -> float:
+        c = coefs[activation_key(precision, cast, variant, kernels)]["block"]
         plain = sum(c[k] * fb[k] for k in BLOCK_FEATURES if k != "P") + c["P"] * fb["P"] / tp  # weights: tp shards
         hidden = c["tok"] * fb["tok"] + c["h"] * fb["h"]
-        return float(tp_block_bytes(plain, hidden, b, s, model.d_model, beta, tp, sp, checkpointed=mode == "full"))
+        layout = sp_hidden_layout(model, variant)
+        return float(tp_block_bytes(plain, hidden, b, s, model.d_model, beta, tp, sp, layout))
 
     c = coefs[activation_key(precision, cast, "none", kernels)]["outside"]
     per_token = sum(c[k] * fo[k] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
@@ -149,5 +161,7 @@ def predict_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, che
                     + (c["V"] * fo["V"] + c["P"] * fo["P"]) / tp)
     plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k)
     n_ck = len(checkpointed_blocks(plan, model.n_layers))
-    total = n_ck * block("full") + (model.n_layers - n_ck) * block("none") + outside
-    return {"block": block("full" if checkpointing == "full" else "none"), "outside": outside, "total": total}
+    variant = checkpoint_variant(checkpointing, every_k)
+    total = n_ck * block(variant) + (model.n_layers - n_ck) * block("none") + outside
+    return {"block": block(variant if checkpointing in ("full", "op", "attention") else "none"),
+            "outside": outside, "total": total}

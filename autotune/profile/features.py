@@ -70,17 +70,52 @@ def outside_features(model: ModelConfig, b, s) -> dict:
     return {"tok": bs, "h": bs * model.d_model, "V": bs * model.vocab_size, "P": head + 0 * bs, "s": s + 0 * b}
 
 
-def tp_block_bytes(plain, hidden, b, s, h: int, beta, tp, sp, checkpointed: bool = False):
+def block_matmuls(model: ModelConfig) -> list[tuple[str, int]]:
+    """A dense block's matmuls in the order it runs them, with their FLOPs per token over 2 (in x out)."""
+    h, q, kv, f = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim, model.d_ff
+    mlp = [("w_gate", h * f)] if model.family == "llama" else []
+    return [("wq", h * q), ("wk", h * kv), ("wv", h * kv), ("wo", q * h), *mlp, ("w_up", h * f), ("w_down", f * h)]
+
+
+def kept_matmuls(model: ModelConfig, every_k: int) -> list[str]:
+    """The matmuls whose outputs plan.activation_checkpointing=op keeps (engine.parallel.op_policy)."""
+    return [name for i, (name, _) in enumerate(block_matmuls(model)) if i % every_k == 0]
+
+
+def checkpoint_variant(checkpointing: str, every_k: int) -> str:
+    """What one checkpointed block of a plan saves, as fitted (autotune.profile.MEASURED_CHECKPOINTING):
+    full (full, selective), op1, op2 or attention."""
+    if checkpointing == "op":
+        return f"op{every_k}"
+    return "attention" if checkpointing == "attention" else "full"
+
+
+def sp_hidden_layout(model: ModelConfig, variant: str) -> tuple[int, int]:
+    """Under sequence parallel, a block's b·s·h tensors that a rank keeps whole rather than 1/tp, and
+    the reduce-scatter outputs (1/tp each) it keeps beyond what the tp=1 fit saw. Without
+    checkpointing (and with only the attention core recomputed) the attention's and the MLP's
+    all-gathered inputs, which their linears save; a checkpointed block keeps only its input; op
+    keeps wo's and w_down's partial sums if their outputs are kept, and both reduce-scatters."""
+    if variant in ("none", "attention"):
+        return 2, 0
+    if variant == "full":
+        return 0, 0
+    kept = kept_matmuls(model, int(variant.removeprefix("op")))
+    return sum(name in kept for name in ("wo", "w_down")), 2
+
+
+def tp_block_bytes(plain, hidden, b, s, h: int, beta, tp, sp, layout: tuple[int, int] = (2, 0)):
     """Bytes one block saves on a tensor-parallel rank (numbers or numpy arrays).
 
     `plain` is the fit at the rank's features (block_features(..., tp)): exactly what the engine's
     block saves under tp. Sequence parallelism shards the hidden-width part over the sequence
-    (`hidden`: the fit's tok and h terms), except the attention's and the MLP's all-gathered
-    inputs, which their linears save whole: 2·b·s·h elements of `beta` bytes (none in a checkpointed
-    block, which keeps only its input). Measured on the engine: tests/tp_pp_worker.py.
-    (Korthikanti et al.'s 1/tp for sequence parallel assumes Megatron's re-gather in backward.)"""
+    (`hidden`: the fit's tok and h terms), except `layout` (sp_hidden_layout: the b·s·h tensors of
+    `beta` bytes kept whole, the reduce-scatter outputs kept). Measured on the engine:
+    tests/tp_pp_worker.py. (Korthikanti et al.'s 1/tp for sequence parallel assumes Megatron's
+    re-gather in backward.)"""
+    whole, scattered = layout
     shard = np.where(sp, 1 - 1 / tp, 0.0)
-    return plain - shard * (hidden - (0 if checkpointed else 2 * b * s * h * beta))
+    return plain - shard * (hidden - whole * b * s * h * beta) + np.where(sp, scattered * b * s * h * beta / tp, 0.0)
 
 
 def tp_outside_bytes(per_token, hidden, b, s, h: int, beta, tp, sp):

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
-from autotune.profile.activations import MEASURED_CHECKPOINTING, activation_key, measure_saved_bytes
+from autotune.profile.activations import activation_key, measure_saved_bytes
 from autotune.profile.features import (
     EXPERT_FEATURES, MOE_FEATURES, TRAFFIC_MOE_FEATURES, expert_features, moe_features,
 )
@@ -25,6 +25,9 @@ from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
 from autotune.profile.measure import CASTS
 from autotune.profile.traffic import TRAFFIC_PHASES, measure_traffic, traffic_key
 
+# A MoE block's checkpointing variants: a checkpointed one is counted as full checkpointing keeps
+# it, whichever of full, op or attention the plan runs (docs/formulas.md, Not modelled yet)
+MOE_CHECKPOINTING = ("none", "full")
 # Per fit shape (the dense fit's widths, each twice): experts, k, expert width, shared expert width.
 # Twice as many shapes as the dense fit: a MoE block has nine per-token features, not six. Widths
 # are multiples of 8: torch's grouped matmul wants 16-byte rows in 16 bits.
@@ -63,7 +66,7 @@ def _fit_activations(kind: tuple) -> dict[str, dict]:
     """Per precision x cast x checkpointing x kernels: the MoE block's and its experts' coefficients."""
     fits = {}
     for precision, cast, kernels in _choices():
-        for ckpt in MEASURED_CHECKPOINTING:
+        for ckpt in MOE_CHECKPOINTING:
             rows_m, rows_e, ym, ye = [], [], [], []
             # one batch shape per model, the two in turn: no per-sequence term to tell apart here
             for i, m in enumerate(moe_fit_shapes(kind)):
