@@ -152,3 +152,16 @@ def test_a_calibration_with_a_scale_out_of_range_is_one_error_line(tmp_path, cap
     assert main(["estimate", "model=tiny", f"estimate.calibration={path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: estimate.calibration") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("ac, source, mode", [
+    ("selective (torchtitan default selective op)", "github.com/pytorch/torchtitan benchmarks", ("op", 2)),
+    ("selective (per-op SAC)", "github.com/pytorch/torchtitan benchmarks", ("op", 2)),
+    ("selective layer", "github.com/pytorch/torchtitan docs/performance.md", ("selective", 2)),
+    ("selective (attention core recompute) + sequence parallelism", "Korthikanti et al. 2022", ("attention", 2)),
+    ("selective + sequence parallelism", "Korthikanti et al. 2022, 'Reducing Activation Recomputation'", ("attention", 2)),
+])
+def test_published_selective_rows_map_to_the_mode_the_run_used(ac, source, mode):
+    from autotune.validate.mapping import activation_mode
+
+    assert activation_mode(ac, source) == mode

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from autotune.config import CONF_DIR
-from autotune.engine.config import Checkpointing, ConfigError, TrainConfig, build_train_config
+from autotune.engine.config import ConfigError, TrainConfig, build_train_config
 from autotune.hardware import Hardware, catalog_gpu, network_bytes_per_s
 from autotune.profile import flops_per_token
 from autotune.validate.runs import Run
@@ -137,10 +137,9 @@ def _zero(run: Run, assumed: list[str]) -> int:
 def activation_mode(ac: str, source: str = "") -> tuple[str, int] | None:
     """A row's `ac` text as the engine's (activation_checkpointing, checkpoint_every_k); None: a mode
     the engine does not have. Per-operator selective checkpointing (torchtitan's `op`, its default
-    selective mode) and Megatron's attention-core recompute map to the engine's `op` and
-    `attention` modes once it has them (issue 21)."""
+    selective mode, every other matmul's output kept) maps to the engine's `op` with k = 2, Megatron's
+    attention-core recompute (Korthikanti et al.'s "selective") to `attention`."""
     text = ac.lower()
-    modes = Checkpointing.__members__
     if text in ("", "unstated", "none") or text.startswith("none"):
         return ("none", 2)
     if text.startswith("full"):
@@ -149,18 +148,17 @@ def activation_mode(ac: str, source: str = "") -> tuple[str, int] | None:
         return ("selective", 2)
     if "fraction of blocks" in text:  # fms-fsdp's selective_checkpointing, default 1: every block
         return ("full", 2)
-    if "attention" in text:
-        return ("attention", 2) if "attention" in modes else None
+    if "attention" in text or (text.startswith("selective") and re.search(r"megatron|korthikanti", source.lower())):
+        return ("attention", 2)
     if re.search(r"\bop\b|per-op", text) or (text.startswith("selective") and "torchtitan" in source.lower()):
-        return ("op", 2) if "op" in modes else None
+        return ("op", 2)
     return None
 
 
 def _checkpointing(run: Run, assumed: list[str], free: dict) -> tuple[str, int]:
     mode = activation_mode(run.ac, run.source)
     if mode is None:
-        raise NotExpressible(f"activation checkpointing {run.ac!r}: the engine has no such mode yet "
-                             "(per-operator and attention-core recompute are issue 21)")
+        raise NotExpressible(f"activation checkpointing {run.ac!r}: the engine has no such mode")
     if not run.ac or run.ac.lower() == "unstated":
         free["activation checkpointing"] = [{"activation_checkpointing": m} for m in ("none", "selective", "full")]
     elif "fraction of blocks" in run.ac.lower():
