@@ -226,6 +226,9 @@ class PlanConfig:
     # them and exchanges tokens all-to-all; the experts' states are data-parallel (and ZeRO-sharded)
     # over the dp / ep ranks that hold the same experts
     ep: int = 1
+    # hybrid sharding (HSDP): ZeRO-2/3 shards over groups of dp / dp_replicate ranks and the groups
+    # replicate each other (their gradients all-reduced once per step); 1: shard over all dp ranks
+    dp_replicate: int = 1
     kernels: Kernels = Kernels.torch
     compile: bool = False
 
@@ -446,6 +449,27 @@ def validate_ep(p: PlanConfig, model: ModelConfig) -> None:
         )
 
 
+def validate_dp_replicate(p: PlanConfig) -> None:
+    """Hybrid sharding: dp_replicate groups of dp / dp_replicate ranks, each sharding ZeRO-2/3's states."""
+    if p.dp_replicate < 1:
+        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must be at least 1 (1: no hybrid sharding)")
+    if p.dp_replicate == 1:
+        return
+    if p.dp % p.dp_replicate:
+        divisors = [d for d in range(1, p.dp + 1) if p.dp % d == 0]
+        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must divide plan.dp={p.dp}; try one of {divisors}")
+    if p.zero_stage < 2:
+        raise ConfigError(
+            f"plan.dp_replicate={p.dp_replicate} shards ZeRO-2/3 states within groups, but plan.zero_stage="
+            f"{p.zero_stage} shards no parameters; use plan.zero_stage=2 or 3, or plan.dp_replicate=1"
+        )
+    if p.ep > 1:
+        raise ConfigError(
+            f"plan.dp_replicate={p.dp_replicate} with plan.ep={p.ep}: the engine does not combine hybrid "
+            "sharding with expert parallelism; use plan.dp_replicate=1 or plan.ep=1"
+        )
+
+
 def validate_job(j: JobConfig) -> None:
     if j.seq_len < 1 or j.global_batch < 1 or j.steps < 1:
         raise ConfigError("job.seq_len, job.global_batch and job.steps must be at least 1")
@@ -510,6 +534,7 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
         if model.d_ff % p.tp:
             raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
     validate_ep(p, model)
+    validate_dp_replicate(p)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
     if p.sequence_parallel and job.seq_len % p.tp:

@@ -23,6 +23,11 @@ ranks (`expert_layout`: dp unflattened into edp x ep): each rank of a group hold
 layer's experts (DTensors sharded over ep) and tokens reach them all-to-all (autotune/engine/moe.py).
 The experts are then their own ZeRO unit over the edp ranks that hold the same experts, FSDP2 or
 `replicate` (DDP's one process group cannot span both), everything else as without ep.
+
+Hybrid sharding (`shard_mesh`, plan.dp_replicate > 1, ZeRO 2/3) unflattens dp into
+(dp_replicate, dp_shard), dp_shard innermost (the ranks nearest each other, in one node where
+they fit): FSDP2 shards over dp_shard and all-reduces the reduce-scattered gradients over
+dp_replicate (HSDP), once per step (`gradient_sync`).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -81,6 +86,19 @@ def expert_layout(mesh: DeviceMesh, ep: int) -> DeviceMesh:
     after tp's), an edp group the dp / ep ranks holding the same experts. Made once per job mesh:
     making it creates process groups, a collective."""
     return mesh._unflatten("dp", (mesh["dp"].size() // ep, ep), ("edp", "ep"))
+
+
+def shard_mesh(plan: PlanConfig, mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards over: dp, or under hybrid sharding the 2D (dp_replicate, dp_shard) mesh
+    (FSDP2 replicates over the first dim and shards over the second). Made once per job mesh."""
+    if plan.dp_replicate == 1:
+        return mesh["dp"]
+    return _hybrid_layout(mesh, plan.dp_replicate)["dp_replicate", "dp_shard"]
+
+
+@functools.cache
+def _hybrid_layout(mesh: DeviceMesh, replicas: int) -> DeviceMesh:
+    return mesh._unflatten("dp", (replicas, mesh["dp"].size() // replicas), ("dp_replicate", "dp_shard"))
 
 
 def expert_mesh(plan: PlanConfig, mesh: DeviceMesh) -> DeviceMesh | None:
@@ -278,7 +296,7 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
     apply_compile(model, plan)
     dp_mesh, experts_mesh = mesh["dp"], expert_mesh(plan, mesh)
     if uses_fsdp(plan):
-        apply_fsdp(model, plan, dp_mesh, device, experts_mesh)
+        apply_fsdp(model, plan, shard_mesh(plan, mesh), device, experts_mesh)
         materialize(model, plan, device, seed)
         return model
     materialize(model, plan, device, seed)
@@ -465,13 +483,18 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     whole on every rank anyway (a pipeline schedule does the same for its stages itself). FSDP2
     (ZeRO 2/3) reduce-scatters on every micro-step, as DeepSpeed's ZeRO-2/3 do:
     skipping it would keep every rank's gradients unsharded in fp32 (4 bytes per parameter) between
-    micro-steps, which undoes the point of sharding them.
+    micro-steps, which undoes the point of sharding them. Under hybrid sharding it all-reduces the
+    summed shards across replicas on the last micro-step only (the earlier ones' wait in FSDP2's
+    partial sum, a shard's size).
     """
     if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
     elif ReplicateModule is not None and isinstance(model, ReplicateModule):
         model.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_all_reduce(enabled)  # HSDP's replicas; nothing without them
         yield
     else:
         yield
