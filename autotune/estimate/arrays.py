@@ -35,6 +35,7 @@ class PlanArrays:
     tp: np.ndarray
     pp: np.ndarray
     ep: np.ndarray  # expert parallelism: dp ranks per group that split each MoE layer's experts
+    dp_replicate: np.ndarray  # hybrid sharding: replicas, each of dp / dp_replicate ranks sharding ZeRO-2/3's states
     virtual_stages: np.ndarray
     schedule: np.ndarray
     sequence_parallel: np.ndarray
@@ -70,7 +71,7 @@ class PlanArrays:
             micro_batch=micro_batch,
             micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * dp, 1),
                                    grad_accum).astype(np.int64),
-            dp=dp, tp=tp, pp=pp, ep=ep,
+            dp=dp, tp=tp, pp=pp, ep=ep, dp_replicate=_column(plans, "dp_replicate", 1).astype(np.int64),
             virtual_stages=_column(plans, "pp_virtual_stages", 1).astype(np.int64),
             schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
             sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),
@@ -87,6 +88,11 @@ class PlanArrays:
             world=dp * tp * pp,
             ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
         )
+
+    @property
+    def dp_shard(self) -> np.ndarray:
+        """The ranks FSDP2 shards over: all dp ranks, or under hybrid sharding one replica's."""
+        return self.dp // self.dp_replicate
 
     @property
     def offloaded(self) -> np.ndarray:

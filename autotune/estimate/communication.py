@@ -27,8 +27,24 @@ class PassCompute:
 
 
 def dp_group(plans: PlanArrays, hw: Hardware) -> tuple[np.ndarray, np.ndarray]:
-    """(ranks, ranks per node) of the data-parallel group: mesh (pp, dp, tp), tp innermost."""
-    return plans.dp, np.maximum(1, np.minimum(plans.dp, hw.gpus_per_node // plans.tp))
+    """(ranks, ranks per node) of the data-parallel group the ZeRO collectives run over: mesh
+    (pp, dp, tp), tp innermost; under hybrid sharding one replica's shard group (dp / dp_replicate
+    consecutive dp ranks)."""
+    return plans.dp_shard, np.maximum(1, np.minimum(plans.dp_shard, hw.gpus_per_node // plans.tp))
+
+
+def replica_group(plans: PlanArrays, hw: Hardware) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, ranks per node) of hybrid sharding's replica group: the dp_replicate ranks holding
+    the same shard, one shard group (dp_shard x tp ranks) apart, so on different nodes once a shard
+    group fills a node."""
+    apart = plans.dp_shard * plans.tp
+    return plans.dp_replicate, np.maximum(1, np.minimum(plans.dp_replicate, hw.gpus_per_node // apart))
+
+
+def replica_all_reduce(nbytes, plans: PlanArrays, hw: Hardware, eff: float):
+    """The all-reduce of `nbytes` (a rank's reduce-scattered gradient shards) across the replicas."""
+    ranks, per_node = replica_group(plans, hw)
+    return collective_time("all_reduce", nbytes, ranks, per_node, hw, eff)
 
 
 def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: Hardware, eff: float):
@@ -60,7 +76,8 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
     parameters is prefetched during the previous unit's compute, and each unit's fp32 gradients are
     reduce-scattered during the next one's backward. So a pass waits for its first gather, for every
     unit whose collectives outlast its neighbour's compute, and a backward for its last
-    reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step."""
+    reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step.
+    These run over the shard group; hybrid sharding adds `_replicas`."""
     layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
     unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
     unit_experts = held.experts / layers
@@ -80,8 +97,26 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
                + m * layers * np.maximum(0, backward_gathers / m * gather + scatters / m * scatter - compute.backward)
                + scatters * scatter + root)
     total = layers * ((forward_gathers + backward_gathers) * gather + scatters * scatter) + root
+    slack = np.maximum(0, compute.backward - np.where(plans.zero_stage == 3, gather, 0) - scatter)
+    replicas = _replicas(plans, held, hw, eff, unit + unit_experts, slack)
+    exposed, total = exposed + replicas["exposed"], total + replicas["total"]
     return {"exposed": exposed, "overlapped": np.maximum(total - exposed, 0),
             "gathers": forward_gathers + backward_gathers}
+
+
+def _replicas(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, unit: np.ndarray,
+              slack: np.ndarray) -> dict[str, np.ndarray]:
+    """Hybrid sharding: each unit's fp32 gradient shard all-reduced across the replicas once per
+    step, after its reduce-scatter in the last backward (engine.parallel.gradient_sync), during the
+    next unit's backward where that backward's own collectives leave it room (`slack`, per block);
+    the last unit's and the root's wait."""
+    shards = plans.dp_shard
+    block = replica_all_reduce(4 * unit / shards, plans, hw, eff)
+    root = replica_all_reduce(4 * held.root / shards, plans, hw, eff)
+    layers = np.maximum(held.layers, 1)
+    hybrid = plans.dp_replicate > 1
+    return {"exposed": np.where(hybrid, block + layers * np.maximum(0, block - slack) + root, 0),
+            "total": np.where(hybrid, layers * block + root, 0)}
 
 
 def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute,
@@ -122,7 +157,7 @@ def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: 
     activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     boundary = plans.micro_batches * 2 * send_time(activation_bytes, across, hw, eff)
     if model.tie_embeddings:
-        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp, 1)
+        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp_shard, 1)
         tied = send_time(tied_bytes, across, hw, eff)
     else:
         tied = np.zeros(plans.rows)

@@ -6,6 +6,9 @@ Under expert parallelism (autotune/engine/parallel.py, apply_ep) a MoE layer's r
 cut over the ep ranks of a group (E/ep each, dim 0) and are data-parallel over the dp/ep ranks
 holding the same experts (edp): FSDP2 shards them there, ZeRO-1 partitions them there, apart from
 everything else, which stays data-parallel over all dp ranks.
+
+Under hybrid sharding (plan.dp_replicate) FSDP2 shards over one replica's dp / dp_replicate
+ranks: `stage_layouts` lays each plan out over those (its `dp` is the shard group's size).
 """
 from __future__ import annotations
 
@@ -161,9 +164,11 @@ class HeldNumels:
 
 def stage_layouts(model: ModelConfig, plans: PlanArrays) -> dict[str, HeldNumels]:
     """{"first": ..., "last": ...}: what the first and the last pipeline rank of each plan hold,
-    one rank_layout per distinct (dp, tp, pp, virtual stages, ep)."""
+    one rank_layout per distinct (sharding dp, tp, pp, virtual stages, ep); the sharding ranks are
+    all dp ranks, or one replica's under hybrid sharding (ZeRO 2/3 only, so no ZeRO-1 partition is
+    read of such a layout)."""
     packed = np.zeros(plans.rows, dtype=np.int64)
-    for column in (plans.dp, plans.tp, plans.pp, plans.virtual_stages, plans.ep):  # 12 bits each: one int64 per layout
+    for column in (plans.dp_shard, plans.tp, plans.pp, plans.virtual_stages, plans.ep):  # 12 bits each: one int64 per layout
         packed = packed * 4096 + column
     keys, inverse = np.unique(packed, return_inverse=True)
     layouts = [rank_layout(model, *(int(k >> shift) & 4095 for shift in (48, 36, 24, 12)), ep=int(k & 4095))
