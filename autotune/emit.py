@@ -14,7 +14,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from autotune.config import ClusterConfig
-from autotune.engine.config import ConfigError, ModelConfig, TrainConfig, build_train_config, load_train_config, to_yaml
+from autotune.engine.config import (
+    ConfigError, ModelConfig, PlanConfig, TrainConfig, build_train_config, load_train_config, to_yaml,
+)
 from autotune.engine.model import param_counts
 from autotune.engine.parallel import checkpointed_blocks
 from autotune.engine.files import write_atomic
@@ -73,6 +75,9 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
     if plan.zero_stage == 3:
         # Prefetch the next block while computing this one; keep vectors (norms, biases) unsharded.
         zero.update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=10 * model.d_model)
+    if plan.dp_replicate > 1 and plan.zero_stage == 3:
+        # ZeRO++ hierarchical partitioning, the nearest to hybrid sharding (see hybrid_sharding_note)
+        zero["zero_hpz_partition_size"] = plan.dp // plan.dp_replicate
     if plan.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if plan.offload_params:
@@ -165,6 +170,8 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
             blocks=blocks, n_layers=cfg.model.n_layers, k=plan.checkpoint_every_k))
     if cfg.model.n_experts:
         notes.append(expert_parallel_note(cfg))
+    if plan.dp_replicate > 1:
+        notes.append(hybrid_sharding_note(plan))
     return {
         "note": " ".join(notes),
         "model": cfg.model.name,
@@ -178,6 +185,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         "pipeline_schedule": plan.pp_schedule,
         "pipeline_virtual_stages": plan.pp_virtual_stages,
         "expert_parallel": plan.ep,
+        "data_parallel_replicas": plan.dp_replicate,
         "activation_checkpointing": plan.activation_checkpointing,
         "checkpoint_every_k": plan.checkpoint_every_k,
         "kernels": plan.kernels,
@@ -205,6 +213,22 @@ def expert_parallel_note(cfg: TrainConfig) -> str:
     return note
 
 
+def hybrid_sharding_note(plan: PlanConfig) -> str:
+    """Where DeepSpeed's nearest equivalent of the plan's hybrid sharding differs from the engine's."""
+    shard = plan.dp // plan.dp_replicate
+    note = (f"dp_replicate={plan.dp_replicate}: the engine shards ZeRO-{plan.zero_stage}'s parameters, gradients and "
+            f"optimizer states within groups of {shard} ranks, replicated {plan.dp_replicate} times, and all-reduces the "
+            "gradient shards across the replicas once per step (FSDP2 HSDP).")
+    if plan.zero_stage == 3:
+        return note + (
+            f" DeepSpeed's nearest, ZeRO++ hierarchical partitioning (zero_hpz_partition_size={shard}), differs: only "
+            f"a second copy of the 16-bit parameters is sharded within groups of {shard} ranks (backward's all-gathers "
+            f"stay there); the forward all-gather, the gradients' reduce-scatter and the optimizer states span all "
+            f"{plan.dp} ranks: less memory per GPU and more traffic across nodes than the engine's plan.")
+    return note + (" DeepSpeed has no hierarchical partitioning under ZeRO stage 2 (hpZ needs stage 3): with this "
+                   f"file it shards over all {plan.dp} data-parallel ranks.")
+
+
 def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
     """A bash script that runs `torchrun -m autotune.engine.train best.yaml` with the plan's process count."""
     world, per_node = cfg.plan.world_size, cluster.gpus_per_node
@@ -230,6 +254,9 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
         head.append(f"# Expert parallelism: ep={cfg.plan.ep} (each group of {cfg.plan.ep} data-parallel ranks splits every MoE "
                     f"layer's {cfg.model.n_experts} experts); under DeepSpeed that is ep_size={cfg.plan.ep} of "
                     "deepspeed.moe.layer.MoE in the model code (ds_config.json, autotune.note).")
+    if cfg.plan.dp_replicate > 1:
+        head.append(f"# Hybrid sharding: {cfg.plan.dp_replicate} replicas, each sharding ZeRO-{cfg.plan.zero_stage} "
+                    f"over {cfg.plan.dp // cfg.plan.dp_replicate} data-parallel ranks (plan.dp_replicate in best.yaml).")
     if nodes == 1:
         body = [
             "set -euo pipefail",

@@ -4,7 +4,8 @@ one conversion between a frame row and a PlanConfig.
 A plan is built from independent choices: the parallel layout (dp x tp x pp with its pipeline
 schedule and sequence parallelism; for a mixture-of-experts model, ep: how many of the dp ranks
 split each MoE layer's experts, every divisor of dp that divides the experts' count, and no tp,
-which the engine does not combine with experts), the micro-batch (a divisor of global_batch / dp; grad_accum
+which the engine does not combine with experts; on more than one node, dp_replicate: hybrid
+sharding's replicas, each sharding ZeRO-2/3 over whole nodes, `replica_counts`), the micro-batch (a divisor of global_batch / dp; grad_accum
 follows), the ZeRO stage with its offloads, the precision, activation checkpointing and the kernels.
 Each group is enumerated on its own, with its own validity rules, and the groups are joined with
 cross merges, so 10^5 plans take well under a second. The rules are those of
@@ -66,9 +67,19 @@ def world_sizes(n_gpus: int, gpus_per_node: int, all_sizes: bool) -> list[int]:
     return [w for w in _divisors(n_gpus) if (w <= gpus_per_node and gpus_per_node % w == 0) or w % gpus_per_node == 0]
 
 
+def replica_counts(dp: int, tp: int, ep: int, gpus_per_node: int) -> list[int]:
+    """Hybrid sharding's replica counts worth searching for a layout: 1, and on more than one node
+    every divisor r of dp whose shard groups (dp / r x tp ranks) fill whole nodes, so that only the
+    once-per-step all-reduce crosses the network (no expert parallelism: the engine refuses both)."""
+    if dp * tp <= gpus_per_node or ep > 1:
+        return [1]
+    return [r for r in _divisors(dp) if r == 1 or (dp // r * tp) % gpus_per_node == 0]
+
+
 def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gpus_per_node: int,
              max_dp: int | None) -> list[dict[str, Any]]:
-    """Parallel layouts (dp, tp, pp, schedule, virtual stages, sequence_parallel, ep) for `world` GPUs."""
+    """Parallel layouts (dp, tp, pp, schedule, virtual stages, sequence_parallel, ep, dp_replicate)
+    for `world` GPUs."""
     rows = []
     for tp in _divisors(min(world, gpus_per_node)):
         if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp or (model.n_experts and tp > 1):
@@ -89,7 +100,7 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
             for schedule, v in schedules:
                 for sp in sps:
                     rows += [dict(dp=dp, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, sequence_parallel=sp,
-                                  ep=ep) for ep in eps]
+                                  ep=ep, dp_replicate=r) for ep in eps for r in replica_counts(dp, tp, ep, gpus_per_node)]
     return rows
 
 
@@ -144,11 +155,13 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
                       for pr in allowed for ac, k in checkpointing for kn in kernels])
 
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
+    plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 2)]  # hybrid sharding shards ZeRO-2/3
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
-                                               "dp", "tp", "pp", "pp_virtual_stages", "ep")})
+                                               "dp", "tp", "pp", "pp_virtual_stages", "ep",
+                                               "dp_replicate")})
 
 
 def plain(value: Any) -> Any:
@@ -192,13 +205,16 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 
 
 def plan_label(plan: PlanConfig) -> str:
-    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton` (`dp8 ep4`: expert parallel)."""
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton` (`dp8 ep4`: expert
+    parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
     ckpt = {"selective": f"sel{plan.checkpoint_every_k}", "op": f"op{plan.checkpoint_every_k}"}.get(
         str(plan.activation_checkpointing), str(plan.activation_checkpointing))
     parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}"]
     if plan.ep > 1:
         parts.append(f"ep{plan.ep}")
+    if plan.dp_replicate > 1:
+        parts.append(f"hsdp{plan.dp_replicate}x{plan.dp // plan.dp_replicate}")
     if plan.tp > 1:
         parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else ""))
     if plan.pp > 1:
@@ -242,6 +258,8 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "pp does not divide n_layers": n_layers % plan.pp != 0,
         "too many virtual stages": plan.pp_virtual_stages > MAX_VIRTUAL_STAGES or n_layers % (plan.pp * plan.pp_virtual_stages) != 0,
         "dp above search.max_dp": search.max_dp is not None and plan.dp > search.max_dp,
+        "hybrid sharding not over whole nodes": plan.dp_replicate not in replica_counts(
+            plan.dp, plan.tp, plan.ep, cluster.gpus_per_node),
         "another selective k": plan.activation_checkpointing == "selective"
         and (plan.checkpoint_every_k not in SELECTIVE_EVERY_K or plan.checkpoint_every_k > n_layers),
         "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),

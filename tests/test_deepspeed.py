@@ -105,13 +105,14 @@ PLANS = [
     dict(zero_stage=2, precision="fp16", loss_scale="1024"),
     dict(zero_stage=2, precision="fp16", activation_checkpointing="selective"),
     dict(zero_stage=3, offload_optimizer=True, offload_params=True, activation_checkpointing="full"),
+    dict(zero_stage=3, dp=4, dp_replicate=2),  # hybrid sharding: ZeRO++ hierarchical partitioning
 ]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
 def test_every_emitted_key_is_read_by_deepspeed(plan, monkeypatch):
     ds = ds_config(train_config(**plan))
-    assert unread_keys(ds, 2, monkeypatch) == []
+    assert unread_keys(ds, plan.get("dp", 2), monkeypatch) == []
 
 
 def test_the_walk_finds_keys_deepspeed_ignores(monkeypatch):

@@ -51,6 +51,7 @@ DIMENSIONS = {
     "tensor parallel": lambda f: np.where(f["tp"] > 1, "tp > 1", "tp = 1"),
     "pipeline parallel": lambda f: np.where(f["pp"] > 1, "pp > 1", "pp = 1"),
     "expert parallel": lambda f: np.where(f["ep"] > 1, "ep > 1", "ep = 1"),
+    "hybrid sharding": lambda f: np.where(f["dp_replicate"] > 1, "dp_replicate > 1", "dp_replicate = 1"),
 }
 
 
