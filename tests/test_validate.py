@@ -56,10 +56,12 @@ def test_validate_reports_errors_rank_agreement_the_plot_and_what_it_cannot_expr
     ])
     assert main(["validate", runs, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "3 rows predicted" in out and "5 the engine cannot express" in out
+    assert "4 rows predicted" in out and "4 the engine cannot express" in out
     report = (tmp_path / "out" / "report.md").read_text()
-    for reason in ("fp8", "context parallelism", "hybrid sharding", "async tensor parallelism", "not in the catalog"):
+    for reason in ("fp8", "context parallelism", "async tensor parallelism", "not in the catalog"):
         assert reason in report
+    # hybrid sharding: by default FSDP's, shard within a node (8 ranks) and replicate across the 2 nodes
+    assert "dp 16 (2 replicas x 8)" in report and "shard within a node (8 ranks)" in report
     assert "Kendall's tau" in report
     table = pd.read_csv(tmp_path / "out" / "runs.csv")
     assert table["tokens_error"].notna().all() and (table["predicted_tokens_per_s_per_gpu"] > 0).all()

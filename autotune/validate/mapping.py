@@ -2,8 +2,8 @@
 the assumptions made for what the source left unstated, or the reason the engine cannot express it.
 
 Texts are read by keyword (docs/runs.md lists every rule). What the engine cannot run is refused
-with its reason rather than guessed: fp8 linears, context parallelism, hybrid sharding, async
-tensor parallelism. Unstated fields take a stated default and the row says so.
+with its reason rather than guessed: fp8 linears, context parallelism, async tensor parallelism.
+Unstated fields take a stated default and the row says so.
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def _precision(run: Run, assumed: list[str]) -> str:
 
 def _zero(run: Run, assumed: list[str]) -> int:
     text = run.zero.lower()
-    if re.search(r"hsdp|hybrid", text):
-        raise NotExpressible("hybrid sharding (HSDP): the engine shards over the whole data-parallel group")
+    if re.search(r"hsdp|hybrid", text):  # FSDP's HYBRID_SHARD is ZeRO-3 within groups; _HYBRID_SHARD_ZERO2 ZeRO-2
+        return 2 if re.search(r"zero.?2|shard.?grad", text) else 3
     if re.search(r"fsdp|full.?shard|zero.?3", text):
         return 3
     if re.search(r"zero.?2|shard.?grad", text):
@@ -132,6 +132,25 @@ def _zero(run: Run, assumed: list[str]) -> int:
             return 1
         assumed.append("sharding unstated: none (ZeRO-0)")
     return 0
+
+
+def _replicas(run: Run, gpus_per_node: int, tp: int, assumed: list[str]) -> int:
+    """Hybrid sharding's replicas (plan.dp_replicate): as stated ('N replicas', 'shard group of N'),
+    else shard within a node, replicate across (FSDP's HYBRID_SHARD; said if unstated)."""
+    text = run.zero.lower()
+    if not re.search(r"hsdp|hybrid", text):
+        return 1
+    replicas, group = re.search(r"(\d+)\s*replicas", text), re.search(r"shard(?:ing)? group of (\d+)", text)
+    if replicas:
+        count = int(replicas.group(1))
+    else:
+        shard = int(group.group(1)) if group else max(min(gpus_per_node // tp, run.dp), 1)  # a node's dp ranks
+        if not group and not re.search(r"within (?:a |one |the )?node", text):
+            assumed.append(f"hybrid sharding layout unstated: shard within a node ({shard} ranks), replicate across")
+        count = run.dp // shard if run.dp % shard == 0 else 0
+    if count < 1 or run.dp % count:
+        raise NotExpressible(f"hybrid sharding of dp={run.dp} into {count or 'uneven'} replicas: the replicas must divide dp")
+    return count
 
 
 def activation_mode(ac: str, source: str = "") -> tuple[str, int] | None:
@@ -227,7 +246,8 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     text = f"{run.ac} {run.other}".lower()
     return {
         "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "micro_batch": micro_batch,
-        "dp": run.dp, "tp": tp, "pp": pp, "activation_checkpointing": mode, "checkpoint_every_k": every_k,
+        "dp": run.dp, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
+        "activation_checkpointing": mode, "checkpoint_every_k": every_k,
         "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
         "compile": "compile" in text and "no compile" not in text,
     } | (_schedule(run, free) if pp > 1 or "tp x pp" in free else {})

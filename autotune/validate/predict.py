@@ -81,7 +81,9 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
     return {
         "line": run.line, "source": run.source, "table": run.table, "model": run.model, "gpu": mapped.hw.gpu,
         "gpus": run.gpus, "seq_len": run.seq_len,
-        "plan": (f"zero {plan.zero_stage}, dp {plan.dp} tp {plan.tp} pp {plan.pp}, micro_batch {plan.micro_batch} "
+        "plan": (f"zero {plan.zero_stage}, dp {plan.dp}"
+                 + (f" ({plan.dp_replicate} replicas x {plan.dp // plan.dp_replicate})" if plan.dp_replicate > 1 else "")
+                 + f" tp {plan.tp} pp {plan.pp}, micro_batch {plan.micro_batch} "
                  f"x {plan.grad_accum}, {plan.activation_checkpointing}"
                  + (", sp" if plan.sequence_parallel else "") + (", compile" if plan.compile else "")),
         "measured_tokens_per_s_per_gpu": mapped.tokens_per_s_per_gpu, "measured_as": mapped.tokens_source,
