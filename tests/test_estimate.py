@@ -16,7 +16,9 @@ from autotune.estimate import (
     plan_frame, rank_layout,
 )
 from autotune.hardware import catalog_gpu, load_hardware
-from autotune.plans import PLAN_FIELDS
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.communication import replica_group
+from autotune.plans import PLAN_FIELDS, plans_frame
 from autotune.engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
 from autotune.engine.model import build_model, count_params
 
@@ -421,6 +423,45 @@ def test_fsdp_overlap_is_not_free():
     assert estimate(llama(micro_batch=2, precision="fp32")[0], hw).time["overlap_s"] > est.time["overlap_s"]
     assert estimate(llama(micro_batch=2, dp=1, zero_stage=0, cluster="1xh100")[0], catalog_gpu("h100-sxm")).time["overlap_s"] == 0
 
+
+
+def four_nodes(network_gbps: float | None = None, **plan):
+    """llama-3-8b at 4096 tokens, 512 sequences a step, on 4 nodes of 8 H100s (dp=32)."""
+    network = [f"cluster.inter_node_gbps={network_gbps}"] if network_gbps else []
+    cfg = planner_config(["model=llama-3-8b", "cluster=4x8xh100", "job.seq_len=4096", "job.global_batch=512",
+                          *network, "plan.dp=32", "plan.precision=bf16", "plan.micro_batch=2"]
+                         + [f"plan.{k}={v}" for k, v in plan.items()])
+    return cfg.train, load_hardware(cfg.cluster)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_hybrid_sharding_counts_states_over_one_replica(zero_stage):
+    """dp=8 as 2 replicas of 4 sharding ranks holds what dp=4 fully sharded holds (the engine's
+    side: tests/test_tp_pp.py), and more than dp=8 fully sharded."""
+    hybrid = states(estimate(train(zero_stage=zero_stage, dp=8, dp_replicate=2), H100))
+    assert hybrid == states(estimate(train(zero_stage=zero_stage, dp=4), H100))
+    assert hybrid["optimizer"] > states(estimate(train(zero_stage=zero_stage, dp=8), H100))["optimizer"]
+
+
+def test_hybrid_sharding_trades_memory_for_inter_node_traffic():
+    """On 4 nodes, sharding within a node and replicating across holds more per GPU and spends less
+    time on the network (its exposed collectives and the overlap they cost: the belief's
+    dp_comm[fsdp] part), ZeRO-3 with 8 micro-batches a step: full sharding all-gathers and
+    reduce-scatters every micro-batch across nodes, hybrid sharding all-reduces across them once.
+    On a 100 Gb/s network that wins the step (ZeRO-2 too, `autotune search` picks it there)."""
+    def network_time(est):
+        return est.time["dp_comm_s"] + est.time["overlap_s"]
+
+    for network, zero in ((None, 3), (12.5, 2)):
+        full = estimate(*four_nodes(network, zero_stage=zero))
+        hybrid = estimate(*four_nodes(network, zero_stage=zero, dp_replicate=4))
+        assert hybrid.memory["total_bytes"] > full.memory["total_bytes"]
+        assert network_time(hybrid) < network_time(full), network
+    assert hybrid.tokens_per_s > 1.02 * full.tokens_per_s
+    # the replicas are a node apart: their all-reduce runs one rank per node, over the network
+    cfg, hw = four_nodes(dp_replicate=4, zero_stage=2)
+    ranks, per_node = replica_group(PlanArrays.of(plans_frame([cfg.plan]), cfg.job), hw)
+    assert (int(ranks[0]), int(per_node[0])) == (4, 1)
 
 # --- calibration --------------------------------------------------------------------------------
 

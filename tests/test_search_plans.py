@@ -62,6 +62,7 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
             dp=max(1, cluster.n_gpus // (tp * pp)), tp=tp, pp=pp, pp_schedule=sched,
             pp_virtual_stages=rng.randint(2, MAX_VIRTUAL_STAGES) if sched == "interleaved_1f1b" else 1,
             sequence_parallel=rng.random() < 0.3, ep=rng.choice([1, 1, 2, 4, 8]), kernels="torch", compile=False,
+            dp_replicate=rng.choice([1, 1, 2, 4]) if cluster.nodes > 1 else 1,  # hybrid sharding: across nodes
         )
         plan = PlanConfig(**plan)
         valid = outside_search_space(plan, train, cluster, SearchConfig()) == ""
@@ -133,6 +134,19 @@ def test_plan_label():
     assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
     assert plan_label(PlanConfig()) == "Z0 fp32 mb1 ckpt:none dp1"
     assert plan_label(PlanConfig(dp=8, ep=4, zero_stage=2)) == "Z2 fp32 mb1 ckpt:none dp8 ep4"
+    assert plan_label(PlanConfig(dp=32, dp_replicate=4, zero_stage=3)) == "Z3 fp32 mb1 ckpt:none dp32 hsdp4x8"
+
+
+def test_hybrid_sharding_is_searched_across_nodes_only():
+    """dp_replicate > 1 only on more than one node, only with ZeRO-2/3, each replica whole nodes."""
+    train = _train("llama-3-8b", 64)
+    one_node = enumerate_plans(train, ClusterConfig(gpu="h100-sxm", gpus_per_node=8), SearchConfig())
+    assert set(one_node["dp_replicate"]) == {1}
+    plans = enumerate_plans(train, ClusterConfig(gpu="h100-sxm", gpus_per_node=8, nodes=4), SearchConfig())
+    hybrid = plans[plans["dp_replicate"] > 1]
+    assert set(hybrid["zero_stage"]) == {2, 3}
+    assert ((hybrid["dp"] // hybrid["dp_replicate"] * hybrid["tp"]) % 8 == 0).all()
+    assert set(hybrid.loc[(hybrid["dp"] == 32), "dp_replicate"]) == {2, 4}
 
 
 def test_dominated_by_matches_brute_force():

@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
 
 One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
-with ZeRO 0, 1 and 3, tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
+with ZeRO 0, 1 and 3, hybrid sharding (2 replicas x 2 shards, ZeRO 2 and 3), tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
 with tp and sequence parallel for biases, positions and the tied head; gpt2 with pp, its tied
 embedding split between the first and the last stage; fp16 with pp, an overflow on one rank, resumed
 after it; plan.kernels=triton under tp x pp) and checkpoints and resumes a tp x pp x
@@ -98,6 +98,10 @@ SAVED["saved_fp32_op2"] = dict(SAVED["saved_fp32"], ckpt="op", k=2)
 @pytest.mark.slow
 def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
+    # hybrid sharding: 2 replicas of 2 sharding ranks, ZeRO-3 accumulating 2 micro-batches (the replicas'
+    # all-reduce only on the last) and ZeRO-2
+    runs["hsdp_r2_dp4_zero3"] = config(tmp_path / "hsdp3", dp=4, dp_replicate=2, zero_stage=3, micro_batch=1)
+    runs["hsdp_r2_dp4_zero2"] = config(tmp_path / "hsdp2", dp=4, dp_replicate=2, zero_stage=2)
     runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
                                            sequence_parallel=True)
     # the tied embedding split between the first stage and a head copy on the last (autotune/engine/pipeline.py)
@@ -162,6 +166,15 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
         assert result[name]["scale"] == expected["scale"], name
     llama = reference["llama"]["loss"]
     assert llama[-1] < llama[0] - 0.05  # the trajectory really moves
+    hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))
+    for name in ("hsdp_r2_dp4_zero3", "hsdp_r2_dp4_zero2"):  # fp32: as close as the 2-rank ZeRO tests
+        for key in ("loss", "grad_norm"):
+            assert result[name][key] == pytest.approx(reference["llama"][key], rel=1e-5), (name, key)
+        # each rank holds half the parameters and AdamW states (a shard of 2), as the estimate counts
+        est = estimate(build_train_config(runs[name]), hw).model_states
+        assert (result[name]["param_bytes"], result[name]["optimizer_bytes"]) == (est["params_bytes"], est["optimizer_bytes"])
+        full = estimate(build_train_config(dict(runs[name], plan=dict(runs[name]["plan"], dp_replicate=1))), hw)
+        assert est["params_bytes"] > full.model_states["params_bytes"]
     # the (pp, dp, tp) mesh, tp innermost: rank 0's tp peer is rank 1 (the same node), dp and pp further out
     assert result["tp2_dp2_zero0"]["mesh"] == {"pp": [0], "dp": [0, 2], "tp": [0, 1]}
     assert result["tp2_pp2_1f1b"]["mesh"] == {"pp": [0, 2], "dp": [0], "tp": [0, 1]}
@@ -195,7 +208,6 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
             assert predicted[part] == pytest.approx(result[name][part], rel=0.01), (name, part)
     # ZeRO-1 over tp shards: the largest rank's AdamW states are those autotune.estimate counts (a
     # 4-rank layout, beyond tests/test_estimate.py's 2-rank check of what the engine holds)
-    hw = load_hardware(ClusterConfig(gpu="h100-sxm", gpus_per_node=4))
     held = estimate(build_train_config(runs["tp2_dp2_zero1"]), hw).model_states["optimizer_bytes"]
     assert result["tp2_dp2_zero1"]["optimizer_bytes"] == held
     # pp x FSDP2: between a step's micro-batches a stage holds its gradients unsharded in fp32 (the

@@ -119,6 +119,12 @@ def optimizer_bytes(engine: Engine) -> int:
     return most_over_ranks(held, engine.device)
 
 
+def param_bytes(engine: Engine) -> int:
+    """The most bytes of parameters (a DTensor's local shard) that any rank holds."""
+    held = sum(local_tensor(p).numel() * p.element_size() for p in engine.model.parameters())
+    return most_over_ranks(held, engine.device)
+
+
 def gradient_bytes(model: torch.nn.Module) -> int:
     """The bytes of gradients this rank holds: for FSDP2's parameters, the sharded gradient and the
     unsharded one (accumulated between a pipeline stage's micro-batches; while a unit is gathered
@@ -210,6 +216,7 @@ def main(spec_path: str, out_path: str) -> None:
             save_at = spec.get("resume_at", {}).get(name)
             out[name] = trajectory(engine, range(cfg.job.steps), save_at)
             out[name]["optimizer_bytes"] = optimizer_bytes(engine)
+            out[name]["param_bytes"] = param_bytes(engine)
             out[name]["accumulating_grad_bytes"] = most_over_ranks(max(starts, default=0), device)
             if save_at is not None:
                 resumed = Engine(cfg, device)
