@@ -52,6 +52,8 @@ def _print_table(est: Estimate, row, train: TrainConfig, hw: Hardware, note: str
           f"({'measured' if hw.measured else 'catalog'}), {hw.memory_bytes / GiB:.2f} GiB each")
     print(f"plan: zero {plan.zero_stage}, {plan.precision}, micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, "
           f"dp {plan.dp} tp {plan.tp} pp {plan.pp}" + (f" ep {plan.ep}" if model.n_experts else "")
+          + (f" (hybrid sharding: {plan.dp_replicate} replicas of {plan.dp // plan.dp_replicate})"
+             if plan.dp_replicate > 1 else "")
           + f", checkpointing {plan.activation_checkpointing}, kernels {plan.kernels}"
           + (", offload" if (plan.offload_optimizer or plan.offload_params) else ""))
     if model.n_experts:
