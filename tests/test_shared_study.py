@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 USER = "worker"  # logs in with a password (scram-sha-256); the server's superuser is trusted
 PASSWORD = "Pw" + secrets.token_hex(8)
-# the tiny model with one layer, one rank, a two-step probe: 18 valid plans (the ZeRO stages and
-# offloads, no, full or selective checkpointing)
+# the tiny model with one layer, one rank, a two-step probe: 45 valid plans (the 9 ZeRO stages and
+# offloads, each with no, full, attention or per-op checkpointing keeping every or every 2nd matmul)
 TINY = ["model.n_layers=1", "job.global_batch=1", "job.seq_len=32", "search.precisions=[fp32]", "search.probe_steps=2",
         "search.warmup_steps=1", "search.final_steps=3", "search.trial_timeout_s=120"]
 
@@ -158,10 +158,10 @@ def test_two_workers_cover_what_one_would_and_take_over_a_killed_workers_plan(po
     twice, and the killed worker's plan is run by one of them."""
     monkeypatch.setattr(command, "load_hardware", _fixed_hardware)
     url = postgres.url(postgres.database())
-    pc = planner_config([*TINY, "search.use_estimator=false", "search.sampler=random", "search.trials=18",
+    pc = planner_config([*TINY, "search.use_estimator=false", "search.sampler=random", "search.trials=45",
                          "search.finalists=0", _storage(url)])
     every_plan = candidate_table(pc, _fixed_hardware(pc.cluster))
-    assert len(every_plan) == 18
+    assert len(every_plan) == 45
     study = optuna.create_study(study_name="shared", storage=url, direction="maximize")
     plan = plan_from_row(every_plan.iloc[0])
     killed = _leave_a_killed_trial(study, plan)
@@ -173,7 +173,7 @@ def test_two_workers_cover_what_one_would_and_take_over_a_killed_workers_plan(po
     study = optuna.load_study(study_name="shared", storage=url)
     claims = [t.user_attrs["claim"] for t in _measured(study)]
     assert len(claims) == len(set(claims)) and set(claims) == set(every_plan.key)
-    assert len(probes[0].ran) + len(probes[1].ran) == 18
+    assert len(probes[0].ran) + len(probes[1].ran) == 45
     dead = study.trials[killed]
     assert dead.state.name == "FAIL" and "interrupted" in dead.user_attrs["reason"] and dead.user_attrs["claim"] is None
 
