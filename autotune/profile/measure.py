@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from contextlib import contextmanager
 from typing import Callable
 
@@ -46,16 +47,22 @@ def temporary_env(key: str, value: str):
             os.environ[key] = old
 
 
+_PATCHING = threading.RLock()  # held while triton_launches patches LazyKernel
+
+
 @contextmanager
 def triton_launches(launch: Callable[..., None]):
     """Every Triton kernel launch calls `launch(*args, **kwargs)` instead of running the kernel;
     TRITON_INTERPRET=1 lets impl="triton" accept CPU tensors."""
     from autotune.kernels._common import LazyKernel
 
-    original = LazyKernel.__getitem__
-    LazyKernel.__getitem__ = lambda self, grid: launch
-    try:
-        with temporary_env("TRITON_INTERPRET", "1"):
-            yield
-    finally:
-        LazyKernel.__getitem__ = original
+    # One at a time: the patch is process-wide, and two searches in threads of one process (shared
+    # studies) would otherwise restore each other's patch and leave launches skipped for good.
+    with _PATCHING:
+        original = LazyKernel.__getitem__
+        LazyKernel.__getitem__ = lambda self, grid: launch
+        try:
+            with temporary_env("TRITON_INTERPRET", "1"):
+                yield
+        finally:
+            LazyKernel.__getitem__ = original
