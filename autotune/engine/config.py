@@ -44,11 +44,13 @@ Checkpointing = choices("Checkpointing", "none", "full", "selective", "op", "att
 OP_CHECKPOINT_EVERY_K = (1, 2)  # op: keep every matmul's output, or every other one's
 PipelineSchedule = choices("PipelineSchedule", "gpipe", "1f1b", "interleaved_1f1b")
 Kernels = choices("Kernels", "torch", "triton")
+Float8 = choices("Float8", "none", "tensorwise", "rowwise")
 TokenDtype = choices("TokenDtype", "uint16", "uint32")
 RouterSoftmax = choices("RouterSoftmax", "before", "after")
 
 PRECISIONS = tuple(Precision.__members__)  # as plain strings, for the cost model's tables
 KERNELS = tuple(Kernels.__members__)
+FLOAT8 = tuple(Float8.__members__)
 
 
 def choice_error(key: str, value: Any, allowed: typing.Iterable[str]) -> str:
@@ -231,6 +233,10 @@ class PlanConfig:
     dp_replicate: int = 1
     kernels: Kernels = Kernels.torch
     compile: bool = False
+    # float8 training of the blocks' linears (torchao, dynamic scaling; autotune/engine/float8.py):
+    # tensorwise (one scale a tensor; under ZeRO 2/3 the weights are all-gathered in float8) or
+    # rowwise (a scale a row, gathered in bf16); master weights, optimizer, norms and loss unchanged
+    fp8: Float8 = Float8.none
 
     def __post_init__(self) -> None:
         check_choices(self, "plan")
@@ -470,6 +476,18 @@ def validate_dp_replicate(p: PlanConfig) -> None:
         )
 
 
+def validate_fp8(p: PlanConfig) -> None:
+    """Float8 linears compute beside bf16 everything else, on whole (not tensor-parallel) weights."""
+    if p.fp8 == "none":
+        return
+    if p.precision != "bf16":
+        raise ConfigError(f"plan.fp8={p.fp8} runs the rest of the model in bf16: set plan.precision=bf16 "
+                          f"(not {p.precision}) or plan.fp8=none")
+    if p.tp > 1:
+        raise ConfigError(f"plan.fp8={p.fp8} with plan.tp={p.tp}: the engine's float8 linears take whole "
+                          "weights; use plan.tp=1 or plan.fp8=none")
+
+
 def validate_job(j: JobConfig) -> None:
     if j.seq_len < 1 or j.global_batch < 1 or j.steps < 1:
         raise ConfigError("job.seq_len, job.global_batch and job.steps must be at least 1")
@@ -535,6 +553,7 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
     validate_ep(p, model)
     validate_dp_replicate(p)
+    validate_fp8(p)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
     if p.sequence_parallel and job.seq_len % p.tp:

@@ -1,7 +1,7 @@
 """Apply a plan to a model: one small function per concern (what each does: docs/design.md, section 5).
 
     mesh = build_mesh(plan, device.type)
-    model = apply_plan(model, plan, mesh, device, seed)   # tp -> checkpointing -> compile -> ZeRO
+    model = apply_plan(model, plan, mesh, device, seed)   # tp -> float8 -> checkpointing -> compile -> ZeRO
     optimizer = build_optimizer(model, plan, job, mesh)
 
 ZeRO 0 is DDP, ZeRO 1 is DDP plus torch's ZeroRedundancyOptimizer, ZeRO 2/3 are FSDP2
@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+from autotune.engine.float8 import apply_float8
 from autotune.engine.moe import moe_layers
 from autotune.engine.tensor_parallel import apply_tp
 
@@ -292,6 +293,7 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
         apply_tp(model, mesh["tp"], plan.sequence_parallel)
     if plan.ep > 1:
         apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
+    apply_float8(model, plan)
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
     dp_mesh, experts_mesh = mesh["dp"], expert_mesh(plan, mesh)

@@ -31,6 +31,7 @@ import torch.distributed as tdist
 from autotune.engine import checkpoint, dist
 from autotune.engine.config import ConfigError, JobConfig, TrainConfig, load_train_config, to_yaml
 from autotune.engine.data import check_vocab, micro_batches
+from autotune.engine.float8 import after_optimizer_step
 from autotune.engine.files import write_atomic
 from autotune.engine.model import build_model
 from autotune.engine.moe import step_stats
@@ -227,6 +228,7 @@ class Engine:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+            after_optimizer_step(self.model, plan)
         moe = step_stats(self.model if self.pipeline else unwrap(model), self.device, len(batches), plan.dp)
         return StepResult(loss_sum, grad_norm, moe)
 

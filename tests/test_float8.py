@@ -1,0 +1,128 @@
+"""Float8 training (plan.fp8, autotune/engine/float8.py): the float8 linear against PyTorch references,
+and a tiny model's training against bf16's.
+
+The references live here: a float64 matmul of the inputs quantized to float8 exactly as the recipe
+says (amax scaling to e4m3's largest value, per tensor or per row with power-of-2 scales), which the
+linear's forward must match to its bf16 output rounding; and the float64 product of the unquantized
+inputs, which forward and backward must match within float8's error (e4m3 keeps 3 mantissa bits,
+e5m2 2: a relative rounding error up to 2^-4 and 2^-3 per element, averaged down in a dot product).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autotune.engine import dist
+from autotune.engine.config import ConfigError, build_train_config
+from autotune.engine.float8 import apply_float8, converts
+
+pytest.importorskip("torchao")
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,
+            vocab_size=256, max_seq_len=128)
+JOB = dict(seq_len=32, global_batch=8, steps=5, optimizer=dict(warmup_steps=2))
+# (tokens, in, out): widths float8 GEMMs take (multiples of 16), token counts that are not
+SHAPES = [(37, 64, 48), (5, 32, 96), (129, 160, 64)]
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def quantized(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    """t through e4m3 and back, in float64: scaled so its amax (per tensor, or per row with the scale
+    rounded down to a power of 2) lands on e4m3's largest value."""
+    t = t.double()
+    amax = t.abs().amax(dim=-1, keepdim=True) if rowwise else t.abs().amax()
+    scale = E4M3_MAX / amax.clamp(min=1e-12)
+    if rowwise:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    q = (t * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.double() / scale
+
+
+def float8_linear(recipe: str, n_in: int, n_out: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(a bf16 linear, the same weights as the engine's float8 linear)."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16)
+    model = torch.nn.Module()  # the linear where the engine converts linears: in model.layers
+    model.layers = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16))
+    model.layers.load_state_dict(torch.nn.Sequential(plain).state_dict())
+    plan = build_train_config({"model": TINY, "job": JOB, "plan": dict(precision="bf16", fp8=recipe)}).plan
+    apply_float8(model, plan)
+    assert type(model.layers[0]).__name__ == "Float8Linear"
+    return plain, model.layers[0]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("tokens, n_in, n_out", SHAPES)
+def test_float8_linear_against_references(recipe, tokens, n_in, n_out):
+    plain, fp8 = float8_linear(recipe, n_in, n_out)
+    x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    upstream = torch.randn(tokens, n_out, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    w = plain.weight
+    rowwise = recipe == "rowwise"
+    outs, grads = {}, {}
+    for name, model in (("bf16", plain), ("fp8", fp8)):
+        leaf = x.clone().requires_grad_()
+        out = model(leaf)
+        out.backward(upstream)
+        outs[name], grads[name] = out, (leaf.grad, model.weight.grad)
+    assert outs["fp8"].dtype == torch.bfloat16 and grads["fp8"][1].dtype == torch.bfloat16
+    # forward: the quantized inputs' exact product, to the bf16 rounding of the output
+    emulated = quantized(x, rowwise) @ quantized(w, rowwise).T
+    assert rel_err(outs["fp8"], emulated) < 5e-3
+    # against the unquantized product: float8's error, an order above bf16's
+    exact = x.double() @ w.double().T
+    forward_err, bf16_err = rel_err(outs["fp8"], exact), rel_err(outs["bf16"], exact)
+    assert bf16_err < forward_err < 0.05, (forward_err, bf16_err)
+    # backward: grad_input = g·W and grad_weight = gᵀ·x, in float8 (tensorwise: g in e5m2)
+    exact_grads = (upstream.double() @ w.double(), upstream.double().T @ x.double())
+    for what, got, ref, bf16 in zip(("grad_input", "grad_weight"), grads["fp8"], exact_grads, grads["bf16"]):
+        err = rel_err(got, ref)
+        assert rel_err(bf16, ref) < err < 0.1, (what, err)
+
+
+def test_only_the_blocks_aligned_linears_become_float8():
+    from autotune.engine.model import build_model
+
+    model = build_model(build_train_config({"model": TINY, "job": JOB}).model, seed=0)
+    apply_float8(model, build_train_config({"model": TINY, "job": JOB, "plan": dict(precision="bf16", fp8="rowwise")}).plan)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.pop("lm_head") == "Linear"  # the head stays bf16
+    assert len(kinds) == 7 * TINY["n_layers"] and set(kinds.values()) == {"Float8Linear"}
+    assert not converts(torch.nn.Linear(64, 40), "layers.0.mlp.w_up")  # 40: no float8 GEMM
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_distributed()
+    yield
+    dist.shutdown()
+
+
+def train_losses(plan: dict) -> list[float]:
+    from autotune.engine.train import Engine, reduce_loss
+
+    engine = Engine(build_train_config({"model": TINY, "job": JOB, "plan": plan}), dist.device_for_rank())
+    return [reduce_loss(engine.step(step).loss)[0] for step in range(JOB["steps"])]
+
+
+@pytest.mark.parametrize("recipe, zero_stage", [("tensorwise", 0), ("rowwise", 0), ("tensorwise", 3)])
+def test_tiny_model_trains_in_float8_as_in_bf16(one_process_group, recipe, zero_stage):
+    ref = train_losses(dict(micro_batch=8, precision="bf16", zero_stage=zero_stage))
+    losses = train_losses(dict(micro_batch=8, precision="bf16", zero_stage=zero_stage, fp8=recipe))
+    assert losses != ref  # the linears really ran in float8
+    assert losses == pytest.approx(ref, rel=0.02)
+
+
+@pytest.mark.parametrize("plan, message", [
+    (dict(fp8="tensorwise"), "set plan.precision=bf16"),
+    (dict(fp8="rowwise", precision="bf16", tp=2, dp=1), "use plan.tp=1"),
+    (dict(fp8="e4m3"), "plan.fp8='e4m3': use one of none, tensorwise, rowwise"),
+])
+def test_float8_plan_errors(plan, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        build_train_config({"model": TINY, "job": JOB, "plan": plan})
