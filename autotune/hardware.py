@@ -64,8 +64,9 @@ class Hardware:
     device: str  # cuda | cpu
     memory_bytes: int
     hbm_bytes_per_s: float  # device memory bandwidth (copy: bytes read + written per second)
-    peak_flops: dict[str, float] = field(default_factory=dict)  # dense peak per dtype (fp32, tf32, bf16, fp16)
+    peak_flops: dict[str, float] = field(default_factory=dict)  # dense peak per dtype (fp32, tf32, bf16, fp16; fp8 where it has float8)
     matmul_efficiency: float = 0.8  # achieved fraction of the peak on large matmuls
+    fp8_matmul_efficiency: float = 0.0  # the same of float8 GEMMs (torch._scaled_mm); 0: no float8
     attention_efficiency: float = 0.5  # achieved fraction of the peak by SDPA (FLOPs it executes, causal half)
     memory_efficiency: float = 0.9  # achieved fraction of hbm_bytes_per_s by memory-bound kernels
     overlap_slowdown: float = 0.0  # compute lost while a collective runs beside it: NCCL's channels / SMs
@@ -105,6 +106,19 @@ def supported_precisions(hw: Hardware) -> list[str]:
         return ["fp32", "bf16"]
     flops = hw.peak_flops
     return ["fp32", "fp16"] + (["bf16"] if flops.get("bf16", 0) > flops.get("fp32", 0) else [])
+
+
+def supports_fp8(hw: Hardware) -> bool:
+    """Whether the device has float8 tensor cores (a float8 peak in its catalog entry: Hopper on)."""
+    return hw.peak_flops.get("fp8", 0.0) > 0 and hw.fp8_matmul_efficiency > 0
+
+
+def check_fp8(hw: Hardware, modes) -> None:
+    """Refuse float8 plans (plan.fp8 values other than none) on a device without float8."""
+    used = sorted({str(m) for m in modes} - {"none"})
+    if used and not supports_fp8(hw):
+        raise ConfigError(f"plan.fp8={used[0]}: {hw.gpu} has no float8 tensor cores (no fp8 peak in its catalog "
+                          "entry, conf/gpu/); use plan.fp8=none or a GPU with float8 (H100, H200)")
 
 
 def gpu_catalog() -> list[str]:
@@ -148,8 +162,9 @@ def catalog_gpu(name: str) -> Hardware:
         return Hardware(
             gpu=d["name"], device="cuda", memory_bytes=int(d["memory_gib"] * GiB),
             hbm_bytes_per_s=d["hbm_gbps"] * 1e9,
-            peak_flops={k: float(d["tflops"][k]) * 1e12 for k in DTYPES},
+            peak_flops={k: float(d["tflops"][k]) * 1e12 for k in (*DTYPES, "fp8") if k in d["tflops"]},
             matmul_efficiency=float(d["matmul_efficiency"]),
+            fp8_matmul_efficiency=float(d.get("fp8_matmul_efficiency", 0.0)),
             attention_efficiency=float(d["attention_efficiency"]),
             memory_efficiency=float(d["memory_efficiency"]),
             overlap_slowdown=NCCL_CHANNELS / int(d["sms"]), sms=int(d["sms"]),

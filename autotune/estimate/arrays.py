@@ -47,6 +47,10 @@ class PlanArrays:
     kernels: np.ndarray
     loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
     world: np.ndarray
+    compiled: np.ndarray  # plan.compile: torch.compile fuses the blocks' memory-bound ops (the float8 casts)
+    fp8: np.ndarray  # the float8 recipe of the blocks' linears: none | tensorwise | rowwise
+    fp8_gather: np.ndarray  # FSDP2 gathers the float8 linears' weights in float8 (tensorwise, ZeRO 2/3)
+    gather_bytes: np.ndarray  # bytes per element of a gathered block unit (the compute dtype, or float8's 1)
     ddp_buckets: np.ndarray  # gradients in DDP's buckets (engine.parallel.apply_ddp; FSDP2's replicate under tp, pp, ep)
 
     @classmethod
@@ -61,6 +65,9 @@ class PlanArrays:
         grad_accum = pd.to_numeric(pd.Series(_column(plans, "grad_accum", None)), errors="coerce").to_numpy()
         precision = _column(plans, "precision", "fp32").astype(str)
         kernels = _column(plans, "kernels", "torch").astype(str)
+        fp8 = _column(plans, "fp8", "none").astype(str)
+        compute_bytes = np.select([precision == "fp32"], [4], 2).astype(float)
+        fp8_gather = (fp8 == "tensorwise") & (zero >= 2)  # autotune.engine.float8.fp8_all_gather
         return cls(
             rows=len(plans),
             zero_stage=zero,
@@ -76,7 +83,7 @@ class PlanArrays:
             schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
             sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),
             precision=precision,
-            compute_bytes=np.select([precision == "fp32"], [4], 2).astype(float),
+            compute_bytes=compute_bytes,
             autocast=(precision != "fp32") & (zero < 2),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 2/3
             checkpointing=_column(plans, "activation_checkpointing", "none").astype(str),
             every_k=_column(plans, "checkpoint_every_k", 2).astype(np.int64),
@@ -86,6 +93,8 @@ class PlanArrays:
             # computes torch's loss whatever plan.kernels says (autotune/engine/model.py, autotune/engine/pipeline.py).
             loss_kernels=np.where((kernels == "triton") & (tp == 1) & (pp == 1), "triton", "torch"),
             world=dp * tp * pp,
+            compiled=_column(plans, "compile", False).astype(bool),
+            fp8=fp8, fp8_gather=fp8_gather, gather_bytes=np.where(fp8_gather, 1.0, compute_bytes),
             ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
         )
 
@@ -93,6 +102,10 @@ class PlanArrays:
     def dp_shard(self) -> np.ndarray:
         """The ranks FSDP2 shards over: all dp ranks, or under hybrid sharding one replica's."""
         return self.dp // self.dp_replicate
+
+    @property
+    def fp8_any(self) -> bool:
+        return bool(np.any(self.fp8 != "none"))
 
     @property
     def offloaded(self) -> np.ndarray:

@@ -81,7 +81,7 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
     layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
     unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
     unit_experts = held.experts / layers
-    gather = dp_collective("all_gather", plans.compute_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, eff)
+    gather = dp_collective("all_gather", plans.gather_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, eff)
     scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, eff)
     root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, eff)
             + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, eff))
@@ -127,7 +127,8 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float,
     ddp = _ddp(plans, held, hw, eff, compute.last_backward)
     fsdp = _fsdp(plans, held, hw, eff, compute)
     sharded = plans.zero_stage >= 2
-    copy_out = np.where(sharded, fsdp["gathers"] * 2 * plans.compute_bytes * held.local / hbm, 0)
+    gathered = plans.gather_bytes * (held.local - held.root) + plans.compute_bytes * held.root  # float8 blocks: a byte
+    copy_out = np.where(sharded, fsdp["gathers"] * 2 * gathered / hbm, 0)
     overlapped = np.where(sharded, fsdp["overlapped"], ddp["overlapped"])
     many = plans.dp > 1
     return {"dp_comm": np.where(many, np.where(sharded, fsdp["exposed"], ddp["exposed"]), 0),

@@ -13,7 +13,7 @@ from autotune.estimate.layout import stage_layouts
 from autotune.estimate.memory import peak_memory
 from autotune.estimate.routing import expert_routing
 from autotune.estimate.step_time import step_time
-from autotune.hardware import Hardware
+from autotune.hardware import Hardware, check_fp8
 from autotune.profile import flops_per_token
 
 
@@ -28,6 +28,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     over the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
     calib = calib or Calibration()
     arrays = PlanArrays.of(plans, job)
+    check_fp8(hw, np.unique(arrays.fp8))
     layouts = stage_layouts(model, arrays)
     routing = expert_routing(model, arrays, job.seq_len, calib)
     saved = saved_bytes(model, arrays, job.seq_len, routing)

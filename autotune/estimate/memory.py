@@ -14,6 +14,7 @@ import pandas as pd
 
 from autotune.engine.config import ModelConfig
 from autotune.estimate.activations import SavedBytes
+from autotune.estimate import float8
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration
 from autotune.estimate.columns import DYNAMIC_MEMORY, GiB, MEMORY
@@ -118,10 +119,14 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     # comes after those are freed), vocab-sharded by tp
     logits_grad = np.where(plans.loss_kernels == "torch", plans.micro_batch * seq_len * model.vocab_size * 4, 0)
     return {
+        # (float8 all-gather: the gathered blocks hold their float8 weights, a byte each [Float8])
         "param_copies": np.select([(zero == 2) | (pp_fsdp & (plans.micro_batches > 1)), zero == 3],
-                                  [beta * held.local, beta * (held.root + 2 * held.block)], autocast_copies),
+                                  [beta * held.root + plans.gather_bytes * (held.local - held.root),
+                                   beta * held.root + plans.gather_bytes * 2 * held.block], autocast_copies),
+        # the float8 linears keep the bf16 input saved (the measured block bytes); the largest one's
+        # float8 casts and scales live while its GEMM runs
         "activations": (per_micro_batch * micro_batches_held + saved.block * recomputing
-                        + np.where(holds_head, saved.outside_per_token, 0)),
+                        + np.where(holds_head, saved.outside_per_token, 0) + float8.cast_buffers(model, plans, seq_len)),
         "logits": np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0),
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
         # grads and their fp32 cast; the root's comes last, when the activations are gone);

@@ -20,6 +20,7 @@ from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.columns import TIME
+from autotune.estimate import float8
 from autotune.estimate.communication import PassCompute, data_parallel, pipeline_transfers, tensor_parallel
 from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
@@ -97,22 +98,26 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
                  / (peak * efficiency["attention_efficiency"] * attention_rate))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
+    casts = float8.cast_traffic(model, plans, seq_len)
+    # float8 linears: their share of the blocks' matmul time, at the float8 GEMM rate [Float8]
+    converted = float8.converted_share(model, per_token)
+    blocks_rate = 1 - converted + converted / float8.rate_ratio(plans, hw, efficiency["matmul_efficiency"])
     recompute_share = _recompute_share(model, plans, layers, traffic)
     block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
     head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms)
     block_flops = 2 * tokens * per_token / model.n_layers * layers / tp
     head_flops = 2 * tokens * head_weights / pp / tp
     return MicroBatchCompute(
-        matmul_blocks=block_flops / (achieved * block["fwd"]),
+        matmul_blocks=block_flops * blocks_rate / (achieved * block["fwd"]),
         matmul_head=head_flops / (achieved * head["fwd"]),
-        matmul_backward=2 * (block_flops / block["bwd"] + head_flops / head["bwd"]) / achieved,
+        matmul_backward=2 * (block_flops * blocks_rate / block["bwd"] + head_flops / head["bwd"]) / achieved,
         attention=attention,
-        memory_blocks={phase: traffic[f"block_{phase}"] * layers / hbm for phase in ("fwd", "bwd")},
+        memory_blocks={phase: (traffic[f"block_{phase}"] + casts[phase]) * layers / hbm for phase in ("fwd", "bwd")},
         memory_outside={phase: traffic[f"outside_{phase}"] / pp / tp / hbm for phase in ("fwd", "bwd")},
         recompute_share=recompute_share,
         # eager PyTorch: the host dispatches every op the engine's model runs (counted with the traffic)
-        dispatched_ops=(traffic["block_ops"] * layers + traffic["outside_ops"] / pp
-                        + recompute_share["memory"] * traffic["block_fwd_ops"] * layers),
+        dispatched_ops=((traffic["block_ops"] + casts["ops"]) * layers + traffic["outside_ops"] / pp
+                        + recompute_share["memory"] * (traffic["block_fwd_ops"] + casts["fwd_ops"]) * layers),
     )
 
 

@@ -1,0 +1,93 @@
+"""Float8 linears (plan.fp8) in the cost model ([Float8] in docs/formulas.md).
+
+The blocks' dense linears (those autotune.engine.float8 converts: `block_gemms` of a block, not the
+head, not a MoE layer's routed experts) run their three GEMMs at the float8 peak and its own
+efficiency (the catalog's fp8_matmul_efficiency, scaled by the same calibration as bf16's), rowwise
+at ROWWISE_GEMM of tensorwise's rate (its scales are applied per row and column in the GEMM's
+epilogue). Each GEMM operand is cast first, eagerly, in two kernels: the amax (read the bf16
+tensor: 2 bytes an element) and the scaled cast (read 2, write 1): CAST_BYTES an element. Forward
+casts the input and the weight; backward the output gradient for each of its two GEMMs, the input
+again (transposed, for the weight gradient) and the weight (transposed): tensorwise reuses the
+gradient's scale for the second (a transposed copy, 3 bytes), rowwise scales it along the other
+axis (a second cast). Under float8 all-gather (tensorwise, ZeRO 2/3) the weight is cast on its
+shard, before the gather, 1/dp of it per rank, and the gathered unit is a byte per weight.
+Compiled (plan.compile, as torchtitan runs float8), the casts fuse with their neighbours (`cast_traffic`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from autotune.engine.config import ModelConfig
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.gemm import block_gemms
+from autotune.hardware import Hardware
+
+CAST_BYTES = 5  # amax (read 2) + scaled cast (read 2, write 1) of a bf16 element
+COMPILED_CAST_BYTES = 3  # compiled: the amax's read (2) and the float8 write (1); the cast's read is fused
+TRANSPOSE_BYTES = 3  # a float8 copy transposed: read 2 (the bf16 source), write 1
+ROWWISE_GEMM = 0.9  # rowwise's GEMM rate over tensorwise's (assumed; the GPU session's float8 phase measures both)
+# host-dispatched ops a float8 linear adds (amax, scale, cast of each operand): forward two
+# operands, backward four (torchao's eager Float8Linear)
+FWD_OPS, BWD_OPS = 6, 12
+
+
+def converted_gemms(model: ModelConfig) -> list[tuple[float, float]]:
+    """The (K, N) of a block's linears that become float8 (tp = 1: the engine's float8 takes whole weights)."""
+    return block_gemms(model, 1)
+
+
+def converted_share(model: ModelConfig, block_params_per_token) -> np.ndarray:
+    """Of a rank's block matmul FLOPs (all blocks' `block_params_per_token` weights, 2 FLOPs each a
+    token forward), the share in float8 linears."""
+    converted = model.n_layers * sum(k * n for k, n in converted_gemms(model))
+    return np.minimum(converted / np.maximum(block_params_per_token, 1.0), 1.0)
+
+
+def rate_ratio(plans: PlanArrays, hw: Hardware, matmul_efficiency: float) -> np.ndarray:
+    """Each plan's float8 GEMM rate over its precision's (1 without float8): the catalog's float8
+    peak and efficiency, with the calibration's scale of the matmul efficiency (`matmul_efficiency`
+    over the catalog's)."""
+    if not plans.fp8_any:
+        return np.ones(plans.rows)
+    fp8 = hw.peak_flops.get("fp8", 0.0) * hw.fp8_matmul_efficiency * matmul_efficiency / hw.matmul_efficiency
+    base = hw.peak_flops["bf16"] * matmul_efficiency
+    ratio = np.where(plans.fp8 == "rowwise", ROWWISE_GEMM, 1.0) * fp8 / base
+    return np.where(plans.fp8 == "none", 1.0, np.maximum(ratio, 1e-9))
+
+
+def _distinct_inputs(model: ModelConfig) -> int:
+    """How many of a block's float8 linears read each input, in `converted_gemms` order (q, k, v
+    read one; a gated MLP's gate and up read one)."""
+    return [3, 3, 3, 1] + ([2, 2, 1] if model.family == "llama" else [1, 1]) * (model.n_experts == 0)
+
+
+def cast_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[str, np.ndarray]:
+    """Bytes one block's float8 casts move per micro-batch (fwd, bwd) and the ops they add (ops,
+    fwd_ops). Eager, every linear casts its own operands (CAST_BYTES an element); compiled
+    (plan.compile), inductor fuses each cast's read into the op that produced the tensor and casts
+    a tensor that several linears read once (COMPILED_CAST_BYTES)."""
+    tokens = plans.micro_batch * seq_len
+    fp8 = plans.fp8 != "none"
+    compiled = plans.compiled
+    cast = np.where(compiled, COMPILED_CAST_BYTES, CAST_BYTES)
+    weight_share = np.where(plans.fp8_gather, 1.0 / plans.dp, 1.0)
+    second_grad_cast = np.where(plans.fp8 == "rowwise", cast, TRANSPOSE_BYTES)
+    fwd = np.zeros(plans.rows)
+    bwd = np.zeros(plans.rows)
+    for (k, n), readers in zip(converted_gemms(model), _distinct_inputs(model)):
+        inputs = tokens * k / np.where(compiled, readers, 1)
+        fwd = fwd + cast * (inputs + weight_share * k * n)
+        bwd = bwd + (cast + second_grad_cast) * tokens * n + cast * (inputs + k * n)
+    linears = len(converted_gemms(model))
+    ops = np.where(compiled, 0, 1)  # inductor's fused kernels: no ops of their own to dispatch
+    return {"fwd": np.where(fp8, fwd, 0.0), "bwd": np.where(fp8, bwd, 0.0),
+            "fwd_ops": np.where(fp8, ops * FWD_OPS * linears, 0), "ops": np.where(fp8, ops * (FWD_OPS + BWD_OPS) * linears, 0)}
+
+
+def cast_buffers(model: ModelConfig, plans: PlanArrays, seq_len: int) -> np.ndarray:
+    """Bytes the largest float8 linear's casts hold while its GEMM runs: its input and weight in
+    float8 (a byte an element) and their scales (fp32: one a tensor, or one a row)."""
+    tokens = plans.micro_batch * seq_len
+    sizes = [tokens * k + k * n + np.where(plans.fp8 == "rowwise", 4 * (tokens + n), 8)
+             for k, n in converted_gemms(model)]
+    return np.where(plans.fp8 != "none", np.max(sizes, axis=0), 0.0)
