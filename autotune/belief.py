@@ -139,9 +139,14 @@ def factor_parts(frame) -> dict[str, tuple[Factor, np.ndarray]]:
     kernels = frame["kernels"].astype(str).to_numpy()
     dp_comm = col("time_dp_comm_s") + col("time_overlap_s")
     out = {}
+    fp8 = frame["fp8"].astype(str).to_numpy() if "fp8" in frame else np.full(len(frame), "none")
     for p in ("fp32", "bf16", "fp16"):
         out[f"compute[{p}]"] = (Factor(f"compute[{p}]", 1.0, SCALE_SD, 0.05, f"forward + backward in {p}"),
-                                np.where(precision == p, compute, 0.0))
+                                np.where((precision == p) & (fp8 == "none"), compute, 0.0))
+    # the float8 linears' plans: their compute is a factor of its own (the float8 GEMM rate and the
+    # casts' cost are the catalog's least-known figures), learned from their trials
+    out["compute[fp8]"] = (Factor("compute[fp8]", 1.0, SCALE_SD, 0.05, "forward + backward with float8 linears"),
+                           np.where(fp8 != "none", compute, 0.0))
     out["kernels[triton]"] = (Factor("kernels[triton]", 0.0, CORRECTION_SD, -0.9, "compute with Triton kernels, beyond torch's"),
                               np.where(kernels == "triton", compute, 0.0))
     for z in (1, 2, 3):

@@ -172,6 +172,13 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         notes.append(expert_parallel_note(cfg))
     if plan.dp_replicate > 1:
         notes.append(hybrid_sharding_note(plan))
+    if plan.fp8 != "none":
+        notes.append(
+            f"fp8={plan.fp8}: DeepSpeed has no float8 training of its own for this (its fp8 path is NVIDIA "
+            "Transformer Engine layers in the model code); this file trains in bf16. The plan's float8 linears "
+            "(torchao, dynamic scaling" + (", float8 all-gather" if plan.fp8 == "tensorwise" and plan.zero_stage >= 2
+                                          else "") + ") run under autotune's engine: launch.sh, best.yaml."
+        )
     return {
         "note": " ".join(notes),
         "model": cfg.model.name,
@@ -190,6 +197,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         "checkpoint_every_k": plan.checkpoint_every_k,
         "kernels": plan.kernels,
         "compile": plan.compile,
+        "fp8": plan.fp8,
     }
 
 
@@ -257,6 +265,8 @@ def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:
     if cfg.plan.dp_replicate > 1:
         head.append(f"# Hybrid sharding: {cfg.plan.dp_replicate} replicas, each sharding ZeRO-{cfg.plan.zero_stage} "
                     f"over {cfg.plan.dp // cfg.plan.dp_replicate} data-parallel ranks (plan.dp_replicate in best.yaml).")
+    if cfg.plan.fp8 != "none":
+        head.append(f"# Float8 linears: fp8={cfg.plan.fp8} (torchao's float8 training; pip install 'autotune[fp8]').")
     if nodes == 1:
         body = [
             "set -euo pipefail",

@@ -113,6 +113,11 @@ def supports_fp8(hw: Hardware) -> bool:
     return hw.peak_flops.get("fp8", 0.0) > 0 and hw.fp8_matmul_efficiency > 0
 
 
+def fp8_modes(hw: Hardware) -> list[str]:
+    """The plan.fp8 values the search tries on the device: every recipe where it has float8."""
+    return ["none", "tensorwise", "rowwise"] if supports_fp8(hw) else ["none"]
+
+
 def check_fp8(hw: Hardware, modes) -> None:
     """Refuse float8 plans (plan.fp8 values other than none) on a device without float8."""
     used = sorted({str(m) for m in modes} - {"none"})

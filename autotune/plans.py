@@ -109,12 +109,13 @@ def _frame(rows: Iterable[dict[str, Any]] | dict[str, list]) -> pd.DataFrame:
 
 
 def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: str = "cuda",
-                    precisions: Iterable[str] | None = None) -> pd.DataFrame:
+                    precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",)) -> pd.DataFrame:
     """Every valid plan of `train.model` x `train.job` on `cluster`, one column per PlanConfig field.
 
-    `device` is the accelerator kind ("cuda" or "cpu"; Triton kernels need CUDA) and `precisions`
-    the dtypes it computes in (None: those of `search.precisions`). Raises ConfigError when no plan
-    can run the job (e.g. a global batch no data-parallel degree divides).
+    `device` is the accelerator kind ("cuda" or "cpu"; Triton kernels need CUDA), `precisions`
+    the dtypes it computes in (None: those of `search.precisions`) and `fp8` the float8 recipes it
+    runs (`hardware.fp8_modes`; each bf16 plan without tp also in each). Raises ConfigError when no
+    plan can run the job (e.g. a global batch no data-parallel degree divides).
     """
     model, job = train.model, train.job
     allowed = [plain(p) for p in search.precisions if precisions is None or p in set(precisions)]
@@ -158,10 +159,18 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 2)]  # hybrid sharding shards ZeRO-2/3
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
+    plans = _with_fp8(plans, fp8)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
                                                "dp", "tp", "pp", "pp_virtual_stages", "ep",
                                                "dp_replicate")})
+
+
+def _with_fp8(plans: pd.DataFrame, modes: Iterable[str]) -> pd.DataFrame:
+    """The plans in bf16, then each bf16 plan without tp again per float8 recipe (engine.config.validate_fp8)."""
+    plans = plans.assign(fp8="none")
+    base = plans[(plans["precision"] == "bf16") & (plans["tp"] == 1)]
+    return pd.concat([plans] + [base.assign(fp8=m) for m in modes if m != "none"], ignore_index=True)
 
 
 def plain(value: Any) -> Any:
@@ -205,8 +214,8 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 
 
 def plan_label(plan: PlanConfig) -> str:
-    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b triton` (`dp8 ep4`: expert
-    parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks)."""
+    """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b fp8:tensorwise triton` (`dp8 ep4`:
+    expert parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
     ckpt = {"selective": f"sel{plan.checkpoint_every_k}", "op": f"op{plan.checkpoint_every_k}"}.get(
         str(plan.activation_checkpointing), str(plan.activation_checkpointing))
@@ -220,6 +229,8 @@ def plan_label(plan: PlanConfig) -> str:
     if plan.pp > 1:
         virtual = f"/v{plan.pp_virtual_stages}" if plan.pp_virtual_stages > 1 else ""
         parts += [f"pp{plan.pp}", f"{plan.pp_schedule}{virtual}"]
+    if plan.fp8 != "none":
+        parts.append(f"fp8:{plan.fp8}")
     if plan.kernels != "torch":
         parts.append(str(plan.kernels))
     if plan.compile:
@@ -242,7 +253,7 @@ def canonical(plan: PlanConfig) -> PlanConfig:
 
 
 def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, search: Any, *, device: str = "cuda",
-                         precisions: Iterable[str] | None = None) -> str:
+                         precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",)) -> str:
     """Why `enumerate_plans` leaves `plan` out ("" when it is one of its plans): the engine refuses it
     (validate_plan), or a rule of the search space excludes it."""
     try:
@@ -264,6 +275,7 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         and (plan.checkpoint_every_k not in SELECTIVE_EVERY_K or plan.checkpoint_every_k > n_layers),
         "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),
         "kernels not on this device": plan.kernels != "torch" and device != "cuda",
+        "float8 not on this device": plan.fp8 not in set(fp8) | {"none"},
         "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
     }
     return ", ".join(why for why, broken in rules.items() if broken)

@@ -48,6 +48,7 @@ DIMENSIONS = {
                                   np.where(f["offload_optimizer"].astype(bool), "optimizer", "none")),
     "activation checkpointing": lambda f: f["activation_checkpointing"].astype(str),
     "kernels": lambda f: f["kernels"].astype(str),
+    "float8": lambda f: f["fp8"].astype(str),
     "tensor parallel": lambda f: np.where(f["tp"] > 1, "tp > 1", "tp = 1"),
     "pipeline parallel": lambda f: np.where(f["pp"] > 1, "pp > 1", "pp = 1"),
     "expert parallel": lambda f: np.where(f["ep"] > 1, "ep > 1", "ep = 1"),

@@ -2,8 +2,8 @@
 the assumptions made for what the source left unstated, or the reason the engine cannot express it.
 
 Texts are read by keyword (docs/runs.md lists every rule). What the engine cannot run is refused
-with its reason rather than guessed: fp8 linears, context parallelism, async tensor parallelism.
-Unstated fields take a stated default and the row says so.
+with its reason rather than guessed: context parallelism, async tensor parallelism, float8 on a GPU
+without it. Unstated fields take a stated default and the row says so.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from autotune.config import CONF_DIR
 from autotune.engine.config import ConfigError, TrainConfig, build_train_config
-from autotune.hardware import Hardware, catalog_gpu, network_bytes_per_s
+from autotune.hardware import Hardware, catalog_gpu, check_fp8, network_bytes_per_s
 from autotune.profile import flops_per_token
 from autotune.validate.runs import Run
 
@@ -104,10 +104,21 @@ def _model(run: Run, seq_len: int, assumed: list[str]) -> dict:
     return model | {"max_seq_len": max(seq_len, model.get("max_seq_len", 0))}
 
 
+def _fp8(run: Run, assumed: list[str]) -> str:
+    """The float8 recipe of a row's linears: rowwise where it says so, else tensorwise (torchao's and
+    torchtitan's default: dynamic tensorwise scaling, float8 all-gather under FSDP)."""
+    text = f"{run.precision} {run.other}".lower()
+    if not re.search(r"fp8|float8", text):
+        return "none"
+    if re.search(r"row.?wise", text):
+        return "rowwise"
+    if not re.search(r"tensor.?wise", text):
+        assumed.append("float8 recipe unstated: tensorwise with float8 all-gather (torchao's default)")
+    return "tensorwise"
+
+
 def _precision(run: Run, assumed: list[str]) -> str:
-    text = run.precision.lower()
-    if re.search(r"fp8|float8", text):
-        raise NotExpressible("fp8 linears: the engine computes in bf16, fp16 or fp32")
+    text = re.sub(r"\+?\s*(fp8|float8)[^,;]*", "", run.precision.lower()).strip()  # the float8 linears: _fp8
     if not text or text == "unstated":
         assumed.append("precision unstated: bf16")
         return "bf16"
@@ -245,7 +256,8 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     mode, every_k = _checkpointing(run, assumed, free)
     text = f"{run.ac} {run.other}".lower()
     return {
-        "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "micro_batch": micro_batch,
+        "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
+        "micro_batch": micro_batch,
         "dp": run.dp, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
         "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
@@ -292,6 +304,7 @@ def map_run(run: Run) -> Mapped:
         train = build_train_config({"model": _model(run, run.seq_len, assumed),
                                     "job": {"seq_len": run.seq_len, "global_batch": global_batch},
                                     "plan": plan})
+        check_fp8(hw, [train.plan.fp8])
     except ConfigError as e:
         raise NotExpressible(f"not a valid engine config: {e}")
     tokens, how = _measured_tokens(run, train, hw)
