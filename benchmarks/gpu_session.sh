@@ -2,14 +2,14 @@
 # Everything worth measuring on a lent GPU, in order of value, in phases small enough for one
 # device `run` call each (10 minutes at most per call, 30 minutes of device time per session).
 #
-#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search moe
+#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search moe fp8
 #
 # Run it through the device tool from the repo root, with the wheels carried (BENCHMARKS.md, "Status
 # of the GPU measurements", has the exact calls):
 #   1. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh tests estimate`
 #   2. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh engine kernels`
 #   3. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh tp search`
-#   4. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh moe`
+#   4. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh moe fp8`
 #
 # Each step has its own `timeout`, so one hang costs that step, not the lease; every script rewrites
 # its JSON after each row, so a step cut short keeps what it measured. Steps work in $WORK
@@ -19,7 +19,7 @@
 # versions; then step, exit code, seconds, 124 = hit its timeout), session.tar.gz (all of $WORK:
 # logs, results, search folders) and each step's main result file:
 #   estimate_vs_probe-gpu.jsonl + .md, engine-<model>.json, kernels-{elementwise,lce}.json,
-#   tp_slice.json, search-results.json + search-grid.jsonl, moe.json
+#   tp_slice.json, search-results.json + search-grid.jsonl, moe.json, fp8.json
 # (so run no more phases in one call than the groups above: more would pass the 8 files).
 #
 # Durations on one H100 are ESTIMATES from the work each step does (none of this has run on a GPU
@@ -42,6 +42,9 @@
 #                     mixtral-8x7b cut to 2 blocks (3.1B parameters, ~50 GB of states) and
 #                     qwen2-57b-a14b cut to 1 (3.3B), micro-batch 1 and 2 at seq 4096: 4 probes of
 #                     ~40-60 s each (the seeded CPU initialisation of 3B parameters dominates)
+#   fp8       ~2 min  (timeout 150 s) Llama 3 8B's three GEMM shapes at 2 x 8192 tokens: bf16 against
+#                     _scaled_mm tensorwise / rowwise (the catalog's fp8_matmul_efficiency), and a
+#                     linear's fwd+bwd as torchao's Float8Linear, eager and compiled (needs torchao)
 # So call 1 ~8 min, call 2 ~8 min, call 3 ~7 min; each call's timeouts sum to 510-530 s, leaving
 # the wheels' install and the summary inside the tool's 600 s.
 set -uo pipefail  # not -e: a failed step is a result; the next one still runs
@@ -53,7 +56,7 @@ if [[ -z ${OUT:-} ]]; then
 fi
 WORK=${WORK:-/tmp/gpu_session}
 mkdir -p "$OUT" "$WORK"
-PHASES=" tests estimate engine kernels tp search moe "
+PHASES=" tests estimate engine kernels tp search moe fp8 "
 for phase in "$@"; do  # a typo found now, not after minutes of the lease
   [[ $PHASES == *" $phase "* ]] || { echo "gpu_session.sh: unknown phase '$phase' (one of:$PHASES)" >&2; exit 2; }
 done
@@ -147,6 +150,10 @@ for phase in "$@"; do
       step moe 420 $PY benchmarks/bench_moe.py --device cuda --models mixtral-8x7b:2 qwen2-57b-a14b:1 \
         --micro-batches 1 2 --seq-len 4096 --steps 5 --warmup 2 --timeout 180 --out "$WORK/moe.json"
       publish moe.json:moe.json
+      ;;
+    fp8)
+      step fp8 150 $PY benchmarks/bench_fp8.py --device cuda --out "$WORK/fp8.json"
+      publish fp8.json:fp8.json
       ;;
   esac
 done

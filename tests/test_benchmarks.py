@@ -171,3 +171,18 @@ def test_bench_search_cpu(tmp_path):
         picked = (grid[run["pick"]]["value"] or 0) if run["pick"] in grid else 0
         assert run["pick_over_best"] == pytest.approx(picked / best)
         assert (run["pick_again_over_best"] > 0) == (run["pick"] in grid)
+
+def test_bench_fp8_cpu(tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "fp8.json"
+    proc = run_script("bench_fp8.py", "--device", "cpu", "--shapes", "32x64x48", "--modes", "eager",
+                      "--iters", "1", "--warmup", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["smoke_run"] and result["benchmark"] == "fp8"
+    kinds = [(r["kind"], r["recipe"]) for r in result["rows"]]
+    assert kinds == [("gemm", "bf16"), ("gemm", "tensorwise"), ("gemm", "rowwise"),
+                     ("linear_eager", "bf16"), ("linear_eager", "tensorwise"), ("linear_eager", "rowwise")]
+    for r in result["rows"]:
+        flops = (2 if r["kind"] == "gemm" else 6) * 32 * 64 * 48
+        assert math.isclose(r["tflops"], flops / (r["ms"] / 1e3) / 1e12, rel_tol=1e-6)
+    assert "| 32x64x48 | gemm | tensorwise |" in proc.stdout

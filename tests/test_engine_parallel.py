@@ -91,6 +91,8 @@ def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
     reference = run_plan(dict(micro_batch=8))
     for name in TWO_RANK_PLANS:
         assert_same_run(results[name], reference, name)
+    fp8_losses, bf16_losses = results["fp8"][0], run_plan(dict(micro_batch=8, precision="bf16"))[0]
+    assert fp8_losses != bf16_losses and fp8_losses == pytest.approx(bf16_losses, rel=0.02)
     # DDP all-reduces once per step, not once per micro-step: accumulating over 2 micro-steps adds none
     syncs = results["syncs"]
     assert syncs["zero0"] and syncs["zero0_accum"] == syncs["zero0"]
@@ -173,6 +175,11 @@ def tracked_peak(plan: dict) -> int:
     return int(peak)
 
 
+# float8 linears under ZeRO-3 with float8 all-gather (autotune/engine/float8.py): not bitwise (each
+# rank scales its own half batch), within float8's error of the one-process bf16 run
+FP8_PLAN = dict(zero_stage=3, micro_batch=4, precision="bf16", fp8="tensorwise")
+
+
 def _worker(out: str) -> None:
     """Under torchrun: every plan of TWO_RANK_PLANS on this 2-rank gloo group; rank 0 saves results."""
     torch.set_num_threads(1)
@@ -181,6 +188,7 @@ def _worker(out: str) -> None:
     results = {name: run_plan(dict(plan, dp=2), syncs[name]) for name, plan in TWO_RANK_PLANS.items()}
     results["syncs"] = syncs
     results["peaks"] = {name: tracked_peak(dict(plan, dp=2)) for name, plan in TRACKED_PLANS.items()}
+    results["fp8"] = run_plan(dict(FP8_PLAN, dp=2))
     if dist.rank() == 0:
         torch.save(results, out)
     dist.shutdown()
