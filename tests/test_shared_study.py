@@ -329,7 +329,9 @@ def test_search_processes_started_together_one_killed_mid_trial(postgres, tmp_pa
     finally:
         os.kill(victim.pid, signal.SIGKILL)
     outputs = [victim.communicate()]
-    killed = [t.number for t in study_now().trials if t.state.name == "RUNNING"
+    # the victim's unfinished trial: still RUNNING, or already failed by a worker that saw its pid die
+    killed = [t.number for t in study_now().trials if t.state.name in ("RUNNING", "FAIL")
+              and t.user_attrs.get("status") != "skipped"  # a sampler proposal it never ran
               and t.user_attrs.get("worker", {}).get("pid") == victim.pid]
     for p in procs[:2]:
         outputs.append(p.communicate(timeout=400))
