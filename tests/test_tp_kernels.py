@@ -86,6 +86,9 @@ def worker(spec_path: str, out_path: str) -> None:
     rank0 = dist.rank() == 0
     try:
         out = {name: train(config) for name, config in json.loads(Path(spec_path).read_text()).items()}
+        # neither rank tears gloo down while the other still has work in flight: in the full suite a
+        # rank once aborted at exit ("terminate called without an active exception")
+        torch.distributed.barrier()
     finally:
         dist.shutdown()
     if rank0:  # tp ranks hold the same loss and gradient norm
