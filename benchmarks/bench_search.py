@@ -116,7 +116,7 @@ def run_grid(args: argparse.Namespace, pc, folder: Path) -> tuple[dict[str, dict
     import random
 
     from autotune.engine.config import with_changes
-    from autotune.plans import plan_key, plan_values
+    from autotune.plans import plan_from_row, plan_key, plan_values
 
     plans, hw = grid_plans(pc)
     if args.grid_limit is not None and args.grid_limit < len(plans):
@@ -128,7 +128,8 @@ def run_grid(args: argparse.Namespace, pc, folder: Path) -> tuple[dict[str, dict
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("settings") == settings:
+            if row.get("settings") == settings:  # keyed anew: a plan field added since keeps its default
+                row["key"] = plan_key(plan_from_row(row["plan"]))
                 done[row["key"]] = row
     for i, plan in enumerate(plans):
         key = plan_key(plan)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     from autotune.engine.files import write_atomic
 
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the search resolves its storage against the run folder
     results: dict[str, Any] = {"args": vars(args), "date": time.strftime("%Y-%m-%d"), "device": None,
                                "versions": {"torch": torch.__version__, "python": platform.python_version()},
                                "models": {}}
