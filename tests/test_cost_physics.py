@@ -158,7 +158,7 @@ def test_a_tp_rank_moves_its_share_of_the_blocks_weights():
     assert traffic["block_fwd"][1] == pytest.approx(traffic["block_fwd"][0] / 8, rel=0.05)
 
 
-# --- peak memory: a recomputed block once, reserved over allocated ---------------------------
+# --- peak memory: a recomputed block once, autocast's cached casts, reserved over allocated ---
 
 def test_the_recomputed_block_is_counted_once_however_many_micro_batches_are_in_flight():
     """The first stage of a 1F1B pipeline holds p micro-batches of its blocks (every second one
@@ -177,6 +177,54 @@ def test_the_recomputed_block_is_counted_once_however_many_micro_batches_are_in_
         assert row["peak_stage"] == "first"
         per_micro_batch = saved.block[0] * (layers - checkpointed) + saved.checkpointed_block[0] * checkpointed
         assert row["mem_activations_bytes"] == pytest.approx(pp * per_micro_batch + saved.block[0]), pp
+
+
+def _saved_weight_casts(separate_contexts: bool) -> set[int]:
+    """The storages of the 16-bit weights two micro-batches' forwards save, under one autocast
+    context for both (the pipeline schedule's step) or one each (the plain loop)."""
+    import contextlib
+
+    import torch
+
+    linear, saved = torch.nn.Linear(8, 8, bias=False), set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.shape == linear.weight.shape:
+            saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    step = contextlib.nullcontext() if separate_contexts else torch.autocast("cpu", dtype=torch.bfloat16)
+    with step, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = []
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses.append(linear(torch.randn(4, 8)).float().sum())
+    sum(losses).backward()
+    return saved
+
+
+def test_autocast_caches_one_weight_cast_for_every_micro_batch_of_its_context():
+    """torch's autocast caches an fp32 leaf parameter's cast until its outermost context exits: the
+    micro-batches of one pipeline step share one 16-bit copy; separate contexts cast anew."""
+    assert len(_saved_weight_casts(separate_contexts=False)) == 1
+    assert len(_saved_weight_casts(separate_contexts=True)) == 2
+
+
+def test_a_pipeline_stage_holds_one_cast_of_its_weights_whatever_is_in_flight():
+    """ZeRO-0 under pp: every block's cast once (checkpointed too: the cache holds what the forward
+    cast) plus the block being recomputed, the same for 4 (1F1B) and 16 (GPipe) micro-batches in flight."""
+    from autotune.estimate.activations import saved_bytes
+
+    cfg, hw = config(seq_len=2048, global_batch=16, dp=1, pp=4, micro_batch=1, zero_stage=0,
+                     activation_checkpointing="selective")
+    frame = plan_frame([cfg.plan, with_changes(cfg, plan={"pp_schedule": "gpipe"}).plan])
+    rows = estimate_frame(cfg.model, cfg.job, frame, hw)
+    plans = PlanArrays.of(frame, cfg.job)
+    saved = saved_bytes(cfg.model, plans, cfg.job.seq_len, expert_routing(cfg.model, plans, cfg.job.seq_len, Calibration()))
+    layers = cfg.model.n_layers // 4
+    assert (rows["peak_stage"] == "first").all()
+    assert rows["mem_param_copies_bytes"].iloc[0] == pytest.approx(saved.cast_weights[0] * (layers + 1))
+    assert rows["mem_param_copies_bytes"].iloc[1] == pytest.approx(rows["mem_param_copies_bytes"].iloc[0])
 
 
 def test_reserved_is_allocated_plus_the_allocators_rounding():

@@ -106,11 +106,16 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
     # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
     # current and the prefetched block [Model states] (derived from FSDP2's behaviour)
-    # The blocks of one micro-batch, plain or checkpointed, are held for each micro-batch in flight;
-    # backward recomputes one checkpointed block at a time, once for the rank, whatever is in flight.
+    # Without pp each micro-batch's forward leaves its autocast context before its backward.
+    # Under pp the schedule runs every micro-batch in one autocast context (engine/train.py), whose
+    # cache keeps each fp32 weight's cast from its first use to the step's end: one copy of every
+    # block, checkpointed or not, shared by the micro-batches in flight [Peak memory]. Backward
+    # recomputes one checkpointed block at a time, on CUDA's autograd thread (another thread's
+    # cache): its casts once more for the rank, whatever is in flight.
     recomputing = np.where(checkpointed > 0, 1, 0)
-    autocast_copies = (saved.cast_weights * (layers - checkpointed) * micro_batches_held
-                       + saved.cast_weights_checkpointed * checkpointed * micro_batches_held
+    one_micro_batch = saved.cast_weights * (layers - checkpointed) + saved.cast_weights_checkpointed * checkpointed
+    cached_step = saved.cast_weights * layers
+    autocast_copies = (np.where(plans.pp > 1, cached_step, one_micro_batch)
                        + saved.cast_weights * recomputing) / tp  # the fit's P is the whole block's
     # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input
     per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
