@@ -186,7 +186,7 @@ def _saved_weight_casts(separate_contexts: bool) -> set[int]:
 
     import torch
 
-    linear, saved = torch.nn.Linear(8, 8, bias=False), set()
+    linear, saved = torch.nn.Linear(8, 8, bias=False), set()  # the input needs a gradient: the weight is saved
 
     def pack(t):
         if t.dtype == torch.bfloat16 and t.shape == linear.weight.shape:
@@ -198,7 +198,7 @@ def _saved_weight_casts(separate_contexts: bool) -> set[int]:
         losses = []
         for _ in range(2):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                losses.append(linear(torch.randn(4, 8)).float().sum())
+                losses.append(linear(torch.randn(4, 8, requires_grad=True)).float().sum())
     sum(losses).backward()
     return saved
 
