@@ -240,24 +240,38 @@ MOE_CASES = [
     (MIXTRAL_LIKE, 3, 40, "bf16", "params", "none", "torch"),
     (MIXTRAL_LIKE, 2, 56, "fp16", "autocast", "none", "triton"),
 ]
+# per-operator (the experts' grouped matmuls among the kept outputs) and attention-core checkpointing
+MOE_OP_CASES = [
+    (MOE, 2, 64, "fp32", "params", "op", "torch", 1),
+    (MIXTRAL_LIKE, 2, 48, "bf16", "autocast", "op", "torch", 2),
+    (MOE, 1, 80, "bf16", "params", "attention", "triton", 2),
+]
 
 
-@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels", MOE_CASES)
-def test_moe_block_bytes_and_traffic_within_5_percent(model, b, s, precision, cast, ckpt, kernels):
+@pytest.mark.parametrize("model, b, s, precision, cast, ckpt, kernels, k", [(*c, 2) for c in MOE_CASES] + MOE_OP_CASES)
+def test_moe_block_bytes_and_traffic_within_5_percent(model, b, s, precision, cast, ckpt, kernels, k):
     """A MoE block's two parts, the block without its routed experts and the experts, saved bytes
     and memory traffic as fitted on the small MoE models, against fresh measurements of larger ones."""
     from autotune.profile import predict_moe_saved_bytes, predict_moe_traffic
 
-    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
-    predicted = predict_moe_saved_bytes(model, b, s, precision, cast, ckpt, kernels)
+    measured = measure_saved_bytes(model, b, s, precision, cast, ckpt, kernels, every_k=k)
+    predicted = predict_moe_saved_bytes(model, b, s, precision, cast, ckpt, kernels, every_k=k)
     for part in ("moe_block", "experts"):
         assert predicted[part] == pytest.approx(measured[part], rel=0.05, abs=64), part
     if model.dense_layers:  # a MoE model's dense block, as the dense fit predicts it
-        dense = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels)["block"]
+        dense = predict_saved_bytes(model, b, s, precision, cast, ckpt, kernels, every_k=k)["block"]
         assert dense == pytest.approx(measured["dense_block"], rel=0.05)
     traffic, layers = measure_traffic(model, b, s, precision, cast, kernels), len(model.moe_layers)
     for key, value in predict_moe_traffic(model, b, s, precision, cast, kernels).items():
         assert value == pytest.approx(traffic[key] / layers, rel=0.05), key
+
+
+def test_op_checkpointing_keeps_exactly_the_experts_matmul_outputs():
+    """Under op (every matmul kept) a dropless MoE layer's experts keep their three grouped matmuls'
+    outputs, gate and up [S, f_e] and down [S, h] at S = b·s·k slots, and nothing else."""
+    b, s, m = 2, 32, MIXTRAL_LIKE
+    experts = measure_saved_bytes(m, b, s, "fp32", "params", "op", every_k=1)["experts"]
+    assert experts == b * s * m.experts_per_token * (2 * m.expert_d_ff + m.d_model) * 4
 
 
 def test_moe_measurements_tell_the_routed_experts_apart():

@@ -75,6 +75,10 @@ def four_rank_plans() -> dict[str, dict]:
     # per-operator under tp + sequence parallel + FSDP2, the attention core under tp x pp
     plans["tp2_dp2_zero3_sp"]["activation_checkpointing"] = "op"
     plans["tp2_pp2_1f1b"]["activation_checkpointing"] = "attention"
+    # ... and each inside pipeline stages, per-operator (every other matmul) under interleaved stages
+    # and DDP-like replicate, the attention core under FSDP2 accumulating micro-batches
+    plans["pp2_dp2_zero0_interleaved_1f1b"].update(activation_checkpointing="op", checkpoint_every_k=2)
+    plans["pp2_dp2_zero3_gpipe"]["activation_checkpointing"] = "attention"
     return plans
 
 

@@ -150,16 +150,18 @@ def checkpointed_blocks(plan: PlanConfig, n_layers: int) -> list[int]:
     return []
 
 
-# What the per-operator policy keeps: matmul outputs (every k-th of a block's) and SDPA's outputs
-# (the costly ops; everything else is cheap to recompute), and a sequence-parallel reduce-scatter's
-# output (recomputing it would repeat the collective in backward).
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+# What the per-operator policy keeps: matmul outputs (every k-th of a block's, a MoE block's grouped
+# expert matmuls among them) and SDPA's outputs (the costly ops; everything else is cheap to
+# recompute), and the outputs of a sequence-parallel reduce-scatter and of expert parallelism's
+# all-to-alls (recomputing them would repeat the collective in backward).
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten._grouped_mm.default}
 KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional.all_to_all_single.default,
 }
 
 

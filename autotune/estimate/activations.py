@@ -107,10 +107,11 @@ def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routin
     moe_at = moe_features(model, plans.micro_batch, seq_len, routing.sent)
     experts_at = expert_features(model, plans.micro_batch, seq_len, routing.arrived, plans.ep)
     n_moe = len(model.moe_layers)
+    variant = _variants(plans)
     out = dict(dense)
-    for name, mode in (("none", "none"), ("ck", "full")):  # a checkpointed MoE block as full keeps it
+    for name in ("none", "ck"):  # a checkpointed MoE block as its row's variant keeps it
         tok, weights = np.zeros(plans.rows), np.zeros(plans.rows)
-        for precision, cast, kernel, rows in _choices(plans, plans.kernels):
+        for precision, cast, kernel, rows, mode in _moe_choices(plans, variant if name == "ck" else None):
             coef = coefs[activation_key(precision, cast, mode, kernel)]
             tok[rows] = (sum(coef["moe"][k] * moe_at[k][rows] for k in MOE_FEATURES if k != "P")
                          + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe"))
@@ -118,6 +119,17 @@ def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routin
         for term, moe in ((f"{name}_tok", tok), (f"{name}_P", weights)):
             out[term] = ((model.n_layers - n_moe) * dense[term] + n_moe * moe) / model.n_layers
     return out
+
+
+def _moe_choices(plans: PlanArrays, variant: np.ndarray | None) -> Iterator[tuple[str, str, str, np.ndarray, str]]:
+    """_choices split further by each row's checkpointed variant (none where `variant` is None)."""
+    for precision, cast, kernel, rows in _choices(plans, plans.kernels):
+        if variant is None:
+            yield precision, cast, kernel, rows, "none"
+            continue
+        for v in MEASURED_CHECKPOINTING:
+            if (some := rows & (variant == v)).any():
+                yield precision, cast, kernel, some, v
 
 
 def _variants(plans: PlanArrays) -> np.ndarray:

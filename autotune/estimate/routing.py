@@ -20,9 +20,10 @@ computes more than its share when the router is unbalanced.
   what the all-to-alls bring to the rank.
 - All-to-alls: per MoE layer and micro-batch, forward: the counts (E integers, a latency), the
   dispatch and the combine; backward: the two again; a recomputed layer runs its forward's three
-  again. Each moves the busiest rank's slots, d_model values of the dispatch's or the combine's
-  element size, of which (ep−1)/ep leave the rank: over NVLink inside a node, over the NICs to the
-  ranks on other nodes (the slower of the two sets the time). Nothing overlaps them: the experts
+  again (under op the counts' alone: it keeps the other two's outputs; attention recomputes none).
+  Each moves the busiest rank's slots, d_model values of the dispatch's or the combine's element
+  size, of which (ep−1)/ep leave the rank: over NVLink inside a node, over the NICs to the ranks on
+  other nodes (the slower of the two sets the time). Nothing overlaps them: the experts
   wait for their tokens.
 """
 from __future__ import annotations
@@ -105,6 +106,8 @@ def all_to_all_time(model: ModelConfig, seq_len: int, plans: PlanArrays, routing
     rows = plans.micro_batch * seq_len * model.experts_per_token * routing.arrived * model.d_model
     volume = rows * (routing.dispatch_bytes + routing.combine_bytes) * per_byte  # dispatch + combine, one way
     forward, backward = volume + 3 * latency, volume + 2 * latency
-    recompute = plans.checkpointed(layers) / np.maximum(layers, 1) * forward
+    # op keeps the dispatch's and the combine's outputs (engine.parallel.KEPT_OPS): only the counts run again
+    again = np.select([plans.checkpointing == "op", plans.checkpointing == "attention"], [latency, 0.0], forward)
+    recompute = plans.checkpointed(layers) / np.maximum(layers, 1) * again
     moe_layers = layers * routing.moe_share
     return np.where(ep > 1, plans.micro_batches * moe_layers * (forward + backward + recompute), 0.0)

@@ -17,17 +17,14 @@ import dataclasses
 import functools
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
-from autotune.profile.activations import activation_key, measure_saved_bytes
+from autotune.profile.activations import MEASURED_CHECKPOINTING, activation_key, measure_saved_bytes
 from autotune.profile.features import (
-    EXPERT_FEATURES, MOE_FEATURES, TRAFFIC_MOE_FEATURES, expert_features, moe_features,
+    EXPERT_FEATURES, MOE_FEATURES, TRAFFIC_MOE_FEATURES, checkpoint_variant, expert_features, moe_features,
 )
 from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
 from autotune.profile.measure import CASTS
 from autotune.profile.traffic import TRAFFIC_PHASES, measure_traffic, traffic_key
 
-# A MoE block's checkpointing variants: a checkpointed one is counted as full checkpointing keeps
-# it, whichever of full, op or attention the plan runs (docs/formulas.md, Not modelled yet)
-MOE_CHECKPOINTING = ("none", "full")
 # Per fit shape (the dense fit's widths, each twice): experts, k, expert width, shared expert width.
 # Twice as many shapes as the dense fit: a MoE block has nine per-token features, not six. Widths
 # are multiples of 8: torch's grouped matmul wants 16-byte rows in 16 bits.
@@ -66,12 +63,12 @@ def _fit_activations(kind: tuple) -> dict[str, dict]:
     """Per precision x cast x checkpointing x kernels: the MoE block's and its experts' coefficients."""
     fits = {}
     for precision, cast, kernels in _choices():
-        for ckpt in MOE_CHECKPOINTING:
+        for ckpt, (mode, every_k) in MEASURED_CHECKPOINTING.items():
             rows_m, rows_e, ym, ye = [], [], [], []
             # one batch shape per model, the two in turn: no per-sequence term to tell apart here
             for i, m in enumerate(moe_fit_shapes(kind)):
                 b, s = FIT_BATCHES[i % len(FIT_BATCHES)]
-                got = measure_saved_bytes(m, b, s, precision, cast, ckpt, kernels)
+                got = measure_saved_bytes(m, b, s, precision, cast, mode, kernels, every_k=every_k)
                 rows_m.append(moe_features(m, b, s))
                 rows_e.append(expert_features(m, b, s))
                 ym.append(got["moe_block"])
@@ -132,10 +129,12 @@ def moe_traffic_coefficients(model: ModelConfig) -> dict[str, dict]:
 
 
 def predict_moe_saved_bytes(model: ModelConfig, b, s, precision: str, cast: str, checkpointing: str = "none",
-                            kernels: str = "torch") -> dict[str, float]:
+                            kernels: str = "torch", every_k: int = 2) -> dict[str, float]:
     """Predicted bytes one MoE block saves without its routed experts ("moe_block", its P term
-    included) and its experts ("experts"), at one rank's own tokens (as measure_saved_bytes runs)."""
-    fit = moe_activation_coefficients(model)[activation_key(precision, cast, checkpointing, kernels)]
+    included) and its experts ("experts"), at one rank's own tokens (as measure_saved_bytes runs);
+    a checkpointed block (every one under full, op and attention) as its variant keeps it."""
+    variant = checkpoint_variant(checkpointing, every_k) if checkpointing != "none" else "none"
+    fit = moe_activation_coefficients(model)[activation_key(precision, cast, variant, kernels)]
     fm, fe = moe_features(model, b, s), expert_features(model, b, s)
     return {"moe_block": sum(fit["moe"][k] * fm[k] for k in MOE_FEATURES),
             "experts": sum(fit["experts"][k] * fe[k] for k in EXPERT_FEATURES)}
