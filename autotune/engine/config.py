@@ -231,6 +231,9 @@ class PlanConfig:
     # hybrid sharding (HSDP): ZeRO-2/3 shards over groups of dp / dp_replicate ranks and the groups
     # replicate each other (their gradients all-reduced once per step); 1: shard over all dp ranks
     dp_replicate: int = 1
+    # context parallelism: each sequence split over cp ranks (2 chunks each, load-balanced causal
+    # attention over a ring of k/v: autotune/engine/context_parallel.py); 1: whole sequences
+    cp: int = 1
     kernels: Kernels = Kernels.torch
     compile: bool = False
     # float8 training of the blocks' linears (torchao, dynamic scaling; autotune/engine/float8.py):
@@ -243,7 +246,7 @@ class PlanConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
 
 PLAN_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PlanConfig))
@@ -455,39 +458,6 @@ def validate_ep(p: PlanConfig, model: ModelConfig) -> None:
         )
 
 
-def validate_dp_replicate(p: PlanConfig) -> None:
-    """Hybrid sharding: dp_replicate groups of dp / dp_replicate ranks, each sharding ZeRO-2/3's states."""
-    if p.dp_replicate < 1:
-        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must be at least 1 (1: no hybrid sharding)")
-    if p.dp_replicate == 1:
-        return
-    if p.dp % p.dp_replicate:
-        divisors = [d for d in range(1, p.dp + 1) if p.dp % d == 0]
-        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must divide plan.dp={p.dp}; try one of {divisors}")
-    if p.zero_stage < 2:
-        raise ConfigError(
-            f"plan.dp_replicate={p.dp_replicate} shards ZeRO-2/3 states within groups, but plan.zero_stage="
-            f"{p.zero_stage} shards no parameters; use plan.zero_stage=2 or 3, or plan.dp_replicate=1"
-        )
-    if p.ep > 1:
-        raise ConfigError(
-            f"plan.dp_replicate={p.dp_replicate} with plan.ep={p.ep}: the engine does not combine hybrid "
-            "sharding with expert parallelism; use plan.dp_replicate=1 or plan.ep=1"
-        )
-
-
-def validate_fp8(p: PlanConfig) -> None:
-    """Float8 linears compute beside bf16 everything else, on whole (not tensor-parallel) weights."""
-    if p.fp8 == "none":
-        return
-    if p.precision != "bf16":
-        raise ConfigError(f"plan.fp8={p.fp8} runs the rest of the model in bf16: set plan.precision=bf16 "
-                          f"(not {p.precision}) or plan.fp8=none")
-    if p.tp > 1:
-        raise ConfigError(f"plan.fp8={p.fp8} with plan.tp={p.tp}: the engine's float8 linears take whole "
-                          "weights; use plan.tp=1 or plan.fp8=none")
-
-
 def validate_job(j: JobConfig) -> None:
     if j.seq_len < 1 or j.global_batch < 1 or j.steps < 1:
         raise ConfigError("job.seq_len, job.global_batch and job.steps must be at least 1")
@@ -552,8 +522,11 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
         if model.d_ff % p.tp:
             raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
     validate_ep(p, model)
+    from autotune.engine.plan_dims import validate_cp, validate_dp_replicate, validate_fp8  # they import this module
+
     validate_dp_replicate(p)
     validate_fp8(p)
+    validate_cp(p, job)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
     if p.sequence_parallel and job.seq_len % p.tp:

@@ -58,10 +58,10 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
 def check_together(ds: dict[str, Any], cfg: TrainConfig) -> None:
     """The training config's batch shape is how the data is cut: DeepSpeed's must be the same."""
     plan, job = cfg.plan, cfg.job
-    if (plan.tp, plan.pp, plan.ep) != (1, 1, 1):
+    if (plan.tp, plan.pp, plan.ep, plan.cp) != (1, 1, 1, 1):
         raise ConfigError(
-            f"--deepspeed trains data parallel only, but the plan has tp={plan.tp} pp={plan.pp} ep={plan.ep}; "
-            "set plan.tp=1 plan.pp=1 plan.ep=1 (or train it with the engine: leave out --deepspeed)"
+            f"--deepspeed trains data parallel only, but the plan has tp={plan.tp} pp={plan.pp} ep={plan.ep} "
+            f"cp={plan.cp}; set plan.tp=1 plan.pp=1 plan.ep=1 plan.cp=1 (or train it with the engine: leave out --deepspeed)"
         )
     wanted = {"train_batch_size": job.global_batch, "train_micro_batch_size_per_gpu": plan.micro_batch,
               "gradient_accumulation_steps": plan.grad_accum}

@@ -100,6 +100,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
         self.use_rope = cfg.family == "llama"
+        self.context_shard = None  # under context parallelism: the ring (autotune/engine/context_parallel.py)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -122,6 +123,8 @@ class Attention(nn.Module):
             else:
                 q, k = apply_rope(q, k, cos[:s], sin[:s])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.context_shard is not None:  # the ring shares each kv head among its group itself
+            return self.context_shard.attention(q, k, v).transpose(1, 2).reshape(b, s, -1)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head among its group
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -194,6 +197,7 @@ class Transformer(nn.Module):
         # what the gradient of the load-balancing loss is multiplied by when forward returns no loss
         # (a pipeline stage: autotune/engine/pipeline.py sets it to its loss's own multiplier)
         self.aux_grad_scale = 1.0
+        self.context_shard = None  # under context parallelism: this rank's chunks' positions
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -207,9 +211,13 @@ class Transformer(nn.Module):
         of its last block.
         """
         x = self.tok_emb(tokens) if self.tok_emb is not None else tokens
+        shard = self.context_shard  # context parallel: this rank's tokens lie at scattered positions
+        pos = shard.positions(tokens.shape[1], tokens.device) if shard else torch.arange(tokens.shape[1], device=tokens.device)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(tokens.shape[1], device=tokens.device))
+            x = x + self.pos_emb(pos)
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        if rope is not None and shard:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
         aux = None
         for block in self.layers.values():
             x = block(x, rope)

@@ -28,6 +28,11 @@ Hybrid sharding (`shard_mesh`, plan.dp_replicate > 1, ZeRO 2/3) unflattens dp in
 (dp_replicate, dp_shard), dp_shard innermost (the ranks nearest each other, in one node where
 they fit): FSDP2 shards over dp_shard and all-reduces the reduce-scattered gradients over
 dp_replicate (HSDP), once per step (`gradient_sync`).
+
+Context parallelism (plan.cp > 1, autotune/engine/context_parallel.py) adds a cp dim between dp and
+tp: the cp ranks of one dp rank share its sequences, each holding part of every one, and attention
+runs over a ring of them. Their gradients are partial sums of the same batch's, so everything that
+reduces gradients over dp does it over dp x cp instead (`grad_mesh`, the dims flattened).
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+from autotune.engine.context_parallel import apply_cp
 from autotune.engine.float8 import apply_float8
 from autotune.engine.moe import moe_layers
 from autotune.engine.tensor_parallel import apply_tp
@@ -66,6 +72,12 @@ def check_supported(plan: PlanConfig) -> None:
             "plan.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run Triton's interpreter on the "
             "CPU, slowly); use plan.kernels=torch here"
         )
+    if plan.cp > 1 and (plan.pp > 1 or plan.compile):
+        # the cost model estimates such plans (published runs have them); the engine does not run them yet
+        what = f"plan.pp={plan.pp}" if plan.pp > 1 else "plan.compile=true"
+        raise ConfigError(f"plan.cp={plan.cp} with {what}: the engine runs context parallelism without pipeline stages "
+                          "and uncompiled (the ring's exchanges inside a compiled block are untested); use plan.pp=1 "
+                          "and plan.compile=false, or plan.cp=1")
     if plan.compile and plan.tp > 1:
         # Seen with torch 2.13 (4 gloo ranks): compiled tensor-parallel blocks fail in backward
         # ("'Tensor' object has no attribute '_local_tensor'") without a dp wrapper, and under
@@ -77,8 +89,22 @@ def check_supported(plan: PlanConfig) -> None:
 
 
 def build_mesh(plan: PlanConfig, device_type: str) -> DeviceMesh:
-    """The (pp, dp, tp) device mesh of the job; tp innermost so that it stays within a node."""
-    return init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    """The (pp, dp, tp) device mesh of the job, (pp, dp, cp, tp) under context parallelism with dp
+    and cp also flattened into dp_cp; tp innermost so that it stays within a node, cp next to it."""
+    if plan.cp == 1:
+        return init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
+    mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.cp, plan.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+    mesh["dp", "cp"]._flatten("dp_cp")
+    return mesh
+
+
+def grad_mesh(plan: PlanConfig, mesh: DeviceMesh) -> DeviceMesh:
+    """The ranks whose gradients are summed (averaged): dp, times cp under context parallelism."""
+    return mesh["dp_cp"] if plan.cp > 1 else mesh["dp"]
+
+
+def grad_ranks(plan: PlanConfig) -> int:
+    return plan.dp * plan.cp
 
 
 @functools.cache
@@ -93,7 +119,7 @@ def shard_mesh(plan: PlanConfig, mesh: DeviceMesh) -> DeviceMesh:
     """The mesh FSDP2 shards over: dp, or under hybrid sharding the 2D (dp_replicate, dp_shard) mesh
     (FSDP2 replicates over the first dim and shards over the second). Made once per job mesh."""
     if plan.dp_replicate == 1:
-        return mesh["dp"]
+        return grad_mesh(plan, mesh)
     return _hybrid_layout(mesh, plan.dp_replicate)["dp_replicate", "dp_shard"]
 
 
@@ -117,7 +143,7 @@ def uses_fsdp(plan: PlanConfig) -> bool:
 
 def uses_replicate(plan: PlanConfig) -> bool:
     """Whether ZeRO 0/1 all-reduce gradients with FSDP2's `replicate` rather than DDP (see `apply_ddp`)."""
-    return not uses_fsdp(plan) and plan.dp > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)
+    return not uses_fsdp(plan) and grad_ranks(plan) > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)
 
 
 # --- expert parallelism ------------------------------------------------------------------------
@@ -252,7 +278,7 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
     pipeline schedule runs several forwards before a backward (GPipe); under tp or pp the same
     all-reduce of gradients is FSDP2's `replicate`, per block (so each block's reduction overlaps
     the rest of backward). Under ep too: the experts are replicated over experts_mesh alone."""
-    if plan.dp == 1:
+    if grad_ranks(plan) == 1:
         return model
     if uses_replicate(plan):
         if replicate is None:
@@ -295,10 +321,12 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
         apply_tp(model, mesh["tp"], plan.sequence_parallel)
     if plan.ep > 1:
         apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
+    if plan.cp > 1:
+        apply_cp(model, mesh["cp"].get_group())
     apply_float8(model, plan)
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
-    dp_mesh, experts_mesh = mesh["dp"], expert_mesh(plan, mesh)
+    dp_mesh, experts_mesh = grad_mesh(plan, mesh), expert_mesh(plan, mesh)
     if uses_fsdp(plan):
         apply_fsdp(model, plan, shard_mesh(plan, mesh), device, experts_mesh)
         materialize(model, plan, device, seed)
@@ -442,11 +470,12 @@ def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: De
     if plan.zero_stage == 1 and uses_replicate(plan):
         experts = expert_mesh(plan, mesh)
         replicated_over = {p: experts.get_group() for m in expert_modules(model) for p in m.parameters()} if experts else None
-        return ShardedOptimizer(groups, adamw, mesh["dp"].get_group(), replicated_over, **kwargs)
-    if plan.zero_stage == 1 and plan.dp > 1:
+        return ShardedOptimizer(groups, adamw, grad_mesh(plan, mesh).get_group(), replicated_over, **kwargs)
+    if plan.zero_stage == 1 and grad_ranks(plan) > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer  # half a second to import: ZeRO-1 only
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=mesh["dp"].get_group(), **kwargs)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=grad_mesh(plan, mesh).get_group(),
+                                       **kwargs)
     return adamw(groups, **kwargs)
 
 

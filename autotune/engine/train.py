@@ -30,6 +30,7 @@ import torch.distributed as tdist
 
 from autotune.engine import checkpoint, dist
 from autotune.engine.config import ConfigError, JobConfig, TrainConfig, load_train_config, to_yaml
+from autotune.engine.context_parallel import shard_sequence
 from autotune.engine.data import check_vocab, micro_batches
 from autotune.engine.float8 import after_optimizer_step
 from autotune.engine.files import write_atomic
@@ -164,7 +165,7 @@ class Engine:
         check_supported(plan)
         if plan.world_size != dist.world_size():
             raise ConfigError(
-                f"the plan needs dp x tp x pp = {plan.world_size} processes but {dist.world_size()} were "
+                f"the plan needs dp x cp x tp x pp = {plan.world_size} processes but {dist.world_size()} were "
                 f"launched; launch with --nproc_per_node {plan.world_size} (or `autotune train`, which does)"
             )
         torch.manual_seed(job.seed)
@@ -193,7 +194,13 @@ class Engine:
         self.peak_flops = peak_flops(device, plan.precision)
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return micro_batches(self.cfg.job, self.cfg.model, self.cfg.plan, step, self.dp_rank, self.dp_size)
+        """This rank's micro-batches; under context parallelism its chunks of its dp rank's sequences."""
+        plan = self.cfg.plan
+        batches = micro_batches(self.cfg.job, self.cfg.model, plan, step, self.dp_rank, self.dp_size)
+        if plan.cp == 1:
+            return batches
+        rank = self.mesh["cp"].get_local_rank()
+        return [(shard_sequence(x, rank, plan.cp), shard_sequence(y, rank, plan.cp)) for x, y in batches]
 
     def step(self, step: int) -> StepResult:
         """One optimizer step over this rank's micro-batches of global step `step` (0-based)."""

@@ -1,0 +1,57 @@
+"""Checks of the plan's newer dimensions: hybrid sharding, float8 and context parallelism (each
+violation one ConfigError that says what to change; autotune.engine.config.validate_plan calls them)."""
+from __future__ import annotations
+
+from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+
+
+def validate_dp_replicate(p: PlanConfig) -> None:
+    """Hybrid sharding: dp_replicate groups of dp / dp_replicate ranks, each sharding ZeRO-2/3's states."""
+    if p.dp_replicate < 1:
+        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must be at least 1 (1: no hybrid sharding)")
+    if p.dp_replicate == 1:
+        return
+    if p.dp % p.dp_replicate:
+        divisors = [d for d in range(1, p.dp + 1) if p.dp % d == 0]
+        raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must divide plan.dp={p.dp}; try one of {divisors}")
+    if p.zero_stage < 2:
+        raise ConfigError(
+            f"plan.dp_replicate={p.dp_replicate} shards ZeRO-2/3 states within groups, but plan.zero_stage="
+            f"{p.zero_stage} shards no parameters; use plan.zero_stage=2 or 3, or plan.dp_replicate=1"
+        )
+    if p.ep > 1:
+        raise ConfigError(
+            f"plan.dp_replicate={p.dp_replicate} with plan.ep={p.ep}: the engine does not combine hybrid "
+            "sharding with expert parallelism; use plan.dp_replicate=1 or plan.ep=1"
+        )
+
+
+def validate_fp8(p: PlanConfig) -> None:
+    """Float8 linears compute beside bf16 everything else, on whole (not tensor-parallel) weights."""
+    if p.fp8 == "none":
+        return
+    if p.precision != "bf16":
+        raise ConfigError(f"plan.fp8={p.fp8} runs the rest of the model in bf16: set plan.precision=bf16 "
+                          f"(not {p.precision}) or plan.fp8=none")
+    if p.tp > 1:
+        raise ConfigError(f"plan.fp8={p.fp8} with plan.tp={p.tp}: the engine's float8 linears take whole "
+                          "weights; use plan.tp=1 or plan.fp8=none")
+
+
+def validate_cp(p: PlanConfig, job: JobConfig) -> None:
+    """Context parallelism: 2 cp equal chunks of every sequence, two to a rank, beside dp and tp."""
+    if p.cp < 1:
+        raise ConfigError(f"plan.cp={p.cp} must be at least 1 (1: no context parallelism)")
+    if p.cp == 1:
+        return
+    if job.seq_len % (2 * p.cp):
+        fits = [c for c in range(1, job.seq_len // 2 + 1) if job.seq_len % (2 * c) == 0][:8]
+        raise ConfigError(f"plan.cp={p.cp} cuts job.seq_len={job.seq_len} into 2 x cp = {2 * p.cp} equal chunks "
+                          f"(load-balanced causal attention); use a seq_len divisible by {2 * p.cp} or cp in {fits}")
+    for key, other in (("ep", "expert parallelism"), ("dp_replicate", "hybrid sharding")):
+        if getattr(p, key) > 1:
+            raise ConfigError(f"plan.cp={p.cp} with plan.{key}={getattr(p, key)}: the engine does not combine context "
+                              f"parallelism with {other}; use plan.{key}=1 or plan.cp=1")
+    if p.sequence_parallel and (job.seq_len // p.cp) % p.tp:
+        raise ConfigError(f"plan.sequence_parallel with plan.cp={p.cp} needs a rank's job.seq_len / cp = "
+                          f"{job.seq_len // p.cp} tokens divisible by plan.tp={p.tp}")
