@@ -31,7 +31,10 @@ class PlanArrays:
     host_adam: np.ndarray  # ZeRO-1 offload (engine.parallel.HostOffloadAdamW): the partition's AdamW step on the host
     micro_batch: np.ndarray
     micro_batches: np.ndarray  # per optimizer step on each rank: grad_accum, or global_batch / (micro_batch·dp)
+    # the ranks that reduce gradients and shard ZeRO's states together: dp, times cp under context
+    # parallelism (their micro-batches are parts of the same sequences: engine.parallel.grad_mesh)
     dp: np.ndarray
+    cp: np.ndarray  # context parallelism: ranks each sequence is split over (each holding seq_len / cp tokens)
     tp: np.ndarray
     pp: np.ndarray
     ep: np.ndarray  # expert parallelism: dp ranks per group that split each MoE layer's experts
@@ -58,7 +61,9 @@ class PlanArrays:
         zero = _column(plans, "zero_stage", 0).astype(np.int64)
         offload_optimizer = _column(plans, "offload_optimizer", False).astype(bool)
         micro_batch = _column(plans, "micro_batch", 1).astype(np.int64)
-        dp = _column(plans, "dp", 1).astype(np.int64)
+        data_dp = _column(plans, "dp", 1).astype(np.int64)
+        cp = _column(plans, "cp", 1).astype(np.int64)
+        dp = data_dp * cp
         tp = _column(plans, "tp", 1).astype(np.int64)
         pp = _column(plans, "pp", 1).astype(np.int64)
         ep = _column(plans, "ep", 1).astype(np.int64)
@@ -76,9 +81,9 @@ class PlanArrays:
             # the rank's partition has host copies of both plus its AdamW states, and the step runs there
             host_adam=offload_optimizer & (zero == 1),
             micro_batch=micro_batch,
-            micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * dp, 1),
+            micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * data_dp, 1),
                                    grad_accum).astype(np.int64),
-            dp=dp, tp=tp, pp=pp, ep=ep, dp_replicate=_column(plans, "dp_replicate", 1).astype(np.int64),
+            dp=dp, cp=cp, tp=tp, pp=pp, ep=ep, dp_replicate=_column(plans, "dp_replicate", 1).astype(np.int64),
             virtual_stages=_column(plans, "pp_virtual_stages", 1).astype(np.int64),
             schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
             sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),

@@ -200,12 +200,13 @@ def _time_scales(rows: list, measured_s: np.ndarray) -> dict[str, float]:
     """Least-squares scales of the estimated time parts (matmul; memory-bound, attention and
     communication when the records tell them apart) and the per-step overhead, such that the
     scaled parts plus the unscaled rest give the measured step times."""
-    def column(key: str) -> np.ndarray:
-        return np.array([row[key] for row in rows])
+    def column(key: str, missing: float | None = None) -> np.ndarray:  # missing: records older than the part
+        return np.array([row[key] if missing is None else row.get(key, missing) for row in rows])
 
     parts = {"matmul": column("compute_matmul_s"), "memory": column("memory_bound_s"),
              "attention": column("compute_attention_s"),
-             "comm": column("time_dp_comm_s") + column("time_tp_comm_s") + column("time_ep_comm_s")}
+             "comm": column("time_dp_comm_s") + column("time_tp_comm_s") + column("time_cp_comm_s", 0.0)
+                     + column("time_ep_comm_s")}
     # A per-step overhead is told apart from the matmul scale only by plans whose compute differs;
     # records of one shape (the first trials often are) fit the scale alone, through the origin.
     unknowns = {"matmul": parts["matmul"]}

@@ -15,20 +15,21 @@ from autotune.hardware import Hardware, load_hardware
 
 
 def resolve_world(cfg, overrides: list[str]) -> str:
-    """dp x tp x pp must equal the cluster's GPUs: when the user set none of dp, tp, pp, dp fills
-    the cluster; otherwise a mismatch is an error that says what to set."""
+    """dp x cp x tp x pp must equal the cluster's GPUs: when the user set none of dp, cp, tp, pp,
+    dp fills the cluster; otherwise a mismatch is an error that says what to set."""
     plan, n_gpus = cfg.train.plan, cfg.cluster.n_gpus
     if plan.world_size == n_gpus:
         return ""
     set_keys = {o.split("=", 1)[0].lstrip("+") for o in overrides}
-    if "plan.dp" not in set_keys and n_gpus % (plan.tp * plan.pp) == 0:
-        plan.dp = n_gpus // (plan.tp * plan.pp)
+    others = plan.cp * plan.tp * plan.pp
+    if "plan.dp" not in set_keys and n_gpus % others == 0:
+        plan.dp = n_gpus // others
         plan.grad_accum = None
         validate_plan(plan, cfg.train.model, cfg.train.job)
-        return f"plan.dp={plan.dp}: fills the cluster's {n_gpus} GPUs (tp={plan.tp} x pp={plan.pp})"
-    hint = f"plan.dp={n_gpus // (plan.tp * plan.pp)}" if n_gpus % (plan.tp * plan.pp) == 0 else "a tp x pp that divides it"
+        return f"plan.dp={plan.dp}: fills the cluster's {n_gpus} GPUs (cp={plan.cp} x tp={plan.tp} x pp={plan.pp})"
+    hint = f"plan.dp={n_gpus // others}" if n_gpus % others == 0 else "a cp x tp x pp that divides it"
     raise ConfigError(
-        f"plan.dp={plan.dp} x plan.tp={plan.tp} x plan.pp={plan.pp} = {plan.world_size} but cluster "
+        f"plan.dp={plan.dp} x plan.cp={plan.cp} x plan.tp={plan.tp} x plan.pp={plan.pp} = {plan.world_size} but cluster "
         f"{cfg.cluster.name!r} has {n_gpus} GPUs; set {hint}"
     )
 
@@ -52,6 +53,7 @@ def _print_table(est: Estimate, row, train: TrainConfig, hw: Hardware, note: str
           f"({'measured' if hw.measured else 'catalog'}), {hw.memory_bytes / GiB:.2f} GiB each")
     print(f"plan: zero {plan.zero_stage}, {plan.precision}, micro_batch {plan.micro_batch} x grad_accum {plan.grad_accum}, "
           f"dp {plan.dp} tp {plan.tp} pp {plan.pp}" + (f" ep {plan.ep}" if model.n_experts else "")
+          + (f" cp {plan.cp} ({train.job.seq_len // plan.cp} tokens of each sequence a rank)" if plan.cp > 1 else "")
           + (f" (hybrid sharding: {plan.dp_replicate} replicas of {plan.dp // plan.dp_replicate})"
              if plan.dp_replicate > 1 else "")
           + f", checkpointing {plan.activation_checkpointing}, kernels {plan.kernels}"

@@ -11,7 +11,7 @@ MEMORY = ("params", "grads", "master", "optimizer", "param_copies", "activations
           "allocator")
 MODEL_STATES = ("params", "grads", "master", "optimizer")
 DYNAMIC_MEMORY = ("param_copies", "activations", "logits", "comm")  # what the allocator's slack grows with
-TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "overlap", "tp_comm", "ep_comm", "pp_bubble", "pp_comm",
+TIME = ("forward", "backward", "recompute", "optimizer", "dp_comm", "overlap", "tp_comm", "cp_comm", "ep_comm", "pp_bubble", "pp_comm",
         "offload", "overhead")
 COMPUTE = ("matmul", "attention", "memory")  # forward + backward + recompute by kind of work
 

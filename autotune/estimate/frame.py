@@ -1,6 +1,8 @@
 """`estimate_frame`: the cost model over a DataFrame of plans, vectorised with numpy over its columns."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
@@ -27,13 +29,22 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     memory_bound_s), and for a MoE model its routing (expert_imbalance: the most slots an expert gets
     over the mean; expert_load: the slots the busiest expert-parallel rank computes over its own)."""
     calib = calib or Calibration()
+    cp = plans["cp"].to_numpy() if "cp" in plans else np.ones(len(plans), dtype=np.int64)
+    if len(np.unique(cp)) > 1:  # one estimate per rank's sequence length, back in the frame's order
+        parts = [estimate_frame(model, job, plans.iloc[np.flatnonzero(cp == c)], hw, calib) for c in np.unique(cp)]
+        order = np.argsort(np.concatenate([np.flatnonzero(cp == c) for c in np.unique(cp)]), kind="stable")
+        return pd.concat(parts).iloc[order]
     arrays = PlanArrays.of(plans, job)
     check_fp8(hw, np.unique(arrays.fp8))
+    # Under context parallelism a rank runs every per-token part (matmuls, memory-bound ops, saved
+    # activations, tp and pp traffic) on its seq_len / cp tokens; its attention and the k/v ring see
+    # the whole sequence (step_time, [Context parallelism] in docs/formulas.md).
+    local = dataclasses.replace(job, seq_len=job.seq_len // int(cp[0])) if len(cp) else job
     layouts = stage_layouts(model, arrays)
-    routing = expert_routing(model, arrays, job.seq_len, calib)
-    saved = saved_bytes(model, arrays, job.seq_len, routing)
-    memory = peak_memory(model, job.seq_len, arrays, layouts, saved, hw, calib)
-    time = step_time(model, job, arrays, layouts["first"], hw, calib, routing)
+    routing = expert_routing(model, arrays, local.seq_len, calib)
+    saved = saved_bytes(model, arrays, local.seq_len, routing)
+    memory = peak_memory(model, local.seq_len, arrays, layouts, saved, hw, calib)
+    time = step_time(model, local, arrays, layouts["first"], hw, calib, routing)
     tokens_per_s = job.global_batch * job.seq_len / time.total
 
     out = plans.copy()

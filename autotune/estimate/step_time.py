@@ -21,6 +21,7 @@ from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.columns import TIME
 from autotune.estimate import float8
+from autotune.estimate.context import ring_exchange
 from autotune.estimate.communication import PassCompute, data_parallel, pipeline_transfers, tensor_parallel
 from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
@@ -95,7 +96,9 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     # SDPA at its rate for this sequence length, head width and heads on the rank [Attention]
     attention_rate = relative_attention_efficiency(plans.micro_batch * model.n_heads / tp, seq_len, model.head_dim,
                                                    hw.sms, hw.tensor_flops_per_clock)
-    attention = (2 * plans.micro_batch * seq_len * seq_len * model.n_heads * model.head_dim * layers / tp
+    # Under context parallelism seq_len is the rank's S / cp queries, which see S / 2 keys on
+    # average, as every query does: the rank does 1/cp of the sequence's attention [Context parallelism]
+    attention = (2 * plans.micro_batch * seq_len * seq_len * plans.cp * model.n_heads * model.head_dim * layers / tp
                  / (peak * efficiency["attention_efficiency"] * attention_rate))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
     casts = float8.cast_traffic(model, plans, seq_len)
@@ -197,6 +200,8 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     dp = data_parallel(plans, held, hw, collective, per_block, efficiency["overlap_slowdown"], hbm)
     parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]
     parts["tp_comm"] = tensor_parallel(model, job.seq_len, plans, held, hw, collective)
+    parts["cp_comm"] = micro_batches * ring_exchange(model, job.seq_len, plans, held.layers, micro.attention,
+                                                     micro.recompute_share["attention"], hw, collective)
     parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, collective)
     parts["pp_bubble"] = _bubble(plans, micro)
     parts["pp_comm"] = pipeline_transfers(model, job.seq_len, plans, hw, collective)

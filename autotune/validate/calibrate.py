@@ -39,7 +39,7 @@ def time_parts(est: pd.Series) -> np.ndarray:
     bubble = est["time_pp_bubble_s"] / compute if compute > 0 else 0.0
     parts = np.array([est["compute_matmul_s"] * (1 + bubble), est["compute_attention_s"] * (1 + bubble),
                       est["memory_bound_s"] + est["compute_memory_s"] * bubble,
-                      est["time_dp_comm_s"] + est["time_tp_comm_s"] + est["time_pp_comm_s"]])
+                      est["time_dp_comm_s"] + est["time_tp_comm_s"] + est["time_cp_comm_s"] + est["time_pp_comm_s"]])
     return np.append(parts, max(est["step_time_s"] - parts.sum(), 0.0))
 
 
