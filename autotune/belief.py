@@ -160,6 +160,7 @@ def factor_parts(frame) -> dict[str, tuple[Factor, np.ndarray]]:
         ("dp_comm[ddp]", 1.0, SCALE_SD, "data-parallel communication, ZeRO 0-1", np.where(zero <= 1, dp_comm, 0.0)),
         ("dp_comm[fsdp]", 1.0, SCALE_SD, "data-parallel communication, ZeRO 2-3", np.where(zero >= 2, dp_comm, 0.0)),
         ("tp_comm", 1.0, SCALE_SD, "tensor-parallel communication", col("time_tp_comm_s")),
+        ("cp_comm", 1.0, SCALE_SD, "context parallelism's exposed k/v ring", col("time_cp_comm_s")),
         ("ep_comm", 1.0, SCALE_SD, "expert-parallel all-to-alls", col("time_ep_comm_s")),
         ("pp", 1.0, SCALE_SD, "the pipeline bubble and its transfers", col("time_pp_bubble_s") + col("time_pp_comm_s")),
         ("dispatch", 1.0, SCALE_SD, "per-op dispatch and the fixed cost per step", col("time_overhead_s")),

@@ -5,12 +5,12 @@ default every GPU of this machine (on a CPU, one gloo rank per GPU of a cluster 
 than one node of the cluster. Each plan runs in one of three ways:
 
 - as is: its dp x tp x pp ranks fit here, inside one node;
-- node share: its tp x pp fits here: it runs with as many data-parallel replicas as fit, each with
+- node share: its cp x tp x pp fits here: it runs with as many data-parallel replicas as fit, each with
   the plan's micro-batch and accumulation, so every rank does the plan's per-rank work (a
   mixture-of-experts plan splits its experts over as many of them as divide both: ep stays a
   divisor of the ranks that run);
-- rank share: not even tp x pp fits: one device runs one rank's share of the plan as a plain
-  (dp = tp = pp = 1) run of a smaller model: the layers of one pipeline stage, each matmul cut as
+- rank share: not even cp x tp x pp fits: one device runs one rank's share of the plan as a plain
+  (dp = cp = tp = pp = 1) run of a smaller model on seq_len / cp tokens: the layers of one pipeline stage, each matmul cut as
   a tensor-parallel rank holds it (autotune/engine/tensor_parallel.py: n_heads/tp query and n_kv_heads/tp
   kv heads of the same width, d_ff/tp MLP units, vocabulary/tp), the plan's micro-batch,
   accumulation, precision, checkpointing, ZeRO stage and offload, on synthetic tokens, with every
@@ -99,12 +99,12 @@ def share_here(train: TrainConfig, cap: int, gpus_per_node: int, hw_here: Hardwa
     here = min(cap, gpus_per_node)
     if p.world_size <= here:
         return Share(train, AS_IS, f"as is on {p.world_size} rank(s)")
-    if p.tp * p.pp <= here:
-        dp = min(p.dp, here // (p.tp * p.pp))
+    if p.cp * p.tp * p.pp <= here:
+        dp = min(p.dp, here // (p.cp * p.tp * p.pp))
         ep = math.gcd(p.ep, dp)
         ran = with_changes(train, job={"global_batch": p.micro_batch * p.grad_accum * dp}, plan={"dp": dp, "ep": ep})
         experts = f", ep={ep} of {p.ep}" if p.ep > 1 else ""
-        return Share(ran, NODE_SHARE, f"{ran.plan.world_size} rank(s): tp x pp with dp={dp} of {p.dp}{experts}, "
+        return Share(ran, NODE_SHARE, f"{ran.plan.world_size} rank(s): cp x tp x pp with dp={dp} of {p.dp}{experts}, "
                                       f"global_batch={ran.job.global_batch}")
     return rank_share(train, hw_here, calib)
 
@@ -126,9 +126,10 @@ def rank_share(train: TrainConfig, hw_here: Hardware, calib: Optional[Calibratio
     stage_layers = train.model.n_layers // p.pp
     model = dataclasses.replace(tp_rank_model(train.model, p.tp), name=f"{train.model.name}.rank",
                                 hf_config=None, init_from=None)
-    plan = {"dp": 1, "tp": 1, "pp": 1, "ep": 1, "sequence_parallel": False, "pp_schedule": "1f1b", "pp_virtual_stages": 1}
-    # the share's vocabulary is cut: synthetic tokens
-    job = {"global_batch": p.micro_batch * p.grad_accum, "data": DataConfig()}
+    plan = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "ep": 1, "sequence_parallel": False, "pp_schedule": "1f1b",
+            "pp_virtual_stages": 1}
+    # the share's vocabulary is cut: synthetic tokens; a cp rank's share is its seq_len / cp tokens
+    job = {"global_batch": p.micro_batch * p.grad_accum, "data": DataConfig(), "seq_len": train.job.seq_len // p.cp}
 
     def run_of(layers: int) -> TrainConfig:
         return with_changes(train, model=dataclasses.replace(model, n_layers=layers), job=job, plan=plan)

@@ -5,7 +5,8 @@ A plan is built from independent choices: the parallel layout (dp x tp x pp with
 schedule and sequence parallelism; for a mixture-of-experts model, ep: how many of the dp ranks
 split each MoE layer's experts, every divisor of dp that divides the experts' count, and no tp,
 which the engine does not combine with experts; on more than one node, dp_replicate: hybrid
-sharding's replicas, each sharding ZeRO-2/3 over whole nodes, `replica_counts`), the micro-batch (a divisor of global_batch / dp; grad_accum
+sharding's replicas, each sharding ZeRO-2/3 over whole nodes, `replica_counts`; for a long
+sequence, cp: context parallelism's ranks per sequence, `context_degrees`), the micro-batch (a divisor of global_batch / dp; grad_accum
 follows), the ZeRO stage with its offloads, the precision, activation checkpointing and the kernels.
 Each group is enumerated on its own, with its own validity rules, and the groups are joined with
 cross merges, so 10^5 plans take well under a second. The rules are those of
@@ -76,14 +77,32 @@ def replica_counts(dp: int, tp: int, ep: int, gpus_per_node: int) -> list[int]:
     return [r for r in _divisors(dp) if r == 1 or (dp // r * tp) % gpus_per_node == 0]
 
 
+# Context parallelism is searched where each rank keeps at least this many tokens of a sequence: below
+# it a ring step's attention is too short to hide its k/v exchange, and activations are small anyway.
+MIN_CP_TOKENS = 2048
+
+
+def context_degrees(seq_len: int, world: int) -> list[int]:
+    """cp values worth searching: 1, and every divisor of the ranks whose 2 cp chunks split seq_len
+    evenly with at least MIN_CP_TOKENS tokens a rank."""
+    return [c for c in _divisors(world) if c == 1 or (seq_len % (2 * c) == 0 and seq_len // c >= MIN_CP_TOKENS)]
+
+
 def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gpus_per_node: int,
              max_dp: int | None) -> list[dict[str, Any]]:
-    """Parallel layouts (dp, tp, pp, schedule, virtual stages, sequence_parallel, ep, dp_replicate)
-    for `world` GPUs."""
+    """Parallel layouts (dp, cp, tp, pp, schedule, virtual stages, sequence_parallel, ep, dp_replicate)
+    for `world` GPUs; cp without pp, ep or hybrid sharding (the engine combines it with dp and tp)."""
     rows = []
     for tp in _divisors(min(world, gpus_per_node)):
         if world % tp or model.n_heads % tp or model.kv_heads % tp or model.d_ff % tp or (model.n_experts and tp > 1):
             continue
+        for cp in context_degrees(seq_len, world // tp):
+            if cp > 1:
+                dp = world // (tp * cp)
+                if global_batch % dp == 0 and (max_dp is None or dp <= max_dp):
+                    sps = [False] + ([True] if tp > 1 and (seq_len // cp) % tp == 0 else [])
+                    rows += [dict(dp=dp, cp=cp, tp=tp, pp=1, pp_schedule="1f1b", pp_virtual_stages=1, sequence_parallel=sp,
+                                  ep=1, dp_replicate=1) for sp in sps]
         for pp in _divisors(world // tp):
             if model.n_layers % pp:
                 continue
@@ -99,7 +118,7 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
             eps = [ep for ep in _divisors(dp) if model.n_experts % ep == 0] if model.n_experts else [1]
             for schedule, v in schedules:
                 for sp in sps:
-                    rows += [dict(dp=dp, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, sequence_parallel=sp,
+                    rows += [dict(dp=dp, cp=1, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, sequence_parallel=sp,
                                   ep=ep, dp_replicate=r) for ep in eps for r in replica_counts(dp, tp, ep, gpus_per_node)]
     return rows
 
@@ -162,7 +181,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = _with_fp8(plans, fp8)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
-                                               "dp", "tp", "pp", "pp_virtual_stages", "ep",
+                                               "dp", "cp", "tp", "pp", "pp_virtual_stages", "ep",
                                                "dp_replicate")})
 
 
@@ -215,7 +234,8 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 
 def plan_label(plan: PlanConfig) -> str:
     """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b fp8:tensorwise triton` (`dp8 ep4`:
-    expert parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks)."""
+    expert parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks; `dp2 cp4`: each sequence
+    over 4 context-parallel ranks)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
     ckpt = {"selective": f"sel{plan.checkpoint_every_k}", "op": f"op{plan.checkpoint_every_k}"}.get(
         str(plan.activation_checkpointing), str(plan.activation_checkpointing))
@@ -224,6 +244,8 @@ def plan_label(plan: PlanConfig) -> str:
         parts.append(f"ep{plan.ep}")
     if plan.dp_replicate > 1:
         parts.append(f"hsdp{plan.dp_replicate}x{plan.dp // plan.dp_replicate}")
+    if plan.cp > 1:
+        parts.append(f"cp{plan.cp}")
     if plan.tp > 1:
         parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else ""))
     if plan.pp > 1:
@@ -269,6 +291,8 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "pp does not divide n_layers": n_layers % plan.pp != 0,
         "too many virtual stages": plan.pp_virtual_stages > MAX_VIRTUAL_STAGES or n_layers % (plan.pp * plan.pp_virtual_stages) != 0,
         "dp above search.max_dp": search.max_dp is not None and plan.dp > search.max_dp,
+        "cp below MIN_CP_TOKENS a rank": plan.cp not in context_degrees(train.job.seq_len, plan.cp),
+        "cp with pipeline stages (the engine refuses them)": plan.cp > 1 and plan.pp > 1,
         "hybrid sharding not over whole nodes": plan.dp_replicate not in replica_counts(
             plan.dp, plan.tp, plan.ep, cluster.gpus_per_node),
         "another selective k": plan.activation_checkpointing == "selective"

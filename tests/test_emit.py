@@ -170,7 +170,7 @@ def test_launch_multi_node(tmp_path):
 
 
 def test_launch_refuses_plans_the_cluster_cannot_hold():
-    with pytest.raises(ConfigError, match="needs dp x tp x pp = 4 GPUs"):
+    with pytest.raises(ConfigError, match="needs dp x cp x tp x pp = 4 GPUs"):
         emit.launch_script(train_config(dp=4), ClusterConfig(gpus_per_node=2, nodes=1))
     with pytest.raises(ConfigError, match="whole nodes"):
         emit.launch_script(train_config(global_batch=6, dp=3), ClusterConfig(gpus_per_node=2, nodes=2))

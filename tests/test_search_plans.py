@@ -25,18 +25,20 @@ from autotune.engine.config import ConfigError, PlanConfig
 
 
 def _train(model: str, global_batch: int, seq_len: int = 64):
-    return planner_config([f"model={model}", f"job.global_batch={global_batch}", f"job.seq_len={seq_len}"]).train
+    longer = [f"model.max_seq_len={seq_len}"] if seq_len > 8192 else []  # the long-context stage's sequences
+    return planner_config([f"model={model}", f"job.global_batch={global_batch}", f"job.seq_len={seq_len}", *longer]).train
 
 
-@pytest.mark.parametrize("model,gb,cluster", [
-    ("tiny", 8, ClusterConfig(gpus_per_node=2)),
-    ("gpt2", 16, ClusterConfig(gpus_per_node=4)),  # tied head: no pipeline
-    ("llama-3-8b", 64, ClusterConfig(gpu="h100-sxm", gpus_per_node=8)),
-    ("llama-3-70b", 96, ClusterConfig(gpu="h100-sxm", gpus_per_node=8, nodes=2)),
-    ("tiny-moe", 16, ClusterConfig(gpus_per_node=8)),  # ep a dimension, tp none
+@pytest.mark.parametrize("model,gb,cluster,seq_len", [
+    ("tiny", 8, ClusterConfig(gpus_per_node=2), 64),
+    ("gpt2", 16, ClusterConfig(gpus_per_node=4), 64),  # tied head: no pipeline
+    ("llama-3-8b", 64, ClusterConfig(gpu="h100-sxm", gpus_per_node=8), 64),
+    ("llama-3-8b", 8, ClusterConfig(gpu="h100-sxm", gpus_per_node=8), 16384),  # long: cp a dimension
+    ("llama-3-70b", 96, ClusterConfig(gpu="h100-sxm", gpus_per_node=8, nodes=2), 64),
+    ("tiny-moe", 16, ClusterConfig(gpus_per_node=8), 64),  # ep a dimension, tp none
 ])
-def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
-    train = _train(model, gb)
+def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster, seq_len):
+    train = _train(model, gb, seq_len)
     plans = enumerate_plans(train, cluster, SearchConfig())
     keys = set(plan_keys(plans))
     assert len(keys) == len(plans)  # no duplicates
@@ -48,8 +50,9 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
     # random plans from the raw choices: enumerated exactly when the engine accepts them
     divs = [d for d in range(1, cluster.n_gpus + 1) if cluster.n_gpus % d == 0]
     seen_valid = seen_invalid = 0
-    for _ in range(1500):
+    for _ in range(2500):
         tp, pp = rng.choice(divs), rng.choice(divs)
+        cp = rng.choice([1, 1, 2, 4]) if seq_len > 64 else 1  # short sequences: cp is never searched
         if train.model.n_experts and rng.random() < 0.7:  # tp > 1 never holds experts: valid plans are rarer
             tp = 1
         sched = rng.choice(["1f1b", "gpipe", "interleaved_1f1b"])
@@ -59,7 +62,7 @@ def test_enumeration_is_exactly_the_valid_plans(model, gb, cluster):
             micro_batch=rng.choice([1, 2, 3, 4, 8, 16]), grad_accum=None,
             precision=rng.choice(["fp32", "bf16", "fp16"]), loss_scale="dynamic", activation_checkpointing=ac,
             checkpoint_every_k=rng.choice(SELECTIVE_EVERY_K) if ac == "selective" else 2,
-            dp=max(1, cluster.n_gpus // (tp * pp)), tp=tp, pp=pp, pp_schedule=sched,
+            dp=max(1, cluster.n_gpus // (tp * pp * cp)), cp=cp, tp=tp, pp=pp, pp_schedule=sched,
             pp_virtual_stages=rng.randint(2, MAX_VIRTUAL_STAGES) if sched == "interleaved_1f1b" else 1,
             sequence_parallel=rng.random() < 0.3, ep=rng.choice([1, 1, 2, 4, 8]), kernels="torch", compile=False,
             dp_replicate=rng.choice([1, 1, 2, 4]) if cluster.nodes > 1 else 1,  # hybrid sharding: across nodes
@@ -135,6 +138,16 @@ def test_plan_label():
     assert plan_label(PlanConfig()) == "Z0 fp32 mb1 ckpt:none dp1"
     assert plan_label(PlanConfig(dp=8, ep=4, zero_stage=2)) == "Z2 fp32 mb1 ckpt:none dp8 ep4"
     assert plan_label(PlanConfig(dp=32, dp_replicate=4, zero_stage=3)) == "Z3 fp32 mb1 ckpt:none dp32 hsdp4x8"
+
+
+def test_context_parallelism_is_searched_for_long_sequences_only():
+    """cp > 1 where each rank keeps at least MIN_CP_TOKENS of a sequence, never with pp; the engine accepts each."""
+    cluster = ClusterConfig(gpu="h100-sxm", gpus_per_node=8)
+    assert set(enumerate_plans(_train("llama-3-8b", 8, 2048), cluster, SearchConfig())["cp"]) == {1}
+    plans = enumerate_plans(_train("llama-3-8b", 8, 16384), cluster, SearchConfig())
+    assert set(plans["cp"]) == {1, 2, 4, 8} and (plans.loc[plans["cp"] > 1, "pp"] == 1).all()
+    assert (plans["dp"] * plans["cp"] * plans["tp"] * plans["pp"] == 8).all()
+    assert plan_label(PlanConfig(dp=2, cp=4, zero_stage=3)) == "Z3 fp32 mb1 ckpt:none dp2 cp4"
 
 
 def test_hybrid_sharding_is_searched_across_nodes_only():

@@ -51,15 +51,16 @@ def test_validate_reports_errors_rank_agreement_the_plot_and_what_it_cannot_expr
         row(micro_batch=1, global_batch=64, tokens_per_s_per_gpu=18000),
         row(micro_batch=2, global_batch=64, tokens_per_s_per_gpu=20000),
         row(micro_batch=4, global_batch=64, tokens_per_s_per_gpu=21000),
-        row(precision="bf16 + float8 linears", gpu="H100 SXM"),  # predicted: plan.fp8=tensorwise
+        row(precision="bf16 + float8 linears", gpu="H100 SXM"),  # predicted: plan.fp8=tensorwise; cp=2: plan.cp
         row(precision="bf16 + float8 linears"), row(cp=2, dp=8), row(zero="HSDP"), row(other="FSDP + async TP", tp=2, dp=8),
         row(gpu="MI300X"),
     ])
     assert main(["validate", runs, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "5 rows predicted" in out and "4 the engine cannot express" in out
+    assert "6 rows predicted" in out and "3 the engine cannot express" in out
     report = (tmp_path / "out" / "report.md").read_text()
-    for reason in ("no float8 tensor cores", "context parallelism", "async tensor parallelism", "not in the catalog"):
+    assert "dp 8 cp 2 tp" in report
+    for reason in ("no float8 tensor cores", "async tensor parallelism", "not in the catalog"):
         assert reason in report
     # hybrid sharding: by default FSDP's, shard within a node (8 ranks) and replicate across the 2 nodes
     assert "dp 16 (2 replicas x 8)" in report and "shard within a node (8 ranks)" in report

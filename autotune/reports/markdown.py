@@ -30,7 +30,7 @@ PLAN_ROWS = [
     ("ZeRO stage", "zero_stage"), ("offload optimizer", "offload_optimizer"), ("offload params", "offload_params"),
     ("precision", "precision"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
     ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"),
-    ("hybrid sharding replicas", "dp_replicate"), ("tp", "tp"),
+    ("hybrid sharding replicas", "dp_replicate"), ("context parallel (cp)", "cp"), ("tp", "tp"),
     ("sequence parallel", "sequence_parallel"), ("pp", "pp"), ("pipeline schedule", "pp_schedule"),
     ("virtual stages", "pp_virtual_stages"), ("ep", "ep"), ("loss scale", "loss_scale"), ("kernels", "kernels"),
     ("compile", "compile"),
@@ -42,6 +42,7 @@ MEANINGFUL_WHEN = {
     "pp_virtual_stages": lambda r: int(r.get("pp") or 1) > 1,
     "ep": lambda r: int(r.get("ep") or 1) > 1,
     "dp_replicate": lambda r: int(r.get("dp_replicate") or 1) > 1,
+    "cp": lambda r: int(r.get("cp") or 1) > 1,
     "loss_scale": lambda r: r.get("precision") == "fp16",
 }
 

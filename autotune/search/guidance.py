@@ -53,6 +53,7 @@ DIMENSIONS = {
     "pipeline parallel": lambda f: np.where(f["pp"] > 1, "pp > 1", "pp = 1"),
     "expert parallel": lambda f: np.where(f["ep"] > 1, "ep > 1", "ep = 1"),
     "hybrid sharding": lambda f: np.where(f["dp_replicate"] > 1, "dp_replicate > 1", "dp_replicate = 1"),
+    "context parallel": lambda f: np.where(f["cp"] > 1, "cp > 1", "cp = 1"),
 }
 
 

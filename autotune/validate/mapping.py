@@ -2,8 +2,7 @@
 the assumptions made for what the source left unstated, or the reason the engine cannot express it.
 
 Texts are read by keyword (docs/runs.md lists every rule). What the engine cannot run is refused
-with its reason rather than guessed: context parallelism, async tensor parallelism, float8 on a GPU
-without it. Unstated fields take a stated default and the row says so.
+with its reason rather than guessed: async tensor parallelism, float8 on a GPU without it. Unstated fields take a stated default and the row says so.
 """
 from __future__ import annotations
 
@@ -199,8 +198,6 @@ def _checkpointing(run: Run, assumed: list[str], free: dict) -> tuple[str, int]:
 def _parallel(run: Run, gpus_per_node: int, free: dict) -> tuple[int, int]:
     """(tp, pp): as stated, or, with only their product known (GPUs / (dp x cp)), each split with tp
     inside a node free (first: tp filling a node, Megatron's practice)."""
-    if run.cp and run.cp > 1:
-        raise NotExpressible(f"context parallelism (cp={run.cp}): the engine has none")
     if re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE):
         raise NotExpressible("async tensor parallelism: the engine's tp collectives do not overlap its matmuls")
     model_parallel, rest = divmod(run.gpus, run.dp * (run.cp or 1))
@@ -258,7 +255,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     return {
         "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
         "micro_batch": micro_batch,
-        "dp": run.dp, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
+        "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
         "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
         "compile": "compile" in text and "no compile" not in text,

@@ -83,7 +83,7 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
         "gpus": run.gpus, "seq_len": run.seq_len,
         "plan": (f"zero {plan.zero_stage}, dp {plan.dp}"
                  + (f" ({plan.dp_replicate} replicas x {plan.dp // plan.dp_replicate})" if plan.dp_replicate > 1 else "")
-                 + f" tp {plan.tp} pp {plan.pp}, micro_batch {plan.micro_batch} "
+                 + (f" cp {plan.cp}" if plan.cp > 1 else "") + f" tp {plan.tp} pp {plan.pp}, micro_batch {plan.micro_batch} "
                  f"x {plan.grad_accum}, {plan.activation_checkpointing}"
                  + (", sp" if plan.sequence_parallel else "") + (", compile" if plan.compile else "")
                  + (f", fp8 {plan.fp8}" if plan.fp8 != "none" else "")),
