@@ -619,7 +619,7 @@ def test_a_plan_that_does_not_fit_is_reported_not_an_error(capsys):
     (["cluster.gpu=b200"], "error: unknown gpu 'b200'; available: auto, a100-40g"),
     (["cluster.gpus_per_node=0"], "error: cluster 'local' has 1 node(s) x 0 GPU(s)"),
     (["plan.tp=3"], "error: plan.tp=3 must divide model.n_heads"),
-    (["cluster=8xh100", "plan.dp=2"], "error: plan.dp=2 x plan.tp=1 x plan.pp=1 = 2 but cluster '8xh100' has 8 GPUs; set plan.dp=8"),
+    (["cluster=8xh100", "plan.dp=2"], "error: plan.dp=2 x plan.cp=1 x plan.tp=1 x plan.pp=1 = 2 but cluster '8xh100' has 8 GPUs; set plan.dp=8"),
 ])
 def test_bad_input_is_one_error_line_exit_2(args, message, capsys):
     assert main(["estimate", *args]) == 2
