@@ -17,9 +17,7 @@ from autotune.engine.config import build_train_config, with_changes
 def main(cases_path: str, out: str) -> None:
     torch.set_num_threads(1)
     device = dist.init_distributed()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed_train.init_deepspeed(device)
     for name, data in json.loads(Path(cases_path).read_text()).items():
         cfg = build_train_config(data)
         folder = Path(out) / name

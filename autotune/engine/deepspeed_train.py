@@ -155,12 +155,22 @@ def _records_no_norm(engine) -> bool:
     return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
+def init_deepspeed(device: torch.device) -> None:
+    """deepspeed.init_distributed over the engine's process group. DeepSpeed's CPU backend would first
+    JIT-compile its shared-memory all-reduce (about 30 s of C++ on every fresh machine, and a compiler),
+    which only its inference all-reduce calls: marked unavailable, training runs torch.distributed's."""
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
 def train(cfg: TrainConfig, ds: dict[str, Any]) -> int:
     device = dist.init_distributed()
     try:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        init_deepspeed(device)
         with StopFlag() as stop:
             return _train(cfg, ds, device, stop)
     finally:
