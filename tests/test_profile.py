@@ -310,3 +310,20 @@ def test_fits_are_cached_in_the_folder_autotune_cache_names(tmp_path, monkeypatc
     assert cached_fit("traffic", "llama", True, lambda: calls.append(1) or table) == table
     assert [p.name.split("-")[:3] for p in (tmp_path / "cache").iterdir()] == [["traffic", "llama", "gqa"]]
     assert cached_fit("traffic", "llama", True, lambda: calls.append(1) or {}) == table and calls == [1]
+
+
+def test_fp16_saves_exactly_what_bf16_saves():
+    """The fits measure bf16 and key fp16 to it (fp16_as_bf16): true for a dense and a MoE fit shape
+    under every cast, checkpointing and kernels choice."""
+    from autotune.profile.activations import MEASURED_CHECKPOINTING
+    from autotune.profile.fits import fit_shapes
+    from autotune.profile.moe import moe_fit_shapes
+
+    moe_kind = ("llama", True, "before", True, True, True, True, False)
+    for m in (fit_shapes("llama", True)[0], moe_fit_shapes(moe_kind)[0]):
+        for cast in ("params", "autocast"):
+            for kernels in ("torch", "triton"):
+                for mode, every_k in MEASURED_CHECKPOINTING.values():
+                    bf16, fp16 = (measure_saved_bytes(m, 3, 8, p, cast, mode, kernels, every_k=every_k)
+                                  for p in ("bf16", "fp16"))
+                    assert fp16 == bf16 and bf16["total"] > 0, (m.name, cast, kernels, mode)

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig, PlanConfig
+from autotune.engine.config import KERNELS, ModelConfig, PlanConfig
 from autotune.engine.moe import MoE
 from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 from autotune.profile.features import (
@@ -103,10 +103,16 @@ def activation_key(precision: str, cast: str, checkpointing: str, kernels: str) 
     return f"{precision}/{cast if precision != 'fp32' else 'params'}/{checkpointing}/{kernels}"
 
 
+def fp16_as_bf16(fits: dict[str, dict]) -> dict[str, dict]:
+    """A table measured for fp32 and bf16, with bf16's fits under fp16's keys too: fp16 saves exactly
+    what bf16 saves (the same autocast op lists, two bytes an element; tests/test_profile.py checks)."""
+    return fits | {"fp16" + key.removeprefix("bf16"): fit for key, fit in fits.items() if key.startswith("bf16/")}
+
+
 def _fit_group(family: str, gqa: bool) -> dict[str, dict]:
     """Coefficients for every precision x cast x checkpointing x kernels choice of one (family, gqa) group."""
     fits = {}
-    for precision in PRECISIONS:
+    for precision in ("fp32", "bf16"):  # fp16: fp16_as_bf16
         for cast in CASTS if precision != "fp32" else ("params",):
             for ckpt, (mode, k) in MEASURED_CHECKPOINTING.items():
                 for kernels in KERNELS:
@@ -121,7 +127,7 @@ def _fit_group(family: str, gqa: bool) -> dict[str, dict]:
                     fits[activation_key(precision, cast, ckpt, kernels)] = {
                         "block": lstsq(rows_b, yb, BLOCK_FEATURES), "outside": lstsq(rows_o, yo, OUTSIDE_FEATURES),
                     }
-    return fits
+    return fp16_as_bf16(fits)
 
 
 @functools.cache

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
-from autotune.profile.activations import MEASURED_CHECKPOINTING, activation_key, measure_saved_bytes
+from autotune.engine.config import KERNELS, ModelConfig
+from autotune.profile.activations import MEASURED_CHECKPOINTING, activation_key, fp16_as_bf16, measure_saved_bytes
 from autotune.profile.features import (
     EXPERT_FEATURES, MOE_FEATURES, TRAFFIC_MOE_FEATURES, checkpoint_variant, expert_features, moe_features,
 )
@@ -55,8 +55,9 @@ def moe_fit_shapes(kind: tuple) -> list[ModelConfig]:
     return shapes
 
 
-def _choices(precisions: tuple[str, ...] = PRECISIONS) -> list[tuple[str, str, str]]:
-    return [(p, c, k) for p in precisions for c in (CASTS if p != "fp32" else ("params",)) for k in KERNELS]
+def _choices() -> list[tuple[str, str, str]]:
+    """The measured precision x cast x kernels choices: fp16 saves and moves what bf16 does."""
+    return [(p, c, k) for p in ("fp32", "bf16") for c in (CASTS if p != "fp32" else ("params",)) for k in KERNELS]
 
 
 def _fit_activations(kind: tuple) -> dict[str, dict]:
@@ -75,14 +76,14 @@ def _fit_activations(kind: tuple) -> dict[str, dict]:
                 ye.append(got["experts"])
             fits[activation_key(precision, cast, ckpt, kernels)] = {
                 "moe": lstsq(rows_m, ym, MOE_FEATURES), "experts": lstsq(rows_e, ye, EXPERT_FEATURES)}
-    return fits
+    return fp16_as_bf16(fits)
 
 
 def _fit_traffic(kind: tuple) -> dict[str, dict]:
     """Per precision x cast x kernels: bytes the MoE block's and its experts' memory-bound ops move,
     forward and backward, per MoE layer, and their op counts."""
     fits = {}
-    for precision, cast, kernels in _choices(("fp32", "bf16")):  # fp16 moves the bytes bf16 does
+    for precision, cast, kernels in _choices():
         rows_m, rows_e, ys, ops = [], [], {f"{part}_{p}": [] for part in ("moe", "experts") for p in TRAFFIC_PHASES}, {}
         for m in moe_fit_shapes(kind):
             for b, s in FIT_BATCHES:
