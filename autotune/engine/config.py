@@ -224,6 +224,7 @@ class PlanConfig:
     pp_schedule: PipelineSchedule = PipelineSchedule["1f1b"]
     pp_virtual_stages: int = 1  # stages per rank (interleaved_1f1b needs >= 2)
     sequence_parallel: bool = False
+    async_tp: bool = False  # sequence parallel's collectives pipelined behind the matmuls (engine/async_tp.py)
     # expert parallelism: each group of ep data-parallel ranks splits a MoE layer's experts between
     # them and exchanges tokens all-to-all; the experts' states are data-parallel (and ZeRO-sharded)
     # over the dp / ep ranks that hold the same experts
@@ -522,9 +523,10 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
         if model.d_ff % p.tp:
             raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
     validate_ep(p, model)
-    from autotune.engine.plan_dims import validate_cp, validate_dp_replicate, validate_fp8  # they import this module
+    from autotune.engine.plan_dims import validate_async_tp, validate_cp, validate_dp_replicate, validate_fp8
 
     validate_dp_replicate(p)
+    validate_async_tp(p)
     validate_fp8(p)
     validate_cp(p, job)
     if p.sequence_parallel and p.tp == 1:

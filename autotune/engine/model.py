@@ -88,6 +88,11 @@ def make_norm(cfg: ModelConfig, triton: bool = False) -> nn.Module:
     return RMSNorm(cfg.d_model, cfg.norm_eps, triton)
 
 
+def project(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    """A sublayer's input projections (q, k, v or gate, up) of x."""
+    return [linear(x) for linear in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, triton: bool = False):
         super().__init__()
@@ -101,13 +106,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
         self.use_rope = cfg.family == "llama"
         self.context_shard = None  # under context parallelism: the ring (autotune/engine/context_parallel.py)
+        self.project = project  # async tp pipelines the projections with their all-gather (engine/async_tp.py)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        b, s, _ = x.shape
+        q, k, v = self.project(x, (self.wq, self.wk, self.wv))
+        b, s = q.shape[:2]
         # -1 rather than the head counts: under tensor parallelism each rank holds a slice of heads
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         return self.wo(self.core(q, k, v, rope))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -144,13 +149,16 @@ class MLP(nn.Module):
             self.w_gate = nn.Linear(cfg.d_model, d_ff, bias=False)
         self.w_up = nn.Linear(cfg.d_model, d_ff, bias=bias)
         self.w_down = nn.Linear(d_ff, cfg.d_model, bias=bias)
+        self.project = project  # as Attention's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated and self.triton:
-            return self.w_down(kernels.swiglu(self.w_gate(x), self.w_up(x), impl="triton"))
-        if self.gated:
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+        if not self.gated:
+            (up,) = self.project(x, (self.w_up,))
+            return self.w_down(F.gelu(up, approximate="tanh"))
+        gate, up = self.project(x, (self.w_gate, self.w_up))
+        if self.triton:
+            return self.w_down(kernels.swiglu(gate, up, impl="triton"))
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

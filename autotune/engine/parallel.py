@@ -318,7 +318,7 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
     after sharding, so no rank ever holds the full model) or already materialised (loaded weights)."""
     check_supported(plan)
     if plan.tp > 1:
-        apply_tp(model, mesh["tp"], plan.sequence_parallel)
+        apply_tp(model, mesh["tp"], plan.sequence_parallel, plan.async_tp)
     if plan.ep > 1:
         apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
     if plan.cp > 1:

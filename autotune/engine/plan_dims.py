@@ -1,4 +1,4 @@
-"""Checks of the plan's newer dimensions: hybrid sharding, float8 and context parallelism (each
+"""Checks of the plan's newer dimensions: hybrid sharding, float8, context parallelism and async tp (each
 violation one ConfigError that says what to change; autotune.engine.config.validate_plan calls them)."""
 from __future__ import annotations
 
@@ -55,3 +55,16 @@ def validate_cp(p: PlanConfig, job: JobConfig) -> None:
     if p.sequence_parallel and (job.seq_len // p.cp) % p.tp:
         raise ConfigError(f"plan.sequence_parallel with plan.cp={p.cp} needs a rank's job.seq_len / cp = "
                           f"{job.seq_len // p.cp} tokens divisible by plan.tp={p.tp}")
+
+
+def validate_async_tp(p: PlanConfig) -> None:
+    """Async tp pipelines sequence parallel's all-gathers and reduce-scatters with the blocks' matmuls."""
+    if not p.async_tp:
+        return
+    if p.tp == 1 or not p.sequence_parallel:
+        raise ConfigError(f"plan.async_tp overlaps the collectives of tensor parallelism with sequence parallel, but "
+                          f"plan.tp={p.tp}, plan.sequence_parallel={p.sequence_parallel}; set plan.tp > 1 and "
+                          "plan.sequence_parallel=true, or plan.async_tp=false")
+    if p.fp8 != "none":
+        raise ConfigError(f"plan.async_tp with plan.fp8={p.fp8}: the engine's pipelined projections multiply in "
+                          "bf16; use plan.fp8=none or plan.async_tp=false")

@@ -20,7 +20,9 @@ Sequence parallel (`plan.sequence_parallel`) keeps the residual stream sharded o
 between the sublayers: the norms run on [b, s/tp, d] (`SequenceParallel`, weights replicated and
 their gradients summed over tp by DTensor), attention and MLP all-gather their input
 (`PrepareModuleInput`) and wo / w_down reduce-scatter their output; the same bytes move as in the
-all-reduce, but norm activations and the residual stream take 1/tp of the memory.
+all-reduce, but norm activations and the residual stream take 1/tp of the memory. Async tp
+(`plan.async_tp`) runs those all-gathers and reduce-scatters in sequence chunks behind the blocks'
+matmuls (autotune/engine/async_tp.py).
 
 Parameters that tp does not split (the norms without sequence parallel, gpt2 positions) stay plain
 tensors: every tp rank computes the same gradient for them. Under tp, `model(tokens, targets)`
@@ -51,11 +53,13 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from autotune.engine.async_tp import apply_async_tp
 from autotune.engine.config import PlanConfig
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
-    """Shard a Transformer (or a pipeline stage of one: missing modules are skipped) over tp_mesh."""
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, async_tp: bool = False) -> nn.Module:
+    """Shard a Transformer (or a pipeline stage of one: missing modules are skipped) over tp_mesh;
+    async_tp (with sequence_parallel) pipelines the blocks' collectives with their matmuls."""
     # Layout of the residual stream between sublayers: sharded on the sequence or replicated.
     stream = Shard(1) if sequence_parallel else Replicate()
     if model.tok_emb is not None:
@@ -85,6 +89,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> 
         if sequence_parallel:
             plan["attn_norm"] = SequenceParallel()
             plan["mlp_norm"] = SequenceParallel()
+        if async_tp:
+            plan = {norm: plan[norm] for norm in ("attn_norm", "mlp_norm")}
+            apply_async_tp(block, tp_mesh)
         parallelize_module(block, tp_mesh, plan)
     if model.norm is not None:
         if sequence_parallel:
