@@ -179,6 +179,13 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
             f"these {plan.world_size} ranks would each take whole sequences. The plan splits each sequence over "
             f"{plan.cp} ranks under autotune's engine: launch.sh, best.yaml."
         )
+    if plan.async_tp:
+        notes.append(
+            f"async_tp: DeepSpeed has no tensor-parallel communication overlap of its own (tp lives in the model "
+            "code; Megatron-DeepSpeed's --tp-comm-overlap is Transformer Engine's userbuffers). The plan pipelines "
+            f"sequence parallel's all-gathers and reduce-scatters with the matmuls in {plan.tp} chunks under "
+            "autotune's engine: launch.sh, best.yaml."
+        )
     if plan.fp8 != "none":
         notes.append(
             f"fp8={plan.fp8}: DeepSpeed has no float8 training of its own for this (its fp8 path is NVIDIA "
@@ -195,6 +202,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         "data_parallel": plan.dp,
         "tensor_parallel": plan.tp,
         "sequence_parallel": plan.sequence_parallel,
+        "async_tensor_parallel": plan.async_tp,
         "pipeline_parallel": plan.pp,
         "pipeline_schedule": plan.pp_schedule,
         "pipeline_virtual_stages": plan.pp_virtual_stages,

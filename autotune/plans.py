@@ -90,7 +90,7 @@ def context_degrees(seq_len: int, world: int) -> list[int]:
 
 def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gpus_per_node: int,
              max_dp: int | None) -> list[dict[str, Any]]:
-    """Parallel layouts (dp, cp, tp, pp, schedule, virtual stages, sequence_parallel, ep, dp_replicate)
+    """Parallel layouts (dp, cp, tp, pp, schedule, virtual stages, sequence_parallel, async_tp, ep, dp_replicate)
     for `world` GPUs; cp without pp, ep or hybrid sharding (the engine combines it with dp and tp)."""
     rows = []
     for tp in _divisors(min(world, gpus_per_node)):
@@ -100,9 +100,9 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
             if cp > 1:
                 dp = world // (tp * cp)
                 if global_batch % dp == 0 and (max_dp is None or dp <= max_dp):
-                    sps = [False] + ([True] if tp > 1 and (seq_len // cp) % tp == 0 else [])
+                    sps = _sequence_modes(tp > 1 and (seq_len // cp) % tp == 0)
                     rows += [dict(dp=dp, cp=cp, tp=tp, pp=1, pp_schedule="1f1b", pp_virtual_stages=1, sequence_parallel=sp,
-                                  ep=1, dp_replicate=1) for sp in sps]
+                                  async_tp=at, ep=1, dp_replicate=1) for sp, at in sps]
         for pp in _divisors(world // tp):
             if model.n_layers % pp:
                 continue
@@ -114,13 +114,18 @@ def _layouts(model: ModelConfig, global_batch: int, seq_len: int, world: int, gp
                 schedules.append(("gpipe", 1))
                 schedules += [("interleaved_1f1b", v) for v in range(2, MAX_VIRTUAL_STAGES + 1)
                               if model.n_layers % (pp * v) == 0]
-            sps = [False] + ([True] if tp > 1 and seq_len % tp == 0 else [])
+            sps = _sequence_modes(tp > 1 and seq_len % tp == 0)
             eps = [ep for ep in _divisors(dp) if model.n_experts % ep == 0] if model.n_experts else [1]
             for schedule, v in schedules:
-                for sp in sps:
+                for sp, at in sps:
                     rows += [dict(dp=dp, cp=1, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, sequence_parallel=sp,
-                                  ep=ep, dp_replicate=r) for ep in eps for r in replica_counts(dp, tp, ep, gpus_per_node)]
+                                  async_tp=at, ep=ep, dp_replicate=r) for ep in eps for r in replica_counts(dp, tp, ep, gpus_per_node)]
     return rows
+
+
+def _sequence_modes(sequence_parallel: bool) -> list[tuple[bool, bool]]:
+    """(sequence_parallel, async_tp) of a tp layout: async tp pipelines sequence parallel's collectives."""
+    return [(False, False)] + ([(True, False), (True, True)] if sequence_parallel else [])
 
 
 def _frame(rows: Iterable[dict[str, Any]] | dict[str, list]) -> pd.DataFrame:
@@ -247,7 +252,7 @@ def plan_label(plan: PlanConfig) -> str:
     if plan.cp > 1:
         parts.append(f"cp{plan.cp}")
     if plan.tp > 1:
-        parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else ""))
+        parts.append(f"tp{plan.tp}" + ("+sp" if plan.sequence_parallel else "") + ("+async" if plan.async_tp else ""))
     if plan.pp > 1:
         virtual = f"/v{plan.pp_virtual_stages}" if plan.pp_virtual_stages > 1 else ""
         parts += [f"pp{plan.pp}", f"{plan.pp_schedule}{virtual}"]

@@ -42,6 +42,7 @@ class PlanArrays:
     virtual_stages: np.ndarray
     schedule: np.ndarray
     sequence_parallel: np.ndarray
+    async_tp: np.ndarray  # sequence parallel's collectives pipelined behind the matmuls
     precision: np.ndarray
     compute_bytes: np.ndarray  # bytes per element of the compute dtype (float)
     autocast: np.ndarray  # 16-bit compute through autocast (ZeRO 0/1) rather than 16-bit copies (FSDP2)
@@ -87,6 +88,7 @@ class PlanArrays:
             virtual_stages=_column(plans, "pp_virtual_stages", 1).astype(np.int64),
             schedule=_column(plans, "pp_schedule", "1f1b").astype(str),
             sequence_parallel=_column(plans, "sequence_parallel", False).astype(bool),
+            async_tp=_column(plans, "async_tp", False).astype(bool),
             precision=precision,
             compute_bytes=compute_bytes,
             autocast=(precision != "fp32") & (zero < 2),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 2/3

@@ -11,8 +11,10 @@ import numpy as np
 from autotune.engine.config import ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.collectives import collective_time, send_time
+from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
 from autotune.hardware import Hardware
+from autotune.profile import block_matmuls
 
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket: one all-reduce each [Model states]
 
@@ -136,17 +138,45 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float,
 
 
 def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-                    eff: float) -> np.ndarray:
-    """Per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
+                    eff: float, block_matmul: np.ndarray, overlap_slowdown: float) -> dict[str, np.ndarray]:
+    """tp_comm: per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
     recomputed block (op recomputes them too: it keeps no all-reduce or all-gather output; the
     attention core has none); with sequence parallelism the same bytes as all-gather + reduce-scatter.
-    Inside a node, not overlapped."""
+    Inside a node, not overlapped, except under async tp [Async tensor parallelism]: tp_overlap is
+    what async tp costs the compute (smaller chunked GEMMs, the ring's SMs). block_matmul: one
+    block's forward matmuls, one micro-batch."""
     tp = plans.tp
     nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
-    one = collective_time("all_reduce", nbytes, tp, tp, hw, eff)
     recomputed = np.where(plans.checkpointing == "attention", 0, plans.checkpointed(held.layers))
-    collectives = 4 * held.layers + 2 * recomputed
-    return np.where(tp > 1, plans.micro_batches * collectives * one, 0)
+    passes = 2 * held.layers + recomputed  # block passes with tp collectives: forward, backward, recompute
+    plain = passes * 2 * collective_time("all_reduce", nbytes, tp, tp, hw, eff)
+    pipelined = async_tp_block(model, seq_len, plans, hw, eff, block_matmul, overlap_slowdown)
+    many = (tp > 1) * plans.micro_batches
+    return {"tp_comm": many * np.where(plans.async_tp, passes * pipelined["exposed"], plain),
+            "tp_overlap": many * np.where(plans.async_tp, passes * pipelined["cost"], 0)}
+
+
+def async_tp_block(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware, eff: float,
+                   block_matmul: np.ndarray, overlap_slowdown: float) -> dict[str, np.ndarray]:
+    """One block pass under async tp. Each of its 4 sequence-parallel collectives (C: all-gather or
+    reduce-scatter of b·s·h) runs as tp - 1 ring steps beside tp chunks of its matmul group (M: q/k/v,
+    wo, gate/up, down; backward their input gradients, the same FLOPs): the first chunk (all-gather)
+    or the last (reduce-scatter) has no step beside it, so max(0, C - M·(tp - 1)/tp) stays exposed.
+    cost: the hidden steps slow the compute by overlap_slowdown (the ring's SMs), and the GEMMs run
+    on s / tp rows at their lower shape efficiency."""
+    tp, tokens = plans.tp, plans.micro_batch * seq_len
+    one = collective_time("all_gather", tokens * model.d_model * plans.compute_bytes, tp, tp, hw, eff)
+    matmuls = dict(block_matmuls(model))
+    groups = [("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",)]
+    total = sum(matmuls.values())
+    exposed = hidden = 0.0
+    for group in groups:
+        group_time = block_matmul * sum(matmuls.get(name, 0) for name in group) / total
+        shown = np.maximum(0.0, one - group_time * (tp - 1) / tp)
+        exposed, hidden = exposed + shown, hidden + one - shown
+    whole = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)["fwd"]
+    chunked = matmul_efficiency(block_gemms(model, tp), tokens / tp, hw.sms)["fwd"]
+    return {"exposed": exposed, "cost": overlap_slowdown * hidden + block_matmul * (whole / chunked - 1)}
 
 
 def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware,

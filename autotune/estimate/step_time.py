@@ -199,7 +199,9 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     collective = efficiency["collective_efficiency"]
     dp = data_parallel(plans, held, hw, collective, per_block, efficiency["overlap_slowdown"], hbm)
     parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]
-    parts["tp_comm"] = tensor_parallel(model, job.seq_len, plans, held, hw, collective)
+    tp = tensor_parallel(model, job.seq_len, plans, held, hw, collective, micro.matmul_blocks / layers,
+                         efficiency["overlap_slowdown"])
+    parts["tp_comm"], parts["overlap"] = tp["tp_comm"], parts["overlap"] + tp["tp_overlap"]
     parts["cp_comm"] = micro_batches * ring_exchange(model, job.seq_len, plans, held.layers, micro.attention,
                                                      micro.recompute_share["attention"], hw, collective)
     parts["ep_comm"] = all_to_all_time(model, job.seq_len, plans, routing, held.layers, hw, collective)

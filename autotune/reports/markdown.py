@@ -31,13 +31,14 @@ PLAN_ROWS = [
     ("precision", "precision"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
     ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"),
     ("hybrid sharding replicas", "dp_replicate"), ("context parallel (cp)", "cp"), ("tp", "tp"),
-    ("sequence parallel", "sequence_parallel"), ("pp", "pp"), ("pipeline schedule", "pp_schedule"),
+    ("sequence parallel", "sequence_parallel"), ("async tp", "async_tp"), ("pp", "pp"), ("pipeline schedule", "pp_schedule"),
     ("virtual stages", "pp_virtual_stages"), ("ep", "ep"), ("loss scale", "loss_scale"), ("kernels", "kernels"),
     ("compile", "compile"),
 ]
 # fields that mean something only beside another: shown when some plan of the table has that
 MEANINGFUL_WHEN = {
     "sequence_parallel": lambda r: int(r.get("tp") or 1) > 1,
+    "async_tp": lambda r: bool(r.get("sequence_parallel")),
     "pp_schedule": lambda r: int(r.get("pp") or 1) > 1,
     "pp_virtual_stages": lambda r: int(r.get("pp") or 1) > 1,
     "ep": lambda r: int(r.get("ep") or 1) > 1,

@@ -2,7 +2,7 @@
 the assumptions made for what the source left unstated, or the reason the engine cannot express it.
 
 Texts are read by keyword (docs/runs.md lists every rule). What the engine cannot run is refused
-with its reason rather than guessed: async tensor parallelism, float8 on a GPU without it. Unstated fields take a stated default and the row says so.
+with its reason rather than guessed: float8 on a GPU without it. Unstated fields take a stated default and the row says so.
 """
 from __future__ import annotations
 
@@ -198,8 +198,6 @@ def _checkpointing(run: Run, assumed: list[str], free: dict) -> tuple[str, int]:
 def _parallel(run: Run, gpus_per_node: int, free: dict) -> tuple[int, int]:
     """(tp, pp): as stated, or, with only their product known (GPUs / (dp x cp)), each split with tp
     inside a node free (first: tp filling a node, Megatron's practice)."""
-    if re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE):
-        raise NotExpressible("async tensor parallelism: the engine's tp collectives do not overlap its matmuls")
     model_parallel, rest = divmod(run.gpus, run.dp * (run.cp or 1))
     if rest:
         raise NotExpressible(f"gpus={run.gpus} is not a multiple of dp x cp = {run.dp * (run.cp or 1)}")
@@ -229,13 +227,20 @@ def _schedule(run: Run, free: dict) -> dict:
     return {"pp_schedule": "1f1b"}
 
 
+def _async_tp(run: Run) -> bool:
+    """torchtitan's async TP and Megatron's --tp-comm-overlap: tp collectives pipelined with the matmuls
+    (both need sequence parallel)."""
+    return bool(re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE))
+
+
 def _sequence_parallel(run: Run, tp: int, free: dict) -> bool:
     """Stated ('sequence parallel', 'no sequence parallelism'); torchtitan's tensor parallelism always
-    shards its norms over the sequence (its SequenceParallel plan); else free when tp > 1."""
+    shards its norms over the sequence (its SequenceParallel plan), and async tp needs it; else free
+    when tp > 1."""
     text = f"{run.ac} {run.other}".lower()
     if re.search(r"no sequence parallel", text):
         return False
-    if "sequence parallel" in text or "torchtitan" in run.source.lower():
+    if "sequence parallel" in text or "torchtitan" in run.source.lower() or _async_tp(run):
         return True
     if tp > 1 or "tp x pp" in free:
         free["sequence parallel"] = [{"sequence_parallel": False}, {"sequence_parallel": True}]
@@ -258,6 +263,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
         "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
         "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
+        "async_tp": _async_tp(run) and tp > 1,
         "compile": "compile" in text and "no compile" not in text,
     } | (_schedule(run, free) if pp > 1 or "tp x pp" in free else {})
 

@@ -85,7 +85,8 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
                  + (f" ({plan.dp_replicate} replicas x {plan.dp // plan.dp_replicate})" if plan.dp_replicate > 1 else "")
                  + (f" cp {plan.cp}" if plan.cp > 1 else "") + f" tp {plan.tp} pp {plan.pp}, micro_batch {plan.micro_batch} "
                  f"x {plan.grad_accum}, {plan.activation_checkpointing}"
-                 + (", sp" if plan.sequence_parallel else "") + (", compile" if plan.compile else "")
+                 + (", sp" if plan.sequence_parallel else "") + (", async tp" if plan.async_tp else "")
+                 + (", compile" if plan.compile else "")
                  + (f", fp8 {plan.fp8}" if plan.fp8 != "none" else "")),
         "measured_tokens_per_s_per_gpu": mapped.tokens_per_s_per_gpu, "measured_as": mapped.tokens_source,
         "predicted_tokens_per_s_per_gpu": tokens,
