@@ -5,8 +5,8 @@ plans without overlap, on 4 gloo ranks.
 One torchrun launch (this file is its worker: `torchrun --nproc_per_node=4 tests/test_async_tp.py OUT`):
 the fused ops run on a ring of 4 (forward and every input's gradient, float64); the trajectories run
 tp=4 (gpt2: biases on every linear, full checkpointing, so the ring runs again in recompute) and
-tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2) and tp=2 x cp=2 (the ring attention between the
-pipelined projections), each with and without plan.async_tp.
+tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2), tp=2 x cp=2 (the ring attention between the
+pipelined projections) and tp=2 x pp=2 (1F1B over 4 micro-batches), each with and without plan.async_tp.
 
 Tolerance: fp32 trajectories; async tp sums a row-parallel product in ring order and the weight
 gradients over the gathered sequence in one matmul, where the plain collectives sum in another order.
@@ -42,6 +42,7 @@ PLANS = {
     "gpt2_tp4": (GPT2, dict(tp=4, sequence_parallel=True, activation_checkpointing="full", micro_batch=2)),
     "llama_tp2_dp2_zero2": (LLAMA, dict(tp=2, dp=2, zero_stage=2, sequence_parallel=True, micro_batch=2)),
     "llama_tp2_cp2": (LLAMA, dict(tp=2, cp=2, sequence_parallel=True, micro_batch=4)),
+    "llama_tp2_pp2": (LLAMA, dict(tp=2, pp=2, sequence_parallel=True, micro_batch=1)),
 }
 
 

@@ -57,10 +57,10 @@ def test_validate_reports_errors_rank_agreement_the_plot_and_what_it_cannot_expr
     ])
     assert main(["validate", runs, "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "6 rows predicted" in out and "3 the engine cannot express" in out
+    assert "7 rows predicted" in out and "2 the engine cannot express" in out
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "dp 8 cp 2 tp" in report
-    for reason in ("no float8 tensor cores", "async tensor parallelism", "not in the catalog"):
+    assert "dp 8 cp 2 tp" in report and "dp 8 tp 2 pp 1, micro_batch 2 x 2, none, sp, async tp" in report
+    for reason in ("no float8 tensor cores", "not in the catalog"):
         assert reason in report
     # hybrid sharding: by default FSDP's, shard within a node (8 ranks) and replicate across the 2 nodes
     assert "dp 16 (2 replicas x 8)" in report and "shard within a node (8 ranks)" in report
