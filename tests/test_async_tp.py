@@ -5,13 +5,14 @@ plans without overlap, on 4 gloo ranks.
 One torchrun launch (this file is its worker: `torchrun --nproc_per_node=4 tests/test_async_tp.py OUT`):
 the fused ops run on a ring of 4 (forward and every input's gradient, float64); the trajectories run
 tp=4 (gpt2: biases on every linear, full checkpointing, so the ring runs again in recompute) and
-tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2), tp=2 x cp=2 (the ring attention between the
-pipelined projections) and tp=2 x pp=2 (1F1B over 4 micro-batches), each with and without plan.async_tp.
+tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2), tp=2 x cp=2 in bf16 under autocast (the ring
+attention between the pipelined projections) and tp=2 x pp=2 (1F1B over 4 micro-batches), each with
+and without plan.async_tp.
 
-Tolerance: fp32 trajectories; async tp sums a row-parallel product in ring order and the weight
-gradients over the gathered sequence in one matmul, where the plain collectives sum in another order.
-Observed: at most 1e-7 relative over 3 AdamW steps (tp=2 sums two terms and matches exactly); 1e-5
-leaves a wide margin.
+Tolerance: async tp sums a row-parallel product in ring order and the weight gradients over the
+gathered sequence in one matmul, where the plain collectives sum in another order. Observed over 3
+AdamW steps: fp32 at most 1e-7 relative (tp=2 sums two terms and matches exactly), 1e-5 allowed;
+bf16 at most 4.4e-5 (the gradient norm at step 3), 1e-3 allowed (a quarter of bf16's epsilon).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ JOB = dict(seq_len=16, global_batch=4, steps=STEPS, optimizer=dict(warmup_steps=
 PLANS = {
     "gpt2_tp4": (GPT2, dict(tp=4, sequence_parallel=True, activation_checkpointing="full", micro_batch=2)),
     "llama_tp2_dp2_zero2": (LLAMA, dict(tp=2, dp=2, zero_stage=2, sequence_parallel=True, micro_batch=2)),
-    "llama_tp2_cp2": (LLAMA, dict(tp=2, cp=2, sequence_parallel=True, micro_batch=4)),
+    "llama_tp2_cp2_bf16": (LLAMA, dict(tp=2, cp=2, sequence_parallel=True, micro_batch=4, precision="bf16")),
     "llama_tp2_pp2": (LLAMA, dict(tp=2, pp=2, sequence_parallel=True, micro_batch=1)),
 }
 
@@ -99,10 +100,11 @@ def test_async_tp_follows_tp_without_overlap(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = torch.load(out)
     assert max(results["ops"].values()) < 1e-12, results["ops"]
-    for name in PLANS:
+    for name, (_, plan) in PLANS.items():
+        rel = 1e-3 if plan.get("precision") == "bf16" else 1e-5
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name, True], results[name, False])):
-            assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name}: step {step} loss"
-            assert norm == pytest.approx(ref_norm, rel=1e-5), f"{name}: step {step} gradient norm"
+            assert loss == pytest.approx(ref_loss, rel=rel), f"{name}: step {step} loss"
+            assert norm == pytest.approx(ref_norm, rel=rel), f"{name}: step {step} gradient norm"
 
 
 @pytest.mark.parametrize("plan, message", [

@@ -94,17 +94,30 @@ def apply_reduce_scatter(partial: Callable[[int, int], torch.Tensor], seq_len: i
     return acc
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's where it is on (ZeRO 0/1 in 16 bits), else x's. The
+    Functions cast to it themselves, so their backward (which runs outside autocast) matches."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _cast(tensors, dtype: torch.dtype) -> list:
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 class AllGatherLinears(torch.autograd.Function):
     """[F.linear(gather(x), w_i, b_i)] for a sequence-sharded x: the column-parallel projections of one
     sublayer share one pipelined all-gather."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, n: int, *params: torch.Tensor | None):
+        dtype = _compute_dtype(x)
+        x, *params = _cast((x, *params), dtype)  # gathered in the compute dtype, as autocast would multiply it
         weights, biases = params[:n], params[n:]
         gathered, outs = all_gather_apply(
             x, lambda chunk: [F.linear(chunk, w, b) for w, b in zip(weights, biases)], group)
         ctx.save_for_backward(gathered, *weights)
-        ctx.group, ctx.n, ctx.has_bias = group, n, [b is not None for b in biases]
+        ctx.group, ctx.has_bias = group, [b is not None for b in biases]
         return tuple(outs)
 
     @staticmethod
@@ -123,6 +136,7 @@ class LinearReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup):
+        x, weight = _cast((x, weight), _compute_dtype(x))
         ctx.save_for_backward(x, weight)
         ctx.group = group
         return apply_reduce_scatter(lambda i, j: F.linear(x[:, i:j], weight), x.shape[SEQ], group)
@@ -155,7 +169,7 @@ def _reduce_scatter_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rank's rows, so its gradient from them is a partial sum over tp."""
     y = LinearReduceScatter.apply(x, self.weight.to_local(), self.weight.device_mesh.get_group())
     if self.bias is not None:
-        y = y + self.bias.to_local(grad_placements=[Partial()])
+        y = y + self.bias.to_local(grad_placements=[Partial()]).to(y.dtype)
     return y
 
 
