@@ -13,7 +13,7 @@ from autotune.engine.config import build_train_config
 from autotune.estimate import estimate, estimate_frame
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.collectives import send_time
-from autotune.estimate.context import kv_bytes
+from autotune.estimate.context import kv_bytes, unrepeated_kv_bytes
 from autotune.hardware import catalog_gpu
 from autotune.plans import enumerate_plans, plans_frame
 
@@ -28,12 +28,16 @@ def llama_8b(seq_len: int, global_batch: int = 8, **plan):
 
 
 def test_a_cp_rank_holds_the_activations_of_its_share_of_the_sequence():
-    """cp=2 at S: the activations (and logits) of one rank are those of S/2 without cp; ZeRO's
+    """cp=2 at S: the activations (and logits) of one rank are those of S/2 without cp, but for the
+    block being recomputed, whose ring keeps k and v unrepeated over the kv heads' groups; ZeRO's
     states are sharded over dp x cp ranks, as a plan with that many data-parallel ranks."""
-    with_cp = estimate(llama_8b(32768, dp=4, cp=2), H100)
+    cfg = llama_8b(32768, dp=4, cp=2)
+    with_cp = estimate(cfg, H100)
     half = estimate(llama_8b(16384, dp=4), H100)
-    for part in ("activations_bytes", "logits_bytes"):
-        assert with_cp.memory[part] == pytest.approx(half.memory[part], rel=1e-9), part
+    unrepeated = float(unrepeated_kv_bytes(cfg.model, 16384, PlanArrays.of(plans_frame([cfg.plan]), cfg.job))[0])
+    assert unrepeated == 2 * 16384 * (32 - 8) * 128 * 2  # k and v of the 24 query heads without a kv head, bf16
+    assert with_cp.memory["activations_bytes"] == pytest.approx(half.memory["activations_bytes"] - unrepeated, rel=1e-9)
+    assert with_cp.memory["logits_bytes"] == pytest.approx(half.memory["logits_bytes"], rel=1e-9)
     wide = estimate(llama_8b(32768, dp=8), H100)
     for part in ("params_bytes", "master_bytes", "optimizer_bytes"):
         assert with_cp.memory[part] == wide.memory[part], part

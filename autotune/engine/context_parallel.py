@@ -13,8 +13,10 @@ flash attention merges its tiles. With the two-chunk layout a step other than th
 block: k/v from an earlier rank is wholly visible to both local chunks but only its first chunk is
 before them; k/v from a later rank is visible only to the late local chunk (`_block`). Backward
 passes the k/v round again with their gradients one step behind them: a step's k/v gradients
-leave while the next step computes, and arrive back at their owner one hop after the last step. The blocks are plain fp32 matmuls (no fused kernel returns the
-log-sum-exp on every device): a block's scores are [heads, chunk, 2 chunks] at most.
+leave while the next step computes, and arrive back at their owner one hop after the last step. Each block is one fused attention kernel
+that returns its log-sum-exp (autotune/engine/fused_attention.py), in the compute dtype with kv heads
+repeated over their groups: no block's scores are ever held whole. What the ring keeps for backward
+is what SDPA keeps: q, k, v (kv heads only), the output in the compute dtype and the fp32 log-sum-exp.
 
 Gradients: each rank's loss is the mean over its own tokens, all ranks hold as many, so averaging
 gradients over dp x cp ranks (the engine's `grad_mesh`) gives the mean over the whole batch.
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from autotune.engine.fused_attention import block_backward, block_forward
 
 
 def chunk_order(rank: int, cp: int) -> tuple[int, int]:
@@ -54,7 +58,7 @@ class ContextShard:
         return positions(local_len * self.size, self.rank, self.size, device)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return RingAttention.apply(q, k, v, self.group)
+        return RingAttention.apply(q, k, v, Ring(self.group))
 
 
 def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> None:
@@ -76,21 +80,12 @@ def _block(step: int, rank: int, cp: int, local_len: int) -> tuple[slice, slice,
     return slice(half, None), slice(None), False  # both of its chunks are before our late chunk only
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """Scaled scores [b, kv heads, group, sq, sk] in fp32; q is [b, kv heads, group, sq, d]."""
-    s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~mask, float("-inf"))
-    return s
-
-
-class _Ring:
+class Ring:
     """Sends a tensor to the next cp rank while receiving the previous rank's."""
 
     def __init__(self, group: dist.ProcessGroup):
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        self.group = group
+        self.group, self.rank, self.size = group, rank, size
         self.next = dist.get_global_rank(group, (rank + 1) % size)
         self.prev = dist.get_global_rank(group, (rank - 1) % size)
 
@@ -110,60 +105,56 @@ class _Ring:
 
 class RingAttention(torch.autograd.Function):
     """Causal attention of q [b, heads, s, d] over k, v [b, kv heads, s, d] (grouped-query where
-    fewer) whose sequence is split over `group` in the `shard_sequence` layout; returns [b, heads, s, d]."""
+    fewer) whose sequence is split over the ring's ranks in the `shard_sequence` layout; returns
+    [b, heads, s, d]. Each block runs in q's dtype; the merged output and the q, k, v gradients
+    accumulate in fp32."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group):
-        rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    def forward(ctx, q, k, v, ring):
         b, h, s, d = q.shape
-        qg = q.reshape(b, k.shape[1], h // k.shape[1], s, d)
-        scale = d ** -0.5
-        out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        ring, kv = _Ring(group), torch.stack([k, v])
-        for step in range(cp):
-            pending = ring.start(kv) if step < cp - 1 else None
-            qs, ks, causal = _block(step, rank, cp, s)
-            scores = _scores(qg[..., qs, :], kv[0][..., ks, :], scale, causal)
-            block_lse = torch.logsumexp(scores, dim=-1)
-            block_out = torch.matmul(torch.exp(scores - block_lse.unsqueeze(-1)), kv[1][..., ks, :].float().unsqueeze(2))
+        group = h // k.shape[1]
+        # laid out [b, s, heads, d] as SDPA's output, so the model's [b, s, heads·d] view of it is no copy
+        out = torch.zeros((b, s, h, d), dtype=torch.float32, device=q.device).transpose(1, 2)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        for step in range(ring.size):
+            pending = ring.start(kv) if step < ring.size - 1 else None
+            qs, ks, causal = _block(step, ring.rank, ring.size, s)
+            kb, vb = (t[..., ks, :].repeat_interleave(group, dim=1) for t in kv)
+            block_out, block_lse = block_forward(q[..., qs, :], kb, vb, causal, d ** -0.5)
             merged = torch.logaddexp(lse[..., qs], block_lse)
             out[..., qs, :] = (out[..., qs, :] * torch.exp(lse[..., qs] - merged).unsqueeze(-1)
                                + block_out * torch.exp(block_lse - merged).unsqueeze(-1))
             lse[..., qs] = merged
             if pending is not None:
                 kv = ring.finish(*pending)
-        ctx.group = group
+        out = out.to(q.dtype)
+        ctx.ring = ring
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.to(q.dtype).view(b, h, s, d)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        rank, cp = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        ring = ctx.ring
         b, h, s, d = q.shape
-        qg = q.reshape(out.shape)
-        dout = grad_out.reshape(out.shape).float()
-        delta = (dout * out).sum(-1)  # rowsum(dO * O), the softmax backward's correction
-        scale = d ** -0.5
-        dq = torch.zeros(out.shape, dtype=torch.float32, device=q.device)
-        ring, kv = _Ring(ctx.group), torch.stack([k, v])
+        group = h // k.shape[1]
+        dout = grad_out.to(q.dtype).contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
         grads_in_flight = None  # the k/v gradients summed so far, on their way from the previous rank
-        for step in range(cp):
-            pending = ring.start(kv) if step < cp - 1 else None
-            qs, ks, causal = _block(step, rank, cp, s)
-            kb, vb = kv[0][..., ks, :].float().unsqueeze(2), kv[1][..., ks, :].float().unsqueeze(2)
-            p = torch.exp(_scores(qg[..., qs, :], kv[0][..., ks, :], scale, causal) - lse[..., qs].unsqueeze(-1))
-            do = dout[..., qs, :]
-            dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
-            ds = p * (torch.matmul(do, vb.transpose(-1, -2)) - delta[..., qs].unsqueeze(-1))
-            dq[..., qs, :] += torch.matmul(ds, kb) * scale
-            dk = (torch.matmul(ds.transpose(-1, -2), qg[..., qs, :].float()) * scale).sum(2)
+        for step in range(ring.size):
+            pending = ring.start(kv) if step < ring.size - 1 else None
+            qs, ks, causal = _block(step, ring.rank, ring.size, s)
+            kb, vb = (t[..., ks, :].repeat_interleave(group, dim=1) for t in kv)
+            dqb, dkb, dvb = block_backward(dout[..., qs, :], q[..., qs, :], kb, vb, out[..., qs, :], lse[..., qs],
+                                           causal, d ** -0.5)
+            dq[..., qs, :] += dqb
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device) if step == 0 else ring.finish(*grads_in_flight)
-            dkv[0][..., ks, :] += dk
-            dkv[1][..., ks, :] += dv
+            for i, grad in enumerate((dkb, dvb)):  # each kv head's gradient: the sum over its group
+                dkv[i][..., ks, :] += grad.unflatten(1, (k.shape[1], group)).sum(2)
             grads_in_flight = ring.start(dkv, tag=1)  # on to the next rank; after the last step, home
             if pending is not None:
                 kv = ring.finish(*pending)
         dkv = ring.finish(*grads_in_flight)
-        return dq.to(q.dtype).view(b, h, s, d), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None

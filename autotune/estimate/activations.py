@@ -12,6 +12,7 @@ import numpy as np
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
 from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.context import unrepeated_kv_bytes
 from autotune.estimate.routing import Routing
 from autotune.profile import (
     BLOCK_FEATURES, EXPERT_FEATURES, MEASURED_CHECKPOINTING, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients,
@@ -47,7 +48,7 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     layouts = {v: sp_hidden_layout(model, v) for v in MEASURED_CHECKPOINTING}
     layout = tuple(np.select([variant == v for v in layouts], [layouts[v][i] for v in layouts], 0) for i in (0, 1))
     return SavedBytes(
-        block=tp_block_bytes(terms["none_tok"], terms["none_hidden"], *shape),
+        block=tp_block_bytes(terms["none_tok"] - unrepeated_kv_bytes(model, seq_len, plans), terms["none_hidden"], *shape),
         checkpointed_block=tp_block_bytes(terms["ck_tok"], terms["ck_hidden"], *shape, layout),
         outside_per_token=tp_outside_bytes(terms["out_tok"], terms["out_hidden"], *shape),
         cast_weights=terms["none_P"], cast_weights_checkpointed=terms["ck_P"],

@@ -27,6 +27,13 @@ def kv_bytes(model: ModelConfig, seq_len: int, plans: PlanArrays, element_bytes)
     return 2 * plans.micro_batch * seq_len * model.kv_heads / plans.tp * model.head_dim * element_bytes
 
 
+def unrepeated_kv_bytes(model: ModelConfig, seq_len: int, plans: PlanArrays) -> np.ndarray:
+    """What a block under cp saves less than the measured one (SDPA keeps k and v repeated over each
+    kv head's group, the ring keeps them unrepeated), per cp rank's tokens, and 0 without cp."""
+    repeated = (model.n_heads - model.kv_heads) / model.kv_heads
+    return np.where(plans.cp > 1, kv_bytes(model, seq_len, plans, plans.compute_bytes) * repeated, 0.0)
+
+
 def ring_exchange(model: ModelConfig, seq_len: int, plans: PlanArrays, layers: np.ndarray, attention: np.ndarray,
                   recomputed: np.ndarray, hw: Hardware, eff: float) -> np.ndarray:
     """Exposed ring time of one micro-batch on a rank holding `layers` blocks; `attention`: their

@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from autotune.engine.config import KERNELS, ModelConfig, PlanConfig
+from autotune.engine.context_parallel import apply_cp
 from autotune.engine.moe import MoE
 from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
 from autotune.profile.features import (
@@ -32,6 +33,7 @@ MEASURED_CHECKPOINTING = {"none": ("none", 2), "full": ("full", 2), "op1": ("op"
 def measure_saved_bytes(
     model: ModelConfig, b: int, s: int, precision: str = "fp32", cast: str = "params",
     checkpointing: str = "none", kernels: str = "torch", triton_arithmetic: bool = False, every_k: int = 2,
+    cp_group=None,
 ) -> dict[str, float]:
     """Bytes saved for backward by one real forward (+ loss) of the engine's model on the CPU, with
     the engine's own activation checkpointing: {"block": mean over blocks, "outside": embedding +
@@ -44,8 +46,13 @@ def measure_saved_bytes(
     its arithmetic, so shapes, dtypes and storages are those of a real run. triton_arithmetic: run
     them through Triton's interpreter instead (about a second per tiny forward; TRITON_INTERPRET=1
     must be set before the kernels are imported).
+
+    cp_group: attention by the context-parallel ring over that process group (a group of one runs
+    the ring's first step alone; what the ring keeps per token is the same at any cp).
     """
     net = cpu_model(model, s, precision, cast, kernels)
+    if cp_group is not None:
+        apply_cp(net, cp_group)
     held = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
     owner = ["outside"]
     seen: dict[int, tuple[str, int]] = {}
