@@ -2,7 +2,7 @@
 # Everything worth measuring on a lent GPU, in order of value, in phases small enough for one
 # device `run` call each (10 minutes at most per call, 30 minutes of device time per session).
 #
-#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search moe fp8
+#   bash benchmarks/gpu_session.sh PHASE...      phases: tests estimate engine kernels tp search moe fp8 cp
 #
 # Run it through the device tool from the repo root, with the wheels carried (BENCHMARKS.md, "Status
 # of the GPU measurements", has the exact calls):
@@ -10,6 +10,7 @@
 #   2. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh engine kernels`
 #   3. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh tp search`
 #   4. run  carry [".whl"]  timeout_s 600  `bash benchmarks/gpu_session.sh moe fp8`
+#   5. run  carry [".whl"]  timeout_s 300  `bash benchmarks/gpu_session.sh cp`
 #
 # Each step has its own `timeout`, so one hang costs that step, not the lease; every script rewrites
 # its JSON after each row, so a step cut short keeps what it measured. Steps work in $WORK
@@ -19,7 +20,7 @@
 # versions; then step, exit code, seconds, 124 = hit its timeout), session.tar.gz (all of $WORK:
 # logs, results, search folders) and each step's main result file:
 #   estimate_vs_probe-gpu.jsonl + .md, engine-<model>.json, kernels-{elementwise,lce}.json,
-#   tp_slice.json, search-results.json + search-grid.jsonl, moe.json, fp8.json
+#   tp_slice.json, search-results.json + search-grid.jsonl, moe.json, fp8.json, cp.json
 # (so run no more phases in one call than the groups above: more would pass the 8 files).
 #
 # Durations on one H100 are ESTIMATES from the work each step does (none of this has run on a GPU
@@ -45,6 +46,10 @@
 #   fp8       ~2 min  (timeout 150 s) Llama 3 8B's three GEMM shapes at 2 x 8192 tokens: bf16 against
 #                     _scaled_mm tensorwise / rowwise (the catalog's fp8_matmul_efficiency), and a
 #                     linear's fwd+bwd as torchao's Float8Linear, eager and compiled (needs torchao)
+#   cp        ~2 min  (timeout 240 s) one cp rank's ring blocks (bench_cp.py: flash attention per block,
+#                     no communication) for Llama 3 8B at seq 32k, 65k, 131k and cp 1, 2, 4, 8, bf16:
+#                     12 rows of 7 forward+backward passes, the longest ~1.3 s each (cp 1 at 131k,
+#                     ~1.4e14 FLOPs forward), plus the cost model's figures (its CPU activation fit once)
 # So call 1 ~8 min, call 2 ~8 min, call 3 ~7 min; each call's timeouts sum to 510-530 s, leaving
 # the wheels' install and the summary inside the tool's 600 s.
 set -uo pipefail  # not -e: a failed step is a result; the next one still runs
@@ -56,7 +61,7 @@ if [[ -z ${OUT:-} ]]; then
 fi
 WORK=${WORK:-/tmp/gpu_session}
 mkdir -p "$OUT" "$WORK"
-PHASES=" tests estimate engine kernels tp search moe fp8 "
+PHASES=" tests estimate engine kernels tp search moe fp8 cp "
 for phase in "$@"; do  # a typo found now, not after minutes of the lease
   [[ $PHASES == *" $phase "* ]] || { echo "gpu_session.sh: unknown phase '$phase' (one of:$PHASES)" >&2; exit 2; }
 done
@@ -154,6 +159,11 @@ for phase in "$@"; do
     fp8)
       step fp8 150 $PY benchmarks/bench_fp8.py --device cuda --out "$WORK/fp8.json"
       publish fp8.json:fp8.json
+      ;;
+    cp)
+      step cp 240 $PY benchmarks/bench_cp.py --device cuda --seq 32768 65536 131072 --cp 1 2 4 8 \
+        --out "$WORK/cp.json"
+      publish cp.json:cp.json
       ;;
   esac
 done

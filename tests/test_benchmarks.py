@@ -186,3 +186,24 @@ def test_bench_fp8_cpu(tmp_path):
         flops = (2 if r["kind"] == "gemm" else 6) * 32 * 64 * 48
         assert math.isclose(r["tflops"], flops / (r["ms"] / 1e3) / 1e12, rel_tol=1e-6)
     assert "| 32x64x48 | gemm | tensorwise |" in proc.stdout
+
+
+def test_bench_cp_cpu(tmp_path):
+    """One cp rank's ring blocks at a tiny size: what they save is the q, k, v, output and
+    log-sum-exp of the rank's tokens (no scores); the cost model's figures are those of its plan."""
+    out = tmp_path / "cp.json"
+    proc = run_script("bench_cp.py", "--device", "cpu", "--seq", "64", "--cp", "1", "2", "3", "--heads", "4",
+                      "--kv-heads", "2", "--iters", "1", "--warmup", "0", "--out", str(out))
+    result = json.loads(out.read_text())
+    one, two, three = result["rows"]
+    assert three["status"] == "error" and "2 x cp = 6 equal chunks" in three["error"]
+    for r in (one, two):
+        s, d = r["tokens_per_rank"], 128  # llama-3-8b's head width
+        assert r["status"] == "ok" and r["peak_bytes"] is None  # no memory figure on a CPU
+        assert r["saved_bytes"] == s * (4 + 2 + 2 + 4) * d * 2 + 4 * s * 4  # bf16 q, k, v, out; fp32 lse
+        assert r["model_bwd_ms"] == pytest.approx(2.5 * r["model_fwd_ms"], rel=1e-12)
+    # the same attention FLOPs split over 2 ranks; the block's bytes are those of half the tokens,
+    # less k and v's repeat over the 2 query heads of each kv head (the ring does not repeat them)
+    assert two["model_fwd_ms"] < one["model_fwd_ms"]
+    assert two["model_block_bytes"] == pytest.approx(one["model_block_bytes"] / 2 - 2 * 32 * 2 * 128 * 2, rel=1e-9)
+    assert "| 64 | 2 |" in proc.stdout

@@ -39,7 +39,8 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
     (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
     their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)
-    A MoE model's block is the mean over its dense and MoE blocks (`_with_moe_blocks`)."""
+    A MoE model's block is the mean over its dense and MoE blocks (`_with_moe_blocks`). Under cp a
+    plain block saves k and v unrepeated (the ring's; estimate.context.unrepeated_kv_bytes)."""
     terms = _measured_terms(model, plans, seq_len)
     if model.moe_layers:
         terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
@@ -48,7 +49,8 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     layouts = {v: sp_hidden_layout(model, v) for v in MEASURED_CHECKPOINTING}
     layout = tuple(np.select([variant == v for v in layouts], [layouts[v][i] for v in layouts], 0) for i in (0, 1))
     return SavedBytes(
-        block=tp_block_bytes(terms["none_tok"] - unrepeated_kv_bytes(model, seq_len, plans), terms["none_hidden"], *shape),
+        block=tp_block_bytes(terms["none_tok"] - unrepeated_kv_bytes(model, seq_len, plans), terms["none_hidden"],
+                             *shape),
         checkpointed_block=tp_block_bytes(terms["ck_tok"], terms["ck_hidden"], *shape, layout),
         outside_per_token=tp_outside_bytes(terms["out_tok"], terms["out_hidden"], *shape),
         cast_weights=terms["none_P"], cast_weights_checkpointed=terms["ck_P"],
