@@ -95,6 +95,8 @@ def test_only_the_blocks_aligned_linears_become_float8():
     assert kinds.pop("lm_head") == "Linear"  # the head stays bf16
     assert len(kinds) == 7 * TINY["n_layers"] and set(kinds.values()) == {"Float8Linear"}
     assert not converts(torch.nn.Linear(64, 40), "layers.0.mlp.w_up")  # 40: no float8 GEMM
+    # under tp each rank's shard must be a float8 width: 48 / 2 = 24 is not
+    assert converts(torch.nn.Linear(64, 48), "layers.0.mlp.w_up") and not converts(torch.nn.Linear(64, 48), "layers.0.mlp.w_up", tp=2)
 
 
 @pytest.fixture
@@ -121,7 +123,6 @@ def test_tiny_model_trains_in_float8_as_in_bf16(one_process_group, recipe, zero_
 
 @pytest.mark.parametrize("plan, message", [
     (dict(fp8="tensorwise"), "set plan.precision=bf16"),
-    (dict(fp8="rowwise", precision="bf16", tp=2, dp=1), "use plan.tp=1"),
     (dict(fp8="e4m3"), "plan.fp8='e4m3': use one of none, tensorwise, rowwise"),
 ])
 def test_float8_plan_errors(plan, message):

@@ -1,7 +1,7 @@
 """Apply a plan to a model: one small function per concern (what each does: docs/design.md, section 5).
 
     mesh = build_mesh(plan, device.type)
-    model = apply_plan(model, plan, mesh, device, seed)   # tp -> float8 -> checkpointing -> compile -> ZeRO
+    model = apply_plan(model, plan, mesh, device, seed)   # float8 -> tp -> checkpointing -> compile -> ZeRO
     optimizer = build_optimizer(model, plan, job, mesh)
 
 ZeRO 0 is DDP, ZeRO 1 is DDP plus torch's ZeroRedundancyOptimizer, ZeRO 2/3 are FSDP2
@@ -317,13 +317,13 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
     """The model as the plan runs it. `model` is a Transformer built on meta (initialised here,
     after sharding, so no rank ever holds the full model) or already materialised (loaded weights)."""
     check_supported(plan)
+    apply_float8(model, plan)  # before tp, which takes torchao's float8 styles for float8 linears
     if plan.tp > 1:
-        apply_tp(model, mesh["tp"], plan.sequence_parallel, plan.async_tp)
+        apply_tp(model, mesh["tp"], plan.sequence_parallel, plan.async_tp, float8=plan.fp8 == "tensorwise")
     if plan.ep > 1:
         apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
     if plan.cp > 1:
         apply_cp(model, mesh["cp"].get_group())
-    apply_float8(model, plan)
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
     dp_mesh, experts_mesh = grad_mesh(plan, mesh), expert_mesh(plan, mesh)

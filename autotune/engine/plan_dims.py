@@ -27,15 +27,12 @@ def validate_dp_replicate(p: PlanConfig) -> None:
 
 
 def validate_fp8(p: PlanConfig) -> None:
-    """Float8 linears compute beside bf16 everything else, on whole (not tensor-parallel) weights."""
+    """Float8 linears compute beside bf16 everything else (whole or tensor-parallel weights)."""
     if p.fp8 == "none":
         return
     if p.precision != "bf16":
         raise ConfigError(f"plan.fp8={p.fp8} runs the rest of the model in bf16: set plan.precision=bf16 "
                           f"(not {p.precision}) or plan.fp8=none")
-    if p.tp > 1:
-        raise ConfigError(f"plan.fp8={p.fp8} with plan.tp={p.tp}: the engine's float8 linears take whole "
-                          "weights; use plan.tp=1 or plan.fp8=none")
 
 
 def validate_cp(p: PlanConfig, job: JobConfig) -> None:

@@ -57,9 +57,11 @@ from autotune.engine.async_tp import apply_async_tp
 from autotune.engine.config import PlanConfig
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, async_tp: bool = False) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, async_tp: bool = False,
+             float8: bool = False) -> nn.Module:
     """Shard a Transformer (or a pipeline stage of one: missing modules are skipped) over tp_mesh;
-    async_tp (with sequence_parallel) pipelines the blocks' collectives with their matmuls."""
+    async_tp (with sequence_parallel) pipelines the blocks' collectives with their matmuls; float8:
+    the blocks' linears are already tensorwise float8 ones (autotune/engine/float8.py)."""
     # Layout of the residual stream between sublayers: sharded on the sequence or replicated.
     stream = Shard(1) if sequence_parallel else Replicate()
     if model.tok_emb is not None:
@@ -70,22 +72,22 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, asy
             model.pos_emb, tp_mesh, PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
         )
     for block in model.layers.values():
+        attn_col, attn_row, attn_in = _styles(block.attn, float8, tp_mesh, sequence_parallel)
+        mlp_col, mlp_row, mlp_in = _styles(block.mlp, float8, tp_mesh, sequence_parallel)
         plan = {
             # one DTensor input per sublayer: the gradients of q, k and v (or gate and up) meet
             # as a partial sum and are all-reduced once, not once per projection
-            "attn": PrepareModuleInput(
-                input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False
-            ),
-            "attn.wq": ColwiseParallel(),
-            "attn.wk": ColwiseParallel(),
-            "attn.wv": ColwiseParallel(),
-            "attn.wo": RowwiseParallel(output_layouts=stream),
-            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_output=False),
-            "mlp.w_up": ColwiseParallel(),
-            "mlp.w_down": RowwiseParallel(output_layouts=stream),
+            "attn": attn_in(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None), use_local_output=False),
+            "attn.wq": attn_col(),
+            "attn.wk": attn_col(),
+            "attn.wv": attn_col(),
+            "attn.wo": attn_row(output_layouts=stream),
+            "mlp": mlp_in(input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_output=False),
+            "mlp.w_up": mlp_col(),
+            "mlp.w_down": mlp_row(output_layouts=stream),
         }
         if block.mlp.gated:
-            plan["mlp.w_gate"] = ColwiseParallel()
+            plan["mlp.w_gate"] = mlp_col()
         if sequence_parallel:
             plan["attn_norm"] = SequenceParallel()
             plan["mlp_norm"] = SequenceParallel()
@@ -106,6 +108,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, asy
             model.lm_head.weight = nn.Parameter(distribute_tensor(model.lm_head.weight, tp_mesh, [Shard(0)]))
         model.register_forward_hook(_local_loss)
     return model
+
+
+def _styles(sublayer: nn.Module, float8: bool, tp_mesh: DeviceMesh, sequence_parallel: bool) -> tuple[type, type, type]:
+    """(column-parallel, row-parallel, input-preparing) styles of a sublayer: torchao's float8 ones
+    where its linears are all tensorwise float8 (autotune.engine.float8.tp_styles), else torch's."""
+    if float8:
+        from autotune.engine.float8 import tp_styles
+
+        gloo = torch.distributed.get_backend(tp_mesh.get_group()) == "gloo"
+        styles = tp_styles(sublayer, gloo_gather=gloo and sequence_parallel)
+        if styles is not None:
+            return styles
+    return ColwiseParallel, RowwiseParallel, PrepareModuleInput
 
 
 def _local_loss(module: nn.Module, args, output):

@@ -1,0 +1,140 @@
+"""Float8 training under tensor parallelism (plan.fp8 with plan.tp, autotune/engine/float8.py): one
+launch of this file on 2 gloo ranks, checked in the test process against one-process references.
+
+- A float8 linear, column- and row-parallel over the 2 ranks (torchao's float8 tp styles for
+  tensorwise, torch's for rowwise): forward and backward within float8's error of the float64
+  product, and, where each rank's shard holds whole rows of the scaled tensors, equal to the
+  quantized inputs' product to bf16 rounding, which needs the scales of the whole tensors (the
+  tensorwise amaxes all-reduced over tp).
+- A tiny model trained tp=2 in float8 (tensorwise, with and without sequence parallel, with ZeRO-3's
+  float8 all-gather; rowwise with sequence parallel): losses within float8's error of the same plan
+  without tp and of bf16, and not bf16's.
+
+gloo has no float8 dtype, so under sequence parallel on gloo the input and the output's gradient
+are all-gathered in bf16 and cast after; the float8 wire format runs on NCCL only.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_float8 import JOB, TINY, float8_linear, quantized, rel_err, train_losses
+
+pytest.importorskip("torchao")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS, N_IN, N_OUT = 37, 64, 96  # each rank's shard of either width a multiple of 16
+TP_PLANS = {
+    "tensorwise": dict(fp8="tensorwise"),
+    "tensorwise_sp_zero3": dict(fp8="tensorwise", sequence_parallel=True, zero_stage=3),
+    "rowwise_sp": dict(fp8="rowwise", sequence_parallel=True),
+}
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(TOKENS, N_IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    upstream = torch.randn(TOKENS, N_OUT, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    return x, upstream
+
+
+def tp_linear(recipe: str, parallel: str, mesh) -> tuple[torch.Tensor, ...]:
+    """Output, input gradient and weight gradient, whole, of the float8 linear `parallel` ("col" or
+    "row") over the tp mesh, in the styles the engine gives a sublayer of such linears."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from autotune.engine.float8 import tp_styles
+
+    _, fp8 = float8_linear(recipe, N_IN, N_OUT)
+    styles = tp_styles(fp8, gloo_gather=False) or (ColwiseParallel, RowwiseParallel, None)
+    parallelize_module(fp8, mesh, (styles[0] if parallel == "col" else styles[1])(use_local_output=False))
+    x, upstream = inputs()
+    leaf = x.clone().requires_grad_()
+    rank = mesh.get_local_rank()
+    out = fp8(leaf if parallel == "col" else leaf.chunk(2, dim=-1)[rank]).full_tensor()
+    out.backward(upstream)
+    grad_input = leaf.grad
+    if parallel == "row":  # each rank's gradient covers its own columns of x
+        torch.distributed.all_reduce(grad_input)
+    # clone: a gathered tensor is waited on and becomes a plain tensor
+    return out.detach().clone(), grad_input, fp8.weight.grad.full_tensor().clone()
+
+
+def _worker(out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from autotune.engine import dist
+
+    torch.set_num_threads(1)
+    dist.init_distributed()
+    mesh = init_device_mesh("cpu", (2,))
+    results = {(recipe, parallel): tp_linear(recipe, parallel, mesh)
+               for recipe in ("tensorwise", "rowwise") for parallel in ("col", "row")}
+    results.update({name: train_losses(dict(plan, micro_batch=4, precision="bf16", tp=2, dp=1))
+                    for name, plan in TP_PLANS.items()})
+    if dist.rank() == 0:
+        torch.save(results, out)
+    dist.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fp8_tp") / "results.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("parallel", ["col", "row"])
+def test_tensor_parallel_float8_linear_against_references(two_ranks, recipe, parallel):
+    out, grad_input, grad_weight = two_ranks[(recipe, parallel)]
+    plain, _ = float8_linear(recipe, N_IN, N_OUT)
+    x, upstream = inputs()
+    w = plain.weight.detach()
+    rowwise = recipe == "rowwise"
+    if not (rowwise and parallel == "row"):  # a row-parallel rank's rows are half rows: other scales
+        assert rel_err(out, quantized(x, rowwise) @ quantized(w, rowwise).T) < 5e-3
+    leaf = x.clone().requires_grad_()
+    bf16_out = plain(leaf)
+    bf16_out.backward(upstream)
+    exact = (x.double() @ w.double().T, upstream.double() @ w.double(), upstream.double().T @ x.double())
+    bf16 = (bf16_out, leaf.grad, plain.weight.grad)
+    for what, got, ref, bf16_got, bound in zip(("output", "grad_input", "grad_weight"), (out, grad_input, grad_weight),
+                                                exact, bf16, (0.05, 0.1, 0.1)):
+        err = rel_err(got, ref)
+        assert rel_err(bf16_got, ref) < err < bound, (what, err)
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, list[float]]:
+    """The tiny model's losses without tp, in bf16 and under each float8 recipe."""
+    from autotune.engine import dist
+
+    dist.init_distributed()
+    try:
+        return {fp8: train_losses(dict(micro_batch=4, precision="bf16", fp8=fp8))
+                for fp8 in ("none", "tensorwise", "rowwise")}
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TP_PLANS)
+def test_tiny_model_trains_in_float8_under_tp_as_without(two_ranks, one_process, name):
+    losses, bf16 = two_ranks[name], one_process["none"]
+    assert len(losses) == JOB["steps"] and losses != bf16  # the linears really ran in float8
+    assert losses == pytest.approx(one_process[TP_PLANS[name]["fp8"]], rel=0.02)
+    assert losses == pytest.approx(bf16, rel=0.02)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
