@@ -140,7 +140,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
 
     `device` is the accelerator kind ("cuda" or "cpu"; Triton kernels need CUDA), `precisions`
     the dtypes it computes in (None: those of `search.precisions`) and `fp8` the float8 recipes it
-    runs (`hardware.fp8_modes`; each bf16 plan without tp also in each). Raises ConfigError when no
+    runs (`hardware.fp8_modes`; each bf16 plan, with tp or not, also in each). Raises ConfigError when no
     plan can run the job (e.g. a global batch no data-parallel degree divides).
     """
     model, job = train.model, train.job
@@ -193,9 +193,9 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
 
 
 def _with_fp8(plans: pd.DataFrame, modes: Iterable[str]) -> pd.DataFrame:
-    """The plans in bf16, then each bf16 plan without tp again per float8 recipe (engine.config.validate_fp8)."""
+    """The plans in bf16, then each bf16 plan again per float8 recipe (engine.config.validate_fp8)."""
     plans = plans.assign(fp8="none")
-    base = plans[(plans["precision"] == "bf16") & (plans["tp"] == 1)]
+    base = plans[plans["precision"] == "bf16"]
     return pd.concat([plans] + [base.assign(fp8=m) for m in modes if m != "none"], ignore_index=True)
 
 

@@ -175,9 +175,9 @@ def test_a_gpu_without_float8_refuses_it_and_the_search_tries_it_where_it_runs()
     plans = enumerate_plans(train, cluster, SearchConfig(), fp8=fp8_modes(catalog_gpu("h100-sxm")))
     fp8 = plans[plans["fp8"] != "none"]
     assert set(fp8["fp8"]) == {"tensorwise", "rowwise"}
-    assert (fp8["precision"] == "bf16").all() and (fp8["tp"] == 1).all()
-    # each bf16 plan without tp, once per recipe
-    assert len(fp8) == 2 * ((plans["fp8"] == "none") & (plans["precision"] == "bf16") & (plans["tp"] == 1)).sum()
+    assert (fp8["precision"] == "bf16").all() and set(fp8["tp"]) == {1, 2}
+    # each bf16 plan, with tp or not, once per recipe
+    assert len(fp8) == 2 * ((plans["fp8"] == "none") & (plans["precision"] == "bf16")).sum()
     assert "fp8:rowwise" in plan_label(plan_from_row(fp8[fp8["fp8"] == "rowwise"].iloc[0]))
     assert (enumerate_plans(train, cluster, SearchConfig())["fp8"] == "none").all()
 
@@ -190,3 +190,32 @@ def test_emit_says_deepspeed_has_no_float8_training():
     note = ds_config(cfg)["autotune"]["note"]
     assert "DeepSpeed has no float8 training of its own" in note and "float8 all-gather" in note
     assert "fp8=tensorwise" in launch_script(cfg, ClusterConfig(name="node", gpu="h100-sxm", gpus_per_node=8))
+
+
+def test_the_cost_model_under_tp_sp_float8():
+    """Llama 3 8B tp 8 with sequence parallel on one H100 node: each rank's GEMM shards at the
+    float8 rate; the tp collectives as bf16's but for the all-gathers in float8 (4 a block and
+    micro-batch: inputs forward, output gradients backward) and one scalar amax all-reduce per
+    tp-sharded tensorwise cast (fwd 4 inputs + 7 weights, bwd 7 output gradients) [Float8]."""
+    from omegaconf import OmegaConf
+
+    from autotune.config import CONF_DIR
+    from autotune.estimate import estimate
+    from autotune.estimate.collectives import collective_time
+
+    _, hw = llama3_8b_on_8_h100("none")
+    model = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "llama-3-8b.yaml"))
+    est = {}
+    for fp8 in ("none", "tensorwise", "rowwise"):
+        plan = dict(fp8=fp8, tp=8, dp=1, sequence_parallel=True, zero_stage=1, micro_batch=1, precision="bf16",
+                    activation_checkpointing="none")
+        cfg = build_train_config({"model": model, "job": dict(seq_len=8192, global_batch=16), "plan": plan})
+        est[fp8] = estimate(cfg, hw)
+    assert est["tensorwise"].compute["matmul_s"] < 0.8 * est["none"].compute["matmul_s"]
+    layers, micro_batches = cfg.model.n_layers, 16  # global batch 16, one sequence a micro-batch
+    n = 8192 * cfg.model.d_model  # one micro-batch's [s, d] residual stream
+    gathers = micro_batches * 4 * layers * (collective_time("all_gather", 2 * n, 8, 8, hw) - collective_time("all_gather", n, 8, 8, hw))
+    amaxes = micro_batches * (11 + 7) * layers * collective_time("all_reduce", 4, 8, 8, hw)
+    comm = {m: e.time["tp_comm_s"] for m, e in est.items()}
+    assert 0 < gathers - amaxes and comm["none"] - comm["tensorwise"] == pytest.approx(gathers - amaxes, rel=1e-6)
+    assert comm["rowwise"] == pytest.approx(comm["none"])  # bf16 gathers, per-row scales: no amax all-reduce

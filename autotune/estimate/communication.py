@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from autotune.engine.config import ModelConfig
+from autotune.estimate import float8
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.collectives import collective_time, send_time
 from autotune.estimate.gemm import block_gemms, matmul_efficiency
@@ -141,15 +142,22 @@ def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
                     eff: float, block_matmul: np.ndarray, overlap_slowdown: float) -> dict[str, np.ndarray]:
     """tp_comm: per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
     recomputed block (op recomputes them too: it keeps no all-reduce or all-gather output; the
-    attention core has none); with sequence parallelism the same bytes as all-gather + reduce-scatter.
-    Inside a node, not overlapped, except under async tp [Async tensor parallelism]: tp_overlap is
+    attention core has none); with sequence parallelism the same bytes as all-gather + reduce-scatter,
+    the all-gathers in float8 under tensorwise float8, which adds its scalar amax all-reduces
+    [Float8]. Inside a node, not overlapped, except under async tp [Async tensor parallelism]: tp_overlap is
     what async tp costs the compute (smaller chunked GEMMs, the ring's SMs). block_matmul: one
     block's forward matmuls, one micro-batch."""
     tp = plans.tp
     nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     recomputed = np.where(plans.checkpointing == "attention", 0, plans.checkpointed(held.layers))
     passes = 2 * held.layers + recomputed  # block passes with tp collectives: forward, backward, recompute
-    plain = passes * 2 * collective_time("all_reduce", nbytes, tp, tp, hw, eff)
+    gathered = nbytes / plans.compute_bytes * float8.tp_gather_bytes(plans)
+    float8_saving = np.where(gathered < nbytes, collective_time("all_gather", nbytes, tp, tp, hw, eff)
+                             - collective_time("all_gather", gathered, tp, tp, hw, eff), 0.0)
+    amaxes = float8.tp_amax_reductions(model, plans)
+    amax = collective_time("all_reduce", 4, tp, tp, hw, eff) * (amaxes["fwd"] * (held.layers + recomputed)
+                                                                + amaxes["bwd"] * held.layers)
+    plain = passes * 2 * (collective_time("all_reduce", nbytes, tp, tp, hw, eff) - float8_saving) + amax
     pipelined = async_tp_block(model, seq_len, plans, hw, eff, block_matmul, overlap_slowdown)
     many = (tp > 1) * plans.micro_batches
     return {"tp_comm": many * np.where(plans.async_tp, passes * pipelined["exposed"], plain),

@@ -12,6 +12,11 @@ gradient's scale for the second (a transposed copy, 3 bytes), rowwise scales it 
 axis (a second cast). Under float8 all-gather (tensorwise, ZeRO 2/3) the weight is cast on its
 shard, before the gather, 1/dp of it per rank, and the gathered unit is a byte per weight.
 Compiled (plan.compile, as torchtitan runs float8), the casts fuse with their neighbours (`cast_traffic`).
+
+Under tensor parallelism each rank casts and multiplies its shard of every linear (`converted_gemms`
+at the rank's widths). Tensorwise scales are of the whole tensor, so each cast of a tp-sharded
+operand all-reduces its amax over tp (`tp_amax_reductions`), and under sequence parallel the
+sublayers' inputs and the output gradients are all-gathered in float8 (`tp_gather_bytes`).
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ ROWWISE_GEMM = 0.9  # rowwise's GEMM rate over tensorwise's (assumed; the GPU se
 FWD_OPS, BWD_OPS = 6, 12
 
 
-def converted_gemms(model: ModelConfig) -> list[tuple[float, float]]:
-    """The (K, N) of a block's linears that become float8 (tp = 1: the engine's float8 takes whole weights)."""
-    return block_gemms(model, 1)
+def converted_gemms(model: ModelConfig, tp=1) -> list[tuple[float, float]]:
+    """The (K, N) of a block's linears that become float8, on one of tp ranks (tp: per plan)."""
+    return block_gemms(model, tp)
 
 
 def converted_share(model: ModelConfig, block_params_per_token) -> np.ndarray:
@@ -74,7 +79,7 @@ def cast_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[st
     second_grad_cast = np.where(plans.fp8 == "rowwise", cast, TRANSPOSE_BYTES)
     fwd = np.zeros(plans.rows)
     bwd = np.zeros(plans.rows)
-    for (k, n), readers in zip(converted_gemms(model), _distinct_inputs(model)):
+    for (k, n), readers in zip(converted_gemms(model, plans.tp), _distinct_inputs(model)):
         inputs = tokens * k / np.where(compiled, readers, 1)
         fwd = fwd + cast * (inputs + weight_share * k * n)
         bwd = bwd + (cast + second_grad_cast) * tokens * n + cast * (inputs + k * n)
@@ -89,5 +94,22 @@ def cast_buffers(model: ModelConfig, plans: PlanArrays, seq_len: int) -> np.ndar
     float8 (a byte an element) and their scales (fp32: one a tensor, or one a row)."""
     tokens = plans.micro_batch * seq_len
     sizes = [tokens * k + k * n + np.where(plans.fp8 == "rowwise", 4 * (tokens + n), 8)
-             for k, n in converted_gemms(model)]
+             for k, n in converted_gemms(model, plans.tp)]
     return np.where(plans.fp8 != "none", np.max(sizes, axis=0), 0.0)
+
+
+def tp_gather_bytes(plans: PlanArrays) -> np.ndarray:
+    """Bytes an element of sequence parallel's all-gathers (the sublayers' inputs forward, the
+    output gradients backward): torchao's float8 tp styles gather tensorwise float8, a byte."""
+    return np.where(plans.sequence_parallel & (plans.fp8 == "tensorwise"), 1.0, plans.compute_bytes)
+
+
+def tp_amax_reductions(model: ModelConfig, plans: PlanArrays) -> dict[str, np.ndarray]:
+    """All-reduces over tp of one scalar amax per block and micro-batch (fwd, bwd), tensorwise under
+    tp: forward the two sublayers' inputs (cast once for their column-parallel linears), the two
+    row-parallel linears' sharded inputs and every weight shard (none under float8 all-gather: its
+    scales are computed once a step, after the optimizer); backward every linear's output gradient."""
+    linears = len(converted_gemms(model))
+    on = (plans.fp8 == "tensorwise") & (plans.tp > 1)
+    fwd = 4 + np.where(plans.fp8_gather, 0, linears)
+    return {"fwd": np.where(on, fwd, 0), "bwd": np.where(on, linears, 0)}
