@@ -7,6 +7,7 @@ agree to 1e-5 relative and the final parameters agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -51,10 +52,10 @@ def config(plan: dict, model: dict = TINY, job: dict = JOB):
     return build_train_config({"model": model, "job": job, "plan": plan})
 
 
-def run_plan(plan: dict, syncs: list | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+def run_plan(plan: dict, syncs: list | None = None, job: dict = JOB) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of STEPS steps and the final full parameters (on rank 0), in the current process group.
     `syncs`: under DDP, one entry per bucket all-reduce is appended to it."""
-    engine = Engine(config(plan), dist.device_for_rank())
+    engine = Engine(config(plan, job=job), dist.device_for_rank())
     if syncs is not None and isinstance(engine.model, DDP):
         group = engine.mesh["dp"].get_group()
         engine.model.register_comm_hook(group, lambda g, bucket: syncs.append(bucket.index()) or allreduce_hook(g, bucket))
@@ -68,6 +69,13 @@ def one_process_group():
     dist.init_distributed()
     yield
     dist.shutdown()
+
+
+@functools.cache
+def whole_batch(precision: str = "fp32") -> tuple[list[float], dict[str, torch.Tensor]]:
+    """run_plan of the whole batch in one micro-batch on one process, the reference of several
+    tests: trained once per session (the caller holds a process group; nobody modifies the result)."""
+    return run_plan(dict(micro_batch=8, precision=precision))
 
 
 def assert_same_run(got, ref, what: str) -> None:
@@ -89,10 +97,10 @@ def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = torch.load(out)
-    reference = run_plan(dict(micro_batch=8))
+    reference = whole_batch()
     for name in TWO_RANK_PLANS:
         assert_same_run(results[name], reference, name)
-    fp8_losses, bf16_losses = results["fp8"][0], run_plan(dict(micro_batch=8, precision="bf16"))[0]
+    fp8_losses, bf16_losses = results["fp8"][0], run_plan(dict(micro_batch=4, precision="bf16"), job=FP8_JOB)[0]
     assert fp8_losses != bf16_losses and fp8_losses == pytest.approx(bf16_losses, rel=0.02)
     # DDP all-reduces once per step, not once per micro-step: accumulating over 2 micro-steps adds none
     syncs = results["syncs"]
@@ -105,7 +113,7 @@ def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
 
 
 def test_gradient_accumulation_matches_one_micro_batch(one_process_group):
-    reference = run_plan(dict(micro_batch=8))
+    reference = whole_batch()
     assert_same_run(run_plan(dict(micro_batch=4)), reference, "micro 4 x accum 2")
     assert_same_run(run_plan(dict(micro_batch=2)), reference, "micro 2 x accum 4")
 
@@ -168,13 +176,13 @@ def test_checkpointing_under_compile_changes_no_loss_or_gradient(mode):
 
 
 def test_activation_checkpointing_trains_the_same(one_process_group):
-    reference = run_plan(dict(micro_batch=8))
+    reference = whole_batch()
     assert_same_run(run_plan(dict(micro_batch=8, activation_checkpointing="full")), reference, "full")
 
 
 def test_bf16_on_cpu_trains(one_process_group):
-    losses, _ = run_plan(dict(micro_batch=8, precision="bf16"))
-    ref, _ = run_plan(dict(micro_batch=8))
+    losses, _ = whole_batch("bf16")
+    ref, _ = whole_batch()
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses != ref  # the compute really ran in bf16
     assert abs(losses[-1] - ref[-1]) < 0.05 * ref[-1]
@@ -185,7 +193,7 @@ def test_fp16_with_loss_scaling_trains(one_process_group, zero_stage, loss_scale
     plan = dict(micro_batch=8, precision="fp16", zero_stage=zero_stage, loss_scale=loss_scale)
     engine = Engine(config(plan), dist.device_for_rank())
     losses = [reduce_loss(engine.step(step).loss)[0] for step in range(STEPS)]
-    ref, _ = run_plan(dict(micro_batch=8))
+    ref, _ = whole_batch()
     assert losses != ref  # the compute really ran in fp16
     assert losses == pytest.approx(ref, rel=1e-3)  # and no step was skipped for an overflow
     assert engine.scaler.get_scale() == (2.0**16 if loss_scale == "dynamic" else 1024.0)
@@ -216,8 +224,10 @@ def tracked_peak(plan: dict) -> int:
 
 
 # float8 linears under ZeRO-3 with float8 all-gather (autotune/engine/float8.py): not bitwise (each
-# rank scales its own half batch), within float8's error of the one-process bf16 run
-FP8_PLAN = dict(zero_stage=3, micro_batch=4, precision="bf16", fp8="tensorwise")
+# rank scales its own half batch), within float8's error of the one-process bf16 run. Few tokens:
+# torch._scaled_mm on the CPU is a plain loop (tests/test_float8.py)
+FP8_JOB = dict(JOB, seq_len=16, global_batch=4)
+FP8_PLAN = dict(zero_stage=3, micro_batch=2, precision="bf16", fp8="tensorwise")
 
 
 def _worker(out: str) -> None:
@@ -228,7 +238,7 @@ def _worker(out: str) -> None:
     results = {name: run_plan(dict(plan, dp=2), syncs[name]) for name, plan in TWO_RANK_PLANS.items()}
     results["syncs"] = syncs
     results["peaks"] = {name: tracked_peak(dict(plan, dp=2)) for name, plan in TRACKED_PLANS.items()}
-    results["fp8"] = run_plan(dict(FP8_PLAN, dp=2))
+    results["fp8"] = run_plan(dict(FP8_PLAN, dp=2), job=FP8_JOB)
     if dist.rank() == 0:
         torch.save(results, out)
     dist.shutdown()

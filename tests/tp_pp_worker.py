@@ -1,6 +1,7 @@
 """Worker of tests/test_tp_pp.py: train each config of a JSON spec for its job.steps and write the
-loss trajectories (rank 0). Run alone for single-process references, or under torchrun, where
-every config's plan must use all the launched ranks (several plans share one launch's start-up).
+loss trajectories (rank 0). Run under torchrun, where every config's plan must use all the
+launched ranks (several plans share one launch's start-up), or alone for single-process references
+(`launch` runs those in the test's own process).
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
@@ -46,15 +47,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
-    """Run this worker on `spec` in `nproc` gloo ranks (one plain process for 1) and return its OUT."""
+    """Run this worker on `spec` in `nproc` gloo ranks and return its OUT. One rank runs in the
+    calling process, in a one-rank group of its own (no interpreter and torch start-up to pay);
+    spec and OUT pass through JSON as they do to and from torchrun's ranks."""
+    if nproc == 1:
+        return json.loads(json.dumps(run_spec(json.loads(json.dumps(spec)))))
     spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
     spec_path.write_text(json.dumps(spec))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([*launcher, __file__, str(spec_path), str(out_path)], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        __file__, str(spec_path), str(out_path)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out_path.read_text())
 
@@ -198,11 +201,10 @@ def most_over_ranks(value: int, device: torch.device) -> int:
     return int(most)
 
 
-def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def run_spec(spec: dict) -> dict:
+    """Every part of `spec` in the launched process group (a one-rank group of its own when none
+    is launched); its OUT (the same on every rank)."""
     device = dist.init_distributed()
-    rank0 = dist.rank() == 0
-    count_launches()
     out: dict = {}
     try:
         for name, config in spec.get("runs", {}).items():
@@ -250,7 +252,13 @@ def main(spec_path: str, out_path: str) -> None:
             out[name] = {"start": start, "losses": losses(engine, range(start, cfg.job.steps))}
     finally:
         dist.shutdown()
-    if rank0:  # the losses are all-reduced: every rank holds the same
+    return out
+
+
+def main(spec_path: str, out_path: str) -> None:
+    count_launches()
+    out = run_spec(json.loads(Path(spec_path).read_text()))
+    if os.environ.get("RANK", "0") == "0":  # the losses are all-reduced: every rank holds the same
         Path(out_path).write_text(json.dumps(out))
 
 
