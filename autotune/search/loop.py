@@ -10,7 +10,6 @@ from typing import Any, Optional
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
-from scipy.stats import kendalltau
 
 from autotune.belief import RELATIVE_NOISE
 from autotune.config import PlannerConfig
@@ -199,5 +198,7 @@ def kendall_tau(a: list[float], b: list[float]) -> Optional[float]:
     """Kendall's tau-b of two rankings of the same items (None when it is undefined)."""
     if len(a) < 2:
         return None
+    from scipy.stats import kendalltau  # seconds to import: only a search with two finalists or more needs it
+
     tau = kendalltau(a, b).statistic
     return None if tau != tau else float(tau)  # NaN: one ranking is all ties
