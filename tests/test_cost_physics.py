@@ -145,6 +145,18 @@ def test_fsdp_exposes_the_layers_whose_communication_outlasts_their_compute():
     assert slower["dp_comm_s"] - slow["dp_comm_s"] > 0.8 * slow["dp_comm_s"]
 
 
+def test_zero2_under_a_pipeline_gathers_each_unit_once_per_step():
+    """A pipeline stage reshards nothing after a backward until the last micro-batch's, and ZeRO-2
+    never after a forward: its units are gathered once per step, however many micro-batches run.
+    Without a pipeline every micro-batch's forward gathers them again."""
+    def dp_comm(pp: int, global_batch: int) -> float:
+        cfg, hw = config(dp=4, pp=pp, micro_batch=1, global_batch=global_batch, zero_stage=2)
+        return float(estimate(cfg, hw).time["dp_comm_s"])
+
+    assert dp_comm(2, 16) == pytest.approx(dp_comm(2, 32), rel=1e-9)  # 4 and 8 micro-batches
+    assert dp_comm(1, 32) > 1.3 * dp_comm(1, 16)  # each micro-batch's gathers (the root's are once a step)
+
+
 # --- the tp share of a block's weight traffic --------------------------------------------------
 
 def test_a_tp_rank_moves_its_share_of_the_blocks_weights():

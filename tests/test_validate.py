@@ -169,3 +169,14 @@ def test_published_selective_rows_map_to_the_mode_the_run_used(ac, source, mode)
     from autotune.validate.mapping import activation_mode
 
     assert activation_mode(ac, source) == mode
+
+
+@pytest.mark.parametrize("zero, source, stage", [
+    ("FSDP", "github.com/example/trainer README", 3),
+    ("FSDP, no reshard after forward", "github.com/example/trainer README", 2),
+    ("FSDP (DP dimension is FSDP per Fig. 5 caption)", "Llama Team, 'The Llama 3 Herd of Models' (arXiv 2407.21783)", 2),
+])
+def test_fsdp_that_keeps_parameters_gathered_after_forward_maps_to_zero2(zero, source, stage):
+    mapped = map_run(parse_run(1, json.dumps(row(zero=zero, source=source))))
+    assert mapped.train.plan.zero_stage == stage
+    assert any("Sec. 3.3.2" in a for a in mapped.assumptions) == ("2407.21783" in source)

@@ -88,13 +88,14 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
     scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, eff)
     root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, eff)
             + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, eff))
-    # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward; under pp the
-    # stages keep units gathered from a backward to the next forward: one gather per backward plus
-    # the forwards before the first backward (GPipe: one round, 1F1B: its warm-up). Reduce-scatters:
-    # per micro-batch, or once per step under pp (its stages skip the sync until the last).
+    # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward. Under pp the
+    # stages do not reshard after a backward until the last one (PipelineStage's nosync): ZeRO-2,
+    # never resharded after a forward either, gathers each unit once per step; ZeRO-3 once per
+    # backward plus the forwards before the first backward (GPipe: one round, 1F1B: its warm-up).
+    # Reduce-scatters: per micro-batch, or once per step under pp (its stages skip the sync until the last).
     backward_gathers = np.where(plans.zero_stage == 3, m, 0)
     warmup = np.where(plans.schedule == "gpipe", 1, np.minimum(pp, m))
-    forward_gathers = np.where((plans.zero_stage == 3) & (pp > 1), warmup, m)
+    forward_gathers = np.where(pp > 1, np.where(plans.zero_stage == 3, warmup, 1), m)
     scatters = np.where(pp > 1, 1, m)
     exposed = (forward_gathers * (gather + layers * np.maximum(0, gather - compute.forward))
                + m * layers * np.maximum(0, backward_gathers / m * gather + scatters / m * scatter - compute.backward)

@@ -126,11 +126,22 @@ def _precision(run: Run, assumed: list[str]) -> str:
     return "fp16" if "fp16" in text else "fp32"
 
 
+# Sources whose FSDP is documented to keep parameters gathered from forward to backward (FSDP2's
+# reshard_after_forward=False: the engine's ZeRO-2), with where they say so
+KEEPS_GATHERED = ((r"2407\.21783", "the Llama 3 paper, Sec. 3.3.2: its FSDP does not reshard after forward"),)
+
+
 def _zero(run: Run, assumed: list[str]) -> int:
     text = run.zero.lower()
     if re.search(r"hsdp|hybrid", text):  # FSDP's HYBRID_SHARD is ZeRO-3 within groups; _HYBRID_SHARD_ZERO2 ZeRO-2
         return 2 if re.search(r"zero.?2|shard.?grad", text) else 3
     if re.search(r"fsdp|full.?shard|zero.?3", text):
+        if re.search(r"no.?reshard|reshard_after_forward\W*false", text):
+            return 2
+        for source, says in KEEPS_GATHERED:
+            if re.search(source, run.source):
+                assumed.append(f"FSDP as ZeRO-2 ({says})")
+                return 2
         return 3
     if re.search(r"zero.?2|shard.?grad", text):
         return 2
