@@ -122,6 +122,20 @@ def _fsdp_on(network_bytes_per_s: float):
     return estimate(cfg, hw).time
 
 
+def test_a_pipelines_reduce_scatter_hides_behind_the_last_backward_alone():
+    """Under pp a stage reduce-scatters once per step, during the last micro-batch's backward (the
+    others skip the sync): a block's reduce-scatter that outlasts that one block backward shows,
+    however many micro-batches ran before (Megatron's overlapped distributed optimizer alike)."""
+    cfg, hw = config(dp=8, pp=2, micro_batch=1, global_batch=64, zero_stage=2, cluster="4x8xh100")  # 8 micro-batches
+    hw = dataclasses.replace(hw, gpus_per_node=4, nodes=4, inter_node_bytes_per_s=5e9)  # dp spans 2 nodes
+    time = estimate(cfg, hw).time
+    held = rank_layout(cfg.model, dp=8, tp=1, pp=2, v=1)["first"]
+    scatter = collective_time("reduce_scatter", 4 * (held["local"] - held["root"]) / held["layers"], 8, 4, hw)
+    block_backward = time["backward_s"] / 8 / held["layers"]
+    assert scatter > 2 * block_backward
+    assert time["dp_comm_s"] > held["layers"] * (scatter - block_backward)
+
+
 def test_fsdp_exposes_the_first_gather_and_last_reduce_scatter_when_compute_hides_the_rest():
     """One micro-batch on a fast network: exposed are the first block's gather, the last block's
     reduce-scatter and the root's (embedding and head: gathered once, never resharded)."""

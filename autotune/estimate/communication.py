@@ -97,11 +97,14 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
     warmup = np.where(plans.schedule == "gpipe", 1, np.minimum(pp, m))
     forward_gathers = np.where(pp > 1, np.where(plans.zero_stage == 3, warmup, 1), m)
     scatters = np.where(pp > 1, 1, m)
-    exposed = (forward_gathers * (gather + layers * np.maximum(0, gather - compute.forward))
-               + m * layers * np.maximum(0, backward_gathers / m * gather + scatters / m * scatter - compute.backward)
-               + scatters * scatter + root)
+    # A backward that reduce-scatters exposes each unit's gather (ZeRO-3) and reduce-scatter beyond its
+    # block's backward; under pp only the last one does, the others only gather.
+    gathered = np.where(plans.zero_stage == 3, gather, 0)
+    reducing = layers * np.maximum(0, gathered + scatter - compute.backward)
+    backward = np.where(pp > 1, (m - 1) * layers * np.maximum(0, gathered - compute.backward) + reducing, m * reducing)
+    exposed = forward_gathers * (gather + layers * np.maximum(0, gather - compute.forward)) + backward + scatters * scatter + root
     total = layers * ((forward_gathers + backward_gathers) * gather + scatters * scatter) + root
-    slack = np.maximum(0, compute.backward - np.where(plans.zero_stage == 3, gather, 0) - scatter)
+    slack = np.maximum(0, compute.backward - gathered - scatter)
     replicas = _replicas(plans, held, hw, eff, unit + unit_experts, slack)
     exposed, total = exposed + replicas["exposed"], total + replicas["total"]
     return {"exposed": exposed, "overlapped": np.maximum(total - exposed, 0),
