@@ -51,7 +51,7 @@ class PlanArrays:
     kernels: np.ndarray
     loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
     world: np.ndarray
-    compiled: np.ndarray  # plan.compile: torch.compile fuses the blocks' memory-bound ops (the float8 casts)
+    compiled: np.ndarray  # plan.compile: inductor fuses the blocks' memory-bound ops (estimate.fusion, the float8 casts)
     fp8: np.ndarray  # the float8 recipe of the blocks' linears: none | tensorwise | rowwise
     fp8_gather: np.ndarray  # FSDP2 gathers the float8 linears' weights in float8 (tensorwise, ZeRO 2/3)
     gather_bytes: np.ndarray  # bytes per element of a gathered block unit (the compute dtype, or float8's 1)

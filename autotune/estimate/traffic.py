@@ -8,6 +8,7 @@ import numpy as np
 
 from autotune.engine.config import KERNELS, PRECISIONS, ModelConfig
 from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.fusion import compiled_block_traffic
 from autotune.estimate.routing import Routing
 from autotune.profile import (
     EXPERT_FEATURES, OUTSIDE_FEATURES, TRAFFIC_BLOCK_FEATURES, TRAFFIC_MOE_FEATURES, block_features, expert_features,
@@ -27,7 +28,8 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
     (block_ops, block_fwd_ops, outside_ops). The outside
     (embedding, final norm, head and loss) follows the loss actually run. A block is as a tp rank
     holds it; sequence parallel runs its hidden-width ops (norms, residual adds) on s/tp rows. A MoE
-    model's block is the mean over its dense and MoE blocks (`_moe_blocks`)."""
+    model's block is the mean over its dense and MoE blocks (`_moe_blocks`). A compiled dense block
+    moves what its fused kernels move (autotune.estimate.fusion); a MoE block is counted eager."""
     coefs = traffic_coefficients(model)
     block_at = block_features(model, plans.micro_batch, seq_len, plans.tp)
     # the weight term (casts, gradient accumulation) moves the rank's own share of the block's
@@ -37,12 +39,19 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
     block_x = _stacked(block_at, TRAFFIC_BLOCK_FEATURES, plans.rows)
     outside_x = _stacked(outside_at, OUTSIDE_FEATURES, plans.rows)
     fits = [coefs[traffic_key(*c)] for c in COMBOS]
+    fused = [compiled_block_traffic(model, precision, cast) for precision, cast, _ in COMBOS]
     block, outside = _combo(plans, plans.kernels), _combo(plans, plans.loss_kernels)
+    # compiled torch ops fuse (autotune.estimate.fusion); the Triton kernels already are one pass each,
+    # which inductor leaves as they are; the weight term (P) is the eager one either way
+    compiled = plans.compiled & (plans.kernels == "torch")
+    activation = np.array([k != "P" for k in TRAFFIC_BLOCK_FEATURES])
     out = {}
     hidden = np.array([k in ("tok", "h") for k in TRAFFIC_BLOCK_FEATURES])
     shard = np.where(plans.sequence_parallel, 1 - 1 / plans.tp, 0.0)
     for phase in ("fwd", "bwd"):
         coef = np.array([[f[f"block_{phase}"][k] for k in TRAFFIC_BLOCK_FEATURES] for f in fits])[block]
+        fused_coef = np.array([[f[f"block_{phase}"].get(k, 0.0) for k in TRAFFIC_BLOCK_FEATURES] for f in fused])[block]
+        coef = np.where(compiled[:, None] & activation, fused_coef, coef)
         out[f"block_{phase}"] = (np.einsum("ij,ij->i", coef, block_x)
                                  - shard * np.einsum("ij,ij->i", coef[:, hidden], block_x[:, hidden]))
         if phase == "fwd":  # the attention core's ops (rotary, the kv repeat): its query/kv/head-width terms
@@ -50,8 +59,9 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
             out["block_fwd_core"] = np.einsum("ij,ij->i", coef[:, core], block_x[:, core])
         coef = np.array([[f[f"outside_{phase}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside]
         out[f"outside_{phase}"] = np.einsum("ij,ij->i", coef, outside_x)
-    out["block_ops"] = np.array([f["ops"]["block_fwd"] + f["ops"]["block_bwd"] for f in fits])[block]
-    out["block_fwd_ops"] = np.array([f["ops"]["block_fwd"] for f in fits])[block]
+    for key, phases in (("block_ops", ("fwd", "bwd")), ("block_fwd_ops", ("fwd",))):
+        eager, fused_ops = ([sum(f["ops"][f"block_{p}"] for p in phases) for f in table] for table in (fits, fused))
+        out[key] = np.where(compiled, np.array(fused_ops)[block], np.array(eager)[block])
     out["outside_ops"] = np.array([f["ops"]["outside_fwd"] + f["ops"]["outside_bwd"] for f in fits])[outside]
     if model.moe_layers:
         n_moe = len(model.moe_layers)
