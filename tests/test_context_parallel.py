@@ -32,9 +32,10 @@ from autotune.engine.context_parallel import Ring, RingAttention, positions, sha
 from autotune.engine.parallel import check_supported  # noqa: E402
 from autotune.engine.train import Engine, reduce_loss  # noqa: E402
 from autotune.estimate.arrays import PlanArrays  # noqa: E402
-from autotune.estimate.context import unrepeated_kv_bytes  # noqa: E402
+from autotune.estimate.context import ring_traffic, unrepeated_kv_bytes  # noqa: E402
 from autotune.plans import plans_frame  # noqa: E402
 from autotune.profile import measure_saved_bytes  # noqa: E402
+from autotune.profile.traffic import TrafficCounter  # noqa: E402
 
 STEPS = 4
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96,
@@ -89,6 +90,32 @@ def ring_errors(cp: int, seq: int, dtype: torch.dtype) -> tuple[dict[str, float]
     return errors, saved
 
 
+def ring_traffic_counted(cp: int) -> dict[str, float]:
+    """The bytes the TrafficCounter counts for the ring beyond SDPA's path (k and v repeated over the
+    groups, then SDPA), each laid out as the model reads its output, in bf16 (8 query heads over 2 kv
+    heads, d=16): forward and backward, the mean over the cp ranks."""
+    b, h, kv, s, d = 2, 8, 2, 2 * cp * 8, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, s, d, generator=g).to(torch.bfloat16) for n in (h, kv, kv))
+    grad = torch.randn(b, s, h * d, generator=g).to(torch.bfloat16)
+    ring = Ring(torch.distributed.group.WORLD)
+    paths = {"ring": lambda q, k, v: RingAttention.apply(q, k, v, ring),
+             "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k.repeat_interleave(h // kv, 1),
+                                                                    v.repeat_interleave(h // kv, 1), is_causal=True)}
+    counted = {}
+    for name, attend in paths.items():
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        counter = TrafficCounter()
+        with counter:
+            out = attend(*inputs).transpose(1, 2).reshape(b, s, -1)
+            counter.phase = "bwd"
+            out.backward(grad)
+        counted[name] = counter.bytes
+    excess = torch.tensor([counted["ring"][p] - counted["sdpa"][p] for p in ("fwd", "bwd")], dtype=torch.float64)
+    torch.distributed.all_reduce(excess)
+    return {"fwd": float(excess[0]) / cp, "bwd": float(excess[1]) / cp, "shape": (b, h, kv, s, d)}
+
+
 def launch(tmp_path: Path, nproc: int) -> dict:
     out = tmp_path / f"cp{nproc}.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -99,6 +126,18 @@ def launch(tmp_path: Path, nproc: int) -> dict:
     return torch.load(out)
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The torchrun launch of `nproc` ranks, once per module (two tests read each)."""
+    results = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in results:
+            results[nproc] = launch(tmp_path_factory.mktemp(f"cp{nproc}"), nproc)
+        return results[nproc]
+    return get
+
+
 @pytest.fixture
 def one_process_group():
     dist.init_distributed()
@@ -107,8 +146,8 @@ def one_process_group():
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_cp_plans_follow_one_process(tmp_path, one_process_group, nproc):
-    results = launch(tmp_path, nproc)
+def test_cp_plans_follow_one_process(launched, one_process_group, nproc):
+    results = launched(nproc)
     for dtype, tolerance in RING_TOLERANCE.items():
         errors, saved = results["ring"][dtype]
         assert max(errors.values()) < tolerance, (dtype, errors)
@@ -121,6 +160,19 @@ def test_cp_plans_follow_one_process(tmp_path, one_process_group, nproc):
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name], reference)):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"{name}: step {step} loss"
             assert norm == pytest.approx(ref_norm, rel=1e-5), f"{name}: step {step} gradient norm"
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_the_estimate_counts_the_rings_memory_bound_ops(launched, nproc):
+    """The ring's merges into its fp32 output, its fp32 gradient accumulators and the k/v it repeats
+    at each step, as the estimate's ring_traffic, against the bytes its ops move on each rank."""
+    counted = launched(nproc)["traffic"]
+    b, h, kv, s, d = counted["shape"]
+    cfg = config(LLAMA, dict(cp=nproc, precision="bf16", micro_batch=b))
+    model = config(dict(LLAMA, d_model=h * d, n_heads=h, n_kv_heads=kv), {}).model
+    modelled = ring_traffic(model, s, PlanArrays.of(plans_frame([cfg.plan]), cfg.job))
+    for phase in ("fwd", "bwd"):
+        assert float(modelled[phase][0]) == pytest.approx(counted[phase], rel=0.05), (phase, counted)
 
 
 @pytest.mark.parametrize("precision, cast", [("fp32", "params"), ("bf16", "autocast")])
@@ -178,7 +230,8 @@ def test_sequence_parallel_needs_each_cp_ranks_tokens_split_over_tp():
 def _worker(nproc: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_distributed()
-    results = {"ring": {dtype: ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE}}  # chunks of 5
+    results = {"ring": {dtype: ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE},  # chunks of 5
+               "traffic": ring_traffic_counted(nproc)}
     for name, (model, plan, ranks) in PLANS.items():
         if ranks == nproc:
             results[name] = trajectory(model, plan)

@@ -13,7 +13,7 @@ from autotune.engine.config import build_train_config
 from autotune.estimate import estimate, estimate_frame
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.collectives import send_time
-from autotune.estimate.context import kv_bytes, unrepeated_kv_bytes
+from autotune.estimate.context import kv_bytes, ring_traffic, unrepeated_kv_bytes
 from autotune.hardware import catalog_gpu
 from autotune.plans import enumerate_plans, plans_frame
 
@@ -70,6 +70,20 @@ def test_the_kv_ring_is_exposed_only_where_its_sends_outlast_the_attention():
     assert short.time["cp_comm_s"] > 2 * layers * grads  # more than the hops home
 
 
+def test_the_rings_merges_run_on_the_compute_stream_and_are_recomputed_with_its_attention():
+    """cp=4 at 131,072 against 32,768 tokens a rank without cp (the same per-token work and ZeRO
+    group): the memory-bound time differs by the ring's own ops, its forward twice under full
+    checkpointing; they grow with the ring's steps."""
+    cfg = llama_8b(131072, global_batch=2, dp=2, cp=4)
+    ring = ring_traffic(cfg.model, 32768, PlanArrays.of(plans_frame([cfg.plan]), cfg.job))
+    hbm = H100.hbm_bytes_per_s * H100.memory_efficiency
+    extra = estimate(cfg, H100).compute["memory_s"] - estimate(llama_8b(32768, dp=8), H100).compute["memory_s"]
+    assert extra == pytest.approx(cfg.model.n_layers * float(2 * ring["fwd"][0] + ring["bwd"][0]) / hbm, rel=1e-6)
+    eight = llama_8b(262144, global_batch=1, dp=1, cp=8)
+    more = ring_traffic(eight.model, 32768, PlanArrays.of(plans_frame([eight.plan]), eight.job))
+    assert 1.8 < float(more["fwd"][0] / ring["fwd"][0]) < 2.0  # 1 + 0.75 (cp - 1) steps' worth of queries
+
+
 def test_world_counts_cp_and_mfu_counts_every_rank():
     cfg = llama_8b(32768, dp=2, cp=4)
     assert cfg.plan.world_size == 8
@@ -81,8 +95,8 @@ def test_world_counts_cp_and_mfu_counts_every_rank():
 def test_the_search_chooses_cp_where_a_sequence_does_not_fit_one_rank():
     """Llama 3 8B at 131,072 tokens on 8 H100, bf16, full checkpointing: without cp only plans with
     tp >= 4 fit (one sequence's activations and logits split no other way), and the fastest plan
-    that fits splits the sequence (torchtitan ran this job with cp=4, dp=2; the estimate picks
-    cp=4, dp=2 too, 5% ahead of the best cp=1 plan)."""
+    that fits splits the sequence (torchtitan ran this job with cp=4, dp=2; the estimate has cp=4,
+    dp=2 level with cp=2 x tp=2, within 0.1%, both 1.5% ahead of the best cp=1 plan, tp=4)."""
     train = llama_8b(131072, global_batch=8)
     plans = enumerate_plans(train, ClusterConfig(gpu="h100-sxm", gpus_per_node=8), SearchConfig(precisions=["bf16"]))
     plans = plans[(plans["activation_checkpointing"] == "full") & (plans["micro_batch"] == 1) & (plans["kernels"] == "torch")]
@@ -90,8 +104,10 @@ def test_the_search_chooses_cp_where_a_sequence_does_not_fit_one_rank():
     fits = frame[frame["fits"]]
     assert (fits.loc[fits["cp"] == 1, "tp"] >= 4).all()
     best = fits.loc[fits["tokens_per_s"].idxmax()]
-    assert (best["cp"], best["dp"]) == (4, 2)
-    assert best["tokens_per_s"] > 1.03 * fits.loc[fits["cp"] == 1, "tokens_per_s"].max()
+    assert best["cp"] > 1
+    torchtitans = fits.loc[(fits["cp"] == 4) & (fits["dp"] == 2), "tokens_per_s"].max()
+    assert torchtitans > 0.995 * best["tokens_per_s"]
+    assert best["tokens_per_s"] > 1.01 * fits.loc[fits["cp"] == 1, "tokens_per_s"].max()
 
 
 def test_a_frame_of_mixed_cp_keeps_its_order_and_matches_one_by_one():

@@ -21,7 +21,7 @@ from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.columns import TIME
 from autotune.estimate import float8
-from autotune.estimate.context import ring_exchange
+from autotune.estimate.context import ring_exchange, ring_traffic
 from autotune.estimate.communication import PassCompute, data_parallel, pipeline_transfers, tensor_parallel
 from autotune.estimate.gemm import block_gemms, matmul_efficiency
 from autotune.estimate.layout import HeldNumels
@@ -45,22 +45,26 @@ class MicroBatchCompute:
     attention: np.ndarray  # SDPA forward
     memory_blocks: dict[str, np.ndarray]  # the blocks' memory-bound ops, {"fwd", "bwd"}
     memory_outside: dict[str, np.ndarray]  # the same outside the blocks (embedding, final norm, head, loss)
+    ring: dict[str, np.ndarray]  # the cp ring's own memory-bound ops (merges, accumulators), {"fwd", "bwd"}
     recompute_share: dict[str, np.ndarray]  # of the blocks' forward {matmul, attention, memory}, recomputed in backward
     dispatched_ops: np.ndarray  # ops the host dispatches
 
     @property
     def forward(self) -> np.ndarray:
-        return self.matmul_blocks + self.matmul_head + self.attention + self.memory_blocks["fwd"] + self.memory_outside["fwd"]
+        return (self.matmul_blocks + self.matmul_head + self.attention + self.ring["fwd"] + self.memory_blocks["fwd"]
+                + self.memory_outside["fwd"])
 
     @property
     def backward(self) -> np.ndarray:
         # SDPA's backward runs 5 matmuls of the forward's 2 (it recomputes the scores) [FlashAttention-2]
-        return self.matmul_backward + 2.5 * self.attention + self.memory_blocks["bwd"] + self.memory_outside["bwd"]
+        return (self.matmul_backward + 2.5 * self.attention + self.ring["bwd"] + self.memory_blocks["bwd"]
+                + self.memory_outside["bwd"])
 
     @property
     def recompute(self) -> np.ndarray:
         share = self.recompute_share
-        return share["matmul"] * self.matmul_blocks + share["attention"] * self.attention + share["memory"] * self.memory_blocks["fwd"]
+        return (share["matmul"] * self.matmul_blocks + share["attention"] * (self.attention + self.ring["fwd"])
+                + share["memory"] * self.memory_blocks["fwd"])
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
         attention=attention,
         memory_blocks={phase: (traffic[f"block_{phase}"] + casts[phase]) * layers / hbm for phase in ("fwd", "bwd")},
         memory_outside={phase: traffic[f"outside_{phase}"] / pp / tp / hbm for phase in ("fwd", "bwd")},
+        # the ring's merges and accumulators [Context parallelism]: recomputed with its attention
+        ring={phase: bytes_ * layers / hbm for phase, bytes_ in ring_traffic(model, seq_len, plans).items()},
         recompute_share=recompute_share,
         # eager PyTorch: the host dispatches every op the engine's model runs (counted with the traffic)
         dispatched_ops=((traffic["block_ops"] + casts["ops"]) * layers + traffic["outside_ops"] / pp
@@ -194,8 +200,9 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     parts = {"forward": micro_batches * micro.forward, "backward": micro_batches * micro.backward,
              "recompute": micro_batches * micro.recompute, "optimizer": _optimizer(job, plans, held, hbm)}
     layers = np.maximum(held.layers, 1)
-    per_block = PassCompute(forward=(micro.matmul_blocks + micro.attention + micro.memory_blocks["fwd"]) / layers,
-                            backward=(micro.backward + micro.recompute) / layers, last_backward=micro.backward)
+    block_forward = micro.matmul_blocks + micro.attention + micro.ring["fwd"] + micro.memory_blocks["fwd"]
+    per_block = PassCompute(forward=block_forward / layers, backward=(micro.backward + micro.recompute) / layers,
+                            last_backward=micro.backward)
     collective = efficiency["collective_efficiency"]
     dp = data_parallel(plans, held, hw, collective, per_block, efficiency["overlap_slowdown"], hbm)
     parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]

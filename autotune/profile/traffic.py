@@ -39,6 +39,17 @@ def _is_attention(name: str) -> bool:
     return "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name
 
 
+def _same_data(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether a copy_ is of a view onto itself, which ATen's copy_ skips (aten/src/ATen/native/Copy.cpp)."""
+    return (dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() and dst.dtype == src.dtype
+            and dst.storage_offset() == src.storage_offset() and dst.stride() == src.stride() and dst.shape == src.shape)
+
+
+def _is_communication(func) -> bool:
+    """A collective or point-to-point op (the cp ring's sends): timed as communication, not HBM traffic."""
+    return func.namespace in ("c10d", "_c10d_functional")
+
+
 def _touched(t: torch.Tensor) -> int:
     """Bytes an op reads or writes through `t`: its elements, but no more than its storage
     (a broadcast weight, expanded to the activation's shape, is read once)."""
@@ -77,11 +88,15 @@ class TrafficCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if func.is_view or name in NO_TRAFFIC or name.rstrip("_") in MATMUL_OPS or _is_attention(name):
+        if (func.is_view or name in NO_TRAFFIC or name.rstrip("_") in MATMUL_OPS or _is_attention(name)
+                or _is_communication(func)):
             self._add(0, int(not func.is_view and name not in NO_TRAFFIC))
             return out
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if name == "copy_" and _same_data(*ins[:2]):  # `x[i] += y` copies x[i] onto itself: ATen returns at once
+            self._add(0)
+            return out
         if name in WRITE_ONLY and ins:
             ins = ins[1:] if name.endswith("_") else []  # copy_(dst, src) reads src only
         if name == "embedding":
