@@ -71,7 +71,7 @@ def test_attention_rate_grows_with_sequence_and_head_width():
         assert relative_attention_efficiency(32, 4096, 128, hw.sms, hw.tensor_flops_per_clock) == pytest.approx(1.0)
 
 
-# FlashAttention-2 on H100 SXM5, head dim 128, TFLOP/s (FlashAttention-3 paper, arXiv 2407.08608, figs. 5-6; its
+# FlashAttention-2 on H100 SXM5, head dim 128, TFLOP/s (FlashAttention-3 paper, arXiv 2407.08608, its speed charts; its
 # inputs hold 16k tokens: batch 16k/s, 16 heads): forward causal, forward non-causal, backward (non-causal)
 FA2_H100 = {4096: (319, 368, 310), 8192: (333, 370, 318), 16384: (335, 370, 322)}
 
