@@ -108,16 +108,17 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     casts = float8.cast_traffic(model, plans, seq_len)
     # float8 linears: their share of the blocks' matmul time, at the float8 GEMM rate [Float8]
     converted = float8.converted_share(model, per_token)
-    blocks_rate = 1 - converted + converted / float8.rate_ratio(plans, hw, efficiency["matmul_efficiency"])
+    rates = float8.rate_ratio(plans, hw, efficiency["matmul_efficiency"])
+    blocks_rate = {phase: 1 - converted + converted / rates[phase] for phase in ("fwd", "bwd")}
     recompute_share = _recompute_share(model, plans, layers, traffic)
     block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
     head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms)
     block_flops = 2 * tokens * per_token / model.n_layers * layers / tp
     head_flops = 2 * tokens * head_weights / pp / tp
     return MicroBatchCompute(
-        matmul_blocks=block_flops * blocks_rate / (achieved * block["fwd"]),
+        matmul_blocks=block_flops * blocks_rate["fwd"] / (achieved * block["fwd"]),
         matmul_head=head_flops / (achieved * head["fwd"]),
-        matmul_backward=2 * (block_flops * blocks_rate / block["bwd"] + head_flops / head["bwd"]) / achieved,
+        matmul_backward=2 * (block_flops * blocks_rate["bwd"] / block["bwd"] + head_flops / head["bwd"]) / achieved,
         attention=attention,
         memory_blocks={phase: (traffic[f"block_{phase}"] + casts[phase]) * layers / hbm for phase in ("fwd", "bwd")},
         memory_outside={phase: traffic[f"outside_{phase}"] / pp / tp / hbm for phase in ("fwd", "bwd")},
