@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tp_slice import Stopwatch, load_model_config  # noqa: E402
+from bench_tp_slice import Stopwatch, load_model_config, resolve_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,28 +135,18 @@ def modelled(cfg: dict, seq: int, cp: int, args: argparse.Namespace, hw) -> dict
     return {"model_fwd_ms": forward * 1e3, "model_bwd_ms": 2.5 * forward * 1e3, "model_block_bytes": float(block[0])}
 
 
-def write_json(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import dataclasses
 
     import torch
 
+    from autotune.engine.files import write_atomic
     from autotune.hardware import catalog_gpu, catalog_gpu_of
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
+    device = resolve_device(args)
+    if device is None:
         return 2
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     hw = (catalog_gpu_of(device) if args.device == "cuda" else None) or catalog_gpu(args.gpu)
     print(f"device: {device}; cost model: {hw.gpu}", flush=True)
     result = {
@@ -183,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 row.update(modelled(dataclasses.asdict(cfg), seq, cp, args, hw))
             result["rows"].append(row)
-            write_json(result, Path(args.out))
+            write_atomic(Path(args.out), json.dumps(result, indent=2))
             print(json.dumps(row), flush=True)
     print(markdown(result))
     print(f"wrote {args.out}")

@@ -151,16 +151,25 @@ def time_block(cfg, tp: int, args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def resolve_device(args: argparse.Namespace) -> str | None:
+    """Settle `--device auto` to cuda or cpu; the device's name, or None (after a one-line error) for cuda without one."""
     import torch
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
+        return None
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = resolve_device(args)
+    if device is None:
         return 2
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device}", flush=True)
     rows = []
     for name in args.models:
