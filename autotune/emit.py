@@ -190,7 +190,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         notes.append(
             f"fp8={plan.fp8}: DeepSpeed has no float8 training of its own for this (its fp8 path is NVIDIA "
             "Transformer Engine layers in the model code); this file trains in bf16. The plan's float8 linears "
-            "(torchao, dynamic scaling" + (", float8 all-gather" if plan.fp8 == "tensorwise" and plan.zero_stage >= 2
+            "(torchao, dynamic scaling" + (", float8 all-gather" if plan.fp8 == "tensorwise" and plan.zero_stage >= 1
                                           else "") + ") run under autotune's engine: launch.sh, best.yaml."
         )
     return {

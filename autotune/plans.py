@@ -182,7 +182,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
                       for pr in allowed for ac, k in checkpointing for kn in kernels])
 
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
-    plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 2)]  # hybrid sharding shards ZeRO-2/3
+    plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 1)]  # hybrid sharding shards ZeRO 1-3
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans = _with_fp8(plans, fp8)

@@ -6,6 +6,7 @@ agree to 1e-5 relative and the final parameters agree.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,7 +21,7 @@ from autotune.estimate import estimate
 from autotune.hardware import catalog_gpu
 from autotune.engine import dist
 from autotune.engine.config import build_train_config
-from autotune.engine.parallel import apply_activation_checkpointing, apply_compile
+from autotune.engine.parallel import apply_activation_checkpointing, apply_compile, local_tensor
 from autotune.engine.model import build_model
 from autotune.engine.train import Engine, reduce_loss
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -44,24 +45,53 @@ TWO_RANK_PLANS = {
     "zero2_offload": dict(zero_stage=2, micro_batch=4, offload_optimizer=True),
     "zero3_offload": dict(zero_stage=3, micro_batch=4, offload_optimizer=True, offload_params=True),
     "zero0_accum": dict(zero_stage=0, micro_batch=2),  # DDP no_sync on the first micro-step
-    "zero3_accum": dict(zero_stage=3, micro_batch=2),  # FSDP2 gradient sync off on the first micro-step
+    "zero1_accum": dict(zero_stage=1, micro_batch=2),  # FSDP2 sync and reshard off on the first micro-step
+    "zero3_accum": dict(zero_stage=3, micro_batch=2),  # FSDP2 reduce-scatters every micro-step
 }
+UNITS = TINY["n_layers"] + 1  # FSDP2 units: one per block and the root
 
 
 def config(plan: dict, model: dict = TINY, job: dict = JOB):
     return build_train_config({"model": model, "job": job, "plan": plan})
 
 
-def run_plan(plan: dict, syncs: list | None = None, job: dict = JOB) -> tuple[list[float], dict[str, torch.Tensor]]:
+def run_plan(plan: dict, seen: dict | None = None, job: dict = JOB) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of STEPS steps and the final full parameters (on rank 0), in the current process group.
-    `syncs`: under DDP, one entry per bucket all-reduce is appended to it."""
+    `seen` is filled with what this rank communicated and holds: DDP's bucket all-reduces (one
+    entry each), FSDP2's all-gathers and reduce-scatters (counts), its AdamW exp_avg numel."""
     engine = Engine(config(plan, job=job), dist.device_for_rank())
-    if syncs is not None and isinstance(engine.model, DDP):
+    seen = {} if seen is None else seen
+    seen.update(syncs=[], all_gather_single=0, reduce_scatter_single=0)
+    if isinstance(engine.model, DDP):
         group = engine.mesh["dp"].get_group()
-        engine.model.register_comm_hook(group, lambda g, bucket: syncs.append(bucket.index()) or allreduce_hook(g, bucket))
-    losses = [reduce_loss(engine.step(step).loss)[0] for step in range(STEPS)]
+        engine.model.register_comm_hook(
+            group, lambda g, bucket: seen["syncs"].append(bucket.index()) or allreduce_hook(g, bucket))
+    with counting(seen, ("all_gather_single", "reduce_scatter_single")):
+        losses = [reduce_loss(engine.step(step).loss)[0] for step in range(STEPS)]
+    seen["exp_avg_numel"] = sum(local_tensor(s["exp_avg"]).numel() for s in engine.optimizer.state.values())
     full = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return losses, {k: v.clone() for k, v in full.items()}
+
+
+@contextlib.contextmanager
+def counting(counts: dict, names: tuple[str, ...]):
+    """Counts into counts[name] the calls of each torch.distributed function named (FSDP2 calls
+    them through the module at each collective)."""
+    originals = {name: getattr(torch.distributed, name) for name in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in names:
+        setattr(torch.distributed, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.distributed, name, original)
 
 
 @pytest.fixture
@@ -103,8 +133,15 @@ def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
     fp8_losses, bf16_losses = results["fp8"][0], run_plan(dict(micro_batch=4, precision="bf16"), job=FP8_JOB)[0]
     assert fp8_losses != bf16_losses and fp8_losses == pytest.approx(bf16_losses, rel=0.02)
     # DDP all-reduces once per step, not once per micro-step: accumulating over 2 micro-steps adds none
-    syncs = results["syncs"]
-    assert syncs["zero0"] and syncs["zero0_accum"] == syncs["zero0"]
+    seen = results["seen"]
+    assert seen["zero0"]["syncs"] and seen["zero0_accum"]["syncs"] == seen["zero0"]["syncs"]
+    # ZeRO-1 gathers and reduce-scatters each unit once per step over 2 micro-steps (ZeRO-3: a
+    # reduce-scatter per micro-step), and each rank holds half of every AdamW state
+    assert seen["zero1_accum"]["all_gather_single"] == seen["zero1_accum"]["reduce_scatter_single"] == STEPS * UNITS
+    assert seen["zero3_accum"]["reduce_scatter_single"] == 2 * STEPS * UNITS
+    numel = sum(p.numel() for p in reference[1].values())
+    assert seen["zero1"]["exp_avg_numel"] == seen["zero1_accum"]["exp_avg_numel"] == numel // 2
+    assert seen["zero0"]["exp_avg_numel"] == numel
     # the whole per-rank peak as the estimate has it: DDP's gradient buckets live through backward
     hw = dataclasses.replace(catalog_gpu("h100-sxm"), gpus_per_node=2)
     for name, plan in TRACKED_PLANS.items():
@@ -234,9 +271,9 @@ def _worker(out: str) -> None:
     """Under torchrun: every plan of TWO_RANK_PLANS on this 2-rank gloo group; rank 0 saves results."""
     torch.set_num_threads(1)
     dist.init_distributed()
-    syncs = {name: [] for name in TWO_RANK_PLANS}
-    results = {name: run_plan(dict(plan, dp=2), syncs[name]) for name, plan in TWO_RANK_PLANS.items()}
-    results["syncs"] = syncs
+    seen = {name: {} for name in TWO_RANK_PLANS}
+    results = {name: run_plan(dict(plan, dp=2), seen[name]) for name, plan in TWO_RANK_PLANS.items()}
+    results["seen"] = seen
     results["peaks"] = {name: tracked_peak(dict(plan, dp=2)) for name, plan in TRACKED_PLANS.items()}
     results["fp8"] = run_plan(dict(FP8_PLAN, dp=2), job=FP8_JOB)
     if dist.rank() == 0:

@@ -95,7 +95,7 @@ def apply_reduce_scatter(partial: Callable[[int, int], torch.Tensor], seq_len: i
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls run in: autocast's where it is on (ZeRO 0/1 in 16 bits), else x's. The
+    """The dtype the matmuls run in: autocast's where it is on (ZeRO 0 in 16 bits), else x's. The
     Functions cast to it themselves, so their backward (which runs outside autocast) matches."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -123,21 +123,18 @@ def _corrupt(path: Path, e: BaseException) -> ConfigError:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """This rank's optimizer states keyed by parameter name ("layers.0.attn.wq.weight.exp_avg").
 
-    One format for every plan: under FSDP2 the states are DTensor shards, under ZeRO-1 each rank
-    holds the states of other parameters (their tensor-parallel shards under tp: DTensors, as the
-    parameters), under DDP every rank holds all (DCP writes one copy). DCP
+    One format for every plan: under FSDP2 (ZeRO 1-3) the states are DTensor shards, under DDP or
+    `replicate` (ZeRO 0) every rank holds all (DCP writes one copy). DCP
     reshards on load, so a checkpoint resumes under another dp degree or ZeRO stage. Hyperparameters
     are not saved: they come from the config, and the lr from the schedule.
     """
-    # ZeroRedundancyOptimizer and ShardedOptimizer wrap this rank's AdamW as `.optim`
-    local = getattr(optimizer, "optim", optimizer)
-    _init_optim_state(local)  # states exist before the first step too, so loading can fill them
+    _init_optim_state(optimizer)  # states exist before the first step too, so loading can fill them
     names = {p: n for n, p in unwrap(model).named_parameters()}
     return {
         f"{names[p]}.{key}": value
-        for group in local.param_groups
+        for group in optimizer.param_groups
         for p in group["params"]
-        for key, value in local.state[p].items()
+        for key, value in optimizer.state[p].items()
     }
 
 

@@ -229,7 +229,7 @@ class PlanConfig:
     # them and exchanges tokens all-to-all; the experts' states are data-parallel (and ZeRO-sharded)
     # over the dp / ep ranks that hold the same experts
     ep: int = 1
-    # hybrid sharding (HSDP): ZeRO-2/3 shards over groups of dp / dp_replicate ranks and the groups
+    # hybrid sharding (HSDP): ZeRO 1-3 shard over groups of dp / dp_replicate ranks and the groups
     # replicate each other (their gradients all-reduced once per step); 1: shard over all dp ranks
     dp_replicate: int = 1
     # context parallelism: each sequence split over cp ranks (2 chunks each, load-balanced causal
@@ -238,7 +238,7 @@ class PlanConfig:
     kernels: Kernels = Kernels.torch
     compile: bool = False
     # float8 training of the blocks' linears (torchao, dynamic scaling; autotune/engine/float8.py):
-    # tensorwise (one scale a tensor; under ZeRO 2/3 the weights are all-gathered in float8) or
+    # tensorwise (one scale a tensor; under ZeRO 1-3 the weights are all-gathered in float8) or
     # rowwise (a scale a row, gathered in bf16); master weights, optimizer, norms and loss unchanged
     fp8: Float8 = Float8.none
 

@@ -6,7 +6,7 @@ are cast to float8 with dynamic scales (the tensor's amax, each step) and its th
 scale per row and power-of-2 scales). Master weights, the optimizer, norms, attention, the head and
 the loss stay as the plan's precision (bf16) has them.
 
-Float8 all-gather: under ZeRO 2/3, tensorwise casts each weight's shard to float8 before FSDP2
+Float8 all-gather: under ZeRO 1-3 (FSDP2), tensorwise casts each weight's shard to float8 before FSDP2
 gathers it, so the gathered units are a byte per weight, half of bf16's (torchao's
 enable_fsdp_float8_all_gather); the scales of all weights are then computed once per step, after
 the optimizer (`after_optimizer_step`). Rowwise gathers bf16 (torchao casts a row-scaled weight
@@ -53,7 +53,7 @@ def _torchao():
 
 def fp8_all_gather(plan: PlanConfig) -> bool:
     """Whether FSDP2 gathers this plan's float8 linears' weights in float8."""
-    return plan.fp8 == "tensorwise" and plan.zero_stage >= 2
+    return plan.fp8 == "tensorwise" and plan.zero_stage >= 1
 
 
 def linear_config(plan: PlanConfig):

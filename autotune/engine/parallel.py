@@ -2,21 +2,25 @@
 
     mesh = build_mesh(plan, device.type)
     model = apply_plan(model, plan, mesh, device, seed)   # float8 -> tp -> checkpointing -> compile -> ZeRO
-    optimizer = build_optimizer(model, plan, job, mesh)
+    optimizer = build_optimizer(model, job)
 
-ZeRO 0 is DDP, ZeRO 1 is DDP plus torch's ZeroRedundancyOptimizer, ZeRO 2/3 are FSDP2
-`fully_shard` per block and at the root (keeping the gathered parameters between forward and
-backward for 2, freeing them after forward for 3). Offload (ZeRO 2/3) is FSDP2's CPUOffloadPolicy:
-the sharded fp32 master parameters, their gradients and the AdamW states live in host memory and
-the optimizer step runs on the CPU, so under FSDP2 offload_optimizer and offload_params are one
-mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 2/3) or autocast (ZeRO 0/1);
-the parameters the optimizer updates stay fp32 either way.
+ZeRO 0 is DDP; ZeRO 1/2/3 are FSDP2 `fully_shard` per block and at the root, with sharded fp32
+master parameters and AdamW states. ZeRO 1 and 2 keep the gathered parameters from forward to
+backward (3 frees them after forward). ZeRO 1 is Megatron's overlapped distributed optimizer: it
+turns FSDP2's gradient sync and post-backward reshard off on every micro-step but the last
+(`gradient_sync`), so each step gathers every unit once (the first forward, prefetched beside
+the compute) and reduce-scatters it once (during the last backward), holding the unsharded
+parameters and fp32 gradients between micro-steps; ZeRO 2 reduce-scatters every micro-step. Under
+pp the pipeline stages do the deferring themselves for both, so there ZeRO 1 and 2 run alike.
+Offload is FSDP2's CPUOffloadPolicy: the sharded fp32 master parameters, their gradients and the
+AdamW states live in host memory and the optimizer step runs on the CPU, so offload_optimizer and
+offload_params are one mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 1-3)
+or autocast (ZeRO 0); the parameters the optimizer updates stay fp32 either way.
 
 Tensor parallelism (autotune/engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
 FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
 (autotune/engine/pipeline.py) cuts the model into stages and runs `apply_plan` on each. Under tp or pp,
-DDP's gradient all-reduce is FSDP2's `replicate` instead (see `apply_ddp`), and ZeRO 1 is that
-plus `ShardedOptimizer` in place of ZeroRedundancyOptimizer (which needs DDP).
+ZeRO 0's gradient all-reduce is FSDP2's `replicate` instead of DDP (see `apply_ddp`).
 
 Expert parallelism (`apply_ep`, plan.ep > 1) splits the dp ranks into groups of ep consecutive
 ranks (`expert_layout`: dp unflattened into edp x ep): each rank of a group holds 1/ep of every MoE
@@ -24,7 +28,7 @@ layer's experts (DTensors sharded over ep) and tokens reach them all-to-all (aut
 The experts are then their own ZeRO unit over the edp ranks that hold the same experts, FSDP2 or
 `replicate` (DDP's one process group cannot span both), everything else as without ep.
 
-Hybrid sharding (`shard_mesh`, plan.dp_replicate > 1, ZeRO 2/3) unflattens dp into
+Hybrid sharding (`shard_mesh`, plan.dp_replicate > 1, ZeRO 1-3) unflattens dp into
 (dp_replicate, dp_shard), dp_shard innermost (the ranks nearest each other, in one node where
 they fit): FSDP2 shards over dp_shard and all-reduces the reduce-scattered gradients over
 dp_replicate (HSDP), once per step (`gradient_sync`).
@@ -57,7 +61,7 @@ from autotune.engine.float8 import apply_float8
 from autotune.engine.moe import moe_layers
 from autotune.engine.tensor_parallel import apply_tp
 
-try:  # FSDP2's replicate is private and recent: without it only ZeRO 0/1 under tp or pp is lost
+try:  # FSDP2's replicate is private and recent: without it only ZeRO 0 under tp or pp is lost
     from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
 except ImportError:
     ReplicateModule = replicate = None
@@ -138,11 +142,11 @@ def compute_dtype(plan: PlanConfig) -> torch.dtype:
 
 
 def uses_fsdp(plan: PlanConfig) -> bool:
-    return plan.zero_stage >= 2
+    return plan.zero_stage >= 1
 
 
 def uses_replicate(plan: PlanConfig) -> bool:
-    """Whether ZeRO 0/1 all-reduce gradients with FSDP2's `replicate` rather than DDP (see `apply_ddp`)."""
+    """Whether ZeRO 0 all-reduces gradients with FSDP2's `replicate` rather than DDP (see `apply_ddp`)."""
     return not uses_fsdp(plan) and grad_ranks(plan) > 1 and (plan.tp > 1 or plan.pp > 1 or plan.ep > 1)
 
 
@@ -247,7 +251,7 @@ def apply_compile(model: nn.Module, plan: PlanConfig) -> None:
             block.compile()
 
 
-# --- data parallel: DDP (ZeRO 0/1) or FSDP2 (ZeRO 2/3) ------------------------------------------
+# --- data parallel: DDP (ZeRO 0) or FSDP2 (ZeRO 1-3) ---------------------------------------------
 
 def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: torch.device,
                experts_mesh: DeviceMesh | None = None) -> None:
@@ -283,8 +287,8 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
     if uses_replicate(plan):
         if replicate is None:
             raise ConfigError(
-                f"plan.zero_stage={plan.zero_stage} with plan.tp={plan.tp}, plan.pp={plan.pp} needs FSDP2's replicate, "
-                f"which torch {torch.__version__} lacks; use plan.zero_stage=2 or a newer torch"
+                f"plan.zero_stage=0 with plan.tp={plan.tp}, plan.pp={plan.pp}, plan.ep={plan.ep} needs FSDP2's "
+                f"replicate, which torch {torch.__version__} lacks; use plan.zero_stage=1 or a newer torch"
             )
         for experts in expert_modules(model) if experts_mesh is not None else ():
             replicate(experts, mesh=experts_mesh)
@@ -346,8 +350,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (linears, embeddings), none on norms and biases (as nanoGPT).
 
     A foreach/fused AdamW group cannot mix DTensors and plain tensors, which a tensor-parallel model
-    without a dp wrapper has (plain norms, gpt2's positions): such a group is split in two. Groups
-    that do not mix stay whole (ZeRO-1 partitions per group, as autotune.estimate counts)."""
+    without a dp wrapper has (plain norms, gpt2's positions): such a group is split in two."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for members, decay in (([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)):
@@ -361,122 +364,14 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class HostOffloadAdamW(torch.optim.Optimizer):
-    """AdamW whose states live in host memory and whose update runs on the CPU (ZeRO-1 offload).
-
-    The parameters stay where they are (fp32 on the device; autocast makes the low-precision compute
-    copies), so the host holds no second master copy: each step copies this rank's gradients and
-    parameters (a DTensor's local shard) to the host, updates them with torch's foreach AdamW there,
-    and copies the parameters back. `state` is keyed by the device parameters (as any optimizer's),
-    holding host tensors: DTensors like their parameter's where that is one, for checkpoints.
-    """
-
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0,
-                 **_implementation):  # fused/foreach choices are for the device: the update runs here
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        pin = any(p.device.type == "cuda" for g in self.param_groups for p in g["params"])
-        self.host = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                shape = local_tensor(p).shape
-                h = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
-                h.grad = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
-                self.host[p] = h
-        self.inner = torch.optim.AdamW(
-            [dict(g, params=[self.host[p] for p in g["params"]]) for g in self.param_groups], foreach=True
-        )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        pairs = [(p, self.host[p]) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for p, h in pairs:
-            h.copy_(local_tensor(p), non_blocking=True)
-            h.grad.copy_(local_tensor(p.grad), non_blocking=True)
-        if any(p.device.type == "cuda" for p, _ in pairs):
-            torch.cuda.synchronize()
-        for group, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
-        self.inner.step()
-        for p, h in pairs:
-            local_tensor(p).copy_(h, non_blocking=True)
-            self.state[p] = {k: _host_dtensor(v, p) for k, v in self.inner.state[h].items()}
-
-
-def _host_dtensor(state: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A host state of a DTensor parameter as a DTensor of the same layout, sharing the host storage
-    (so that a checkpoint saves and loads it as the parameter's shards); a step count stays as it is.
-    DTensor.from_local would move the tensor to the mesh's device: built as FSDP2's CPU offload does."""
-    if not isinstance(param, DTensor) or state.dim() == 0:
-        return state
-    return DTensor(state, param._spec, requires_grad=False)
-
-
-class ShardedOptimizer(torch.optim.Optimizer):
-    """ZeRO-1 where FSDP2's `replicate` all-reduces the gradients (tp or pp with dp > 1), since
-    torch's ZeroRedundancyOptimizer needs DDP.
-
-    Every dp rank holds whole gradients. Each owns a partition of the parameters, chosen as
-    ZeroRedundancyOptimizer chooses (per param group, largest first, each to the rank with the fewest
-    elements so far; sizes are this rank's tensor-parallel shards, as autotune.estimate.rank_layout
-    counts them), and steps `optim`, an `optimizer_class` over only those, so it holds only their
-    states. The owners then broadcast the updated parameters (their local shards) over dp.
-    `param_groups` hold every parameter, for the lr schedule, gradient clipping and zero_grad; their
-    settings reach `optim` at each step. `replicated_over`: the group of ranks holding a parameter
-    where it is not dp_group (experts under expert parallelism: autotune/engine/moe.py), partitioned
-    and broadcast within that group alike.
-    """
-
-    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], dp_group: dist.ProcessGroup,
-                 replicated_over: dict[torch.Tensor, dist.ProcessGroup] | None = None, **defaults):
-        super().__init__(params, defaults)
-        self.group_of = {p: (replicated_over or {}).get(p, dp_group) for g in self.param_groups for p in g["params"]}
-        sizes: dict[dist.ProcessGroup, list[int]] = {}
-        self.owner: dict[torch.Tensor, int] = {}  # parameter -> its rank in its group
-        for group in self.param_groups:
-            for p in sorted(group["params"], key=lambda p: local_tensor(p).numel(), reverse=True):
-                held = sizes.setdefault(self.group_of[p], [0] * dist.get_world_size(self.group_of[p]))
-                rank = held.index(min(held))
-                self.owner[p] = rank
-                held[rank] += local_tensor(p).numel()
-        # every group, even an empty one, so that group i here is group i there
-        self.optim = optimizer_class(
-            [dict(g, params=[p for p in g["params"] if self.owner[p] == dist.get_rank(self.group_of[p])])
-             for g in self.param_groups], **defaults
-        )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group, mine in zip(self.param_groups, self.optim.param_groups):
-            mine.update({k: v for k, v in group.items() if k != "params"})  # lr from the schedule
-        self.optim.step()
-        handles = [
-            dist.broadcast(local_tensor(p), group=self.group_of[p], group_src=self.owner[p], async_op=True)
-            for group in self.param_groups for p in group["params"]
-        ]
-        for handle in handles:
-            handle.wait()
-
-
-def build_optimizer(model: nn.Module, plan: PlanConfig, job: JobConfig, mesh: DeviceMesh) -> torch.optim.Optimizer:
-    """AdamW: fused on CUDA parameters, foreach elsewhere. ZeRO 1 shards its states across dp
-    (ZeroRedundancyOptimizer under DDP, ShardedOptimizer under `replicate`), and with
-    offload_optimizer keeps them on the host (FSDP2 offloads ZeRO 2/3's itself)."""
+def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
+    """AdamW: fused on CUDA parameters, foreach elsewhere. Under FSDP2 (ZeRO 1-3) the parameters
+    are this rank's shards, so it holds the AdamW states of those only (on the host with offload)."""
     o = job.optimizer
     on_cuda = next(model.parameters()).device.type == "cuda"
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     kwargs.update({"fused": True} if on_cuda else {"foreach": True})
-    groups = param_groups(model, o.weight_decay)
-    adamw = HostOffloadAdamW if plan.zero_stage == 1 and plan.offload_optimizer else torch.optim.AdamW
-    if plan.zero_stage == 1 and uses_replicate(plan):
-        experts = expert_mesh(plan, mesh)
-        replicated_over = {p: experts.get_group() for m in expert_modules(model) for p in m.parameters()} if experts else None
-        return ShardedOptimizer(groups, adamw, grad_mesh(plan, mesh).get_group(), replicated_over, **kwargs)
-    if plan.zero_stage == 1 and grad_ranks(plan) > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # half a second to import: ZeRO-1 only
-
-        return ZeroRedundancyOptimizer(groups, optimizer_class=adamw, process_group=grad_mesh(plan, mesh).get_group(),
-                                       **kwargs)
-    return adamw(groups, **kwargs)
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), **kwargs)
 
 
 def build_grad_scaler(plan: PlanConfig, device: torch.device) -> torch.amp.GradScaler | None:
@@ -502,29 +397,35 @@ def fixed_loss_scale(plan: PlanConfig) -> float | None:
 
 
 def autocast(plan: PlanConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Low-precision compute for replicated models; FSDP2 casts through its MixedPrecisionPolicy."""
+    """Low-precision compute for replicated models (ZeRO 0); FSDP2 casts through its MixedPrecisionPolicy."""
     if plan.precision == "fp32" or uses_fsdp(plan):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=compute_dtype(plan))
 
 
 @contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Whether this micro-step reduces gradients across dp.
+def gradient_sync(model: nn.Module, plan: PlanConfig, enabled: bool) -> Iterator[None]:
+    """Whether this micro-step reduces gradients across dp (enabled: the step's last micro-step).
 
-    DDP or `replicate` (ZeRO 0/1) skips the all-reduce until the last micro-step: its gradients are
-    whole on every rank anyway (a pipeline schedule does the same for its stages itself). FSDP2
-    (ZeRO 2/3) reduce-scatters on every micro-step, as DeepSpeed's ZeRO-2/3 do:
-    skipping it would keep every rank's gradients unsharded in fp32 (4 bytes per parameter) between
-    micro-steps, which undoes the point of sharding them. Under hybrid sharding it all-reduces the
-    summed shards across replicas on the last micro-step only (the earlier ones' wait in FSDP2's
-    partial sum, a shard's size).
+    DDP or `replicate` (ZeRO 0) skips the all-reduce until the last micro-step: its gradients are
+    whole on every rank anyway (a pipeline schedule does the same for its stages itself). ZeRO 1
+    (FSDP2) skips the reduce-scatter and the post-backward reshard until then: the units stay
+    gathered and their unsharded gradients accumulate in fp32 (the reduce dtype: FSDP2 upcasts
+    them after the first backward), so the step gathers and reduce-scatters each unit once, as
+    Megatron's distributed optimizer does. ZeRO 2/3 reduce-scatter every micro-step, as
+    DeepSpeed's do, keeping only sharded fp32 gradients between micro-steps. Under hybrid sharding
+    the replicas' all-reduce of the summed shards comes on the last micro-step only (ZeRO 2/3: the
+    earlier ones wait in FSDP2's partial sum, a shard's size).
     """
     if isinstance(model, DDP) and not enabled:
         with model.no_sync():
             yield
     elif ReplicateModule is not None and isinstance(model, ReplicateModule):
         model.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, FSDPModule) and plan.zero_stage == 1:
+        model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
         yield
     elif isinstance(model, FSDPModule):
         model.set_requires_all_reduce(enabled)  # HSDP's replicas; nothing without them

@@ -6,7 +6,7 @@ from autotune.engine.config import ConfigError, JobConfig, PlanConfig
 
 
 def validate_dp_replicate(p: PlanConfig) -> None:
-    """Hybrid sharding: dp_replicate groups of dp / dp_replicate ranks, each sharding ZeRO-2/3's states."""
+    """Hybrid sharding: dp_replicate groups of dp / dp_replicate ranks, each sharding ZeRO 1-3's states."""
     if p.dp_replicate < 1:
         raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must be at least 1 (1: no hybrid sharding)")
     if p.dp_replicate == 1:
@@ -14,10 +14,10 @@ def validate_dp_replicate(p: PlanConfig) -> None:
     if p.dp % p.dp_replicate:
         divisors = [d for d in range(1, p.dp + 1) if p.dp % d == 0]
         raise ConfigError(f"plan.dp_replicate={p.dp_replicate} must divide plan.dp={p.dp}; try one of {divisors}")
-    if p.zero_stage < 2:
+    if p.zero_stage == 0:
         raise ConfigError(
-            f"plan.dp_replicate={p.dp_replicate} shards ZeRO-2/3 states within groups, but plan.zero_stage="
-            f"{p.zero_stage} shards no parameters; use plan.zero_stage=2 or 3, or plan.dp_replicate=1"
+            f"plan.dp_replicate={p.dp_replicate} shards ZeRO 1-3 states within groups, but plan.zero_stage=0 "
+            "shards nothing; use plan.zero_stage=1, 2 or 3, or plan.dp_replicate=1"
         )
     if p.ep > 1:
         raise ConfigError(

@@ -184,7 +184,7 @@ class Engine:
         # under pp, this rank's stages as one module with the full model's parameter names
         self.model = self.pipeline.model if self.pipeline else apply_plan(model, plan, self.mesh, device, job.seed)
         self.pp_group = self.mesh["pp"].get_group() if plan.pp > 1 else None
-        self.optimizer = build_optimizer(self.model, plan, job, self.mesh)
+        self.optimizer = build_optimizer(self.model, job)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, job))
         self.scaler = build_grad_scaler(plan, device)
         self.fixed_scale = fixed_loss_scale(plan)
@@ -217,7 +217,7 @@ class Engine:
             for i, (inputs, targets) in enumerate(batches):
                 inputs = inputs.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
-                with gradient_sync(model, enabled=i == len(batches) - 1), loss_context(plan):
+                with gradient_sync(model, plan, enabled=i == len(batches) - 1), loss_context(plan):
                     with timer("forward"), autocast(plan, self.device):
                         loss = model(inputs, targets) / len(batches)
                     with timer("backward"):

@@ -14,8 +14,8 @@ from autotune.engine.config import ModelConfig
 from autotune.engine.model import build_model
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (DDP, ZeRO-1);
-# "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO-2/3).
+# How 16-bit compute is applied: "autocast" keeps fp32 weights and casts per op (ZeRO-0: DDP);
+# "params" computes with 16-bit parameter copies (FSDP2 MixedPrecisionPolicy, ZeRO 1-3).
 CASTS = ("params", "autocast")
 
 
