@@ -84,7 +84,7 @@ def test_sigterm_saves_and_resume_continues_the_same_trajectory(tmp_path):
 @pytest.mark.parametrize(
     "first, second",
     [
-        (["plan.zero_stage=1"], ["plan.zero_stage=2"]),
+        (["plan.zero_stage=1"], ["plan.zero_stage=0"]),
         (["plan.zero_stage=1", "plan.offload_optimizer=true"], ["plan.zero_stage=3", "plan.micro_batch=4"]),
     ],
 )

@@ -272,7 +272,7 @@ def test_expert_parallel_plans_match_one_process(tmp_path):
         # experts FSDP-sharded over 2 edp ranks; per-operator checkpointing keeps the all-to-alls' and
         # the experts' grouped matmuls' outputs
         "dp4_ep2_zero3_op": config(tmp_path / "b", dp=4, ep=2, zero_stage=3, activation_checkpointing="op"),
-        "dp4_ep4_zero1": config(tmp_path / "c", dp=4, ep=4, zero_stage=1),  # ZeRO-1 partitions within edp groups
+        "dp4_ep4_zero1": config(tmp_path / "c", dp=4, ep=4, zero_stage=1),  # ZeRO-1 shards the experts within edp groups
         "pp2_dp2_ep2_1f1b_attention": config(tmp_path / "d", pp=2, dp=2, ep=2, activation_checkpointing="attention"),
         "pp2_dp2_ep2_zero3_gpipe_ckpt": config(tmp_path / "e", pp=2, dp=2, ep=2, zero_stage=3, pp_schedule="gpipe",
                                                activation_checkpointing="full"),

@@ -59,8 +59,8 @@ def four_rank_plans() -> dict[str, dict]:
     plans = {
         "tp2_dp2_zero0": dict(tp=2, dp=2),
         "tp2_dp2_zero3_sp": dict(tp=2, dp=2, zero_stage=3, sequence_parallel=True),
-        # ZeRO-1 under replicate: engine.parallel.ShardedOptimizer (on the host with offload: the
-        # tp2_dp2_zero1_offload_resume run below)
+        # ZeRO-1: FSDP2 with the sync deferred to the last micro-batch (offloaded: the
+        # tp2_dp2_zero1_offload_resume run below; under pp the stages defer it themselves)
         "tp2_dp2_zero1": dict(tp=2, dp=2, zero_stage=1),
         "pp2_dp2_zero1_1f1b": dict(pp=2, dp=2, zero_stage=1),
     }
@@ -128,7 +128,7 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
     resume = {
         "tp2_pp2_sp_resume": {"save_at": 3, "config": config(
             tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)},
-        # ZeRO-1: each state saved by its dp owner only, a host DTensor of tp shards
+        # ZeRO-1 offloaded: the states saved as host DTensors of dp x tp shards
         "tp2_dp2_zero1_offload_resume": {"save_at": 3, "config": config(
             tmp_path / "resume-zero1", tp=2, dp=2, zero_stage=1, offload_optimizer=True)},
     }

@@ -116,9 +116,8 @@ def overflow_on_rank0(engine: Engine, at: int) -> None:
 
 def optimizer_bytes(engine: Engine) -> int:
     """The most bytes of optimizer states (a DTensor's local shard) that any rank holds."""
-    optimizer = getattr(engine.optimizer, "optim", engine.optimizer)  # ZeRO-1: this rank's partition
     held = sum(local_tensor(v).numel() * v.element_size()
-               for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+               for state in engine.optimizer.state.values() for v in state.values() if torch.is_tensor(v))
     return most_over_ranks(held, engine.device)
 
 

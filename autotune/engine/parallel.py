@@ -307,7 +307,7 @@ def materialize(model: nn.Module, plan: PlanConfig, device: torch.device, seed: 
     """Allocate a meta-built model (sharded or not) and initialise it; a loaded model is left alone."""
     if not any(p.is_meta for p in model.parameters()):
         return
-    offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
+    offload = plan.offload_optimizer or plan.offload_params  # ZeRO 1-3 only (config.validate_plan)
     model.to_empty(device="cpu" if offload else device)
     model.init_weights(seed)
     # Buffers (rotary tables) are not sharded or offloaded: they live where the compute runs.

@@ -49,7 +49,6 @@ from autotune.engine.parallel import (
     fixed_loss_scale,
     gradient_sync,
     unwrap,
-    uses_fsdp,
 )
 from autotune.hardware import catalog_gpu_of
 from autotune.profile import flops_per_token
@@ -174,7 +173,7 @@ class Engine:
         if model_cfg.init_from:
             from autotune.engine.hf import load_hf_weights
 
-            offload = uses_fsdp(plan) and (plan.offload_optimizer or plan.offload_params)
+            offload = plan.offload_optimizer or plan.offload_params  # FSDP2's CPUOffloadPolicy takes host shards
             model = build_model(model_cfg, device="cpu" if offload else device, seed=job.seed, kernels=plan.kernels)
             load_hf_weights(model, model_cfg.init_from)  # before sharding: every rank loads, then keeps its shard
         else:

@@ -7,16 +7,15 @@ engine's behaviour (autotune/engine/parallel.py, autotune/engine/pipeline.py,
 autotune/engine/tensor_parallel.py) decides what each plan means:
 
 - parameters are fp32 on every path and are the optimizer's master weights (no separate master
-  copy: `master_bytes` is 0); 16-bit compute uses copies: autocast's cast weights (ZeRO 0/1) or
-  FSDP2's all-gathered 16-bit units (ZeRO 2/3), counted in `param_copies_bytes`;
+  copy: `master_bytes` is 0); 16-bit compute uses copies: autocast's cast weights (ZeRO 0) or
+  FSDP2's all-gathered 16-bit units (ZeRO 1-3), counted in `param_copies_bytes`;
 - ZeRO 0 = DDP with gradient_as_bucket_view (no bucket copy), or under tp/pp FSDP2's replicate
-  (the same whole gradients, all-reduced once per step); ZeRO 1 = that + torch
-  ZeroRedundancyOptimizer, or under tp/pp engine.parallel.ShardedOptimizer (both a greedy
-  whole-tensor partition of the rank's tp shards; owners broadcast the updated parameters);
-  ZeRO 2/3 = FSDP2 per block + root (root never resharded), reduce in fp32; offload (ZeRO 2/3) =
+  (the same whole gradients, all-reduced once per step); ZeRO 1-3 = FSDP2 per block + root (root
+  never resharded), reduce in fp32, params, grads and AdamW states sharded; ZeRO 1 keeps the units
+  gathered and the gradients unsharded in fp32 until the last micro-batch, which reduce-scatters
+  them (the sync deferred: Megatron's distributed optimizer; every ZeRO stage under pp), ZeRO 2
+  reduce-scatters every micro-batch, ZeRO 3 also frees the units after forward; offload =
   CPUOffloadPolicy: sharded params, grads and AdamW states on the host, the step on the CPU;
-  offload (ZeRO 1) = HostOffloadAdamW: the partition's AdamW states and a host copy of its params
-  and grads on the host, the step on the CPU, params and grads whole on the device;
 - activations are the bytes measured on the engine's model (autotune.profile), per block and
   outside the blocks, for the plan's precision x cast x checkpointing x kernels, as a tp rank
   holds them (sequence parallel keeps the all-gathered linear inputs whole); the logits are

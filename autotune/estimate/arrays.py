@@ -27,8 +27,10 @@ class PlanArrays:
 
     rows: int
     zero_stage: np.ndarray
-    fsdp_offload: np.ndarray  # ZeRO 2/3 offload (CPUOffloadPolicy): params, grads and AdamW states on the host
-    host_adam: np.ndarray  # ZeRO-1 offload (engine.parallel.HostOffloadAdamW): the partition's AdamW step on the host
+    fsdp_offload: np.ndarray  # ZeRO 1-3 offload (CPUOffloadPolicy): params, grads and AdamW states on the host
+    # FSDP2's gradient sync and post-backward reshard off until a step's last micro-batch: ZeRO-1
+    # (engine.parallel.gradient_sync), and ZeRO 1-3 under pp (the pipeline stages do it)
+    deferred_sync: np.ndarray
     micro_batch: np.ndarray
     micro_batches: np.ndarray  # per optimizer step on each rank: grad_accum, or global_batch / (micro_batch·dp)
     # the ranks that reduce gradients and shard ZeRO's states together: dp, times cp under context
@@ -38,14 +40,14 @@ class PlanArrays:
     tp: np.ndarray
     pp: np.ndarray
     ep: np.ndarray  # expert parallelism: dp ranks per group that split each MoE layer's experts
-    dp_replicate: np.ndarray  # hybrid sharding: replicas, each of dp / dp_replicate ranks sharding ZeRO-2/3's states
+    dp_replicate: np.ndarray  # hybrid sharding: replicas, each of dp / dp_replicate ranks sharding ZeRO 1-3's states
     virtual_stages: np.ndarray
     schedule: np.ndarray
     sequence_parallel: np.ndarray
     async_tp: np.ndarray  # sequence parallel's collectives pipelined behind the matmuls
     precision: np.ndarray
     compute_bytes: np.ndarray  # bytes per element of the compute dtype (float)
-    autocast: np.ndarray  # 16-bit compute through autocast (ZeRO 0/1) rather than 16-bit copies (FSDP2)
+    autocast: np.ndarray  # 16-bit compute through autocast (ZeRO 0) rather than 16-bit copies (FSDP2)
     checkpointing: np.ndarray
     every_k: np.ndarray
     kernels: np.ndarray
@@ -53,9 +55,9 @@ class PlanArrays:
     world: np.ndarray
     compiled: np.ndarray  # plan.compile: inductor fuses the blocks' memory-bound ops (estimate.fusion, the float8 casts)
     fp8: np.ndarray  # the float8 recipe of the blocks' linears: none | tensorwise | rowwise
-    fp8_gather: np.ndarray  # FSDP2 gathers the float8 linears' weights in float8 (tensorwise, ZeRO 2/3)
+    fp8_gather: np.ndarray  # FSDP2 gathers the float8 linears' weights in float8 (tensorwise, ZeRO 1-3)
     gather_bytes: np.ndarray  # bytes per element of a gathered block unit (the compute dtype, or float8's 1)
-    ddp_buckets: np.ndarray  # gradients in DDP's buckets (engine.parallel.apply_ddp; FSDP2's replicate under tp, pp, ep)
+    ddp_buckets: np.ndarray  # ZeRO-0's gradients in DDP's buckets (engine.parallel.apply_ddp; FSDP2's replicate under tp, pp, ep)
 
     @classmethod
     def of(cls, plans: pd.DataFrame, job: JobConfig) -> "PlanArrays":
@@ -73,14 +75,12 @@ class PlanArrays:
         kernels = _column(plans, "kernels", "torch").astype(str)
         fp8 = _column(plans, "fp8", "none").astype(str)
         compute_bytes = np.select([precision == "fp32"], [4], 2).astype(float)
-        fp8_gather = (fp8 == "tensorwise") & (zero >= 2)  # autotune.engine.float8.fp8_all_gather
+        fp8_gather = (fp8 == "tensorwise") & (zero >= 1)  # autotune.engine.float8.fp8_all_gather
         return cls(
             rows=len(plans),
             zero_stage=zero,
-            fsdp_offload=(offload_optimizer | _column(plans, "offload_params", False).astype(bool)) & (zero >= 2),
-            # ZeRO-1 offload is engine.parallel.HostOffloadAdamW: fp32 params and grads stay on the device,
-            # the rank's partition has host copies of both plus its AdamW states, and the step runs there
-            host_adam=offload_optimizer & (zero == 1),
+            fsdp_offload=(offload_optimizer | _column(plans, "offload_params", False).astype(bool)) & (zero >= 1),
+            deferred_sync=(zero == 1) | ((zero >= 2) & (pp > 1)),
             micro_batch=micro_batch,
             micro_batches=np.where(np.isnan(grad_accum), job.global_batch // np.maximum(micro_batch * data_dp, 1),
                                    grad_accum).astype(np.int64),
@@ -91,7 +91,7 @@ class PlanArrays:
             async_tp=_column(plans, "async_tp", False).astype(bool),
             precision=precision,
             compute_bytes=compute_bytes,
-            autocast=(precision != "fp32") & (zero < 2),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 2/3
+            autocast=(precision != "fp32") & (zero == 0),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 1-3
             checkpointing=_column(plans, "activation_checkpointing", "none").astype(str),
             every_k=_column(plans, "checkpoint_every_k", 2).astype(np.int64),
             kernels=kernels,
@@ -102,7 +102,7 @@ class PlanArrays:
             world=dp * tp * pp,
             compiled=_column(plans, "compile", False).astype(bool),
             fp8=fp8, fp8_gather=fp8_gather, gather_bytes=np.where(fp8_gather, 1.0, compute_bytes),
-            ddp_buckets=(zero <= 1) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
+            ddp_buckets=(zero == 0) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
         )
 
     @property
@@ -113,11 +113,6 @@ class PlanArrays:
     @property
     def fp8_any(self) -> bool:
         return bool(np.any(self.fp8 != "none"))
-
-    @property
-    def offloaded(self) -> np.ndarray:
-        """Plans whose optimizer step runs on the host (either kind of offload)."""
-        return self.fsdp_offload | self.host_adam
 
     def checkpointed(self, layers: np.ndarray) -> np.ndarray:
         """Checkpointed blocks among a rank's `layers` (engine.parallel.checkpointed_blocks: full, op,

@@ -62,20 +62,18 @@ def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: H
 
 
 def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, window: np.ndarray) -> dict:
-    """ZeRO 0/1: the fp32 gradients all-reduced once per step in DDP's buckets, launched as they fill
-    during the last backward: what outlasts that backward is exposed, and at least the last bucket.
-    ZeRO-1's owners then broadcast their updated partitions (not overlapped)."""
+    """ZeRO 0: the fp32 gradients all-reduced once per step in DDP's buckets, launched as they fill
+    during the last backward: what outlasts that backward is exposed, and at least the last bucket."""
     dense, experts = 4 * (held.local - held.experts), 4 * held.experts
     buckets = np.maximum(np.ceil((dense + experts) / DDP_BUCKET_BYTES), 1)
     bucket = dp_collective("all_reduce", dense / buckets, experts / buckets, plans, hw, eff)
     total = buckets * bucket
     exposed = np.maximum(total - window, bucket)
-    broadcast = np.where(plans.zero_stage == 1, dp_collective("all_gather", dense, experts, plans, hw, eff), 0)
-    return {"exposed": exposed + broadcast, "overlapped": total - np.minimum(exposed, total)}
+    return {"exposed": exposed, "overlapped": total - np.minimum(exposed, total)}
 
 
 def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute) -> dict:
-    """ZeRO 2/3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
+    """ZeRO 1-3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
     parameters is prefetched during the previous unit's compute, and each unit's fp32 gradients are
     reduce-scattered during the next one's backward. So a pass waits for its first gather, for every
     unit whose collectives outlast its neighbour's compute, and a backward for its last
@@ -88,20 +86,22 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
     scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, eff)
     root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, eff)
             + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, eff))
-    # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward. Under pp the
-    # stages do not reshard after a backward until the last one (PipelineStage's nosync): ZeRO-2,
-    # never resharded after a forward either, gathers each unit once per step; ZeRO-3 once per
+    # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward. Where the sync
+    # and the post-backward reshard wait for the last micro-batch (`deferred_sync`: ZeRO-1, and under
+    # pp PipelineStage's nosync) nothing is resharded after a backward until the last one: ZeRO 1/2,
+    # never resharded after a forward either, gather each unit once per step; ZeRO-3 once per
     # backward plus the forwards before the first backward (GPipe: one round, 1F1B: its warm-up).
-    # Reduce-scatters: per micro-batch, or once per step under pp (its stages skip the sync until the last).
+    # Reduce-scatters: per micro-batch, or once per step where the sync waits for the last.
+    deferred = plans.deferred_sync
     backward_gathers = np.where(plans.zero_stage == 3, m, 0)
     warmup = np.where(plans.schedule == "gpipe", 1, np.minimum(pp, m))
-    forward_gathers = np.where(pp > 1, np.where(plans.zero_stage == 3, warmup, 1), m)
-    scatters = np.where(pp > 1, 1, m)
+    forward_gathers = np.where(deferred, np.where(plans.zero_stage == 3, warmup, 1), m)
+    scatters = np.where(deferred, 1, m)
     # A backward that reduce-scatters exposes each unit's gather (ZeRO-3) and reduce-scatter beyond its
-    # block's backward; under pp only the last one does, the others only gather.
+    # block's backward; with the sync deferred only the last one does, the others only gather.
     gathered = np.where(plans.zero_stage == 3, gather, 0)
     reducing = layers * np.maximum(0, gathered + scatter - compute.backward)
-    backward = np.where(pp > 1, (m - 1) * layers * np.maximum(0, gathered - compute.backward) + reducing, m * reducing)
+    backward = np.where(deferred, (m - 1) * layers * np.maximum(0, gathered - compute.backward) + reducing, m * reducing)
     exposed = forward_gathers * (gather + layers * np.maximum(0, gather - compute.forward)) + backward + scatters * scatter + root
     total = layers * ((forward_gathers + backward_gathers) * gather + scatters * scatter) + root
     slack = np.maximum(0, compute.backward - gathered - scatter)
@@ -133,7 +133,7 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float,
     of the 16-bit params, on the compute stream) and copy_out (that copy, timed over HBM)."""
     ddp = _ddp(plans, held, hw, eff, compute.last_backward)
     fsdp = _fsdp(plans, held, hw, eff, compute)
-    sharded = plans.zero_stage >= 2
+    sharded = plans.zero_stage >= 1
     gathered = plans.gather_bytes * (held.local - held.root) + plans.compute_bytes * held.root  # float8 blocks: a byte
     copy_out = np.where(sharded, fsdp["gathers"] * 2 * gathered / hbm, 0)
     overlapped = np.where(sharded, fsdp["overlapped"], ddp["overlapped"])
@@ -195,12 +195,12 @@ def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: 
                        eff: float) -> np.ndarray:
     """One activation forward and one gradient backward per micro-batch per boundary, across nodes
     when a stage's dp x tp ranks fill a node; a tied embedding's two copies' fp32 gradients summed
-    once per step (shards under ZeRO 2/3)."""
+    once per step (shards under ZeRO 1-3)."""
     across = (plans.world > hw.gpus_per_node) & (plans.dp * plans.tp >= hw.gpus_per_node)
     activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     boundary = plans.micro_batches * 2 * send_time(activation_bytes, across, hw, eff)
     if model.tie_embeddings:
-        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 2, plans.dp_shard, 1)
+        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 1, plans.dp_shard, 1)
         tied = send_time(tied_bytes, across, hw, eff)
     else:
         tied = np.zeros(plans.rows)

@@ -13,7 +13,7 @@ an element) and the scaled cast (read 2, write 1): CAST_BYTES an element. Forwar
 casts the input and the weight; backward the output gradient for each of its two GEMMs, the input
 again (transposed, for the weight gradient) and the weight (transposed): tensorwise reuses the
 gradient's scale for the second (a transposed copy, 3 bytes), rowwise scales it along the other
-axis (a second cast). Under float8 all-gather (tensorwise, ZeRO 2/3) the weight is cast on its
+axis (a second cast). Under float8 all-gather (tensorwise, ZeRO 1-3) the weight is cast on its
 shard, before the gather, 1/dp of it per rank, and the gathered unit is a byte per weight.
 Compiled (plan.compile, as torchtitan runs float8), the casts fuse with their neighbours (`cast_traffic`),
 but rowwise's casts along an operand's other axis read a transposed bf16 copy of it.

@@ -1,11 +1,11 @@
 """What one rank holds: the numels of the parameters on the first and the last pipeline rank,
-whole, as FSDP2 shards, as ZeRO-1 partitions and as the units FSDP2 gathers ([Model states] in
-docs/formulas.md), per (dp, tp, pp, virtual stages, ep) layout and as arrays over a plan frame.
+whole, as FSDP2 shards and as the units FSDP2 gathers ([Model states] in docs/formulas.md), per
+(dp, tp, pp, virtual stages, ep) layout and as arrays over a plan frame.
 
 Under expert parallelism (autotune/engine/parallel.py, apply_ep) a MoE layer's routed experts are
 cut over the ep ranks of a group (E/ep each, dim 0) and are data-parallel over the dp/ep ranks
-holding the same experts (edp): FSDP2 shards them there, ZeRO-1 partitions them there, apart from
-everything else, which stays data-parallel over all dp ranks.
+holding the same experts (edp): FSDP2 shards them there, apart from everything else, which stays
+data-parallel over all dp ranks.
 
 Under hybrid sharding (plan.dp_replicate) FSDP2 shards over one replica's dp / dp_replicate
 ranks: `stage_layouts` lays each plan out over those (its `dp` is the shard group's size).
@@ -52,7 +52,6 @@ class _Held(NamedTuple):
     name: str
     numel: int  # on this tp rank (of a routed expert tensor: this ep rank's experts)
     shard: int  # dp-rank 0's FSDP2 shard of it
-    dims: int
     expert: bool  # a routed expert tensor: data-parallel over the edp ranks only
 
 
@@ -82,45 +81,14 @@ def _held_on(model: ModelConfig, pp_rank: int, layers: set[int], pp: int, tp: in
         expert = is_expert(name)
         local = (shape[0] // ep,) + shape[1:] if expert else _tp_local_shape(name, shape, tp)
         ranks = dp // ep if expert else dp  # FSDP2 shards dim 0 of the local tensor over these
-        held.append(_Held(name, math.prod(local), math.ceil(local[0] / ranks) * math.prod(local[1:]), len(local), expert))
+        held.append(_Held(name, math.prod(local), math.ceil(local[0] / ranks) * math.prod(local[1:]), expert))
     return held
-
-
-def _zero1_partitions(held: list[_Held], ranks: int) -> tuple[list[int], list[int]]:
-    """(numels, tensors) per rank of ZeroRedundancyOptimizer._partition_parameters over `ranks`:
-    greedy, largest first, per param group (matrices, then vectors)."""
-    sizes = [0] * ranks
-    counts = [0] * ranks
-    for group in ([h for h in held if h.dims >= 2], [h for h in held if h.dims < 2]):
-        for h in sorted(group, key=lambda h: h.numel, reverse=True):
-            r = sizes.index(min(sizes))
-            sizes[r] += h.numel
-            counts[r] += 1
-    return sizes, counts
-
-
-def _largest_zero1_partition(held: list[_Held], dp: int, ep: int) -> tuple[int, int]:
-    """(numel, tensors) of the largest ZeRO-1 partition. Under expert parallelism the engine's
-    ShardedOptimizer partitions the routed experts over their edp group and the rest over dp, each
-    by the same greedy rule: dp rank i holds its dense partition and the expert partition of edp
-    rank i // ep (ep groups are consecutive dp ranks)."""
-    if ep == 1:
-        sizes, counts = _zero1_partitions(held, dp)
-    else:
-        dense, dense_counts = _zero1_partitions([h for h in held if not h.expert], dp)
-        experts, expert_counts = _zero1_partitions([h for h in held if h.expert], dp // ep)
-        sizes = [dense[i] + experts[i // ep] for i in range(dp)]
-        counts = [dense_counts[i] + expert_counts[i // ep] for i in range(dp)]
-    r = sizes.index(max(sizes))
-    return sizes[r], counts[r]
 
 
 def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int, ep: int = 1) -> dict[str, dict[str, int]]:
     """Numels held by the first and the last pipeline rank: whole on the rank (`local`), the FSDP2
     shard of dp-rank 0 (`shard`: ceil(dim0/dp) rows, torch.chunk; routed experts: ceil(dim0/(dp/ep))
-    of the rank's E/ep), the largest ZeRO-1 partition (`zero1`: ZeroRedundancyOptimizer's greedy
-    rule over the engine's two param groups, applied to the tp shards as
-    engine.parallel.ShardedOptimizer does), tensor counts, the units FSDP2 gathers (`block`: largest
+    of the rank's E/ep), tensor counts, the units FSDP2 gathers (`block`: largest
     block, its experts included; `root`: embeddings, final norm, head), and the routed experts'
     part of `local` (`experts`)."""
     key = (repr(model), dp, tp, pp, v, ep)
@@ -135,10 +103,9 @@ def rank_layout(model: ModelConfig, dp: int, tp: int, pp: int, v: int, ep: int =
         for h in held:
             if h.name.startswith("layers."):
                 blocks[int(h.name.split(".")[1])] = blocks.get(int(h.name.split(".")[1]), 0) + h.numel
-        zero1, zero1_tensors = _largest_zero1_partition(held, dp, ep)
         out[kind] = {
             "local": sum(h.numel for h in held), "shard": sum(h.shard for h in held), "tensors": len(held),
-            "zero1": zero1, "zero1_tensors": zero1_tensors, "layers": len(layers),
+            "layers": len(layers),
             "block": max(blocks.values(), default=0),
             "root": sum(h.numel for h in held if not h.name.startswith("layers.")),
             "experts": sum(h.numel for h in held if h.expert),
@@ -154,8 +121,6 @@ class HeldNumels:
     local: np.ndarray
     shard: np.ndarray
     tensors: np.ndarray
-    zero1: np.ndarray
-    zero1_tensors: np.ndarray
     layers: np.ndarray
     block: np.ndarray
     root: np.ndarray
@@ -165,8 +130,7 @@ class HeldNumels:
 def stage_layouts(model: ModelConfig, plans: PlanArrays) -> dict[str, HeldNumels]:
     """{"first": ..., "last": ...}: what the first and the last pipeline rank of each plan hold,
     one rank_layout per distinct (sharding dp, tp, pp, virtual stages, ep); the sharding ranks are
-    all dp ranks, or one replica's under hybrid sharding (ZeRO 2/3 only, so no ZeRO-1 partition is
-    read of such a layout)."""
+    all dp ranks, or one replica's under hybrid sharding."""
     packed = np.zeros(plans.rows, dtype=np.int64)
     for column in (plans.dp_shard, plans.tp, plans.pp, plans.virtual_stages, plans.ep):  # 12 bits each: one int64 per layout
         packed = packed * 4096 + column

@@ -70,28 +70,25 @@ def _model_states(plans: PlanArrays, held: HeldNumels) -> dict[str, np.ndarray]:
     """Params, grads (at the start of a backward), master, optimizer and the step's grads [Model states]:
     fp32 params are the master weights; grads fp32 (reduce_dtype fp32)."""
     zero, offload = plans.zero_stage, plans.fsdp_offload
-    persistent = np.where(zero >= 2, held.shard, held.local)
+    persistent = np.where(zero >= 1, held.shard, held.local)
     # Two moments can peak. At the start of a backward the gradients are those of the earlier
     # micro-batches (the step sets them to None): DDP accumulates them whole in place, FSDP2
-    # reduce-scatters every micro-batch (engine.parallel.gradient_sync) into its fp32 shards.
-    # At the optimizer step the activations are gone and every gradient exists.
+    # (ZeRO 2/3) reduce-scatters every micro-batch (engine.parallel.gradient_sync) into its fp32
+    # shards. At the optimizer step the activations are gone and every gradient exists, sharded.
     step_grads = np.where(offload, 0, 4 * persistent)
-    # Under pp, torch's pipeline stages turn FSDP2's gradient sync and post-backward reshard off
-    # until the last micro-batch (PipelineStage.backward_maybe_with_nosync): the stage's
-    # gradients accumulate unsharded in fp32 (the reduce dtype) and ZeRO-3 keeps its blocks
-    # gathered after the first micro-batch's backward, as ZeRO-2 does.
-    pp_fsdp = (plans.pp > 1) & (zero >= 2)
-    # DDP's gradients are views of its buckets, which exist from its first step on (ZeRO 0/1
+    # Where FSDP2's gradient sync and post-backward reshard wait for the last micro-batch (ZeRO-1:
+    # engine.parallel.gradient_sync; ZeRO 2/3 under pp: PipelineStage.backward_maybe_with_nosync)
+    # the unsharded gradients accumulate in fp32 (the reduce dtype, FSDPParam.to_accumulated_grad_if_needed)
+    # and the units stay gathered after the first micro-batch's backward.
+    # DDP's gradients are views of its buckets, which exist from its first step on (ZeRO-0
     # without tp or pp): all of them, through every backward
     accumulating = (plans.micro_batches > 1) | plans.ddp_buckets
-    optimizer_numel = np.where(zero == 1, held.zero1, persistent)
-    optimizer_tensors = np.where(zero == 1, held.zero1_tensors, held.tensors)
     return {
         "params": np.where(offload, 0, 4 * persistent),
-        "grads": np.where(accumulating, np.where(pp_fsdp, 4 * held.local, step_grads), 0),
+        "grads": np.where(accumulating, np.where(plans.deferred_sync, 4 * held.local, step_grads), 0),
         "master": np.zeros(plans.rows),
         # AdamW exp_avg + exp_avg_sq fp32, plus one fp32 `step` scalar per parameter tensor
-        "optimizer": np.where(plans.offloaded, 0, 8 * optimizer_numel + 4 * optimizer_tensors),
+        "optimizer": np.where(offload, 0, 8 * persistent + 4 * held.tensors),
         "step_grads": step_grads,
     }
 
@@ -102,10 +99,10 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     zero, tp, beta = plans.zero_stage, plans.tp, plans.compute_bytes
     layers = held.layers
     checkpointed = plans.checkpointed(layers)
-    pp_fsdp = (plans.pp > 1) & (zero >= 2)
     # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
-    # FSDP2 ZeRO-2 keeps every unit gathered from forward to backward; ZeRO-3 the root plus the
-    # current and the prefetched block [Model states] (derived from FSDP2's behaviour)
+    # FSDP2 ZeRO 1/2 keep every unit gathered from forward to backward (so does ZeRO-3 where its
+    # sync waits for the last micro-batch, after the first backward); ZeRO-3 otherwise the root plus
+    # the current and the prefetched block [Model states] (derived from FSDP2's behaviour)
     # Without pp each micro-batch's forward leaves its autocast context before its backward.
     # Under pp the schedule runs every micro-batch in one autocast context (engine/train.py), whose
     # cache keeps each fp32 weight's cast from its first use to the step's end: one copy of every
@@ -125,7 +122,7 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     logits_grad = np.where(plans.loss_kernels == "torch", plans.micro_batch * seq_len * model.vocab_size * 4, 0)
     return {
         # (float8 all-gather: the gathered blocks hold their float8 weights, a byte each [Float8])
-        "param_copies": np.select([(zero == 2) | (pp_fsdp & (plans.micro_batches > 1)), zero == 3],
+        "param_copies": np.select([(zero == 1) | (zero == 2) | (plans.deferred_sync & (plans.micro_batches > 1)), zero == 3],
                                   [beta * held.root + plans.gather_bytes * (held.local - held.root),
                                    beta * held.root + plans.gather_bytes * 2 * held.block], autocast_copies),
         # the float8 linears keep the bf16 input saved (the measured block bytes); the largest one's
@@ -136,7 +133,7 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
         # grads and their fp32 cast; the root's comes last, when the activations are gone);
         # pipeline send/recv of one micro-batch's boundary activations
-        "comm": (np.where(zero >= 2, held.block * (beta + np.where(beta < 4, 4, 0)), 0)
+        "comm": (np.where(zero >= 1, held.block * (beta + np.where(beta < 4, 4, 0)), 0)
                  + np.where(plans.pp > 1, 2 * plans.micro_batch * seq_len * model.d_model * beta, 0)),
     }
 
@@ -184,9 +181,8 @@ def peak_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, layouts: di
 
     parts = {k: pick(first.parts[k], last.parts[k]) for k in MEMORY}
     total = pick(first.total, last.total)
-    held = layouts["first"]  # host copies of params and grads, AdamW states (+ HostOffloadAdamW's step scalars)
-    host_bytes = np.select([plans.fsdp_offload, plans.host_adam],
-                           [16 * held.shard, 16 * held.zero1 + 4 * held.zero1_tensors], 0) * hw.gpus_per_node
+    held = layouts["first"]  # sharded fp32 params and grads, AdamW states
+    host_bytes = np.where(plans.fsdp_offload, 16 * held.shard, 0) * hw.gpus_per_node
     fits_gpu = total <= hw.memory_bytes
     fits_host = (hw.host_memory_bytes <= 0) | (host_bytes <= hw.host_memory_bytes)
     return PeakMemory(

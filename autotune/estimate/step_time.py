@@ -170,10 +170,9 @@ def _peak_flops(plans: PlanArrays, hw: Hardware) -> np.ndarray:
 def _optimizer(job: JobConfig, plans: PlanArrays, held: HeldNumels, hbm: float) -> np.ndarray:
     """AdamW (+ gradient clipping) over the rank's optimizer share, as bytes over HBM, or on the
     host when offloaded."""
-    zero = plans.zero_stage
-    numel = np.where(zero == 1, held.zero1, np.where(zero >= 2, held.shard, held.local))
+    numel = np.where(plans.zero_stage >= 1, held.shard, held.local)
     device_bytes = (ADAM_BYTES_PER_PARAM + (CLIP_BYTES_PER_PARAM if job.optimizer.grad_clip > 0 else 0)) * numel
-    return np.where(plans.offloaded, ADAM_BYTES_PER_PARAM * numel / HOST_ADAM_BYTES_PER_S, device_bytes / hbm)
+    return np.where(plans.fsdp_offload, ADAM_BYTES_PER_PARAM * numel / HOST_ADAM_BYTES_PER_S, device_bytes / hbm)
 
 
 def _bubble(plans: PlanArrays, micro: MicroBatchCompute) -> np.ndarray:
@@ -182,13 +181,13 @@ def _bubble(plans: PlanArrays, micro: MicroBatchCompute) -> np.ndarray:
 
 
 def _offload(plans: PlanArrays, held: HeldNumels, hw: Hardware) -> np.ndarray:
-    """Host-device transfers. CPUOffloadPolicy (ZeRO 2/3): sharded fp32 params up and their gradients
-    down, per micro-batch (ZeRO-3 twice); HostOffloadAdamW (ZeRO-1): its partition's params and
-    grads down, params up, once per step."""
+    """Host-device transfers of CPUOffloadPolicy: the sharded fp32 params up for each all-gather,
+    per micro-batch (ZeRO-3 twice), once per step where the sync waits for the last micro-batch
+    (ZeRO-1, and ZeRO-2 under pp: gathered once), and their gradients down once per step."""
     per_step = np.where(plans.zero_stage == 3, 2 * plans.micro_batches, plans.micro_batches)
+    per_step = np.where(plans.deferred_sync & (plans.zero_stage < 3), 1, per_step)
     moves = per_step * 4 * held.shard + 4 * held.shard
-    moves = np.where(plans.host_adam, 12 * held.zero1, moves)
-    return np.where(plans.offloaded, moves / hw.host_device_bytes_per_s, 0)
+    return np.where(plans.fsdp_offload, moves / hw.host_device_bytes_per_s, 0)
 
 
 def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldNumels, hw: Hardware,
@@ -228,7 +227,7 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     return StepTime(
         parts=parts, total=sum(parts[k] for k in TIME),
         compute={"matmul": matmul, "attention": attention, "memory": memory},
-        memory_bound=(memory + np.where(plans.offloaded, 0, parts["optimizer"])
+        memory_bound=(memory + np.where(plans.fsdp_offload, 0, parts["optimizer"])
                       + np.where(plans.dp > 1, dp["copy_out"], 0)),
         peak_flops=_peak_flops(plans, hw),
     )

@@ -47,7 +47,6 @@ class Mapped:
     tokens_per_s_per_gpu: float | None = None  # measured, stated or derived (tokens_source says how)
     tokens_source: str = ""
     peak_reserved_bytes: float | None = None
-    exposed_here: str = ""  # what the source overlaps that the engine's plan exposes (not credited)
 
 
 def _gpu(run: Run, assumed: list[str]) -> str:
@@ -132,7 +131,7 @@ def _precision(run: Run, assumed: list[str]) -> str:
 KEEPS_GATHERED = ((r"2407\.21783", "the Llama 3 paper, Sec. 3.3.2: its FSDP does not reshard after forward"),)
 
 
-def _zero(run: Run, pp: int, assumed: list[str]) -> int:
+def _zero(run: Run, assumed: list[str]) -> int:
     text = run.zero.lower()
     if re.search(r"hsdp|hybrid", text):  # FSDP's HYBRID_SHARD is ZeRO-3 within groups; _HYBRID_SHARD_ZERO2 ZeRO-2
         return 2 if re.search(r"zero.?2|shard.?grad", text) else 3
@@ -149,35 +148,14 @@ def _zero(run: Run, pp: int, assumed: list[str]) -> int:
     unstated = text in ("", "unstated")
     if re.search(r"zero.?1|distributed optimizer", text) or (
             unstated and re.search(r"param.?gather|distributed.optimizer", run.other, re.IGNORECASE)):
+        # the engine's ZeRO-1 is Megatron's overlapped distributed optimizer: each block's gradients
+        # reduce-scattered during the last backward, its parameters gathered once per step beside the compute
         if unstated:
             assumed.append("sharding unstated: a distributed optimizer (ZeRO-1), as its param-gather overlap implies")
-        if pp > 1 and _overlapped_distributed_optimizer(run):
-            assumed.append("Megatron's distributed optimizer with --overlap-grad-reduce and --overlap-param-gather under "
-                           "a pipeline: the engine's ZeRO-2, whose stages reduce-scatter each block's gradients during "
-                           "the last backward and gather its parameters once per step beside the compute, as Megatron "
-                           "does (the engine's ZeRO-1 all-reduces, then broadcasts after the step)")
-            return 2
         return 1
     if unstated:
         assumed.append("sharding unstated: none (ZeRO-0)")
     return 0
-
-
-def _overlapped_distributed_optimizer(run: Run) -> bool:
-    """Megatron's distributed optimizer (ZeRO-1: gradients reduce-scattered, parameters all-gathered)
-    with both collectives overlapped: each bucket's reduce-scatter during the last backward, each
-    bucket's all-gather during the next forward."""
-    return bool(re.search(r"overlap.?grad.?reduce", run.other, re.IGNORECASE)
-                and re.search(r"overlap.?param.?gather", run.other, re.IGNORECASE))
-
-
-def _exposed_here(run: Run, zero_stage: int) -> str:
-    """What the source overlaps that the engine's plan exposes (the prediction does not credit it)."""
-    if zero_stage == 1 and _overlapped_distributed_optimizer(run):
-        return ("Megatron's distributed optimizer reduce-scatters the gradients during the last backward and "
-                "gathers the parameters during the next forward; the engine's ZeRO-1 all-reduces them (twice the "
-                "bytes) and broadcasts the fp32 parameters after the step, not overlapped")
-    return ""
 
 
 def _replicas(run: Run, gpus_per_node: int, tp: int, assumed: list[str]) -> int:
@@ -294,7 +272,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     mode, every_k = _checkpointing(run, assumed, free)
     text = f"{run.ac} {run.other}".lower()
     return {
-        "zero_stage": _zero(run, pp, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
+        "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
         "micro_batch": micro_batch,
         "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
@@ -348,5 +326,4 @@ def map_run(run: Run) -> Mapped:
         raise NotExpressible(f"not a valid engine config: {e}")
     tokens, how = _measured_tokens(run, train, hw)
     return Mapped(run=run, train=train, hw=hw, assumptions=assumed, free=free, tokens_per_s_per_gpu=tokens, tokens_source=how,
-                  peak_reserved_bytes=run.peak_mem_gib * GiB if run.peak_mem_gib else None,
-                  exposed_here=_exposed_here(run, plan["zero_stage"]))
+                  peak_reserved_bytes=run.peak_mem_gib * GiB if run.peak_mem_gib else None)

@@ -97,8 +97,6 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
         "memory_error": _error(reserved / GiB, run.peak_mem_gib),
         "fits": bool(est["fits"]), "fit_reason": str(est["reason"]),
         "assumptions": "; ".join(mapped.assumptions),
-        "exposed_here": (f"{mapped.exposed_here}: {est['time_dp_comm_s']:.2f} s of the predicted {est['step_time_s']:.2f} s "
-                         "step is exposed data-parallel communication" if mapped.exposed_here else ""),
     }
 
 

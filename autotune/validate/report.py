@@ -121,10 +121,6 @@ def markdown(validation: Validation, command: str) -> str:
         if not unfit.empty:
             out += ["## Runs that ran but are predicted not to fit, and why\n"]
             out += [f"- line {r.line} ({r.model}): {r.fit_reason}" for r in unfit.itertuples()] + [""]
-        exposed = rows[rows["exposed_here"] != ""]
-        if not exposed.empty:
-            out += ["## What the source overlaps and this engine exposes (the prediction does not credit it)\n"]
-            out += [f"- line {r.line} ({r.model}): {r.exposed_here}" for r in exposed.itertuples()] + [""]
         assumed = rows[rows["assumptions"] != ""]
         if not assumed.empty:
             out += ["## What was assumed where the source is silent\n"]
