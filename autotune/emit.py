@@ -249,8 +249,8 @@ def hybrid_sharding_note(plan: PlanConfig) -> str:
             f"a second copy of the 16-bit parameters is sharded within groups of {shard} ranks (backward's all-gathers "
             f"stay there); the forward all-gather, the gradients' reduce-scatter and the optimizer states span all "
             f"{plan.dp} ranks: less memory per GPU and more traffic across nodes than the engine's plan.")
-    return note + (" DeepSpeed has no hierarchical partitioning under ZeRO stage 2 (hpZ needs stage 3): with this "
-                   f"file it shards over all {plan.dp} data-parallel ranks.")
+    return note + (f" DeepSpeed has no hierarchical partitioning under ZeRO stage {plan.zero_stage} (hpZ needs stage 3): "
+                   f"with this file it shards over all {plan.dp} data-parallel ranks.")
 
 
 def launch_script(cfg: TrainConfig, cluster: ClusterConfig) -> str:

@@ -73,6 +73,7 @@ def test_an_unknown_section_names_the_sections(override):
         ({"precision": "fp8"}, "use one of fp32, bf16, fp16"),
         ({"grad_accum": 3}, "disagrees"),
         ({"sequence_parallel": True}, "needs plan.tp > 1"),
+        ({"dp": 4, "dp_replicate": 2}, "plan.zero_stage=0 shards nothing; use plan.zero_stage=1, 2 or 3"),
     ],
 )
 def test_invalid_plans_say_what_to_change(plan, match):
