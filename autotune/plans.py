@@ -5,7 +5,7 @@ A plan is built from independent choices: the parallel layout (dp x tp x pp with
 schedule and sequence parallelism; for a mixture-of-experts model, ep: how many of the dp ranks
 split each MoE layer's experts, every divisor of dp that divides the experts' count, and no tp,
 which the engine does not combine with experts; on more than one node, dp_replicate: hybrid
-sharding's replicas, each sharding ZeRO-2/3 over whole nodes, `replica_counts`; for a long
+sharding's replicas, each sharding ZeRO 1-3 over whole nodes, `replica_counts`; for a long
 sequence, cp: context parallelism's ranks per sequence, `context_degrees`), the micro-batch (a divisor of global_batch / dp; grad_accum
 follows), the ZeRO stage with its offloads, the precision, activation checkpointing and the kernels.
 Each group is enumerated on its own, with its own validity rules, and the groups are joined with
