@@ -99,6 +99,7 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     zero, tp, beta = plans.zero_stage, plans.tp, plans.compute_bytes
     layers = held.layers
     checkpointed = plans.checkpointed(layers)
+    all_gathered = (zero == 1) | (zero == 2) | (plans.deferred_sync & (plans.micro_batches > 1))
     # 16-bit compute copies: autocast's cast weights are saved for backward (measured P term);
     # FSDP2 ZeRO 1/2 keep every unit gathered from forward to backward (so does ZeRO-3 where its
     # sync waits for the last micro-batch, after the first backward); ZeRO-3 otherwise the root plus
@@ -122,7 +123,7 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     logits_grad = np.where(plans.loss_kernels == "torch", plans.micro_batch * seq_len * model.vocab_size * 4, 0)
     return {
         # (float8 all-gather: the gathered blocks hold their float8 weights, a byte each [Float8])
-        "param_copies": np.select([(zero == 1) | (zero == 2) | (plans.deferred_sync & (plans.micro_batches > 1)), zero == 3],
+        "param_copies": np.select([all_gathered, zero == 3],
                                   [beta * held.root + plans.gather_bytes * (held.local - held.root),
                                    beta * held.root + plans.gather_bytes * 2 * held.block], autocast_copies),
         # the float8 linears keep the bf16 input saved (the measured block bytes); the largest one's
