@@ -2,6 +2,7 @@
 to the engine, the report, and the calibration's fit and leave-one-source-out errors."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -9,6 +10,7 @@ from autotune.cli import main
 from autotune.estimate import Calibration
 from autotune.profile import flops_per_token
 from autotune.validate import NotExpressible, map_run, parse_run, read_runs, validate_runs
+from autotune.validate.calibrate import PRIOR_SD, fit_multipliers
 
 # a small Llama (the shape of Llama 3.2 1B): the grouped-query llama fit the other tests use
 ARCH = {"n_layers": 16, "d_model": 2048, "n_heads": 32, "kv_heads": 8, "ffn": 8192, "vocab": 128256}
@@ -141,6 +143,17 @@ def test_calibrate_fits_scales_that_a_command_applies_and_reports_leave_one_sour
     catalog = json.loads(_estimate_json(capsys, []))["tokens_per_s"]
     calibrated = json.loads(_estimate_json(capsys, [f"estimate.calibration={calib_path}"]))["tokens_per_s"]
     assert calibrated < catalog
+
+
+def test_a_run_far_off_for_a_reason_outside_the_hardware_does_not_drag_the_fit():
+    """Seven runs whose matmuls take 1.3x the model's time and one 3x slower (its engine differs):
+    the fitted matmul multiplier stays at the seven's, where squares would be pulled towards the one."""
+    rng = np.random.default_rng(0)
+    parts = np.column_stack([rng.uniform(1, 2, 8), rng.uniform(0.1, 0.3, (8, 3)), np.full(8, 0.05)])
+    measured = 1.3 * parts[:, 0] + parts[:, 1:].sum(axis=1)
+    measured[0] *= 3
+    k = fit_multipliers(parts, measured, np.ones(4), PRIOR_SD, np.full(4, 0.1))
+    assert k[0] == pytest.approx(1.3, rel=0.05)
 
 
 def _estimate_json(capsys, extra) -> str:

@@ -6,7 +6,10 @@ SDPA, memory-bound work (with the optimizer and FSDP2's copy-out), and exposed c
 pipeline bubble goes with the compute it idles). The fit is one time multiplier per part, pooled
 over all runs, and, for a GPU with MIN_GPU_ROWS runs or more, one per part for that GPU around the
 pooled ones: least squares on the log of predicted over measured step time, each multiplier held
-towards its centre by a log-normal prior (a part the runs cannot tell apart stays put). The
+towards its centre by a log-normal prior (a part the runs cannot tell apart stays put). The loss is
+Cauchy's, not the square: a run that is far off for a reason the hardware factors do not hold (its
+engine hides what ours exposes, or ours needs a plan the run did not) counts about as the log of its
+error, so a few such runs do not drag the factors every other run shares. The
 calibration stores their inverses as efficiency scales (`Calibration.scales`, `gpu_scales`);
 `estimate.calibration=calib.json` applies them in every command. Nothing is set per run or per
 source: leave-one-source-out fits on every source but one and predicts that one.
@@ -27,7 +30,7 @@ from autotune.validate.predict import Validation, validate_runs
 from autotune.validate.report import by_source, source_name
 
 PARTS = ("matmul_efficiency", "attention_efficiency", "memory_efficiency", "collective_efficiency")
-ROW_SD = 0.10  # the log error one run's step time is allowed
+ROW_SD = 0.10  # the log error one run's step time is allowed; Cauchy's loss flattens beyond it
 PRIOR_SD = 0.25  # a pooled multiplier's log-normal prior around 1 (a factor moves ~25% unless the runs insist)
 GPU_PRIOR_SD = 0.25  # a GPU's multiplier around the pooled one
 MIN_GPU_ROWS = 3
@@ -53,7 +56,7 @@ def fit_multipliers(parts: np.ndarray, measured_s: np.ndarray, centre: np.ndarra
 
     low = np.log(np.maximum(floor, 0.1))
     start = np.clip(np.log(centre), low + 1e-6, np.log(10.0) - 1e-6)  # inside the bounds: a start on one stalls
-    return np.exp(least_squares(residuals, start, bounds=(low, np.log(10.0))).x)
+    return np.exp(least_squares(residuals, start, bounds=(low, np.log(10.0)), loss="cauchy").x)
 
 
 def _floors(validation: Validation, lines) -> np.ndarray:
