@@ -67,6 +67,8 @@ def _network_gbps(run: Run, gpus_per_node: int, assumed: list[str]) -> float | N
         return int(per_node.group(1)) * float(per_node.group(2)) / gpus_per_node
     rate = re.search(r"(\d+)\s*Gb(?:ps|/s)", text, re.IGNORECASE)
     if rate:
+        if not re.search(r"per\s+GPU", text, re.IGNORECASE):
+            assumed.append(f"network {text!r} says neither per GPU nor per node: taken per GPU")
         return float(rate.group(1))
     if run.gpus > gpus_per_node:
         assumed.append("network unstated: the catalog GPU's reference server's ports")
