@@ -36,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_tp_slice import resolve_device  # noqa: E402
 
 MODES = ("engine", "engine_compile", "eager", "compile")
 
@@ -161,12 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from autotune.engine.files import write_atomic
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
+    device = resolve_device(args)
+    if device is None:
         return 2
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {device}", flush=True)
     rows = []
     result = {"benchmark": "engine", "device": device, "dtype": "bf16",

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_tp_slice import resolve_device  # noqa: E402
 
 OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rope", "linear_cross_entropy")
 FFN = {2048: 8192, 4096: 14336, 8192: 28672}  # llama-3 MLP widths for each hidden size
@@ -275,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.ops) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA GPU; use --device cpu for a smoke run", file=sys.stderr)
+    if resolve_device(args) is None:
         return 2
     if args.device == "cpu":
         # The kernels are jitted at their first launch, which reads this: setting it here is in time.
