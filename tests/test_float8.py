@@ -9,6 +9,8 @@ e5m2 2: a relative rounding error up to 2^-4 and 2^-3 per element, averaged down
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -113,10 +115,18 @@ def train_losses(plan: dict) -> list[float]:
     return [reduce_loss(engine.step(step).loss)[0] for step in range(JOB["steps"])]
 
 
+@functools.cache
+def one_process_losses(fp8: str, zero_stage: int) -> list[float]:
+    """train_losses of bf16 (with float8 linears under `fp8`) on one process: trained once per
+    session, the reference of several tests here and in tests/test_float8_tp.py (the caller holds
+    a process group; nobody modifies the result)."""
+    return train_losses(dict(micro_batch=4, precision="bf16", zero_stage=zero_stage, fp8=fp8))
+
+
 @pytest.mark.parametrize("recipe, zero_stage", [("tensorwise", 0), ("rowwise", 0), ("tensorwise", 3)])
 def test_tiny_model_trains_in_float8_as_in_bf16(one_process_group, recipe, zero_stage):
-    ref = train_losses(dict(micro_batch=4, precision="bf16", zero_stage=zero_stage))
-    losses = train_losses(dict(micro_batch=4, precision="bf16", zero_stage=zero_stage, fp8=recipe))
+    ref = one_process_losses("none", zero_stage)
+    losses = one_process_losses(recipe, zero_stage)
     assert losses != ref  # the linears really ran in float8
     assert losses == pytest.approx(ref, rel=0.02)
 
