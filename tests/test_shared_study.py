@@ -296,7 +296,7 @@ def _wait_for(predicate, timeout: float, procs: list) -> None:
 
 
 @pytest.mark.slow
-def test_search_processes_started_together_one_killed_mid_trial(postgres, tmp_path):
+def test_search_processes_started_together_one_killed_mid_trial(postgres, tmp_path, monkeypatch, capsys):
     """Issues 18 and 20 with real probes: three `autotune search` processes, each with its own run
     folder and the same --name, start at the same moment on a fresh database (one with the password
     in its URL, two with PGPASSWORD); one is SIGKILLed while its probe runs. The others finish the
@@ -342,11 +342,14 @@ def test_search_processes_started_together_one_killed_mid_trial(postgres, tmp_pa
     assert len(short) == len(set(short)) and 4 <= len(short) <= 5  # one budget, no plan twice
     assert killed and all(study.trials[n].state.name == "FAIL" and "interrupted" in study.trials[n].user_attrs["reason"]
                           and study.trials[n].user_attrs["claim"] is None for n in killed)
-    for name in ("a", "c"):  # the killed worker's folder reports the shared study too
-        report = subprocess.run([sys.executable, "-m", "autotune", "report", name], env=env,
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert report.returncode == 0, report.stderr[-2000:]
-        outputs.append((report.stdout, report.stderr))
+    # the killed worker's folder reports the shared study too (`autotune report` in this process:
+    # the password from PGPASSWORD, as for the processes above)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    for name in ("a", "c"):
+        rc = main(["report", str(tmp_path / name)])
+        printed = capsys.readouterr()
+        assert rc == 0, printed.err[-2000:]
+        outputs.append((printed.out, printed.err))
         assert f"{len(study.trials)} trials" in (tmp_path / name / "report.md").read_text()
     assert (tmp_path / "a" / "launch.sh").is_file() and list((tmp_path / "a" / "logs").glob("trial-*.log"))
     assert not _files_with(tmp_path, PASSWORD)
