@@ -24,6 +24,20 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(COEFFICIENT_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def four_rank_run(request, tmp_path_factory) -> dict:
+    """One torchrun launch of 4 gloo ranks (tests/tp_pp_worker.py) that trains the `four_rank_spec(root)`
+    of every test module whose selected tests take this fixture (test_tp_pp.py, test_moe.py): the
+    ranks' start-up, an interpreter each importing torch and the engine on a 2-core machine, paid
+    once. {"root": the folder holding a folder per module, named as the module, "out": the worker's OUT}."""
+    from tp_pp_worker import launch, merged
+
+    root = tmp_path_factory.mktemp("four_ranks")
+    modules = {item.module for item in request.session.items if "four_rank_run" in getattr(item, "fixturenames", ())}
+    specs = [m.four_rank_spec(root / m.__name__) for m in sorted(modules, key=lambda m: m.__name__)]
+    return {"root": root, "out": launch(root, "four-ranks", merged(specs), nproc=4)}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

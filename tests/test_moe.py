@@ -6,7 +6,8 @@ load-balancing loss), grouped matmuls against the loop over experts, exact param
 presets and of Mixtral / Qwen2-MoE config.json files, refused configs and plans as one error line,
 and the logits of transformers' MixtralForCausalLM / Qwen2MoeForCausalLM on tiny random models
 (their weights loaded by the engine, and the engine's loaded by transformers).
-One 4-rank launch (tests/tp_pp_worker.py): expert parallelism alone, with ZeRO-1, 2 and 3, with
+One 4-rank launch (tests/tp_pp_worker.py, shared with tests/test_tp_pp.py: tests/conftest.py's
+four_rank_run): expert parallelism alone, with ZeRO-1, 2 and 3, with
 pipeline parallelism, with token dropping, from Hugging Face weights, the probe and a checkpoint
 moved to one process, all on the single-process loss trajectory.
 """
@@ -260,33 +261,47 @@ def config(out_dir: Path, model: dict = TINY_MOE, **plan) -> dict:
 DROPPING = {**TINY_MOE, "capacity_factor": 1.0, "aux_loss_coef": 0.1}
 
 
-@pytest.mark.slow
-def test_expert_parallel_plans_match_one_process(tmp_path):
+def from_hf(root: Path) -> dict:
+    """Hugging Face weights (Qwen2-MoE names) under `root`, which every rank loads and cuts into its
+    experts: the model fields that start from them."""
     from autotune.engine.hf import save_hf_weights
 
-    # Hugging Face weights (Qwen2-MoE names) loaded by every rank, then cut into its experts
-    save_hf_weights(build_model(ModelConfig(**{**TINY_MOE, "qkv_bias": True}), seed=9), tmp_path / "hf")
-    from_hf = {"hf_config": str(tmp_path / "hf" / "config.json"), "init_from": str(tmp_path / "hf")}
+    if not (root / "hf").is_dir():
+        save_hf_weights(build_model(ModelConfig(**{**TINY_MOE, "qkv_bias": True}), seed=9), root / "hf")
+    return {"hf_config": str(root / "hf" / "config.json"), "init_from": str(root / "hf")}
+
+
+def four_rank_spec(root: Path) -> dict:
+    """What test_expert_parallel_plans_match_one_process trains on 4 ranks (tests/tp_pp_worker.py's
+    SPEC), each run's folder under `root`: tests/conftest.py's four_rank_run launches it together
+    with tests/test_tp_pp.py's plans."""
+    hf = from_hf(root)
     runs = {
-        "dp4_ep2_zero0": config(tmp_path / "a", dp=4, ep=2),
+        "dp4_ep2_zero0": config(root / "a", dp=4, ep=2),
         # experts FSDP-sharded over 2 edp ranks; per-operator checkpointing keeps the all-to-alls' and
         # the experts' grouped matmuls' outputs
-        "dp4_ep2_zero3_op": config(tmp_path / "b", dp=4, ep=2, zero_stage=3, activation_checkpointing="op"),
-        "dp4_ep4_zero1": config(tmp_path / "c", dp=4, ep=4, zero_stage=1),  # ZeRO-1 shards the experts within edp groups
-        "pp2_dp2_ep2_1f1b_attention": config(tmp_path / "d", pp=2, dp=2, ep=2, activation_checkpointing="attention"),
-        "pp2_dp2_ep2_zero3_gpipe_ckpt": config(tmp_path / "e", pp=2, dp=2, ep=2, zero_stage=3, pp_schedule="gpipe",
+        "dp4_ep2_zero3_op": config(root / "b", dp=4, ep=2, zero_stage=3, activation_checkpointing="op"),
+        "dp4_ep4_zero1": config(root / "c", dp=4, ep=4, zero_stage=1),  # ZeRO-1 shards the experts within edp groups
+        "pp2_dp2_ep2_1f1b_attention": config(root / "d", pp=2, dp=2, ep=2, activation_checkpointing="attention"),
+        "pp2_dp2_ep2_zero3_gpipe_ckpt": config(root / "e", pp=2, dp=2, ep=2, zero_stage=3, pp_schedule="gpipe",
                                                activation_checkpointing="full"),
-        "dp4_ep2_dropping": config(tmp_path / "f", DROPPING, dp=4, ep=2),
-        "dp4_ep2_zero2_from_hf": config(tmp_path / "g", from_hf, dp=4, ep=2, zero_stage=2),
+        "dp4_ep2_dropping": config(root / "f", DROPPING, dp=4, ep=2),
+        "dp4_ep2_zero2_from_hf": config(root / "g", hf, dp=4, ep=2, zero_stage=2),
     }
-    resume = {"dp4_ep2_zero3_resume": {"save_at": 3, "config": config(tmp_path / "resume", dp=4, ep=2, zero_stage=3)}}
-    probe = {"probe_dp4_ep2": {"config": config(tmp_path / "probe", dp=4, ep=2), "warmup": 0, "steps": 2}}
-    result = run_worker(tmp_path, "ep", {"runs": runs, "resume": resume, "probe": probe}, nproc=4)
+    resume = {"dp4_ep2_zero3_resume": {"save_at": 3, "config": config(root / "resume", dp=4, ep=2, zero_stage=3)}}
+    probe = {"probe_dp4_ep2": {"config": config(root / "probe", dp=4, ep=2), "warmup": 0, "steps": 2}}
+    return {"runs": runs, "resume": resume, "probe": probe}
+
+
+@pytest.mark.slow
+def test_expert_parallel_plans_match_one_process(tmp_path, four_rank_run):
+    root = four_rank_run["root"] / __name__
+    runs, result = four_rank_spec(root)["runs"], four_rank_run["out"]
     reference = run_worker(tmp_path, "reference", {
         "runs": {"moe": config(tmp_path / "ref"), "dropping": config(tmp_path / "ref-drop", DROPPING),
-                 "from_hf": config(tmp_path / "ref-hf", from_hf)},
+                 "from_hf": config(tmp_path / "ref-hf", from_hf(root))},
         "load": {"from_ep2_zero3": {"config": config(tmp_path / "ref-load"),
-                                    "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")}},
+                                    "checkpoint": str(root / "resume" / "ckpt" / "step-3")}},
     }, nproc=1)
 
     for name in runs:

@@ -1,6 +1,6 @@
 """Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
 
-One torchrun launch trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
+One torchrun launch (with tests/test_moe.py's 4-rank plans: tests/conftest.py's four_rank_run) trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
 with ZeRO 0, 1 and 3, hybrid sharding (2 replicas x 2 shards, ZeRO 2 and 3), tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
 with tp and sequence parallel for biases, positions and the tied head; gpt2 with pp, its tied
 embedding split between the first and the last stage; fp16 with pp, an overflow on one rank, resumed
@@ -99,49 +99,57 @@ SAVED["saved_gpt2_bf16_sp_op2"] = dict(SAVED["saved_gpt2_bf16_sp"], ckpt="op", k
 SAVED["saved_fp32_op2"] = dict(SAVED["saved_fp32"], ckpt="op", k=2)
 
 
-@pytest.mark.slow
-def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
-    runs = {name: config(tmp_path / name, **plan) for name, plan in four_rank_plans().items()}
+def four_rank_spec(root: Path) -> dict:
+    """What test_tp_pp_plans_match_one_process_and_resume trains on 4 ranks (tests/tp_pp_worker.py's
+    SPEC), each run's folder under `root`: tests/conftest.py's four_rank_run launches it together
+    with tests/test_moe.py's expert-parallel plans."""
+    runs = {name: config(root / name, **plan) for name, plan in four_rank_plans().items()}
     # hybrid sharding: 2 replicas of 2 sharding ranks, accumulating 2 micro-batches: ZeRO-3 (the replicas'
     # all-reduce only on the last) and ZeRO-1 (the reduce-scatter and the all-reduce only on the last)
-    runs["hsdp_r2_dp4_zero3"] = config(tmp_path / "hsdp3", dp=4, dp_replicate=2, zero_stage=3, micro_batch=1)
-    runs["hsdp_r2_dp4_zero1"] = config(tmp_path / "hsdp1", dp=4, dp_replicate=2, zero_stage=1, micro_batch=1)
-    runs["gpt2_tp2_dp2_zero2_sp"] = config(tmp_path / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
+    runs["hsdp_r2_dp4_zero3"] = config(root / "hsdp3", dp=4, dp_replicate=2, zero_stage=3, micro_batch=1)
+    runs["hsdp_r2_dp4_zero1"] = config(root / "hsdp1", dp=4, dp_replicate=2, zero_stage=1, micro_batch=1)
+    runs["gpt2_tp2_dp2_zero2_sp"] = config(root / "gpt2", TINY_GPT2, tp=2, dp=2, zero_stage=2,
                                            sequence_parallel=True)
     # the tied embedding split between the first stage and a head copy on the last (autotune/engine/pipeline.py)
-    runs["gpt2_pp2_dp2_zero0_1f1b"] = config(tmp_path / "gpt2-pp", TINY_GPT2, pp=2, dp=2)
+    runs["gpt2_pp2_dp2_zero0_1f1b"] = config(root / "gpt2-pp", TINY_GPT2, pp=2, dp=2)
     # ... with tp (the embedding's replicated gradient summed as vocabulary shards); no dp wrapper,
     # so tp DTensors sit beside plain positions (split AdamW groups)
-    runs["gpt2_tp2_pp2_sp"] = config(tmp_path / "gpt2-tp-pp", TINY_GPT2, tp=2, pp=2, sequence_parallel=True)
+    runs["gpt2_tp2_pp2_sp"] = config(root / "gpt2-tp-pp", TINY_GPT2, tp=2, pp=2, sequence_parallel=True)
     # fp16 across stages, dynamic and fixed (under ZeRO-3) scales, each with an overflow on rank 0
     # alone at step 2: every rank must skip that step, and only the dynamic scale backs off
-    runs["pp2_dp2_fp16_1f1b"] = config(tmp_path / "fp16", pp=2, dp=2, precision="fp16")
-    runs["pp2_dp2_zero3_fp16_fixed_gpipe"] = config(tmp_path / "fp16-fixed", pp=2, dp=2, zero_stage=3,
+    runs["pp2_dp2_fp16_1f1b"] = config(root / "fp16", pp=2, dp=2, precision="fp16")
+    runs["pp2_dp2_zero3_fp16_fixed_gpipe"] = config(root / "fp16-fixed", pp=2, dp=2, zero_stage=3,
                                                     precision="fp16", loss_scale="65536", pp_schedule="gpipe")
     # the Triton kernels on the stages' local rows and sequence-sharded norms (the fused loss is not
     # used: the last stage runs torch's on vocabulary-sharded logits)
-    runs["triton_tp2_pp2_sp_1f1b"] = few_rows(config(tmp_path / "triton", tp=2, pp=2, sequence_parallel=True,
+    runs["triton_tp2_pp2_sp_1f1b"] = few_rows(config(root / "triton", tp=2, pp=2, sequence_parallel=True,
                                                      kernels="triton"))
     overflow_at = {name: 2 for name in ("pp2_dp2_fp16_1f1b", "pp2_dp2_zero3_fp16_fixed_gpipe", "fp16", "fp16_fixed_zero3")}
-    references = {"pp2_dp2_fp16_1f1b": "fp16", "pp2_dp2_zero3_fp16_fixed_gpipe": "fp16_fixed_zero3",
-                  "triton_tp2_pp2_sp_1f1b": "llama_short"}
     resume = {
         "tp2_pp2_sp_resume": {"save_at": 3, "config": config(
-            tmp_path / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)},
+            root / "resume", tp=2, pp=2, dp=1, pp_schedule="1f1b", sequence_parallel=True, zero_stage=2)},
         # ZeRO-1 offloaded: the states saved as host DTensors of dp x tp shards
         "tp2_dp2_zero1_offload_resume": {"save_at": 3, "config": config(
-            tmp_path / "resume-zero1", tp=2, dp=2, zero_stage=1, offload_optimizer=True)},
+            root / "resume-zero1", tp=2, dp=2, zero_stage=1, offload_optimizer=True)},
     }
     # tied copies: a checkpoint names the head copy tok_emb.weight, so a pp run resumes and moves to one process
     resume["gpt2_pp2_dp2_zero3_gpipe_resume"] = {"save_at": 3, "config": config(
-        tmp_path / "resume-gpt2", TINY_GPT2, pp=2, dp=2, zero_stage=3, pp_schedule="gpipe")}
+        root / "resume-gpt2", TINY_GPT2, pp=2, dp=2, zero_stage=3, pp_schedule="gpipe")}
     accumulating = ["pp2_dp2_zero3_gpipe", "pp2_dp2_zero3_1f1b"]
     # the fp16 pipeline resumes after the overflow: with the backed-off scale
     resume_at = {"pp2_dp2_fp16_1f1b": 3}
-    probe = {"probe_tp2_pp2": {"config": few_rows(config(tmp_path / "probe", tp=2, pp=2)), "warmup": 0, "steps": 1}}
-    result = run_worker(tmp_path, "plans", {"runs": runs, "resume": resume, "overflow_at": overflow_at,
-                                            "accumulating": accumulating, "resume_at": resume_at,
-                                            "probe": probe, "saved": SAVED}, nproc=4)
+    probe = {"probe_tp2_pp2": {"config": few_rows(config(root / "probe", tp=2, pp=2)), "warmup": 0, "steps": 1}}
+    return {"runs": runs, "resume": resume, "overflow_at": overflow_at, "accumulating": accumulating,
+            "resume_at": resume_at, "probe": probe, "saved": SAVED}
+
+
+@pytest.mark.slow
+def test_tp_pp_plans_match_one_process_and_resume(tmp_path, four_rank_run):
+    root = four_rank_run["root"] / __name__
+    spec, result = four_rank_spec(root), four_rank_run["out"]
+    runs, overflow_at, accumulating = spec["runs"], spec["overflow_at"], spec["accumulating"]
+    references = {"pp2_dp2_fp16_1f1b": "fp16", "pp2_dp2_zero3_fp16_fixed_gpipe": "fp16_fixed_zero3",
+                  "triton_tp2_pp2_sp_1f1b": "llama_short"}
     # the references, and both checkpoints continued by one process: stages and shards keep the
     # full model's parameter names, so a checkpoint moves between layouts
     reference = run_worker(tmp_path, "reference", {
@@ -152,11 +160,11 @@ def test_tp_pp_plans_match_one_process_and_resume(tmp_path):
                                             loss_scale="65536")},
         "overflow_at": overflow_at,
         "load": {"gpt2_from_pp2": {"config": config(tmp_path / "ref-load-gpt2", TINY_GPT2),
-                                   "checkpoint": str(tmp_path / "resume-gpt2" / "ckpt" / "step-3")},
+                                   "checkpoint": str(root / "resume-gpt2" / "ckpt" / "step-3")},
                  "llama_from_tp2_pp2": {"config": config(tmp_path / "ref-load"),
-                                        "checkpoint": str(tmp_path / "resume" / "ckpt" / "step-3")},
+                                        "checkpoint": str(root / "resume" / "ckpt" / "step-3")},
                  "llama_from_tp2_dp2_zero1": {"config": config(tmp_path / "ref-load-zero1"),
-                                              "checkpoint": str(tmp_path / "resume-zero1" / "ckpt" / "step-3")}},
+                                              "checkpoint": str(root / "resume-zero1" / "ckpt" / "step-3")}},
     }, nproc=1)
 
     for name in runs:

@@ -62,6 +62,19 @@ def launch(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
     return json.loads(out_path.read_text())
 
 
+def merged(specs: list[dict]) -> dict:
+    """One SPEC of several (their names apart): one launch trains them all."""
+    spec: dict = {}
+    for part in specs:
+        for key, value in part.items():
+            if isinstance(value, list):
+                spec.setdefault(key, []).extend(value)
+            else:
+                assert not spec.get(key, {}).keys() & value.keys(), f"{key}: a name in two specs"
+                spec.setdefault(key, {}).update(value)
+    return spec
+
+
 LAUNCHED: set[str] = set()  # names of the Triton kernels this rank launched during the current run
 
 
