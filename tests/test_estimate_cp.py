@@ -31,14 +31,14 @@ def test_a_cp_rank_holds_the_activations_of_its_share_of_the_sequence():
     """cp=2 at S: the activations (and logits) of one rank are those of S/2 without cp, but for the
     block being recomputed, whose ring keeps k and v unrepeated over the kv heads' groups; ZeRO's
     states are sharded over dp x cp ranks, as a plan with that many data-parallel ranks."""
-    cfg = llama_8b(32768, dp=4, cp=2)
+    cfg = llama_8b(32768, dp=4, cp=2, kernels="triton")  # the fused loss: the recomputed block outweighs it
     with_cp = estimate(cfg, H100)
-    half = estimate(llama_8b(16384, dp=4), H100)
+    half = estimate(llama_8b(16384, dp=4, kernels="triton"), H100)
     unrepeated = float(unrepeated_kv_bytes(cfg.model, 16384, PlanArrays.of(plans_frame([cfg.plan]), cfg.job))[0])
     assert unrepeated == 2 * 16384 * (32 - 8) * 128 * 2  # k and v of the 24 query heads without a kv head, bf16
     assert with_cp.memory["activations_bytes"] == pytest.approx(half.memory["activations_bytes"] - unrepeated, rel=1e-9)
     assert with_cp.memory["logits_bytes"] == pytest.approx(half.memory["logits_bytes"], rel=1e-9)
-    wide = estimate(llama_8b(32768, dp=8), H100)
+    wide = estimate(llama_8b(32768, dp=8, kernels="triton"), H100)
     for part in ("params_bytes", "master_bytes", "optimizer_bytes"):
         assert with_cp.memory[part] == wide.memory[part], part
     assert with_cp.memory["activations_bytes"] < 0.6 * wide.memory["activations_bytes"]
@@ -93,21 +93,22 @@ def test_world_counts_cp_and_mfu_counts_every_rank():
 
 
 def test_the_search_chooses_cp_where_a_sequence_does_not_fit_one_rank():
-    """Llama 3 8B at 131,072 tokens on 8 H100, bf16, full checkpointing: without cp only plans with
-    tp >= 4 fit (one sequence's activations and logits split no other way), and the fastest plan
-    that fits splits the sequence (torchtitan ran this job with cp=4, dp=2; the estimate has cp=4,
-    dp=2 level with cp=2 x tp=2, within 0.1%, both 1.5% ahead of the best cp=1 plan, tp=4)."""
+    """Llama 3 8B at 131,072 tokens on 8 of torchtitan's 96 GB H100s, bf16, full checkpointing:
+    without cp only plans with tp >= 4 fit (one sequence's activations and logits split no other
+    way), and the fastest plan that fits splits the sequence (torchtitan ran this job with cp=4,
+    dp=2; the estimate has cp=4, dp=2 within 0.3% of cp=2 x tp=2, both 0.5-0.8% ahead of the best
+    cp=1 plan, tp=4)."""
     train = llama_8b(131072, global_batch=8)
-    plans = enumerate_plans(train, ClusterConfig(gpu="h100-sxm", gpus_per_node=8), SearchConfig(precisions=["bf16"]))
+    plans = enumerate_plans(train, ClusterConfig(gpu="h100-sxm-96g-500w", gpus_per_node=8), SearchConfig(precisions=["bf16"]))
     plans = plans[(plans["activation_checkpointing"] == "full") & (plans["micro_batch"] == 1) & (plans["kernels"] == "torch")]
-    frame = estimate_frame(train.model, train.job, plans, H100)
+    frame = estimate_frame(train.model, train.job, plans, dataclasses.replace(catalog_gpu("h100-sxm-96g-500w"), gpus_per_node=8))
     fits = frame[frame["fits"]]
     assert (fits.loc[fits["cp"] == 1, "tp"] >= 4).all()
     best = fits.loc[fits["tokens_per_s"].idxmax()]
     assert best["cp"] > 1
     torchtitans = fits.loc[(fits["cp"] == 4) & (fits["dp"] == 2), "tokens_per_s"].max()
     assert torchtitans > 0.995 * best["tokens_per_s"]
-    assert best["tokens_per_s"] > 1.01 * fits.loc[fits["cp"] == 1, "tokens_per_s"].max()
+    assert torchtitans > 1.004 * fits.loc[fits["cp"] == 1, "tokens_per_s"].max()
 
 
 def test_a_frame_of_mixed_cp_keeps_its_order_and_matches_one_by_one():

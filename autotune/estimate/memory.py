@@ -55,6 +55,16 @@ class PeakMemory:
     reason: np.ndarray
 
 
+def loss_gradient_bytes(model: ModelConfig, tokens) -> np.ndarray:
+    """Bytes torch's cross-entropy (log_softmax, then nll_loss, on the fp32 logits) makes in its
+    backward beside the log-probabilities it saved: nll_loss's gradient (a zero-filled fp32 tensor
+    of the logits' shape, -1/N scattered at the targets) and log_softmax's gradient, another,
+    both alive until log_softmax's backward returns; the 16-bit cast of the gradient comes after
+    the saved log-probabilities are freed. The first moment of the backward, so every activation
+    is still held [Activations]."""
+    return 2 * 4 * np.asarray(tokens, dtype=float) * model.vocab_size
+
+
 def in_flight(plans: PlanArrays) -> np.ndarray:
     """Micro-batches whose activations the first stage holds at once [Activations, Pipeline]:
     GPipe all m; 1F1B min(p, m); interleaved min(p, m)·(1 + (p−1)/(p·v)); no pipeline: 1."""
@@ -117,10 +127,13 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
                        + saved.cast_weights * recomputing) / tp  # the fit's P is the whole block's
     # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input
     per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
-    # Logits and loss [Activations]: what the head and loss save, plus (unfused) the fp32
-    # gradient of the logits while the saved log-probabilities still live (their 16-bit cast
-    # comes after those are freed), vocab-sharded by tp
-    logits_grad = np.where(plans.loss_kernels == "torch", plans.micro_batch * seq_len * model.vocab_size * 4, 0)
+    # Logits and loss [Activations]: what the head and loss save, plus (unfused) the gradients
+    # the loss's backward makes while the saved log-probabilities still live, vocab-sharded by tp
+    logits_grad = np.where(plans.loss_kernels == "torch", loss_gradient_bytes(model, plans.micro_batch * seq_len), 0)
+    loss = np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0)
+    # The first checkpointed block is recomputed once the loss's backward has freed all that: it
+    # adds only what exceeds it
+    recomputed = np.maximum(saved.block * recomputing - loss, 0)
     return {
         # (float8 all-gather: the gathered blocks hold their float8 weights, a byte each [Float8])
         "param_copies": np.select([all_gathered, zero == 3],
@@ -128,9 +141,9 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
                                    beta * held.root + plans.gather_bytes * 2 * held.block], autocast_copies),
         # the float8 linears keep the bf16 input saved (the measured block bytes); the largest one's
         # float8 casts and scales live while its GEMM runs
-        "activations": (per_micro_batch * micro_batches_held + saved.block * recomputing
+        "activations": (per_micro_batch * micro_batches_held + recomputed
                         + np.where(holds_head, saved.outside_per_token, 0) + float8.cast_buffers(model, plans, seq_len)),
-        "logits": np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0),
+        "logits": loss,
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
         # grads and their fp32 cast; the root's comes last, when the activations are gone);
         # pipeline send/recv of one micro-batch's boundary activations
