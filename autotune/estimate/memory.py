@@ -55,14 +55,17 @@ class PeakMemory:
     reason: np.ndarray
 
 
-def loss_gradient_bytes(model: ModelConfig, tokens) -> np.ndarray:
+def loss_gradient_bytes(model: ModelConfig, tokens, vocab_parallel) -> np.ndarray:
     """Bytes torch's cross-entropy (log_softmax, then nll_loss, on the fp32 logits) makes in its
-    backward beside the log-probabilities it saved: nll_loss's gradient (a zero-filled fp32 tensor
-    of the logits' shape, -1/N scattered at the targets) and log_softmax's gradient, another,
-    both alive until log_softmax's backward returns; the 16-bit cast of the gradient comes after
-    the saved log-probabilities are freed. The first moment of the backward, so every activation
-    is still held [Activations]."""
-    return 2 * 4 * np.asarray(tokens, dtype=float) * model.vocab_size
+    backward beside the log-probabilities it saved, per logit: nll_loss's gradient (a zero-filled
+    fp32 tensor of the logits' shape) and log_softmax's, alive together until log_softmax's
+    backward returns, 8 bytes. Under tp (vocab_parallel: loss_parallel on the rank's vocabulary
+    shard) DTensor's nll_loss backward makes log_softmax's gradient with it, (the scattered zeros
+    + exp(log-probabilities)) x the loss's gradient, three fp32 tensors alive at once, 12 bytes.
+    The 16-bit cast of the gradient comes after the saved log-probabilities are freed. It is the
+    first moment of the backward, so every activation is still held [Activations]."""
+    per_logit = np.where(vocab_parallel, 12, 8)
+    return per_logit * np.asarray(tokens, dtype=float) * model.vocab_size
 
 
 def in_flight(plans: PlanArrays) -> np.ndarray:
@@ -129,7 +132,7 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
     # Logits and loss [Activations]: what the head and loss save, plus (unfused) the gradients
     # the loss's backward makes while the saved log-probabilities still live, vocab-sharded by tp
-    logits_grad = np.where(plans.loss_kernels == "torch", loss_gradient_bytes(model, plans.micro_batch * seq_len), 0)
+    logits_grad = np.where(plans.loss_kernels == "torch", loss_gradient_bytes(model, plans.micro_batch * seq_len, plans.tp > 1), 0)
     loss = np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0)
     # The first checkpointed block is recomputed once the loss's backward has freed all that: it
     # adds only what exceeds it
