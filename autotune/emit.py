@@ -213,6 +213,7 @@ def _not_deepspeed(cfg: TrainConfig, blocks: int) -> dict[str, Any]:
         "checkpoint_every_k": plan.checkpoint_every_k,
         "kernels": plan.kernels,
         "compile": plan.compile,
+        "compile_loss": plan.compile_loss,
         "fp8": plan.fp8,
     }
 

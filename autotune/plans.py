@@ -185,6 +185,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 1)]  # hybrid sharding shards ZeRO 1-3
     plans["loss_scale"] = _DEFAULTS.loss_scale
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
+    plans["compile_loss"] = _DEFAULTS.compile_loss
     plans = _with_fp8(plans, fp8)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
@@ -263,7 +264,7 @@ def plan_label(plan: PlanConfig) -> str:
     if plan.kernels != "torch":
         parts.append(str(plan.kernels))
     if plan.compile:
-        parts.append("compile")
+        parts.append("compile" if plan.compile_loss else "compile (blocks)")
     return " ".join(parts)
 
 

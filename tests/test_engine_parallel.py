@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from allocations import allocation_peak
 
 from autotune.estimate import estimate
 from autotune.hardware import catalog_gpu
 from autotune.engine import dist
-from autotune.engine.config import build_train_config
+from autotune.engine.config import build_train_config, with_changes
 from autotune.engine.parallel import apply_activation_checkpointing, apply_compile, local_tensor
 from autotune.engine.model import build_model
 from autotune.engine.train import Engine, reduce_loss
@@ -210,6 +211,38 @@ def test_checkpointing_under_compile_changes_no_loss_or_gradient(mode):
         for (name, p), (_, q) in zip(reference.named_parameters(), compiled.named_parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=f"step {step}: {name}")
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.skipif(bool(INDUCTOR_MISSING), reason=INDUCTOR_MISSING)
+def test_a_compiled_loss_trains_as_the_eager_one_and_keeps_no_fp32_logits():
+    """plan.compile_loss: the model's loss and gradients as with torch's eager loss; and on 16-bit
+    logits the compiled loss keeps nothing of their size but them (eager: fp32 log-probabilities,
+    4 bytes a logit) and its backward makes their 16-bit gradient alone (eager: two fp32 tensors,
+    8 bytes a logit): the estimate's 2 + 2 bytes a logit against 4 + 8 (test_estimate.py measures
+    the eager loss inside the model)."""
+    cfg = config(dict(compile=True, precision="bf16"), model=dict(TINY, n_layers=1, vocab_size=4096))
+    reference, compiled = (build_model(cfg.model, seed=1) for _ in range(2))
+    torch._dynamo.reset()
+    apply_compile(compiled, with_changes(cfg, plan={"compile_loss": True}).plan)
+    tokens = torch.randint(cfg.model.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (reference, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    for (name, p), (_, q) in zip(reference.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=1e-4, msg=name)
+
+    targets = tokens[:, 1:]
+    logits = torch.randn(2, 64, cfg.model.vocab_size, dtype=torch.bfloat16, requires_grad=True)
+    for loss_fn, kept, made in ((reference.loss_fn, 4, 8), (compiled.loss_fn, 0, 2)):
+        held = {}
+        _, after_forward = allocation_peak(lambda: held.update(loss=loss_fn(logits, targets)))
+        backward, _ = allocation_peak(held["loss"].backward)
+        assert after_forward == pytest.approx(kept * logits.numel(), abs=0.02 * logits.numel())
+        assert backward == pytest.approx(made * logits.numel(), rel=0.02)
 
 
 def test_activation_checkpointing_trains_the_same(one_process_group):

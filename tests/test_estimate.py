@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from allocations import allocation_peak
 
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
@@ -299,22 +300,6 @@ def test_activations_follow_the_measured_profile():
     assert e(kernels="triton").memory["logits_bytes"] < e().memory["logits_bytes"]
     assert e(tp=2, dp=4, sequence_parallel=True).memory["activations_bytes"] < e(tp=2, dp=4).memory["activations_bytes"]
     assert estimate(base, H100).memory["activations_bytes"] == none
-
-
-def allocation_peak(step) -> tuple[int, int]:
-    """Run `step` under torch's profiler and return the peak and the final change of the bytes the
-    allocator holds (every allocation and free of the CPU allocator, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak, live
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -9,7 +9,7 @@ from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration
 from autotune.estimate.fusion import compiled_block_traffic, compiled_kernels
 from autotune.estimate.routing import expert_routing
-from autotune.estimate.traffic import micro_batch_traffic
+from autotune.estimate.traffic import COMPILED_LOSS_PASSES, micro_batch_traffic
 from autotune.hardware import load_hardware
 from autotune.profile import TRAFFIC_BLOCK_FEATURES, block_features
 
@@ -80,18 +80,24 @@ def test_compiling_moves_less_than_the_engines_eager_ops(model, zero_stage, dp):
     kernels move less in each phase (16-bit weights and autocast), and launch fewer kernels than
     eager dispatches ops."""
     cfg, _ = config(model, micro_batch=2, zero_stage=zero_stage, dp=dp)
-    frame = plan_frame([cfg.plan, with_changes(cfg, plan={"compile": True}).plan])
+    frame = plan_frame([cfg.plan, with_changes(cfg, plan={"compile": True, "compile_loss": False}).plan,
+                        with_changes(cfg, plan={"compile": True}).plan])
     plans = PlanArrays.of(frame, cfg.job)
     traffic = micro_batch_traffic(cfg.model, plans, cfg.job.seq_len, expert_routing(cfg.model, plans, cfg.job.seq_len,
                                                                                    Calibration()))
     for key in ("block_fwd", "block_bwd", "block_ops"):
-        eager, compiled = traffic[key]
+        eager, compiled, _ = traffic[key]
         assert 0 < compiled < eager, key
-    assert traffic["outside_fwd"][0] == traffic["outside_fwd"][1]  # the engine compiles the blocks only
+    for phase in ("fwd", "bwd"):
+        eager, blocks_only, with_loss = traffic[f"outside_{phase}"]
+        assert blocks_only == eager  # compile_loss=false: the engine compiles the blocks only
+        # the compiled loss's passes over the 16-bit logits in place of eager's fp32 ops
+        logits = 2 * cfg.job.seq_len * cfg.model.vocab_size
+        assert eager - with_loss > logits * 2 * COMPILED_LOSS_PASSES[phase], phase
 
 
 def test_compile_shortens_the_step_only_through_the_memory_bound_ops_and_their_dispatch():
-    cfg, hw = config("llama-3.2-1b", micro_batch=2, zero_stage=0, activation_checkpointing="op")
+    cfg, hw = config("llama-3.2-1b", micro_batch=2, zero_stage=0, activation_checkpointing="op", compile_loss=False)
     eager, compiled = (estimate(with_changes(cfg, plan={"compile": c}), hw) for c in (False, True))
     assert compiled.compute["matmul_s"] == eager.compute["matmul_s"]
     assert compiled.compute["attention_s"] == eager.compute["attention_s"]
@@ -106,3 +112,17 @@ def test_compile_shortens_the_step_only_through_the_memory_bound_ops_and_their_d
     assert compiled.memory == eager.memory
     assert set(TRAFFIC_BLOCK_FEATURES) >= {k for p in ("fwd", "bwd") for k in
                                            compiled_block_traffic(cfg.model, "bf16", "params")[f"block_{p}"]}
+
+
+def test_a_compiled_loss_holds_the_16_bit_logits_and_their_gradient_alone():
+    """plan.compile_loss: inductor's fused loss saves the logits (16-bit) and writes their 16-bit
+    gradient, where torch's eager loss saves fp32 log-probabilities and makes two fp32 gradients
+    (tests/test_estimate.py measures both on the engine's model); under tp the loss stays eager."""
+    cfg, hw = config("llama-3.2-1b", micro_batch=2, zero_stage=3, dp=8, compile=True)
+    blocks_only, with_loss = (estimate(with_changes(cfg, plan={"compile_loss": c}), hw) for c in (False, True))
+    logits = 2 * cfg.job.seq_len * cfg.model.vocab_size
+    assert blocks_only.memory["logits_bytes"] - with_loss.memory["logits_bytes"] == pytest.approx((4 + 8 - 2 - 2) * logits, rel=0.05)
+    assert with_loss.step_time_s < blocks_only.step_time_s
+    under_tp = with_changes(cfg, plan={"dp": 4, "tp": 2})
+    assert (estimate(under_tp, hw).memory["logits_bytes"]
+            == estimate(with_changes(under_tp, plan={"compile_loss": False}), hw).memory["logits_bytes"])

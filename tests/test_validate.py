@@ -216,3 +216,19 @@ def test_megatrons_distributed_optimizer_is_zero1_with_and_without_a_pipeline():
     zero1, zero2 = (estimate(dataclasses.replace(piped.train, plan=dataclasses.replace(piped.train.plan, zero_stage=z)),
                              piped.hw) for z in (1, 2))
     assert zero1.step_time_s == zero2.step_time_s and zero1.memory == zero2.memory
+
+
+@pytest.mark.parametrize("source, other, compiled_loss", [
+    ("github.com/pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md (docs @ d4c86e375, 2025-01-30)", "torch.compile", False),
+    ("github.com/pytorch/torchtitan benchmarks/llama3-8b_h200_202506_trainy-whitefiber.md", "torch.compile", True),
+    ("github.com/pytorch/torchtitan benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md", "no compile", False),
+    ("github.com/foundation-model-stack/fms-fsdp README.md", "torch.compile", False),
+    ("github.com/example/trainer README", "torch.compile", True),
+])
+def test_a_compiled_run_compiles_its_loss_as_its_framework_did_then(source, other, compiled_loss):
+    """torchtitan compiles its loss with the model from April 2025 (bbb1b616e), by the latest month
+    its source names; fms-fsdp never does; another framework as the engine does."""
+    mapped = map_run(parse_run(1, json.dumps(row(source=source, other=other))))
+    plan = mapped.train.plan
+    assert (plan.compile and plan.compile_loss) == compiled_loss
+    assert any(a.startswith("loss ") for a in mapped.assumptions) == (plan.compile and "example" not in source)

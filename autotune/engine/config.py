@@ -237,6 +237,10 @@ class PlanConfig:
     cp: int = 1
     kernels: Kernels = Kernels.torch
     compile: bool = False
+    # under compile, the loss too where the model computes it on the whole vocabulary (tp 1, pp 1):
+    # inductor fuses the fp32 upcast, log-softmax and nll with their backward, so neither the fp32
+    # logits nor their gradients exist (torchtitan compiles its loss with the model since April 2025)
+    compile_loss: bool = True
     # float8 training of the blocks' linears (torchao, dynamic scaling; autotune/engine/float8.py):
     # tensorwise (one scale a tensor; under ZeRO 1-3 the weights are all-gathered in float8) or
     # rowwise (a scale a row, gathered in bf16); master weights, optimizer, norms and loss unchanged

@@ -182,6 +182,11 @@ def make_mlp(cfg: ModelConfig, triton: bool, index: int) -> nn.Module:
     return MoE(cfg, shared, triton)
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of logits [b, s, vocab] in fp32 (upcast first), ignoring -100 targets."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: str = "torch"):
         """kernels="triton" runs norms, SwiGLU, RoPE and the loss through the fused kernels of `autotune/kernels/`
@@ -206,6 +211,7 @@ class Transformer(nn.Module):
         # (a pipeline stage: autotune/engine/pipeline.py sets it to its loss's own multiplier)
         self.aux_grad_scale = 1.0
         self.context_shard = None  # under context parallelism: this rank's chunks' positions
+        self.loss_fn = cross_entropy  # compiled under plan.compile_loss (engine.parallel.apply_compile)
 
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -255,7 +261,7 @@ class Transformer(nn.Module):
         logits = F.linear(h, weight)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = self.loss_fn(logits, targets)
         return loss if aux is None else loss + aux
 
     @torch.no_grad()

@@ -245,10 +245,14 @@ def _checkpointed(forward, context_fn=None):
 
 
 def apply_compile(model: nn.Module, plan: PlanConfig) -> None:
-    """torch.compile each block in place (its names unchanged); blocks share one compiled graph."""
+    """torch.compile each block in place (its names unchanged; blocks share one compiled graph) and,
+    under plan.compile_loss, the loss where the model computes it on whole-vocabulary logits (a
+    vocabulary-sharded head's loss runs DTensor's loss_parallel; a pipeline's, the schedule's)."""
     if plan.compile:
         for block in model.layers.values():
             block.compile()
+        if plan.compile_loss and plan.tp == 1 and plan.pp == 1:
+            model.loss_fn = torch.compile(model.loss_fn)
 
 
 # --- data parallel: DDP (ZeRO 0) or FSDP2 (ZeRO 1-3) ---------------------------------------------

@@ -54,6 +54,7 @@ class PlanArrays:
     loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
     world: np.ndarray
     compiled: np.ndarray  # plan.compile: inductor fuses the blocks' memory-bound ops (estimate.fusion, the float8 casts)
+    compiled_loss: np.ndarray  # plan.compile_loss where the engine compiles torch's loss (engine.parallel.apply_compile)
     fp8: np.ndarray  # the float8 recipe of the blocks' linears: none | tensorwise | rowwise
     fp8_gather: np.ndarray  # FSDP2 gathers the float8 linears' weights in float8 (tensorwise, ZeRO 1-3)
     gather_bytes: np.ndarray  # bytes per element of a gathered block unit (the compute dtype, or float8's 1)
@@ -101,6 +102,8 @@ class PlanArrays:
             loss_kernels=np.where((kernels == "triton") & (tp == 1) & (pp == 1), "triton", "torch"),
             world=dp * tp * pp,
             compiled=_column(plans, "compile", False).astype(bool),
+            compiled_loss=(_column(plans, "compile", False).astype(bool) & _column(plans, "compile_loss", True).astype(bool)
+                           & (kernels == "torch") & (tp == 1) & (pp == 1)),
             fp8=fp8, fp8_gather=fp8_gather, gather_bytes=np.where(fp8_gather, 1.0, compute_bytes),
             ddp_buckets=(zero == 0) & (dp > 1) & (tp == 1) & (pp == 1) & (ep == 1),
         )

@@ -132,8 +132,13 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
     # Logits and loss [Activations]: what the head and loss save, plus (unfused) the gradients
     # the loss's backward makes while the saved log-probabilities still live, vocab-sharded by tp
-    logits_grad = np.where(plans.loss_kernels == "torch", loss_gradient_bytes(model, plans.micro_batch * seq_len, plans.tp > 1), 0)
-    loss = np.where(holds_head, (saved.logits + saved.head + logits_grad) / tp, 0)
+    # A compiled loss (inductor's fused kernels) saves the logits themselves and its backward
+    # writes their gradient, both in the logits' width, and nothing in fp32
+    logits = plans.micro_batch * seq_len * model.vocab_size
+    logits_saved = np.where(plans.compiled_loss, beta * logits, saved.logits)
+    logits_grad = np.select([plans.compiled_loss, plans.loss_kernels == "torch"],
+                            [beta * logits, loss_gradient_bytes(model, plans.micro_batch * seq_len, plans.tp > 1)], 0)
+    loss = np.where(holds_head, (logits_saved + saved.head + logits_grad) / tp, 0)
     # The first checkpointed block is recomputed once the loss's backward has freed all that: it
     # adds only what exceeds it
     recomputed = np.maximum(saved.block * recomputing - loss, 0)

@@ -20,6 +20,7 @@ from autotune.profile import (
 # and the kv repeat move query-, kv- and head-width tensors and read the rotary tables (the
 # projections' bias adds of gpt2 are q-width too: counted here, a small excess)
 ATTENTION_CORE_FEATURES = ("q", "kv", "a", "sd")
+COMPILED_LOSS_PASSES = {"fwd": 1, "bwd": 2}  # passes over the logits of the compiled loss's fused kernels
 
 
 def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing) -> dict[str, np.ndarray]:
@@ -58,6 +59,10 @@ def micro_batch_traffic(model: ModelConfig, plans: PlanArrays, seq_len: int, rou
             core = np.array([k in ATTENTION_CORE_FEATURES for k in TRAFFIC_BLOCK_FEATURES])
             out["block_fwd_core"] = np.einsum("ij,ij->i", coef[:, core], block_x[:, core])
         coef = np.array([[f[f"outside_{phase}"][k] for k in OUTSIDE_FEATURES] for f in fits])[outside]
+        # a compiled loss reads the logits once forward (online softmax), and once backward to
+        # write their gradient, in the logits' width: its V term (the loss's ops) in place of eager's
+        vocab = OUTSIDE_FEATURES.index("V")
+        coef[:, vocab] = np.where(plans.compiled_loss, COMPILED_LOSS_PASSES[phase] * plans.compute_bytes, coef[:, vocab])
         out[f"outside_{phase}"] = np.einsum("ij,ij->i", coef, outside_x)
     for key, phases in (("block_ops", ("fwd", "bwd")), ("block_fwd_ops", ("fwd",))):
         eager, fused_ops = ([sum(f["ops"][f"block_{p}"] for p in phases) for f in table] for table in (fits, fused))

@@ -133,6 +133,26 @@ def _precision(run: Run, assumed: list[str]) -> str:
 KEEPS_GATHERED = ((r"2407\.21783", "the Llama 3 paper, Sec. 3.3.2: its FSDP does not reshard after forward"),)
 
 
+# Where a framework's torch.compile takes the loss along (the engine's plan.compile_loss), with where
+# it says so: (the source, since what month, YYYY-MM, or None: never)
+COMPILES_LOSS = (
+    (r"pytorch/torchtitan", "2025-04", "torchtitan's since 2025-04: components/loss.py, commit bbb1b616e"),
+    (r"foundation-model-stack/fms-fsdp", None, "fms-fsdp compiles the model, its loss runs outside it"),
+)
+
+
+def _compiles_loss(run: Run, assumed: list[str]) -> bool:
+    """Whether the run's framework compiled its loss with its model: by the latest month the source
+    names (a benchmark file's or a document's date), where the framework's default changed."""
+    for source, since, says in COMPILES_LOSS:
+        if re.search(source, run.source):
+            months = [f"{y}-{m}" for y, m in re.findall(r"(20\d\d)-?(0[1-9]|1[0-2])(?!\d)", run.source)]
+            compiled = since is not None and bool(months) and max(months) >= since
+            assumed.append(f"loss {'compiled' if compiled else 'not compiled'} with the model ({says})")
+            return compiled
+    return True  # another framework's torch.compile: taken to compile what the engine's does
+
+
 def _zero(run: Run, assumed: list[str]) -> int:
     text = run.zero.lower()
     if re.search(r"hsdp|hybrid", text):  # FSDP's HYBRID_SHARD is ZeRO-3 within groups; _HYBRID_SHARD_ZERO2 ZeRO-2
@@ -273,6 +293,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
             free["micro_batch"] = [{"micro_batch": b} for b in (1, 2, 4) if per_rank % b == 0]
     mode, every_k = _checkpointing(run, assumed, free)
     text = f"{run.ac} {run.other}".lower()
+    compiled = "compile" in text and "no compile" not in text
     return {
         "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
         "micro_batch": micro_batch,
@@ -280,7 +301,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
         "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
         "async_tp": _async_tp(run) and tp > 1,
-        "compile": "compile" in text and "no compile" not in text,
+        "compile": compiled, "compile_loss": compiled and _compiles_loss(run, assumed),
     } | (_schedule(run, free) if pp > 1 or "tp x pp" in free else {})
 
 
