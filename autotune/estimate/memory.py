@@ -209,7 +209,8 @@ def peak_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, layouts: di
     fits_host = (hw.host_memory_bytes <= 0) | (host_bytes <= hw.host_memory_bytes)
     return PeakMemory(
         parts=parts, total=total, allocated=total - parts["context"],
-        reserved=total - parts["context"] + _rounding(plans, held, parts["activations"], seq_len, model.d_model),
+        reserved=np.minimum(total - parts["context"] + _rounding(plans, held, parts["activations"], seq_len, model.d_model)
+                            + _stranded(model, seq_len, plans, parts["logits"]), hw.memory_bytes - parts["context"]),
         step_grads=pick(first.step_grads, last.step_grads),
         phase=pick(first.phase, last.phase), stage=np.where(last_peaks, "last", "first"), host_bytes=host_bytes,
         fits=fits_gpu & fits_host,
@@ -223,6 +224,18 @@ def _rounding(plans: PlanArrays, held: HeldNumels, activations: np.ndarray, seq_
     one micro-batch's hidden states, b·s·h elements)."""
     hidden = plans.micro_batch * seq_len * d_model * plans.compute_bytes
     return ALLOCATOR_ROUNDING_BYTES * (STATE_TENSORS_PER_PARAM * held.tensors + activations / np.maximum(hidden, 1))
+
+
+def _stranded(model: ModelConfig, seq_len: int, plans: PlanArrays, logits: np.ndarray) -> np.ndarray:
+    """A cached block the caching allocator cannot reuse at the peak, where that is the eager loss's
+    backward (logits held): forward freed the 16-bit logits (β a logit) and their fp32 copy (4),
+    and backward's fp32 gradients (two, three under tp) take the copy's block and new ones, since a
+    cached block serves only requests no larger than itself (c10/cuda/CUDACachingAllocator.cpp:
+    blocks split, never merge across segments); the 16-bit logits' block stays reserved. None with
+    fp32 logits (no copy) or a compiled loss (no fp32 tensors). On an allocation that would not fit,
+    the allocator frees its cached blocks and retries, so reserved never exceeds the GPU."""
+    eager_16_bit = (logits > 0) & (plans.loss_kernels == "torch") & ~plans.compiled_loss & (plans.compute_bytes < 4)
+    return np.where(eager_16_bit, plans.compute_bytes * plans.micro_batch * seq_len * model.vocab_size / plans.tp, 0)
 
 
 def _reasons(fits_gpu, fits_host, mem, total, capacity, host_bytes, host_capacity) -> np.ndarray:
