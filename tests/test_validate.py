@@ -232,3 +232,15 @@ def test_a_compiled_run_compiles_its_loss_as_its_framework_did_then(source, othe
     plan = mapped.train.plan
     assert (plan.compile and plan.compile_loss) == compiled_loss
     assert any(a.startswith("loss ") for a in mapped.assumptions) == (plan.compile and "example" not in source)
+
+
+@pytest.mark.parametrize("source, sequence_parallel", [
+    ("Llama Team, 'The Llama 3 Herd of Models' (arXiv 2407.21783), Sec 3.3.2 Table 4", True),
+    ("github.com/example/trainer README", False),
+])
+def test_a_source_that_documents_sequence_parallel_tp_maps_to_it(source, sequence_parallel):
+    """Unstated elsewhere, sequence parallelism is free (the plan nearest the defaults that fits: off
+    where that fits); the Llama 3 paper's tensor parallelism cites its paper (Korthikanti et al.)."""
+    mapped = map_run(parse_run(1, json.dumps(row(source=source, tp=2, dp=8, zero="unstated"))))
+    assert mapped.train.plan.sequence_parallel == sequence_parallel
+    assert any("Korthikanti" in a for a in mapped.assumptions) == sequence_parallel

@@ -269,15 +269,24 @@ def _async_tp(run: Run) -> bool:
     return bool(re.search(r"async.?tp|tp-comm-overlap", run.other, re.IGNORECASE))
 
 
-def _sequence_parallel(run: Run, tp: int, free: dict) -> bool:
+# Sources whose tensor parallelism is documented as sequence-parallel, with where they say so
+SEQUENCE_PARALLEL = ((r"2407\.21783", "the Llama 3 paper, Sec. 3.3.2: its tensor parallelism cites Korthikanti et al., "
+                                      "sequence parallelism's paper"),)
+
+
+def _sequence_parallel(run: Run, tp: int, free: dict, assumed: list[str]) -> bool:
     """Stated ('sequence parallel', 'no sequence parallelism'); torchtitan's tensor parallelism always
-    shards its norms over the sequence (its SequenceParallel plan), and async tp needs it; else free
-    when tp > 1."""
+    shards its norms over the sequence (its SequenceParallel plan), and async tp needs it; a source
+    that documents it elsewhere (SEQUENCE_PARALLEL); else free when tp > 1."""
     text = f"{run.ac} {run.other}".lower()
     if re.search(r"no sequence parallel", text):
         return False
     if "sequence parallel" in text or "torchtitan" in run.source.lower() or _async_tp(run):
         return True
+    for source, says in SEQUENCE_PARALLEL:
+        if re.search(source, run.source) and tp > 1:
+            assumed.append(f"sequence parallel ({says})")
+            return True
     if tp > 1 or "tp x pp" in free:
         free["sequence parallel"] = [{"sequence_parallel": False}, {"sequence_parallel": True}]
     return False
@@ -299,7 +308,7 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
         "micro_batch": micro_batch,
         "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
-        "sequence_parallel": _sequence_parallel(run, tp, free) and tp > 1,
+        "sequence_parallel": _sequence_parallel(run, tp, free, assumed) and tp > 1,
         "async_tp": _async_tp(run) and tp > 1,
         "compile": compiled, "compile_loss": compiled and _compiles_loss(run, assumed),
     } | (_schedule(run, free) if pp > 1 or "tp x pp" in free else {})
