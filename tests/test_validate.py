@@ -244,3 +244,28 @@ def test_a_source_that_documents_sequence_parallel_tp_maps_to_it(source, sequenc
     mapped = map_run(parse_run(1, json.dumps(row(source=source, tp=2, dp=8, zero="unstated"))))
     assert mapped.train.plan.sequence_parallel == sequence_parallel
     assert any("Korthikanti" in a for a in mapped.assumptions) == sequence_parallel
+
+
+def test_an_unfit_sequence_parallel_run_says_what_megatrons_regather_would_save():
+    """Korthikanti et al.'s attention-recompute rows: this engine's sequence-parallel linears save
+    their gathered inputs, 2·b·s·h bytes a block, where Megatron-LM keeps the 1/t shard; on the
+    first pipeline rank for each block it holds and each micro-batch in flight (1F1B: min(p, m))."""
+    from autotune.engine.config import build_train_config
+    from autotune.validate.unfit import gathered_input_excess, why_unfit
+
+    def train(**plan):
+        return build_train_config({"model": {"name": "g", "family": "gpt2", "n_layers": 8, "d_model": 256, "n_heads": 4,
+                                             "d_ff": 1024, "vocab_size": 512, "max_seq_len": 512},
+                                   "job": {"seq_len": 512, "global_batch": 8},
+                                   "plan": {"precision": "bf16", "tp": 2, "pp": 2, "sequence_parallel": True,
+                                            "activation_checkpointing": "attention", "micro_batch": 1} | plan})
+
+    cfg = train()
+    held = 2 * 1 * 512 * 256 * 2 * (1 - 1 / 2) * 4 * 2  # per block, x 4 blocks on the first rank, x 2 in flight
+    assert gathered_input_excess(cfg) == pytest.approx(held)
+    assert gathered_input_excess(train(activation_checkpointing="full")) == 0
+    assert gathered_input_excess(train(sequence_parallel=False)) == 0
+    unfit = pd.Series({"fits": False, "reason": "needs 10 GiB", "mem_total_bytes": held + 1e9})
+    assert why_unfit(cfg, unfit, 1.5e9).endswith("(fits)") and "1/2 shard" in why_unfit(cfg, unfit, 1.5e9)
+    assert why_unfit(cfg, unfit, 0.5e9).endswith("(still does not fit)")
+    assert why_unfit(cfg, pd.Series({"fits": True, "reason": "fits", "mem_total_bytes": 1e8}), 0.5e9) == "fits"

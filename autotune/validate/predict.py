@@ -16,6 +16,7 @@ from autotune.estimate.columns import GiB
 from autotune.hardware import Hardware
 from autotune.validate.mapping import Mapped, NotExpressible, map_run
 from autotune.validate.runs import Run, RunError
+from autotune.validate.unfit import why_unfit
 
 MAX_CANDIDATES = 2000  # plans tried for a run's unstated choices
 
@@ -95,7 +96,7 @@ def _row(mapped: Mapped, est: pd.Series) -> dict:
         "step_time_error": _error(est["step_time_s"], run.step_time_s),
         "measured_peak_gib": run.peak_mem_gib, "predicted_peak_gib": reserved / GiB,
         "memory_error": _error(reserved / GiB, run.peak_mem_gib),
-        "fits": bool(est["fits"]), "fit_reason": str(est["reason"]),
+        "fits": bool(est["fits"]), "fit_reason": why_unfit(mapped.train, est, mapped.hw.memory_bytes),
         "assumptions": "; ".join(mapped.assumptions),
     }
 
