@@ -26,10 +26,11 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def four_rank_run(request, tmp_path_factory) -> dict:
-    """One torchrun launch of 4 gloo ranks (tests/tp_pp_worker.py) that trains the `four_rank_spec(root)`
-    of every test module whose selected tests take this fixture (test_tp_pp.py, test_moe.py): the
-    ranks' start-up, an interpreter each importing torch and the engine on a 2-core machine, paid
-    once. {"root": the folder holding a folder per module, named as the module, "out": the worker's OUT}."""
+    """One torchrun launch of 4 gloo ranks (tests/tp_pp_worker.py) that runs the `four_rank_spec(root)`
+    of every test module whose selected tests take this fixture (test_tp_pp.py, test_moe.py,
+    test_async_tp.py, test_context_parallel.py): the ranks' start-up, an interpreter each importing
+    torch and the engine on a 2-core machine, paid once. {"root": the folder holding a folder per
+    module, named as the module, "out": the worker's OUT}."""
     from tp_pp_worker import launch, merged
 
     root = tmp_path_factory.mktemp("four_ranks")

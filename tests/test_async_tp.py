@@ -2,7 +2,7 @@
 reduce-scatter against their plain collectives, and the engine's async tp plans against the same
 plans without overlap, on 4 gloo ranks.
 
-One torchrun launch (this file is its worker: `torchrun --nproc_per_node=4 tests/test_async_tp.py OUT`):
+On 4 ranks (tests/conftest.py's four_rank_run: one launch with the other modules' 4-rank runs):
 the fused ops run on a ring of 4 (forward and every input's gradient, float64); the trajectories run
 tp=4 (gpt2: biases on every linear, full checkpointing, so the ring runs again in recompute) and
 tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2), tp=2 x cp=2 in bf16 under autocast (the ring
@@ -16,9 +16,6 @@ bf16 at most 4.4e-5 (the gradient norm at step 3), 1e-3 allowed (a quarter of bf
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,13 +23,10 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from autotune.engine import dist  # noqa: E402
-from autotune.engine.async_tp import AllGatherLinears, LinearReduceScatter  # noqa: E402
-from autotune.engine.config import ConfigError, build_train_config  # noqa: E402
-from autotune.engine.train import Engine, reduce_loss  # noqa: E402
+from autotune.engine import dist
+from autotune.engine.async_tp import AllGatherLinears, LinearReduceScatter
+from autotune.engine.config import ConfigError, build_train_config
+from autotune.engine.train import Engine, reduce_loss
 
 STEPS = 3
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=48, n_heads=4, n_kv_heads=2, d_ff=96,
@@ -92,17 +86,26 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach() - b.detach()).abs().max() / b.detach().abs().max())
 
 
-def test_async_tp_follows_tp_without_overlap(tmp_path):
-    out = tmp_path / "async_tp.pt"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                           __file__, str(out)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = torch.load(out)
+def on_four_ranks() -> dict:
+    """Run on every rank (tests/tp_pp_worker.py's call): the fused ops' errors, and each plan's
+    trajectory with and without overlap."""
+    results: dict = {"ops": op_errors()}
+    for name, (model, plan) in PLANS.items():
+        results[name] = {overlap: trajectory(model, dict(plan, async_tp=overlap == "async")) for overlap in ("async", "plain")}
+    return results
+
+
+def four_rank_spec(root: Path) -> dict:
+    """What test_async_tp_follows_tp_without_overlap runs on 4 ranks (tests/tp_pp_worker.py's SPEC)."""
+    return {"calls": {__name__: f"{__name__}:on_four_ranks"}}
+
+
+def test_async_tp_follows_tp_without_overlap(four_rank_run):
+    results = four_rank_run["out"][__name__]
     assert max(results["ops"].values()) < 1e-12, results["ops"]
     for name, (_, plan) in PLANS.items():
         rel = 1e-3 if plan.get("precision") == "bf16" else 1e-5
-        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name, True], results[name, False])):
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name]["async"], results[name]["plain"])):
             assert loss == pytest.approx(ref_loss, rel=rel), f"{name}: step {step} loss"
             assert norm == pytest.approx(ref_norm, rel=rel), f"{name}: step {step} gradient norm"
 
@@ -116,19 +119,3 @@ def test_bad_async_tp_plans_are_refused_in_one_line(plan, message):
     with pytest.raises(ConfigError, match=message) as caught:
         build_train_config({"model": LLAMA, "job": JOB, "plan": plan})
     assert "\n" not in str(caught.value)
-
-
-def _worker(out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    results = {"ops": op_errors()}
-    for name, (model, plan) in PLANS.items():
-        for overlap in (True, False):
-            results[name, overlap] = trajectory(model, dict(plan, async_tp=overlap))
-    if dist.rank() == 0:
-        torch.save(results, out)
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

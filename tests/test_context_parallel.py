@@ -1,9 +1,10 @@
 """Context parallelism (plan.cp): the ring attention against plain causal attention, and the engine's
 cp plans against one process, on gloo ranks.
 
-Two torchrun launches (this file is their worker: `torchrun --nproc_per_node=N tests/test_context_parallel.py N OUT`):
-2 ranks run cp=2 (llama with rotary and grouped-query attention, and gpt2's learned positions) and
-the ring at cp=2; 4 ranks run cp=2 x dp=2 (ZeRO-1 and ZeRO-3), cp=2 x tp=2 and the ring at cp=4.
+Two launches of tests/tp_pp_worker.py calling on_the_ranks: 2 ranks run cp=2 (llama with rotary and
+grouped-query attention, and gpt2's learned positions) and the ring at cp=2; 4 ranks (tests/conftest.py's
+four_rank_run, with the other modules' 4-rank runs) run cp=2 x dp=2 (ZeRO-1 and ZeRO-3), cp=2 x tp=2
+and the ring at cp=4.
 The single-process references run in the test process on the same global batches.
 
 Tolerance: the ring alone is checked in fp32 and bf16 against float64 (RING_TOLERANCE); the engine's
@@ -14,28 +15,23 @@ move the losses and gradient norms by about 1e-7 relative (observed, 4 AdamW ste
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from autotune.engine import dist  # noqa: E402
-from autotune.engine.config import ConfigError, build_train_config  # noqa: E402
-from autotune.engine.context_parallel import Ring, RingAttention, positions, shard_sequence  # noqa: E402
-from autotune.engine.parallel import check_supported  # noqa: E402
-from autotune.engine.train import Engine, reduce_loss  # noqa: E402
-from autotune.estimate.arrays import PlanArrays  # noqa: E402
-from autotune.estimate.context import ring_traffic, unrepeated_kv_bytes  # noqa: E402
-from autotune.plans import plans_frame  # noqa: E402
-from autotune.profile import measure_saved_bytes  # noqa: E402
-from autotune.profile.traffic import TrafficCounter  # noqa: E402
+from autotune.engine import dist
+from autotune.engine.config import ConfigError, build_train_config
+from autotune.engine.context_parallel import Ring, RingAttention, positions, shard_sequence
+from autotune.engine.parallel import check_supported
+from autotune.engine.train import Engine, reduce_loss
+from autotune.estimate.arrays import PlanArrays
+from autotune.estimate.context import ring_traffic, unrepeated_kv_bytes
+from autotune.plans import plans_frame
+from autotune.profile import measure_saved_bytes
+from autotune.profile.traffic import TrafficCounter
+from tp_pp_worker import launch as run_worker
 
 STEPS = 4
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96,
@@ -116,26 +112,29 @@ def ring_traffic_counted(cp: int) -> dict[str, float]:
     return {"fwd": float(excess[0]) / cp, "bwd": float(excess[1]) / cp, "shape": (b, h, kv, s, d)}
 
 
-def launch(tmp_path: Path, nproc: int) -> dict:
-    out = tmp_path / f"cp{nproc}.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           __file__, str(nproc), str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+def on_the_ranks() -> dict:
+    """Run on every launched rank (tests/tp_pp_worker.py's call): the ring's errors (by dtype) and
+    traffic at cp = the ranks, and the trajectory of each plan for that many ranks."""
+    nproc = torch.distributed.get_world_size()
+    results = {"ring": {str(dtype): ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE},  # chunks of 5
+               "traffic": ring_traffic_counted(nproc)}
+    return results | {name: trajectory(model, plan) for name, (model, plan, ranks) in PLANS.items() if ranks == nproc}
+
+
+def four_rank_spec(root: Path) -> dict:
+    """What the 4-rank tests run (tests/tp_pp_worker.py's SPEC); the 2-rank launch runs the same."""
+    return {"calls": {__name__: f"{__name__}:on_the_ranks"}}
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-    """The torchrun launch of `nproc` ranks, once per module (two tests read each)."""
-    results = {}
+def two_ranks(tmp_path_factory) -> dict:
+    """The 2-rank launch's results, once per module (two tests read them)."""
+    return run_worker(tmp_path_factory.mktemp("cp2"), "cp2", four_rank_spec(Path()), nproc=2)[__name__]
 
-    def get(nproc: int) -> dict:
-        if nproc not in results:
-            results[nproc] = launch(tmp_path_factory.mktemp(f"cp{nproc}"), nproc)
-        return results[nproc]
-    return get
+
+@pytest.fixture
+def four_ranks(four_rank_run) -> dict:
+    return four_rank_run["out"][__name__]
 
 
 @pytest.fixture
@@ -145,14 +144,12 @@ def one_process_group():
     dist.shutdown()
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_cp_plans_follow_one_process(launched, one_process_group, nproc):
-    results = launched(nproc)
+def check_plans_follow_one_process(results: dict, nproc: int) -> None:
     for dtype, tolerance in RING_TOLERANCE.items():
-        errors, saved = results["ring"][dtype]
+        errors, saved = results["ring"][str(dtype)]
         assert max(errors.values()) < tolerance, (dtype, errors)
         s = 5 * 2  # the rank's two chunks of 5: q, k, v, the output and the log-sum-exp, no [s, s] scores
-        assert sorted(saved) == sorted([(2, 6, s, 5), (2, 2, s, 5), (2, 2, s, 5), (2, 6, s, 5), (2, 6, s)]), saved
+        assert sorted(map(tuple, saved)) == sorted([(2, 6, s, 5), (2, 2, s, 5), (2, 2, s, 5), (2, 6, s, 5), (2, 6, s)]), saved
     for name, (model, plan, ranks) in PLANS.items():
         if ranks != nproc:
             continue
@@ -162,17 +159,31 @@ def test_cp_plans_follow_one_process(launched, one_process_group, nproc):
             assert norm == pytest.approx(ref_norm, rel=1e-5), f"{name}: step {step} gradient norm"
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_the_estimate_counts_the_rings_memory_bound_ops(launched, nproc):
+def test_cp_plans_follow_one_process_on_2_ranks(two_ranks, one_process_group):
+    check_plans_follow_one_process(two_ranks, 2)
+
+
+def test_cp_plans_follow_one_process_on_4_ranks(four_ranks, one_process_group):
+    check_plans_follow_one_process(four_ranks, 4)
+
+
+def check_ring_traffic(counted: dict, nproc: int) -> None:
     """The ring's merges into its fp32 output, its fp32 gradient accumulators and the k/v it repeats
     at each step, as the estimate's ring_traffic, against the bytes its ops move on each rank."""
-    counted = launched(nproc)["traffic"]
     b, h, kv, s, d = counted["shape"]
     cfg = config(LLAMA, dict(cp=nproc, precision="bf16", micro_batch=b))
     model = config(dict(LLAMA, d_model=h * d, n_heads=h, n_kv_heads=kv), {}).model
     modelled = ring_traffic(model, s, PlanArrays.of(plans_frame([cfg.plan]), cfg.job))
     for phase in ("fwd", "bwd"):
         assert float(modelled[phase][0]) == pytest.approx(counted[phase], rel=0.05), (phase, counted)
+
+
+def test_the_estimate_counts_the_rings_memory_bound_ops_on_2_ranks(two_ranks):
+    check_ring_traffic(two_ranks["traffic"], 2)
+
+
+def test_the_estimate_counts_the_rings_memory_bound_ops_on_4_ranks(four_ranks):
+    check_ring_traffic(four_ranks["traffic"], 4)
 
 
 @pytest.mark.parametrize("precision, cast", [("fp32", "params"), ("bf16", "autocast")])
@@ -225,20 +236,3 @@ def test_sequence_parallel_needs_each_cp_ranks_tokens_split_over_tp():
     with pytest.raises(ConfigError, match="seq_len / cp = 6 tokens divisible by plan.tp=4"):
         build_train_config({"model": four_heads, "job": dict(JOB, seq_len=12),
                             "plan": dict(cp=2, tp=4, sequence_parallel=True)})
-
-
-def _worker(nproc: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    results = {"ring": {dtype: ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE},  # chunks of 5
-               "traffic": ring_traffic_counted(nproc)}
-    for name, (model, plan, ranks) in PLANS.items():
-        if ranks == nproc:
-            results[name] = trajectory(model, plan)
-    if dist.rank() == 0:
-        torch.save(results, out)
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2])

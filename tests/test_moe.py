@@ -6,8 +6,8 @@ load-balancing loss), grouped matmuls against the loop over experts, exact param
 presets and of Mixtral / Qwen2-MoE config.json files, refused configs and plans as one error line,
 and the logits of transformers' MixtralForCausalLM / Qwen2MoeForCausalLM on tiny random models
 (their weights loaded by the engine, and the engine's loaded by transformers).
-One 4-rank launch (tests/tp_pp_worker.py, shared with tests/test_tp_pp.py: tests/conftest.py's
-four_rank_run): expert parallelism alone, with ZeRO-1, 2 and 3, with
+One 4-rank launch (tests/tp_pp_worker.py, shared with the other modules' 4-rank runs:
+tests/conftest.py's four_rank_run): expert parallelism alone, with ZeRO-1, 2 and 3, with
 pipeline parallelism, with token dropping, from Hugging Face weights, the probe and a checkpoint
 moved to one process, all on the single-process loss trajectory.
 """
@@ -274,7 +274,7 @@ def from_hf(root: Path) -> dict:
 def four_rank_spec(root: Path) -> dict:
     """What test_expert_parallel_plans_match_one_process trains on 4 ranks (tests/tp_pp_worker.py's
     SPEC), each run's folder under `root`: tests/conftest.py's four_rank_run launches it together
-    with tests/test_tp_pp.py's plans."""
+    with the other modules' 4-rank runs."""
     hf = from_hf(root)
     runs = {
         "dp4_ep2_zero0": config(root / "a", dp=4, ep=2),

@@ -1,6 +1,6 @@
 """Tensor and pipeline parallelism on 4 gloo ranks give the single-process loss trajectory.
 
-One torchrun launch (with tests/test_moe.py's 4-rank plans: tests/conftest.py's four_rank_run) trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
+One torchrun launch (with the other modules' 4-rank runs: tests/conftest.py's four_rank_run) trains every 4-rank plan (tp x dp with ZeRO 0/1/3 and sequence parallel, pp x dp
 with ZeRO 0, 1 and 3, hybrid sharding (2 replicas x 2 shards, ZeRO 2 and 3), tp x pp, for each pipeline schedule, two with activation checkpointing; a gpt2
 with tp and sequence parallel for biases, positions and the tied head; gpt2 with pp, its tied
 embedding split between the first and the last stage; fp16 with pp, an overflow on one rank, resumed
@@ -102,7 +102,7 @@ SAVED["saved_fp32_op2"] = dict(SAVED["saved_fp32"], ckpt="op", k=2)
 def four_rank_spec(root: Path) -> dict:
     """What test_tp_pp_plans_match_one_process_and_resume trains on 4 ranks (tests/tp_pp_worker.py's
     SPEC), each run's folder under `root`: tests/conftest.py's four_rank_run launches it together
-    with tests/test_moe.py's expert-parallel plans."""
+    with the other modules' 4-rank runs."""
     runs = {name: config(root / name, **plan) for name, plan in four_rank_plans().items()}
     # hybrid sharding: 2 replicas of 2 sharding ranks, accumulating 2 micro-batches: ZeRO-3 (the replicas'
     # all-reduce only on the last) and ZeRO-1 (the reduce-scatter and the all-reduce only on the last)

@@ -1,7 +1,7 @@
-"""Worker of tests/test_tp_pp.py: train each config of a JSON spec for its job.steps and write the
-loss trajectories (rank 0). Run under torchrun, where every config's plan must use all the
-launched ranks (several plans share one launch's start-up), or alone for single-process references
-(`launch` runs those in the test's own process).
+"""Worker of the multi-rank tests (tests/conftest.py's four_rank_run): train each config of a JSON
+spec for its job.steps and write the loss trajectories (rank 0). Run under torchrun, where every
+config's plan must use all the launched ranks (several plans share one launch's start-up), or alone
+for single-process references (`launch` runs those in the test's own process).
 
     python tests/tp_pp_worker.py SPEC.json OUT.json
 
@@ -9,7 +9,8 @@ SPEC: {"runs": {name: config dict} (OUT: loss, grad_norm and moe per step, the f
 it, the run's wall seconds, the Triton kernels any rank launched and rank 0's groups of each mesh dim), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
 {"config": ..., "checkpoint": path}}, "overflow_at": {name of a fp16 run: step}, "accumulating":
 [names of pp runs], "resume_at": {name of a run: k}, "probe": {name: {"config": ..., "warmup": w,
-"steps": n}}, "saved": {name: {"model": ModelConfig fields, "b", "s", "precision", "sp"}}}. An overflow is made by setting one gradient of rank 0 to
+"steps": n}}, "saved": {name: {"model": ModelConfig fields, "b", "s", "precision", "sp"}}, "calls": {name:
+"module:function"}}. An overflow is made by setting one gradient of rank 0 to
 inf before that step's unscale (only rank 0: every rank must skip the step with it). A resume run trains save_at steps,
 checkpoints (into job.out_dir/ckpt/step-k), goes on to job.steps, then a fresh engine loads the
 checkpoint and trains from save_at again: OUT holds both trajectories. A load run starts from a
@@ -17,11 +18,13 @@ checkpoint (written under any plan) and trains to job.steps. A run named in resu
 before step k, and a fresh engine continues from there: OUT's "resumed" holds its trajectory (and
 "start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result. A saved
 case measures the bytes the model saves for backward on a rank of tensor parallelism over every
-launched rank (OUT: {"block": the mean over blocks, "outside": the rest}).
+launched rank (OUT: {"block": the mean over blocks, "outside": the rest}). A call runs a test module's
+own function on every rank (importable from tests/, taking no argument; OUT: its JSON result).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -262,6 +265,9 @@ def run_spec(spec: dict) -> dict:
             engine = Engine(cfg, device)
             start = engine.load(Path(run["checkpoint"]))
             out[name] = {"start": start, "losses": losses(engine, range(start, cfg.job.steps))}
+        for name, call in spec.get("calls", {}).items():
+            module, function = call.split(":")
+            out[name] = getattr(importlib.import_module(module), function)()
     finally:
         dist.shutdown()
     return out
