@@ -24,19 +24,31 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(COEFFICIENT_CACHE, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def four_rank_run(request, tmp_path_factory) -> dict:
-    """One torchrun launch of 4 gloo ranks (tests/tp_pp_worker.py) that runs the `four_rank_spec(root)`
-    of every test module whose selected tests take this fixture (test_tp_pp.py, test_moe.py,
-    test_async_tp.py, test_context_parallel.py): the ranks' start-up, an interpreter each importing
-    torch and the engine on a 2-core machine, paid once. {"root": the folder holding a folder per
-    module, named as the module, "out": the worker's OUT}."""
+def shared_launch(request, tmp_path_factory, nproc: int, fixture: str, spec: str) -> dict:
+    """One torchrun launch of `nproc` gloo ranks (tests/tp_pp_worker.py) that runs the `spec(root)`
+    of every test module whose selected tests take `fixture`: the ranks' start-up, an interpreter
+    each importing torch and the engine on a 2-core machine, paid once. {"root": the folder holding
+    a folder per module, named as the module, "out": the worker's OUT}."""
     from tp_pp_worker import launch, merged
 
-    root = tmp_path_factory.mktemp("four_ranks")
-    modules = {item.module for item in request.session.items if "four_rank_run" in getattr(item, "fixturenames", ())}
-    specs = [m.four_rank_spec(root / m.__name__) for m in sorted(modules, key=lambda m: m.__name__)]
-    return {"root": root, "out": launch(root, "four-ranks", merged(specs), nproc=4)}
+    root = tmp_path_factory.mktemp(fixture)
+    modules = {item.module for item in request.session.items if fixture in getattr(item, "fixturenames", ())}
+    specs = [getattr(m, spec)(root / m.__name__) for m in sorted(modules, key=lambda m: m.__name__)]
+    return {"root": root, "out": launch(root, fixture, merged(specs), nproc=nproc)}
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(request, tmp_path_factory) -> dict:
+    """The modules' `two_rank_spec` on 2 ranks (test_context_parallel.py, test_engine_parallel.py,
+    test_float8_tp.py): shared_launch."""
+    return shared_launch(request, tmp_path_factory, 2, "two_rank_run", "two_rank_spec")
+
+
+@pytest.fixture(scope="session")
+def four_rank_run(request, tmp_path_factory) -> dict:
+    """The modules' `four_rank_spec` on 4 ranks (test_tp_pp.py, test_moe.py, test_async_tp.py,
+    test_context_parallel.py): shared_launch."""
+    return shared_launch(request, tmp_path_factory, 4, "four_rank_run", "four_rank_spec")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,7 +2,7 @@
 reduce-scatter against their plain collectives, and the engine's async tp plans against the same
 plans without overlap, on 4 gloo ranks.
 
-On 4 ranks (tests/conftest.py's four_rank_run: one launch with the other modules' 4-rank runs):
+On 4 ranks (tests/conftest.py's four_rank_run, one launch shared with other modules):
 the fused ops run on a ring of 4 (forward and every input's gradient, float64); the trajectories run
 tp=4 (gpt2: biases on every linear, full checkpointing, so the ring runs again in recompute) and
 tp=2 x dp=2 (llama, grouped-query attention, ZeRO-2), tp=2 x cp=2 in bf16 under autocast (the ring
@@ -91,7 +91,8 @@ def on_four_ranks() -> dict:
     trajectory with and without overlap."""
     results: dict = {"ops": op_errors()}
     for name, (model, plan) in PLANS.items():
-        results[name] = {overlap: trajectory(model, dict(plan, async_tp=overlap == "async")) for overlap in ("async", "plain")}
+        for overlap in (True, False):
+            results[name, overlap] = trajectory(model, dict(plan, async_tp=overlap))
     return results
 
 
@@ -105,7 +106,7 @@ def test_async_tp_follows_tp_without_overlap(four_rank_run):
     assert max(results["ops"].values()) < 1e-12, results["ops"]
     for name, (_, plan) in PLANS.items():
         rel = 1e-3 if plan.get("precision") == "bf16" else 1e-5
-        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name]["async"], results[name]["plain"])):
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(results[name, True], results[name, False])):
             assert loss == pytest.approx(ref_loss, rel=rel), f"{name}: step {step} loss"
             assert norm == pytest.approx(ref_norm, rel=rel), f"{name}: step {step} gradient norm"
 

@@ -1,10 +1,10 @@
 """Context parallelism (plan.cp): the ring attention against plain causal attention, and the engine's
 cp plans against one process, on gloo ranks.
 
-Two launches of tests/tp_pp_worker.py calling on_the_ranks: 2 ranks run cp=2 (llama with rotary and
-grouped-query attention, and gpt2's learned positions) and the ring at cp=2; 4 ranks (tests/conftest.py's
-four_rank_run, with the other modules' 4-rank runs) run cp=2 x dp=2 (ZeRO-1 and ZeRO-3), cp=2 x tp=2
-and the ring at cp=4.
+on_the_ranks runs in tests/conftest.py's two launches shared with other modules (two_rank_run,
+four_rank_run): 2 ranks run cp=2 (llama with rotary and grouped-query attention, and gpt2's learned
+positions) and the ring at cp=2; 4 ranks run cp=2 x dp=2 (ZeRO-1 and ZeRO-3), cp=2 x tp=2 and the
+ring at cp=4.
 The single-process references run in the test process on the same global batches.
 
 Tolerance: the ring alone is checked in fp32 and bf16 against float64 (RING_TOLERANCE); the engine's
@@ -31,7 +31,6 @@ from autotune.estimate.context import ring_traffic, unrepeated_kv_bytes
 from autotune.plans import plans_frame
 from autotune.profile import measure_saved_bytes
 from autotune.profile.traffic import TrafficCounter
-from tp_pp_worker import launch as run_worker
 
 STEPS = 4
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=48, n_heads=6, n_kv_heads=2, d_ff=96,
@@ -113,23 +112,25 @@ def ring_traffic_counted(cp: int) -> dict[str, float]:
 
 
 def on_the_ranks() -> dict:
-    """Run on every launched rank (tests/tp_pp_worker.py's call): the ring's errors (by dtype) and
-    traffic at cp = the ranks, and the trajectory of each plan for that many ranks."""
+    """Run on every launched rank (tests/tp_pp_worker.py's call): the ring's errors and traffic at
+    cp = the ranks, and the trajectory of each plan for that many ranks."""
     nproc = torch.distributed.get_world_size()
-    results = {"ring": {str(dtype): ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE},  # chunks of 5
+    results = {"ring": {dtype: ring_errors(nproc, 2 * nproc * 5, dtype) for dtype in RING_TOLERANCE},  # chunks of 5
                "traffic": ring_traffic_counted(nproc)}
     return results | {name: trajectory(model, plan) for name, (model, plan, ranks) in PLANS.items() if ranks == nproc}
 
 
-def four_rank_spec(root: Path) -> dict:
-    """What the 4-rank tests run (tests/tp_pp_worker.py's SPEC); the 2-rank launch runs the same."""
+def two_rank_spec(root: Path) -> dict:
+    """What the tests run on 2 and on 4 ranks (tests/tp_pp_worker.py's SPEC)."""
     return {"calls": {__name__: f"{__name__}:on_the_ranks"}}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    """The 2-rank launch's results, once per module (two tests read them)."""
-    return run_worker(tmp_path_factory.mktemp("cp2"), "cp2", four_rank_spec(Path()), nproc=2)[__name__]
+four_rank_spec = two_rank_spec
+
+
+@pytest.fixture
+def two_ranks(two_rank_run) -> dict:
+    return two_rank_run["out"][__name__]
 
 
 @pytest.fixture
@@ -146,10 +147,10 @@ def one_process_group():
 
 def check_plans_follow_one_process(results: dict, nproc: int) -> None:
     for dtype, tolerance in RING_TOLERANCE.items():
-        errors, saved = results["ring"][str(dtype)]
+        errors, saved = results["ring"][dtype]
         assert max(errors.values()) < tolerance, (dtype, errors)
         s = 5 * 2  # the rank's two chunks of 5: q, k, v, the output and the log-sum-exp, no [s, s] scores
-        assert sorted(map(tuple, saved)) == sorted([(2, 6, s, 5), (2, 2, s, 5), (2, 2, s, 5), (2, 6, s, 5), (2, 6, s)]), saved
+        assert sorted(saved) == sorted([(2, 6, s, 5), (2, 2, s, 5), (2, 2, s, 5), (2, 6, s, 5), (2, 6, s)]), saved
     for name, (model, plan, ranks) in PLANS.items():
         if ranks != nproc:
             continue

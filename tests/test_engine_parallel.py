@@ -1,17 +1,14 @@
 """Every ZeRO stage and offload, run on 2 gloo ranks, trains exactly as one process does.
 
-One torchrun launch (this file run as a script) runs all the 2-rank plans; the single-process
-references run in the test process. Same global batch, same data, same init: the losses of 5 steps
-agree to 1e-5 relative and the final parameters agree.
+One 2-rank launch (tests/conftest.py's two_rank_run, shared with other modules) runs all the 2-rank
+plans; the single-process references run in the test process. Same global batch, same data, same
+init: the losses of 5 steps agree to 1e-5 relative and the final parameters agree.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 TINY = dict(name="tiny", family="llama", n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, d_ff=160,
             vocab_size=256, max_seq_len=128)
@@ -118,16 +114,14 @@ def assert_same_run(got, ref, what: str) -> None:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6, msg=f"{what}: {name}")
 
 
+def two_rank_spec(root: Path) -> dict:
+    """What test_two_rank_zero_stages_match_one_process runs on 2 ranks (tests/tp_pp_worker.py's SPEC)."""
+    return {"calls": {__name__: f"{__name__}:on_two_ranks"}}
+
+
 @pytest.mark.slow
-def test_two_rank_zero_stages_match_one_process(tmp_path, one_process_group):
-    out = tmp_path / "two_rank.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = torch.load(out)
+def test_two_rank_zero_stages_match_one_process(two_rank_run, one_process_group):
+    results = two_rank_run["out"][__name__]
     reference = whole_batch()
     for name in TWO_RANK_PLANS:
         assert_same_run(results[name], reference, name)
@@ -300,22 +294,15 @@ FP8_JOB = dict(JOB, seq_len=16, global_batch=4)
 FP8_PLAN = dict(zero_stage=3, micro_batch=2, precision="bf16", fp8="tensorwise")
 
 
-def _worker(out: str) -> None:
-    """Under torchrun: every plan of TWO_RANK_PLANS on this 2-rank gloo group; rank 0 saves results."""
-    torch.set_num_threads(1)
-    dist.init_distributed()
+def on_two_ranks() -> dict:
+    """Run on 2 ranks (tests/tp_pp_worker.py's call): every plan of TWO_RANK_PLANS, the tracked
+    peaks and the float8 run."""
     seen = {name: {} for name in TWO_RANK_PLANS}
     results = {name: run_plan(dict(plan, dp=2), seen[name]) for name, plan in TWO_RANK_PLANS.items()}
     results["seen"] = seen
     results["peaks"] = {name: tracked_peak(dict(plan, dp=2)) for name, plan in TRACKED_PLANS.items()}
     results["fp8"] = run_plan(dict(FP8_PLAN, dp=2), job=FP8_JOB)
-    if dist.rank() == 0:
-        torch.save(results, out)
-    dist.shutdown()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
+    return results
 
 
 def test_rotary_tables_stay_fp32_under_fsdp_mixed_precision(one_process_group):

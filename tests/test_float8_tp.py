@@ -1,5 +1,6 @@
 """Float8 training under tensor parallelism (plan.fp8 with plan.tp, autotune/engine/float8.py): one
-launch of this file on 2 gloo ranks, checked in the test process against one-process references.
+run on 2 gloo ranks (tests/conftest.py's two_rank_run, one launch shared with other modules), checked
+in the test process against one-process references.
 
 - A float8 linear, column- and row-parallel over the 2 ranks (torchao's float8 tp styles for
   tensorwise, torch's for rowwise): forward and backward within float8's error of the float64
@@ -15,9 +16,6 @@ are all-gathered in bf16 and cast after; the float8 wire format runs on NCCL onl
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,6 @@ from test_float8 import JOB, TINY, float8_linear, one_process_losses, quantized,
 
 pytest.importorskip("torchao")
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKENS, N_IN, N_OUT = 37, 64, 96  # each rank's shard of either width a multiple of 16
 TP_PLANS = {
     "tensorwise": dict(fp8="tensorwise"),
@@ -64,32 +61,27 @@ def tp_linear(recipe: str, parallel: str, mesh) -> tuple[torch.Tensor, ...]:
     return out.detach().clone(), grad_input, fp8.weight.grad.full_tensor().clone()
 
 
-def _worker(out: str) -> None:
+def on_two_ranks() -> dict:
+    """Run on 2 ranks (tests/tp_pp_worker.py's call): the tp float8 linears and the tiny model's
+    losses under each tp plan."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from autotune.engine import dist
-
-    torch.set_num_threads(1)
-    dist.init_distributed()
     mesh = init_device_mesh("cpu", (2,))
     results = {(recipe, parallel): tp_linear(recipe, parallel, mesh)
                for recipe in ("tensorwise", "rowwise") for parallel in ("col", "row")}
     results.update({name: train_losses(dict(plan, micro_batch=4, precision="bf16", tp=2, dp=1))
                     for name, plan in TP_PLANS.items()})
-    if dist.rank() == 0:
-        torch.save(results, out)
-    dist.shutdown()
+    return results
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("fp8_tp") / "results.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out)
+def two_rank_spec(root: Path) -> dict:
+    """What this module's tests read from 2 ranks (tests/tp_pp_worker.py's SPEC)."""
+    return {"calls": {__name__: f"{__name__}:on_two_ranks"}}
+
+
+@pytest.fixture
+def two_ranks(two_rank_run) -> dict:
+    return two_rank_run["out"][__name__]
 
 
 @pytest.mark.slow
@@ -133,7 +125,3 @@ def test_tiny_model_trains_in_float8_under_tp_as_without(two_ranks, one_process,
     assert len(losses) == JOB["steps"] and losses != bf16  # the linears really ran in float8
     assert losses == pytest.approx(one_process[TP_PLANS[name]["fp8"]], rel=0.02)
     assert losses == pytest.approx(bf16, rel=0.02)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

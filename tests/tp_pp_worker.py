@@ -3,7 +3,7 @@ spec for its job.steps and write the loss trajectories (rank 0). Run under torch
 config's plan must use all the launched ranks (several plans share one launch's start-up), or alone
 for single-process references (`launch` runs those in the test's own process).
 
-    python tests/tp_pp_worker.py SPEC.json OUT.json
+    python tests/tp_pp_worker.py SPEC.json OUT.pt
 
 SPEC: {"runs": {name: config dict} (OUT: loss, grad_norm and moe per step, the fp16 loss scale after
 it, the run's wall seconds, the Triton kernels any rank launched and rank 0's groups of each mesh dim), "resume": {name: {"config": ..., "save_at": k}}, "load": {name:
@@ -19,12 +19,13 @@ before step k, and a fresh engine continues from there: OUT's "resumed" holds it
 "start"). A probe run is the search's trial (engine.probe.run): OUT holds its JSON result. A saved
 case measures the bytes the model saves for backward on a rank of tensor parallelism over every
 launched rank (OUT: {"block": the mean over blocks, "outside": the rest}). A call runs a test module's
-own function on every rank (importable from tests/, taking no argument; OUT: its JSON result).
+own function on every rank (importable from tests/, taking no argument; OUT: what it returns).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import subprocess
@@ -52,17 +53,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def launch(tmp_path: Path, name: str, spec: dict, nproc: int) -> dict:
     """Run this worker on `spec` in `nproc` gloo ranks and return its OUT. One rank runs in the
     calling process, in a one-rank group of its own (no interpreter and torch start-up to pay);
-    spec and OUT pass through JSON as they do to and from torchrun's ranks."""
+    spec and OUT pass through JSON and torch.save as they do to and from torchrun's ranks."""
     if nproc == 1:
-        return json.loads(json.dumps(run_spec(json.loads(json.dumps(spec)))))
-    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.json"
+        saved = io.BytesIO()
+        torch.save(run_spec(json.loads(json.dumps(spec))), saved)
+        return torch.load(io.BytesIO(saved.getvalue()))
+    spec_path, out_path = tmp_path / f"{name}.json", tmp_path / f"{name}-out.pt"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         __file__, str(spec_path), str(out_path)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(out_path.read_text())
+    return torch.load(out_path)
 
 
 def merged(specs: list[dict]) -> dict:
@@ -277,7 +280,7 @@ def main(spec_path: str, out_path: str) -> None:
     count_launches()
     out = run_spec(json.loads(Path(spec_path).read_text()))
     if os.environ.get("RANK", "0") == "0":  # the losses are all-reduced: every rank holds the same
-        Path(out_path).write_text(json.dumps(out))
+        torch.save(out, out_path)
 
 
 if __name__ == "__main__":
