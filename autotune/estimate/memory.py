@@ -130,10 +130,9 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
                        + saved.cast_weights * recomputing) / tp  # the fit's P is the whole block's
     # Activations [Activations]: measured bytes per block; checkpointed blocks keep their input
     per_micro_batch = saved.block * (layers - checkpointed) + saved.checkpointed_block * checkpointed
-    # Logits and loss [Activations]: what the head and loss save, plus (unfused) the gradients
-    # the loss's backward makes while the saved log-probabilities still live, vocab-sharded by tp
-    # A compiled loss (inductor's fused kernels) saves the logits themselves and its backward
-    # writes their gradient, both in the logits' width, and nothing in fp32
+    # Logits and loss [Activations], vocab-sharded by tp: what the head and loss save, plus the
+    # gradients the loss's backward makes while those live; a compiled loss (inductor's fused
+    # kernels) saves the logits themselves and writes their gradient, both in the logits' width
     logits = plans.micro_batch * seq_len * model.vocab_size
     logits_saved = np.where(plans.compiled_loss, beta * logits, saved.logits)
     logits_grad = np.select([plans.compiled_loss, plans.loss_kernels == "torch"],

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 
 from autotune.engine.config import TrainConfig
-from autotune.engine.pipeline import stage_layers
 from autotune.estimate import plan_frame
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.columns import GiB
+from autotune.estimate.layout import stage_layouts
 from autotune.estimate.memory import in_flight
+from autotune.profile import sp_hidden_layout
 
 
 def gathered_input_excess(train: TrainConfig) -> float:
@@ -27,11 +28,11 @@ def gathered_input_excess(train: TrainConfig) -> float:
     if not (plan.sequence_parallel and plan.tp > 1):
         return 0.0
     arrays = PlanArrays.of(plan_frame([plan]), train.job)
-    stages = stage_layers(model.n_layers, plan.pp * plan.pp_virtual_stages)
-    layers = sum(len(stages[k * plan.pp]) for k in range(plan.pp_virtual_stages))  # the first rank's
-    whole = {"none": layers, "attention": layers, "selective": layers - int(np.ceil(layers / plan.checkpoint_every_k))}
-    per_block = 2 * plan.micro_batch * train.job.seq_len * model.d_model * float(arrays.compute_bytes[0]) * (1 - 1 / plan.tp)
-    return per_block * whole.get(str(plan.activation_checkpointing), 0) * float(in_flight(arrays)[0])
+    layers = float(stage_layouts(model, arrays)["first"].layers[0])
+    whole = {"none": layers, "attention": layers, "selective": layers - np.ceil(layers / plan.checkpoint_every_k)}
+    gathered, _ = sp_hidden_layout(model, "none")  # the b·s·h inputs a whole block saves unsharded
+    per_block = gathered * plan.micro_batch * train.job.seq_len * model.d_model * float(arrays.compute_bytes[0])
+    return per_block * (1 - 1 / plan.tp) * whole.get(str(plan.activation_checkpointing), 0) * float(in_flight(arrays)[0])
 
 
 def why_unfit(train: TrainConfig, est: pd.Series, capacity_bytes: float) -> str:
