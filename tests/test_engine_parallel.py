@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from allocations import allocation_peak
 
 from autotune.estimate import estimate
 from autotune.hardware import catalog_gpu
@@ -22,6 +21,7 @@ from autotune.engine.config import build_train_config, with_changes
 from autotune.engine.parallel import apply_activation_checkpointing, apply_compile, local_tensor
 from autotune.engine.model import build_model
 from autotune.engine.train import Engine, reduce_loss
+from autotune.profile.measure import allocation_peak
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch._dynamo.utils import counters

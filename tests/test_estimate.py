@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from allocations import allocation_peak
 
 from autotune.cli import main
 from autotune.config import ClusterConfig, planner_config
@@ -23,6 +22,7 @@ from autotune.estimate.communication import replica_group
 from autotune.plans import PLAN_FIELDS, plans_frame
 from autotune.engine.config import ConfigError, PlanConfig, build_train_config, validate_plan
 from autotune.engine.model import build_model, count_params
+from autotune.profile.measure import allocation_peak
 
 H100 = load_hardware(ClusterConfig(name="8xh100", gpu="h100-sxm", gpus_per_node=8))
 

@@ -16,7 +16,7 @@ from autotune.estimate.context import unrepeated_kv_bytes
 from autotune.estimate.routing import Routing
 from autotune.profile import (
     BLOCK_FEATURES, EXPERT_FEATURES, MEASURED_CHECKPOINTING, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients,
-    activation_key, block_features, expert_features, moe_activation_coefficients, moe_features, outside_features,
+    activation_key, block_features, compiled_saving, expert_features, moe_activation_coefficients, moe_features, outside_features,
     sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
 )
 
@@ -88,6 +88,11 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict
                 terms[f"{name}_tok"][some] = sum(coef[k] * at[k] for k in BLOCK_FEATURES if k != "P")
                 terms[f"{name}_hidden"][some] = coef["tok"] * at["tok"] + coef["h"] * at["h"]
                 terms[f"{name}_P"][some] = coef["P"] * at["P"]
+                if kernel == "torch":  # a compiled block keeps less (inductor recomputes its cheap ops)
+                    per_h, per_f, per_block = compiled_saving(model.family, precision, cast, fitted)
+                    compiled = plans.compiled[some]
+                    terms[f"{name}_tok"][some] -= np.where(compiled, per_h * at["h"] + per_f * at["f"] + per_block, 0)
+                    terms[f"{name}_hidden"][some] -= np.where(compiled, per_h * at["h"], 0)
         coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
         terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
         terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]

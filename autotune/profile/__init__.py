@@ -22,8 +22,8 @@ kernels save out + logsumexp), so there is no s² term. One fit per (family, gqa
 memory and on disk.
 """
 from autotune.profile.activations import (
-    MEASURED_CHECKPOINTING, activation_coefficients, activation_fit, activation_key, measure_saved_bytes,
-    predict_saved_bytes,
+    COMPILED_SAVING, MEASURED_CHECKPOINTING, activation_coefficients, activation_fit, activation_key, compiled_saving,
+    measure_compiled_saving, measure_saved_bytes, predict_saved_bytes,
 )
 from autotune.profile.cli import cli
 from autotune.profile.features import (

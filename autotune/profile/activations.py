@@ -8,6 +8,7 @@ choice ([Activations] in docs/formulas.md).
 from __future__ import annotations
 
 import functools
+import gc
 from contextlib import nullcontext
 from typing import Iterable
 
@@ -16,13 +17,13 @@ import torch
 from autotune.engine.config import KERNELS, ModelConfig, PlanConfig
 from autotune.engine.context_parallel import apply_cp
 from autotune.engine.moe import MoE
-from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks
+from autotune.engine.parallel import apply_activation_checkpointing, apply_compile, checkpointed_blocks
 from autotune.profile.features import (
     BLOCK_FEATURES, OUTSIDE_FEATURES, block_features, checkpoint_variant, outside_features, sp_hidden_layout,
     tp_block_bytes, tp_outside_bytes,
 )
 from autotune.profile.fits import FIT_BATCHES, cached_fit, fit_shapes, lstsq
-from autotune.profile.measure import CASTS, DTYPE, cpu_model, temporary_env, triton_launches
+from autotune.profile.measure import CASTS, DTYPE, allocation_peak, cpu_model, temporary_env, triton_launches
 
 # the fitted variants (features.checkpoint_variant): selective mixes none and full per block, op
 # keeps every matmul's output (op1) or every other one's (op2)
@@ -85,6 +86,70 @@ def measure_saved_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, triton:
         net(tokens, tokens)
     return _by_owner(model, seen.values())
+
+
+# What a compiled block (plan.compile) keeps for backward less than the eager one, per family and
+# "precision/cast/variant": bytes per token per element of h and of f, and per block. Inductor's
+# partitioner keeps a fused chain's inputs and recomputes the rest in backward: the norms' fp32
+# intermediates (an eager F.rms_norm on the CPU keeps its fp32 upcast and product; under autocast
+# the fp32 residual's too), silu(gate), and with op checkpointing one 16-bit copy of the block's
+# input. Measured by `measure_compiled_saving` on four shapes per key (h 64-96, f 96-160, 48-64
+# tokens; exact, zero residual), torch 2.13.0+cpu, 2026-12-06; tests/test_profile_compiled.py
+# measures it again. fp16 keeps what bf16 keeps; full checkpointing keeps only the block's input.
+COMPILED_SAVING = {
+    "llama": {
+        "bf16/params/none": (12, 2, 0), "bf16/params/op1": (2, 0, 5056), "bf16/params/op2": (2, 0, 5056),
+        "bf16/params/attention": (14, 2, 0),
+        "bf16/autocast/none": (16, 2, 0), "bf16/autocast/op1": (2, 0, 5056), "bf16/autocast/op2": (2, 0, 5056),
+        "bf16/autocast/attention": (18, 2, 0),
+        "fp32/params/none": (8, 4, 0), "fp32/params/op1": (4, 0, 5056), "fp32/params/op2": (4, 0, 5056),
+        "fp32/params/attention": (12, 4, 0),
+    },
+    "gpt2": {
+        "bf16/params/none": (0, 0, 0), "bf16/params/op1": (2, 0, 5056), "bf16/params/op2": (0, 0, 5056),
+        "bf16/params/attention": (2, 0, 0),
+        "bf16/autocast/none": (6, 0, 0), "bf16/autocast/op1": (2, 0, 5056), "bf16/autocast/op2": (0, 0, 5056),
+        "bf16/autocast/attention": (8, 0, 0),
+        "fp32/params/none": (0, 0, 0), "fp32/params/op1": (4, 0, 5056), "fp32/params/op2": (0, 0, 5056),
+        "fp32/params/attention": (4, 0, 0),
+    },
+}
+
+
+def compiled_saving(family: str, precision: str, cast: str, variant: str) -> tuple[int, int, int]:
+    """COMPILED_SAVING's (per token and element of h, of f; per block) for a fitted variant."""
+    if variant == "full":
+        return 0, 0, 0
+    key = activation_key("bf16" if precision == "fp16" else precision, cast, variant, "torch").removesuffix("/torch")
+    return COMPILED_SAVING[family][key]
+
+
+def measure_compiled_saving(model: ModelConfig, b: int, s: int, precision: str, cast: str, checkpointing: str,
+                            every_k: int = 2) -> float:
+    """Bytes one block keeps for backward eagerly beyond what it keeps compiled as the engine
+    compiles it (engine.parallel.apply_compile, the loss left eager): the CPU allocator's live bytes
+    after a forward and loss, eager minus compiled, over the blocks (the rest runs the same)."""
+    tokens = torch.randint(0, model.vocab_size, (b, s))
+    autocast = torch.autocast("cpu", dtype=DTYPE[precision]) if precision != "fp32" and cast == "autocast" else nullcontext()
+    held = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()  # past its recompile limit dynamo would run the blocks eagerly
+        plan = PlanConfig(activation_checkpointing=checkpointing, checkpoint_every_k=every_k, compile=compiled,
+                          compile_loss=False)
+        net = cpu_model(model, s, precision, cast, "torch")
+        apply_activation_checkpointing(net, plan)
+        apply_compile(net, plan)
+        out = {}
+
+        def forward():
+            with autocast:
+                out["loss"] = net(tokens, tokens)
+
+        forward()  # compiles, outside the count
+        out.clear()
+        gc.collect()  # a free of memory allocated before the count would go uncounted
+        held[compiled] = allocation_peak(forward)[1]
+    return (held[False] - held[True]) / model.n_layers
 
 
 def _tensors(out) -> list[torch.Tensor]:

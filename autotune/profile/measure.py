@@ -1,5 +1,6 @@
-"""What the measurements share: the engine's model on the CPU with placeholder values, and the
-Triton kernels' launches replaced (the kernels' autograd.Functions still run, on CPU tensors)."""
+"""What the measurements share: the engine's model on the CPU with placeholder values, the
+Triton kernels' launches replaced (the kernels' autograd.Functions still run, on CPU tensors), and
+the bytes the CPU allocator holds while something runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from autotune.engine.config import ModelConfig
 from autotune.engine.model import build_model
@@ -66,3 +68,18 @@ def triton_launches(launch: Callable[..., None]):
                 yield
         finally:
             LazyKernel.__getitem__ = original
+
+
+def allocation_peak(step: Callable[[], object]) -> tuple[int, int]:
+    """Run `step` and return the peak and the final change of the bytes the CPU allocator holds,
+    from every allocation and free torch's profiler records in order (so temporaries inside an op's
+    own implementation, DTensor's handlers or inductor's kernels, count too)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, live
