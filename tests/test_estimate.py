@@ -709,7 +709,7 @@ def test_peak_memory_close_to_torch_memtracker():
     from autotune.engine.train import Engine
 
     device = dist.init_distributed()
-    hw = catalog_gpu("h100-sxm")
+    hw = dataclasses.replace(catalog_gpu("h100-sxm"), device="cpu")  # the CPU's eager RMSNorm keeps more than CUDA's
     errors = []
     try:
         for plan in MEMTRACKED:

@@ -109,7 +109,7 @@ def test_compile_shortens_the_step_only_through_the_memory_bound_ops_and_their_d
     for part in TIME:
         if part not in (*computed, "overhead"):
             assert compiled.time[f"{part}_s"] == eager.time[f"{part}_s"], part
-    # what the blocks keep for backward: less by what inductor recomputes (tests/test_profile_compiled.py)
+    # what the blocks keep for backward: less by what inductor recomputes (tests/test_profile_compiled_and_cuda.py)
     per_h, per_f, per_block = compiled_saving("llama", "bf16", "autocast", "op2")  # ZeRO 0: autocast
     tokens = 2 * cfg.job.seq_len
     less = cfg.model.n_layers * (tokens * (per_h * cfg.model.d_model + per_f * cfg.model.d_ff) + per_block)

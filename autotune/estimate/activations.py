@@ -16,7 +16,7 @@ from autotune.estimate.context import unrepeated_kv_bytes
 from autotune.estimate.routing import Routing
 from autotune.profile import (
     BLOCK_FEATURES, EXPERT_FEATURES, MEASURED_CHECKPOINTING, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients,
-    activation_key, block_features, compiled_saving, expert_features, moe_activation_coefficients, moe_features, outside_features,
+    activation_key, block_features, compiled_saving, cuda_norm_saving, expert_features, moe_activation_coefficients, moe_features, outside_features,
     sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
 )
 
@@ -34,14 +34,15 @@ class SavedBytes:
     head: np.ndarray  # the head gradient or cast head the loss saves (the outside fit's P term)
 
 
-def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing) -> SavedBytes:
+def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing, device: str = "cuda") -> SavedBytes:
     """What a tp rank's block saves (autotune.profile.tp_block_bytes) is the fit at its features;
     sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
     (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
     their 1/t assumes Megatron's re-gather in backward, which DTensor's linears do not do.)
     A MoE model's block is the mean over its dense and MoE blocks (`_with_moe_blocks`). Under cp a
-    plain block saves k and v unrepeated (the ring's; estimate.context.unrepeated_kv_bytes)."""
-    terms = _measured_terms(model, plans, seq_len)
+    plain block saves k and v unrepeated (the ring's; estimate.context.unrepeated_kv_bytes). The
+    fit is measured on the CPU; on a `device` of "cuda" the eager RMSNorms keep less (`_measured_terms`)."""
+    terms = _measured_terms(model, plans, seq_len, device)
     if model.moe_layers:
         terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
     shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
@@ -69,11 +70,13 @@ def _choices(plans: PlanArrays, kernels: np.ndarray) -> Iterator[tuple[str, str,
                     yield precision, cast, kernel, rows
 
 
-def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict[str, np.ndarray]:
+def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int, device: str) -> dict[str, np.ndarray]:
     """The fitted terms for each row's (precision, cast, checkpointing, kernels), at the rank's
     features: per block (none_*, and ck_* for the row's checkpointed variant) its per-token part, the
     hidden-width part of that (tok and h terms) and its weights (P); outside the blocks the same plus
-    V (logits)."""
+    V (logits). With the torch kernels, less what a compiled block recomputes (COMPILED_SAVING) or,
+    eager on CUDA, what the fused RMSNorm does not keep (cuda_norm_saving: the block's two norms
+    where not checkpointed, the final norm)."""
     coefs = activation_coefficients(model)
     variant = _variants(plans)
     block_at = block_features(model, plans.micro_batch, seq_len, plans.tp)  # a block as a tp rank holds it
@@ -88,14 +91,19 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int) -> dict
                 terms[f"{name}_tok"][some] = sum(coef[k] * at[k] for k in BLOCK_FEATURES if k != "P")
                 terms[f"{name}_hidden"][some] = coef["tok"] * at["tok"] + coef["h"] * at["h"]
                 terms[f"{name}_P"][some] = coef["P"] * at["P"]
-                if kernel == "torch":  # a compiled block keeps less (inductor recomputes its cheap ops)
+                if kernel == "torch":
                     per_h, per_f, per_block = compiled_saving(model.family, precision, cast, fitted)
+                    norms = 2 * (fitted in ("none", "attention")) * (device == "cuda")  # op and full recompute them
+                    eager_h = cuda_norm_saving(model.family, precision, cast, norms)
                     compiled = plans.compiled[some]
-                    terms[f"{name}_tok"][some] -= np.where(compiled, per_h * at["h"] + per_f * at["f"] + per_block, 0)
-                    terms[f"{name}_hidden"][some] -= np.where(compiled, per_h * at["h"], 0)
+                    terms[f"{name}_tok"][some] -= np.where(compiled, per_h * at["h"] + per_f * at["f"] + per_block,
+                                                           eager_h * at["h"])
+                    terms[f"{name}_hidden"][some] -= np.where(compiled, per_h, eager_h) * at["h"]
         coef = coefs[activation_key(precision, cast, "none", kernel)]["outside"]
-        terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P"))
-        terms["out_hidden"][rows] = coef["h"] * outside_at["h"][rows]
+        final_norm = cuda_norm_saving(model.family, precision, cast, int(kernel == "torch" and device == "cuda"))
+        terms["out_tok"][rows] = sum(coef[k] * outside_at[k][rows] for k in OUTSIDE_FEATURES if k not in ("V", "P")) - (
+            final_norm * outside_at["h"][rows])
+        terms["out_hidden"][rows] = (coef["h"] - final_norm) * outside_at["h"][rows]
     # The head and loss save the V terms (logits) and the P term (head gradient or cast head) of the
     # loss actually run; the per-token terms (the final norm, and the hidden states the head saves or
     # the fused loss's d hidden, of one size) follow plan.kernels.

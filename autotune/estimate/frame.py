@@ -42,7 +42,7 @@ def estimate_frame(model: ModelConfig, job: JobConfig, plans: pd.DataFrame, hw: 
     local = dataclasses.replace(job, seq_len=job.seq_len // int(cp[0])) if len(cp) else job
     layouts = stage_layouts(model, arrays)
     routing = expert_routing(model, arrays, local.seq_len, calib)
-    saved = saved_bytes(model, arrays, local.seq_len, routing)
+    saved = saved_bytes(model, arrays, local.seq_len, routing, hw.device)
     memory = peak_memory(model, local.seq_len, arrays, layouts, saved, hw, calib)
     time = step_time(model, local, arrays, layouts["first"], hw, calib, routing)
     tokens_per_s = job.global_batch * job.seq_len / time.total

@@ -23,7 +23,7 @@ memory and on disk.
 """
 from autotune.profile.activations import (
     COMPILED_SAVING, MEASURED_CHECKPOINTING, activation_coefficients, activation_fit, activation_key, compiled_saving,
-    measure_compiled_saving, measure_saved_bytes, predict_saved_bytes,
+    cuda_norm_saving, measure_compiled_saving, measure_saved_bytes, predict_saved_bytes,
 )
 from autotune.profile.cli import cli
 from autotune.profile.features import (
