@@ -44,7 +44,7 @@ def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Ro
     fit is measured on the CPU; on a `device` of "cuda" the eager RMSNorms keep less (`_measured_terms`)."""
     terms = _measured_terms(model, plans, seq_len, device)
     if model.moe_layers:
-        terms = _with_moe_blocks(model, plans, seq_len, routing, terms)
+        terms = _with_moe_blocks(model, plans, seq_len, routing, terms, device)
     shape = (plans.micro_batch, seq_len, model.d_model, plans.compute_bytes, plans.tp, plans.sequence_parallel)
     variant = _variants(plans)
     layouts = {v: sp_hidden_layout(model, v) for v in MEASURED_CHECKPOINTING}
@@ -115,10 +115,11 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int, device:
 
 
 def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing,
-                     dense: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                     dense: dict[str, np.ndarray], device: str) -> dict[str, np.ndarray]:
     """The block terms as the mean over the model's dense and MoE blocks. A MoE block is its two
     measured parts: the block without its routed experts at the slots the rank routes, and the
-    experts at the slots that reach the busiest rank (autotune.estimate.routing), E/ep of them."""
+    experts at the slots that reach the busiest rank (autotune.estimate.routing), E/ep of them; on
+    CUDA less its eager RMSNorms' saving, as a dense block's (its compiled saving is not measured)."""
     coefs = moe_activation_coefficients(model)
     moe_at = moe_features(model, plans.micro_batch, seq_len, routing.sent)
     experts_at = expert_features(model, plans.micro_batch, seq_len, routing.arrived, plans.ep)
@@ -129,8 +130,10 @@ def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routin
         tok, weights = np.zeros(plans.rows), np.zeros(plans.rows)
         for precision, cast, kernel, rows, mode in _moe_choices(plans, variant if name == "ck" else None):
             coef = coefs[activation_key(precision, cast, mode, kernel)]
+            norms = 2 * (mode in ("none", "attention")) * (device == "cuda") * (kernel == "torch")
             tok[rows] = (sum(coef["moe"][k] * moe_at[k][rows] for k in MOE_FEATURES if k != "P")
-                         + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe"))
+                         + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe")
+                         - cuda_norm_saving(model.family, precision, cast, norms) * moe_at["h"][rows])
             weights[rows] = coef["moe"]["P"] * moe_at["P"][rows] + coef["experts"]["Pe"] * experts_at["Pe"][rows]
         for term, moe in ((f"{name}_tok", tok), (f"{name}_P", weights)):
             out[term] = ((model.n_layers - n_moe) * dense[term] + n_moe * moe) / model.n_layers
