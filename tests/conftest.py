@@ -47,7 +47,7 @@ def two_rank_run(request, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def four_rank_run(request, tmp_path_factory) -> dict:
     """The modules' `four_rank_spec` on 4 ranks (test_tp_pp.py, test_moe.py, test_async_tp.py,
-    test_context_parallel.py): shared_launch."""
+    test_context_parallel.py, test_estimate_moe.py): shared_launch."""
     return shared_launch(request, tmp_path_factory, 4, "four_rank_run", "four_rank_spec")
 
 

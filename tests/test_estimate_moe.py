@@ -1,21 +1,24 @@
 """The cost model of mixture-of-experts plans (autotune.estimate): what a rank holds under expert
-parallelism x ZeRO against the engine itself (4 gloo ranks), the routed tokens' activations and
-traffic against measurements of the engine's MoE blocks, the all-to-alls and the load imbalance."""
+parallelism x ZeRO against the engine itself (4 gloo ranks, in tests/conftest.py's four_rank_run:
+one launch shared with other modules), the routed tokens' activations and traffic against
+measurements of the engine's MoE blocks, the all-to-alls and the load imbalance."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from autotune.config import ClusterConfig
-from autotune.engine.config import build_train_config
+from autotune.engine import dist
+from autotune.engine.config import TrainConfig, build_train_config
+from autotune.engine.moe import moe_layers
+from autotune.engine.parallel import autocast, gradient_sync, local_tensor, unwrap
+from autotune.engine.tensor_parallel import loss_context
+from autotune.engine.train import Engine
 from autotune.estimate import estimate
 from autotune.hardware import load_hardware
 
@@ -25,36 +28,30 @@ TWO_EXPERTS = TINY_MOE | {"n_experts": 2, "experts_per_token": 1}  # fewer exper
 
 # --- model states against the engine (4 gloo ranks) ---------------------------------------------
 
-WORKER = r"""
-import json, sys
-import torch
-torch.set_num_threads(1)
-from autotune.engine import dist
-from autotune.engine.config import build_train_config
-from autotune.engine.moe import moe_layers
-from autotune.engine.parallel import autocast, gradient_sync, local_tensor, unwrap
-from autotune.engine.tensor_parallel import loss_context
-from autotune.engine.train import Engine
 
-def nbytes(t):
+def nbytes(t: torch.Tensor) -> int:
     return local_tensor(t).numel() * t.element_size()
 
-def states(eng, cfg):
-    eng.step(0)  # AdamW states exist after a step; the step then drops the gradients (set_to_none)
-    if cfg.plan.pp == 1:  # the gradients of one more backward (a pipeline's schedule runs its own)
-        inputs, targets = eng.batches(1)[0]
-        with gradient_sync(eng.model, cfg.plan, True), loss_context(cfg.plan), autocast(cfg.plan, device):
-            eng.model(inputs, targets).backward()
-    opt = eng.optimizer
-    return {"params": sum(nbytes(p) for p in eng.model.parameters()),
-            "grads": sum(nbytes(p.grad) for p in eng.model.parameters() if p.grad is not None),
+
+def states(engine: Engine, cfg: TrainConfig) -> dict[str, int]:
+    """The bytes of parameters, gradients and AdamW states this rank holds after a step, with the
+    gradients of one more backward (the step drops its own: set_to_none)."""
+    engine.step(0)
+    if cfg.plan.pp == 1:  # a pipeline's schedule runs its own backward
+        inputs, targets = engine.batches(1)[0]
+        with gradient_sync(engine.model, cfg.plan, True), loss_context(cfg.plan), autocast(cfg.plan, engine.device):
+            engine.model(inputs, targets).backward()
+    opt = engine.optimizer
+    return {"params": sum(nbytes(p) for p in engine.model.parameters()),
+            "grads": sum(nbytes(p.grad) for p in engine.model.parameters() if p.grad is not None),
             "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
 
-def saved(eng, cfg):
-    # bytes the MoE blocks save for backward, apart from their routed experts and by them, and
-    # the rows that reach this rank's experts; the parameters a module computes with (under
-    # replicate and FSDP2, unsharded copies) are not activations
-    net = unwrap(eng.model)
+
+def saved(engine: Engine, cfg: TrainConfig) -> dict[str, int]:
+    """The bytes the MoE blocks save for backward on this rank, apart from their routed experts
+    ("block") and by them ("experts"), and the rows that reach this rank's experts; the parameters
+    a module computes with (under replicate and FSDP2, unsharded copies) are not activations."""
+    net = unwrap(engine.model)
     held = {local_tensor(t).untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
     owner, seen, rows = ["outside"], {}, [0]
 
@@ -79,21 +76,10 @@ def saved(eng, cfg):
             seen[key] = (owner[0], size)
         return t
 
-    inputs, targets = eng.batches(0)[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(cfg.plan, device):
-        eng.model(inputs, targets)
+    inputs, targets = engine.batches(0)[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(cfg.plan, engine.device):
+        engine.model(inputs, targets)
     return {who: sum(n for w, n in seen.values() if w == who) for who in ("block", "experts")} | {"rows": rows[0]}
-
-device = dist.init_distributed()
-out = {}
-for name, config in json.loads(open(sys.argv[1]).read()).items():
-    cfg = build_train_config(config)
-    eng = Engine(cfg, device)
-    out[name] = saved(eng, cfg) if name.startswith("saved") else states(eng, cfg)
-    del eng
-json.dump(out, open(sys.argv[2] + f".{dist.rank()}", "w"))
-dist.shutdown()
-"""
 
 
 def plan_config(model: dict, seq_len: int = 16, global_batch: int = 4, **plan) -> dict:
@@ -122,20 +108,30 @@ SAVED = {  # micro-batches of 2 x 32 tokens
 }
 
 
+def on_four_ranks() -> list[dict]:
+    """Run on every rank (tests/tp_pp_worker.py's call): what each rank holds and saves under the
+    plans of STATES and SAVED, in rank order."""
+    mine = {}
+    for name, config in (STATES | SAVED).items():
+        cfg = build_train_config(config)
+        engine = Engine(cfg, dist.device_for_rank())
+        mine[name] = saved(engine, cfg) if name in SAVED else states(engine, cfg)
+        del engine
+    every: list = [None] * dist.world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return every
+
+
+def four_rank_spec(root: Path) -> dict:
+    """What the model-state and routed-expert tests run on 4 ranks (tests/tp_pp_worker.py's SPEC)."""
+    return {"calls": {__name__: f"{__name__}:on_four_ranks"}}
+
+
 @pytest.fixture(scope="module")
-def held_by_the_engine(tmp_path_factory) -> list[dict]:
-    """What each of 4 gloo ranks holds and saves under the plans of STATES and SAVED (one launch)."""
-    folder = tmp_path_factory.mktemp("moe-held")
-    spec, worker = folder / "spec.json", folder / "worker.py"
-    spec.write_text(json.dumps(STATES | SAVED))
-    worker.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                        str(worker), str(spec), str(folder / "held")], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [json.loads((folder / f"held.{rank}").read_text()) for rank in range(4)]
+def held_by_the_engine(four_rank_run) -> list[dict]:
+    """What each of 4 gloo ranks holds and saves under the plans of STATES and SAVED, run in
+    tests/conftest.py's four_rank_run (one launch shared with other modules)."""
+    return four_rank_run["out"][__name__]
 
 
 @pytest.mark.slow
@@ -214,8 +210,6 @@ def test_expert_parallelism_divides_the_routed_experts_states():
 def test_the_moe_input_crosses_the_all_to_all_in_the_dtype_the_estimate_says():
     """The rows the dispatch moves are the MoE layer's input: fp32 under autocast (the residual
     stream's norm), the compute dtype under 16-bit parameters; the experts return the compute dtype."""
-    import torch
-
     from autotune.engine.model import build_model
     from autotune.estimate.arrays import PlanArrays
     from autotune.estimate.calibration import Calibration
