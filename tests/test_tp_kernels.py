@@ -13,22 +13,16 @@ trajectories about 1e-7 apart (observed). 1e-5 keeps a 100x margin for that, whi
 gradient fails: with the norm weights' gradients left unsummed over tp (each rank's rows only),
 the gradient norm is off by 8e-5 (llama) and 1e-4 (gpt2) relative at step 0, 4e-4 and 1e-3 at step 1.
 
-The file is also the ranks' worker: `torchrun --nproc_per_node=2 tests/test_tp_kernels.py SPEC OUT`.
+The 2 ranks run in tests/conftest.py's two_rank_run (one launch shared with other modules).
 """
 from __future__ import annotations
 
 import collections
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), TRITON_INTERPRET="1")
 STEPS = 3
 # the interpreter runs a kernel's programs one by one (one per row for the norms and RoPE): few rows
 LLAMA = dict(name="tiny", family="llama", n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, d_ff=32,
@@ -46,10 +40,9 @@ KERNELS = {
 }
 
 
-def config(out_dir: Path, model: dict, **plan) -> dict:
+def config(model: dict, **plan) -> dict:
     # two micro-batches of one sequence: gradients accumulate, and each kernel sees 8 rows (4 per rank with sp)
-    job = {"seq_len": 8, "global_batch": 2, "steps": STEPS, "seed": 3, "out_dir": str(out_dir),
-           "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
+    job = {"seq_len": 8, "global_batch": 2, "steps": STEPS, "seed": 3, "optimizer": {"lr": 1e-2, "warmup_steps": 1}}
     return {"model": model, "job": job, "plan": {"micro_batch": 1, **plan}}
 
 
@@ -78,39 +71,25 @@ def train(config: dict) -> dict:
             "kernels": sorted(launches)}
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    from autotune.engine import dist
-
-    torch.set_num_threads(1)
-    dist.init_distributed()
-    rank0 = dist.rank() == 0
-    try:
-        out = {name: train(config) for name, config in json.loads(Path(spec_path).read_text()).items()}
-        # neither rank tears gloo down while the other still has work in flight: in the full suite a
-        # rank once aborted at exit ("terminate called without an active exception")
-        torch.distributed.barrier()
-    finally:
-        dist.shutdown()
-    if rank0:  # tp ranks hold the same loss and gradient norm
-        Path(out_path).write_text(json.dumps(out))
+def on_two_ranks() -> dict:
+    """Run on every rank (tests/tp_pp_worker.py's call): each plan's trajectory with the Triton
+    kernels, and the kernels the rank launched (OUT keeps rank 0's; tp ranks hold the same losses)."""
+    return {name: train(config(model, kernels="triton", **plan)) for name, (model, plan) in PLANS.items()}
 
 
-def test_triton_kernels_under_tp_match_one_torch_process(tmp_path):
-    spec = {name: config(tmp_path / name, model, kernels="triton", **plan) for name, (model, plan) in PLANS.items()}
-    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
-    spec_path.write_text(json.dumps(spec))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(Path(__file__)), str(spec_path), str(out_path)],
-                       env=ENV, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    result = json.loads(out_path.read_text())
+def two_rank_spec(root: Path) -> dict:
+    """What test_triton_kernels_under_tp_match_one_torch_process runs on 2 ranks (tests/tp_pp_worker.py's SPEC)."""
+    return {"calls": {__name__: f"{__name__}:on_two_ranks"}}
+
+
+def test_triton_kernels_under_tp_match_one_torch_process(two_rank_run):
+    result = two_rank_run["out"][__name__]
 
     from autotune.engine import dist
 
     dist.init_distributed()
     try:
-        reference = {family: train(config(tmp_path / f"ref-{family}", model, kernels="torch"))
-                     for family, model in (("llama", LLAMA), ("gpt2", GPT2))}
+        reference = {family: train(config(model, kernels="torch")) for family, model in (("llama", LLAMA), ("gpt2", GPT2))}
     finally:
         dist.shutdown()
 
@@ -157,7 +136,3 @@ def test_local_rows_runs_on_the_local_rows_and_leaves_weight_grads_partial():
             local_rows(kernels.rms_norm, xd, w, impl="torch")
     finally:
         dist.shutdown()
-
-
-if __name__ == "__main__":
-    worker(*sys.argv[1:3])
