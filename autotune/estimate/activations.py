@@ -16,8 +16,8 @@ from autotune.estimate.context import unrepeated_kv_bytes
 from autotune.estimate.routing import Routing
 from autotune.profile import (
     BLOCK_FEATURES, EXPERT_FEATURES, MEASURED_CHECKPOINTING, MOE_FEATURES, OUTSIDE_FEATURES, activation_coefficients,
-    activation_key, block_features, compiled_saving, cuda_norm_saving, expert_features, moe_activation_coefficients, moe_features, outside_features,
-    sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
+    activation_key, block_features, compiled_saving, cuda_norm_saving, expert_features, moe_activation_coefficients,
+    moe_features, outside_features, sp_hidden_layout, tp_block_bytes, tp_outside_bytes,
 )
 
 
@@ -34,7 +34,8 @@ class SavedBytes:
     head: np.ndarray  # the head gradient or cast head the loss saves (the outside fit's P term)
 
 
-def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing, device: str = "cuda") -> SavedBytes:
+def saved_bytes(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing,
+                device: str = "cuda") -> SavedBytes:
     """What a tp rank's block saves (autotune.profile.tp_block_bytes) is the fit at its features;
     sequence parallel shards the hidden-width part except the two all-gathered linear inputs.
     (Korthikanti et al.'s (10 + 24/t)/34 fits fp32 but not bf16, whose norms keep fp32 parts;
@@ -93,8 +94,7 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int, device:
                 terms[f"{name}_P"][some] = coef["P"] * at["P"]
                 if kernel == "torch":
                     per_h, per_f, per_block = compiled_saving(model.family, precision, cast, fitted)
-                    norms = 2 * (fitted in ("none", "attention")) * (device == "cuda")  # op and full recompute them
-                    eager_h = cuda_norm_saving(model.family, precision, cast, norms)
+                    eager_h = cuda_norm_saving(model.family, precision, cast, _cuda_norms(fitted, kernel, device))
                     compiled = plans.compiled[some]
                     terms[f"{name}_tok"][some] -= np.where(compiled, per_h * at["h"] + per_f * at["f"] + per_block,
                                                            eager_h * at["h"])
@@ -114,6 +114,12 @@ def _measured_terms(model: ModelConfig, plans: PlanArrays, seq_len: int, device:
     return terms
 
 
+def _cuda_norms(variant: str, kernel: str, device: str) -> int:
+    """The eager RMSNorms of a block in `variant` that keep less on CUDA than the CPU fit counts:
+    its two, unless checkpointing recomputes them (op, full) or the Triton kernels run them."""
+    return 2 if variant in ("none", "attention") and kernel == "torch" and device == "cuda" else 0
+
+
 def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routing: Routing,
                      dense: dict[str, np.ndarray], device: str) -> dict[str, np.ndarray]:
     """The block terms as the mean over the model's dense and MoE blocks. A MoE block is its two
@@ -130,7 +136,7 @@ def _with_moe_blocks(model: ModelConfig, plans: PlanArrays, seq_len: int, routin
         tok, weights = np.zeros(plans.rows), np.zeros(plans.rows)
         for precision, cast, kernel, rows, mode in _moe_choices(plans, variant if name == "ck" else None):
             coef = coefs[activation_key(precision, cast, mode, kernel)]
-            norms = 2 * (mode in ("none", "attention")) * (device == "cuda") * (kernel == "torch")
+            norms = _cuda_norms(mode, kernel, device)
             tok[rows] = (sum(coef["moe"][k] * moe_at[k][rows] for k in MOE_FEATURES if k != "P")
                          + sum(coef["experts"][k] * experts_at[k][rows] for k in EXPERT_FEATURES if k != "Pe")
                          - cuda_norm_saving(model.family, precision, cast, norms) * moe_at["h"][rows])

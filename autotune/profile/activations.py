@@ -94,8 +94,9 @@ def measure_saved_bytes(
 # intermediates (an eager F.rms_norm on the CPU keeps its fp32 upcast and product; under autocast
 # the fp32 residual's too), silu(gate), and with op checkpointing one 16-bit copy of the block's
 # input. Measured by `measure_compiled_saving` on four shapes per key (h 64-96, f 96-160, 48-64
-# tokens; exact, zero residual), torch 2.13.0+cpu, 2026-12-06; tests/test_profile_compiled_and_cuda.py
-# measures it again. fp16 keeps what bf16 keeps; full checkpointing keeps only the block's input.
+# tokens; exact, zero residual), torch 2.13.0+cpu, 2026-12-06;
+# tests/test_profile_compiled_and_cuda.py measures it again. fp16 keeps what bf16 keeps; full
+# checkpointing keeps only the block's input.
 COMPILED_SAVING = {
     "llama": {
         "bf16/params/none": (12, 2, 0), "bf16/params/op1": (2, 0, 5056), "bf16/params/op2": (2, 0, 5056),
@@ -129,8 +130,8 @@ def cuda_norm_saving(family: str, precision: str, cast: str, norms: int) -> int:
     keep on CUDA. CUDA runs F.rms_norm as one kernel (aten._fused_rms_norm) that keeps its input and
     an fp32 rstd a row; the CPU decomposes it and keeps the fp32 upcast of its input (the input
     itself when that is fp32: the residual stream under autocast or fp32) and the fp32 normalized
-    product: 8 - β_r bytes an element (tests/test_profile_compiled_and_cuda.py measures it against a stand-in
-    of the CUDA kernel). gpt2's LayerNorm is one kernel on both."""
+    product: 8 - β_r bytes an element (tests/test_profile_compiled_and_cuda.py measures it against
+    a stand-in of the CUDA kernel). gpt2's LayerNorm is one kernel on both."""
     if family != "llama":
         return 0
     residual = 2 if precision != "fp32" and cast == "params" else 4
