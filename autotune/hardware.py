@@ -8,6 +8,7 @@ nodes, link and host memory overrides) come from the ClusterConfig.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -17,6 +18,7 @@ import psutil
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autotune.config import CONF_DIR, ClusterConfig
 from autotune.engine.config import ConfigError
@@ -68,6 +70,7 @@ class Hardware:
     matmul_efficiency: float = 0.8  # achieved fraction of the peak on large matmuls
     fp8_matmul_efficiency: float = 0.0  # the same of float8 GEMMs (torch._scaled_mm); 0: no float8
     attention_efficiency: float = 0.5  # achieved fraction of the peak by SDPA (FLOPs it executes, causal half)
+    cudnn_attention_efficiency: float = 0.0  # the same of cuDNN's fused attention (plan.attention=cudnn); 0: unknown
     memory_efficiency: float = 0.9  # achieved fraction of hbm_bytes_per_s by memory-bound kernels
     overlap_slowdown: float = 0.0  # compute lost while a collective runs beside it: NCCL's channels / SMs
     sms: int = 0  # streaming multiprocessors, over which GEMM tiles are quantized; 0: a CPU (no tiling model)
@@ -116,6 +119,12 @@ def supports_fp8(hw: Hardware) -> bool:
 def fp8_modes(hw: Hardware) -> list[str]:
     """The plan.fp8 values the search tries on the device: every recipe where it has float8."""
     return ["none", "tensorwise", "rowwise"] if supports_fp8(hw) else ["none"]
+
+
+def attention_kernels(hw: Hardware) -> list[str]:
+    """The plan.attention values the search tries on the device: cuDNN's too where the catalog or the
+    probe has its figure (a CUDA GPU whose cuDNN runs fused attention)."""
+    return ["sdpa", "cudnn"] if hw.device == "cuda" and hw.cudnn_attention_efficiency > 0 else ["sdpa"]
 
 
 def check_fp8(hw: Hardware, modes) -> None:
@@ -171,6 +180,7 @@ def catalog_gpu(name: str) -> Hardware:
             matmul_efficiency=float(d["matmul_efficiency"]),
             fp8_matmul_efficiency=float(d.get("fp8_matmul_efficiency", 0.0)),
             attention_efficiency=float(d["attention_efficiency"]),
+            cudnn_attention_efficiency=float(d.get("cudnn_attention_efficiency", 0.0)),
             memory_efficiency=float(d["memory_efficiency"]),
             overlap_slowdown=NCCL_CHANNELS / int(d["sms"]), sms=int(d["sms"]),
             tensor_flops_per_clock=float(d["sm_tensor_flops_per_clock"]),
@@ -215,13 +225,16 @@ def _matmul_flops(n: int, dtype: torch.dtype, device: str, reps: int) -> float:
     return 2 * n**3 / _time(lambda: a @ b, reps)
 
 
-def _attention_flops(b: int, heads: int, s: int, d: int, dtype: torch.dtype, device: str, reps: int) -> float:
+def _attention_flops(b: int, heads: int, s: int, d: int, dtype: torch.dtype, device: str, reps: int,
+                     backend: SDPBackend | None = None) -> float:
     """FLOP/s that causal SDPA forward + backward executes: 2·b·a·s²·d forward (the causal half of
-    two s x s x d matmuls), 2.5 times that backward (the estimate's count, autotune.estimate)."""
+    two s x s x d matmuls), 2.5 times that backward (the estimate's count, autotune.estimate).
+    backend: the one kernel to run (None: SDPA's own choice)."""
     q, k, v = (torch.randn(b, heads, s, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
     def step():
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     return 3.5 * 2 * b * heads * s * s * d / _time(step, reps)
 
@@ -294,10 +307,15 @@ def _probe_device() -> Hardware:
         gpu_buf = torch.empty_like(pinned, device="cuda")
         h2d = pinned.numel() * 4 / _time(lambda: gpu_buf.copy_(pinned, non_blocking=True), 5)
         attention = _attention_flops(2, 16, 4096, 128, torch.bfloat16, "cuda", 5)
+        try:
+            cudnn = _attention_flops(2, 16, 4096, 128, torch.bfloat16, "cuda", 5, SDPBackend.CUDNN_ATTENTION)
+        except RuntimeError:  # no cuDNN attention for this GPU or build
+            cudnn = 0.0
         return Hardware(
             gpu=props.name, device="cuda", memory_bytes=props.total_memory,
             hbm_bytes_per_s=_copy_bytes_per_s(1 << 30, "cuda", 5), peak_flops=flops, matmul_efficiency=1.0,
-            attention_efficiency=min(attention / flops["bf16"], 1.0), memory_efficiency=1.0,
+            attention_efficiency=min(attention / flops["bf16"], 1.0),
+            cudnn_attention_efficiency=min(cudnn / flops["bf16"], 1.0), memory_efficiency=1.0,
             overlap_slowdown=NCCL_CHANNELS / props.multi_processor_count, sms=props.multi_processor_count,
             intra_node_bytes_per_s=h2d, host_device_bytes_per_s=h2d, host_memory_bytes=host, measured=True,
         )

@@ -135,13 +135,16 @@ def _frame(rows: Iterable[dict[str, Any]] | dict[str, list]) -> pd.DataFrame:
 
 
 def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: str = "cuda",
-                    precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",)) -> pd.DataFrame:
+                    precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",),
+                    attention: Iterable[str] = ("sdpa",)) -> pd.DataFrame:
     """Every valid plan of `train.model` x `train.job` on `cluster`, one column per PlanConfig field.
 
     `device` is the accelerator kind ("cuda" or "cpu"; Triton kernels need CUDA), `precisions`
-    the dtypes it computes in (None: those of `search.precisions`) and `fp8` the float8 recipes it
-    runs (`hardware.fp8_modes`; each bf16 plan, with tp or not, also in each). Raises ConfigError when no
-    plan can run the job (e.g. a global batch no data-parallel degree divides).
+    the dtypes it computes in (None: those of `search.precisions`), `fp8` the float8 recipes it
+    runs (`hardware.fp8_modes`; each bf16 plan, with tp or not, also in each) and `attention` its
+    attention kernels (`hardware.attention_kernels`; each 16-bit plan without context parallelism
+    also with cuDNN's). Raises ConfigError when no plan can run the job (e.g. a global batch no
+    data-parallel degree divides).
     """
     model, job = train.model, train.job
     allowed = [plain(p) for p in search.precisions if precisions is None or p in set(precisions)]
@@ -187,10 +190,19 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans["compile_loss"] = _DEFAULTS.compile_loss
     plans = _with_fp8(plans, fp8)
+    plans = _with_attention(plans, attention)
     plans = plans[list(PLAN_FIELDS)].reset_index(drop=True)
     return plans.astype({k: "int64" for k in ("zero_stage", "micro_batch", "grad_accum", "checkpoint_every_k",
                                                "dp", "cp", "tp", "pp", "pp_virtual_stages", "ep",
                                                "dp_replicate")})
+
+
+def _with_attention(plans: pd.DataFrame, kernels: Iterable[str]) -> pd.DataFrame:
+    """The plans with SDPA's own attention, then each 16-bit plan without context parallelism again
+    with cuDNN's where the device has it (the engine runs it in 16 bits and outside the cp ring)."""
+    plans = plans.assign(attention="sdpa")
+    base = plans[(plans["precision"] != "fp32") & (plans["cp"] == 1)]
+    return pd.concat([plans] + [base.assign(attention=k) for k in kernels if k != "sdpa"], ignore_index=True)
 
 
 def _with_fp8(plans: pd.DataFrame, modes: Iterable[str]) -> pd.DataFrame:
@@ -263,6 +275,8 @@ def plan_label(plan: PlanConfig) -> str:
         parts.append(f"fp8:{plan.fp8}")
     if plan.kernels != "torch":
         parts.append(str(plan.kernels))
+    if plan.attention != "sdpa":
+        parts.append(f"{plan.attention} attention")
     if plan.compile:
         parts.append("compile" if plan.compile_loss else "compile (blocks)")
     return " ".join(parts)
@@ -283,7 +297,8 @@ def canonical(plan: PlanConfig) -> PlanConfig:
 
 
 def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, search: Any, *, device: str = "cuda",
-                         precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",)) -> str:
+                         precisions: Iterable[str] | None = None, fp8: Iterable[str] = ("none",),
+                         attention: Iterable[str] = ("sdpa",)) -> str:
     """Why `enumerate_plans` leaves `plan` out ("" when it is one of its plans): the engine refuses it
     (validate_plan), or a rule of the search space excludes it."""
     try:
@@ -308,6 +323,8 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "precision not searched": plan.precision not in set(search.precisions) & set(precisions or search.precisions),
         "kernels not on this device": plan.kernels != "torch" and device != "cuda",
         "float8 not on this device": plan.fp8 not in set(fp8) | {"none"},
+        "attention kernel not on this device": plan.attention not in set(attention) | {"sdpa"},
+        "cuDNN attention under cp (the engine refuses it)": plan.attention == "cudnn" and plan.cp > 1,
         "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
     }
     return ", ".join(why for why, broken in rules.items() if broken)

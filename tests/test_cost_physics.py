@@ -91,6 +91,34 @@ def test_h100_attention_runs_at_pytorchs_flash_attention_2_rates():
         assert modelled == pytest.approx(published, rel=0.07), s  # seen: -0%, +0.7%, -6.1% (16k)
 
 
+# cuDNN's fused attention on H100 SXM5, head dim 128, TFLOP/s (the same paper's charts): forward causal,
+# forward non-causal, backward (non-causal)
+# (at 1k, 410, 574, 408: the model's FlashAttention-2 shape puts cuDNN 29% above them there, where
+# cuDNN's causal forward keeps only 0.71 of its non-causal rate against 0.85 from 4k up)
+CUDNN_H100 = {4096: (518, 609, 499), 8192: (529, 600, 518), 16384: (539, 595, 516)}
+
+
+def test_h100_cudnn_attention_runs_at_the_papers_cudnn_rates():
+    """plan.attention=cudnn at the catalog's cuDNN figure and SDPA's relative shape, against the paper's
+    cuDNN (forward + 2.5x backward, the backward at the forward's causal share) from 4k to 16k."""
+    for s, (causal, full, backward) in CUDNN_H100.items():
+        published = 3.5 / (1 / causal + 2.5 / (backward * causal / full))
+        rate = relative_attention_efficiency(16 * 16384 // s, s, 128, H100.sms, H100.tensor_flops_per_clock)
+        modelled = H100.peak_flops["bf16"] * H100.cudnn_attention_efficiency * rate / 1e12
+        assert modelled == pytest.approx(published, rel=0.07), s  # seen: -0.1%, -4.5%, -5.9% (16k)
+
+
+def test_cudnn_plans_spend_less_attention_time_on_hopper_only():
+    """The cost model prices plan.attention=cudnn at its own figure where the catalog has one (the
+    H100's), and at SDPA's where it has none (the A100's)."""
+    for cluster, faster in (("8xh100", True), ("8xa100-80g", False)):
+        sdpa, hw = config(cluster=cluster, dp=8, micro_batch=2, zero_stage=3)
+        cudnn = with_changes(sdpa, plan={"attention": "cudnn"})
+        ratio = estimate(cudnn, hw).compute["attention_s"] / estimate(sdpa, hw).compute["attention_s"]
+        expected = H100.attention_efficiency / H100.cudnn_attention_efficiency if faster else 1.0
+        assert ratio == pytest.approx(expected), cluster
+
+
 def test_hopper_loses_more_to_softmax_at_narrow_heads():
     """The SFU's exponentials weigh twice as much against H100's tensor cores as against A100's."""
     loss = {hw.gpu: relative_attention_efficiency(64, 8192, 64, hw.sms, hw.tensor_flops_per_clock)

@@ -87,6 +87,26 @@ def test_device_limits_precisions_and_kernels():
         enumerate_plans(train, ClusterConfig(), SearchConfig(precisions=["fp16"]), device="cpu", precisions=["fp32"])
 
 
+def test_cudnn_attention_is_searched_where_the_gpu_has_it():
+    """On an H100 every 16-bit plan without context parallelism comes again with cuDNN's attention;
+    an A100 (no cuDNN figure in its catalog entry) and a CPU search SDPA's own kernel only."""
+    from autotune.hardware import attention_kernels, catalog_gpu
+
+    assert attention_kernels(catalog_gpu("a100-80g")) == ["sdpa"]
+    kernels = attention_kernels(catalog_gpu("h100-sxm"))
+    assert kernels == ["sdpa", "cudnn"]
+    train, cluster = _train("llama-3-8b", 8, 16384), ClusterConfig(gpu="h100-sxm", gpus_per_node=8)
+    plans = enumerate_plans(train, cluster, SearchConfig(), attention=kernels)
+    sdpa, cudnn = plans[plans.attention == "sdpa"], plans[plans.attention == "cudnn"]
+    assert len(cudnn) == ((sdpa.precision != "fp32") & (sdpa.cp == 1)).sum() > 0
+    for row in random.Random(0).sample(cudnn.to_dict("records"), 50):
+        assert outside_search_space(plan_from_row(row), train, cluster, SearchConfig(), attention=kernels) == ""
+    ring = plan_from_row(sdpa[(sdpa.cp == 2) & (sdpa.precision == "bf16")].iloc[0].to_dict() | {"attention": "cudnn"})
+    assert "cuDNN attention under cp" in outside_search_space(ring, train, cluster, SearchConfig(), attention=kernels)
+    assert "attention kernel not on this device" in outside_search_space(
+        plan_from_row(cudnn.iloc[0].to_dict()), train, cluster, SearchConfig())
+
+
 def test_v100_has_no_bf16():
     from autotune.hardware import catalog_gpu
     from autotune.hardware import supported_precisions
@@ -136,6 +156,7 @@ def test_plan_label():
                       pp=2, pp_schedule="interleaved_1f1b", pp_virtual_stages=2, kernels="triton")
     assert plan_label(plan) == "Z3+oo bf16 mb2 ckpt:sel3 dp2 tp2+sp pp2 interleaved_1f1b/v2 triton"
     assert plan_label(PlanConfig()) == "Z0 fp32 mb1 ckpt:none dp1"
+    assert plan_label(PlanConfig(precision="bf16", attention="cudnn")) == "Z0 bf16 mb1 ckpt:none dp1 cudnn attention"
     assert plan_label(PlanConfig(dp=8, ep=4, zero_stage=2)) == "Z2 fp32 mb1 ckpt:none dp8 ep4"
     assert plan_label(PlanConfig(dp=32, dp_replicate=4, zero_stage=3)) == "Z3 fp32 mb1 ckpt:none dp32 hsdp4x8"
 

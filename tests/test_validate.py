@@ -269,3 +269,24 @@ def test_an_unfit_sequence_parallel_run_says_what_megatrons_regather_would_save(
     assert why_unfit(cfg, unfit, 1.5e9).endswith("(fits)") and "1/2 shard" in why_unfit(cfg, unfit, 1.5e9)
     assert why_unfit(cfg, unfit, 0.5e9).endswith("(still does not fit)")
     assert why_unfit(cfg, pd.Series({"fits": True, "reason": "fits", "mem_total_bytes": 1e8}), 0.5e9) == "fits"
+
+
+@pytest.mark.parametrize("source, gpu, other, precision, kernel, said", [
+    ("github.com/NVIDIA/Megatron-LM README.md (Megatron-Core r0.8.0)", "H100 80GB SXM", "", "bf16", "cudnn",
+     "Transformer Engine"),
+    ("github.com/NVIDIA/Megatron-LM README.md @ 50a4b5fa02 (Apr 2021)", "A100 80GB", "", "bf16", "sdpa", ""),
+    ("github.com/pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md", "H100 80GB SXM", "", "bf16", "sdpa", ""),
+    ("github.com/example/trainer README", "H100 80GB SXM", "", "bf16", "cudnn", "unstated"),
+    ("github.com/example/trainer README", "H100 80GB SXM", "FlashAttention-2", "bf16", "sdpa", ""),
+    ("github.com/example/trainer README", "A100 80GB", "cuDNN attention", "bf16", "cudnn", ""),
+    ("github.com/example/trainer README", "H100 80GB SXM", "", "fp32", "sdpa", ""),
+])
+def test_a_runs_attention_kernel_is_the_one_it_states_or_its_framework_runs(source, gpu, other, precision, kernel,
+                                                                             said):
+    """Stated, or the framework's on Hopper (Megatron-Core's Transformer Engine prefers cuDNN's fused
+    attention there; torchtitan and fms-fsdp call SDPA), or an unnamed framework's on Hopper: cuDNN's,
+    said; elsewhere and in fp32, SDPA's own."""
+    mapped = map_run(parse_run(1, json.dumps(row(source=source, gpu=gpu, other=other, precision=precision))))
+    assert mapped.train.plan.attention == kernel
+    attention_notes = [a for a in mapped.assumptions if a.startswith("attention")]
+    assert (said in attention_notes[0]) if said else not attention_notes

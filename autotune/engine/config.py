@@ -44,6 +44,10 @@ Checkpointing = choices("Checkpointing", "none", "full", "selective", "op", "att
 OP_CHECKPOINT_EVERY_K = (1, 2)  # op: keep every matmul's output, or every other one's
 PipelineSchedule = choices("PipelineSchedule", "gpipe", "1f1b", "interleaved_1f1b")
 Kernels = choices("Kernels", "torch", "triton")
+# sdpa: SDPA's own choice (FlashAttention-2 for 16-bit on CUDA, its flash kernel on the CPU);
+# cudnn: cuDNN's fused attention (SDPA's CUDNN_ATTENTION; Transformer Engine's FusedAttention,
+# which it prefers on Hopper), 16-bit on a CUDA GPU only
+Attention = choices("Attention", "sdpa", "cudnn")
 Float8 = choices("Float8", "none", "tensorwise", "rowwise")
 TokenDtype = choices("TokenDtype", "uint16", "uint32")
 RouterSoftmax = choices("RouterSoftmax", "before", "after")
@@ -236,6 +240,7 @@ class PlanConfig:
     # attention over a ring of k/v: autotune/engine/context_parallel.py); 1: whole sequences
     cp: int = 1
     kernels: Kernels = Kernels.torch
+    attention: Attention = Attention.sdpa  # the attention kernel: see Attention
     compile: bool = False
     # under compile, the loss too where the model computes it on the whole vocabulary (tp 1, pp 1):
     # inductor fuses the fp32 upcast, log-softmax and nll with their backward, so neither the fp32
@@ -533,6 +538,9 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
     validate_async_tp(p)
     validate_fp8(p)
     validate_cp(p, job)
+    if p.attention == "cudnn" and p.precision == "fp32":
+        raise ConfigError("plan.attention=cudnn runs 16-bit attention only: set plan.precision=bf16 (or fp16) "
+                          "or plan.attention=sdpa")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
     if p.sequence_parallel and job.seq_len % p.tp:

@@ -12,12 +12,14 @@ keep the parameter names of the full model (checkpoints stay interchangeable).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from torch.distributed.tensor import DTensor, Replicate
 
 from autotune import kernels
@@ -106,6 +108,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
         self.use_rope = cfg.family == "llama"
         self.context_shard = None  # under context parallelism: the ring (autotune/engine/context_parallel.py)
+        self.sdpa_backend = None  # the SDPA kernel plan.attention pins (engine/parallel.py); None: SDPA's own choice
         self.project = project  # async tp pipelines the projections with their all-gather (engine/async_tp.py)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -133,7 +136,9 @@ class Attention(nn.Module):
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head among its group
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # pinned here, inside the module, so that a checkpointed block's recompute runs the same kernel
+        with sdpa_kernel(self.sdpa_backend) if self.sdpa_backend is not None else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return y.transpose(1, 2).reshape(b, s, -1)
 
 

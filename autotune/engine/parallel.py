@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.nn.attention import SDPBackend
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -69,13 +70,19 @@ except ImportError:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_supported(plan: PlanConfig) -> None:
-    """Refuse what the engine cannot run yet, before anything is built."""
-    if plan.kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+def check_supported(plan: PlanConfig, cuda: bool | None = None) -> None:
+    """Refuse what the engine cannot run yet, before anything is built. cuda: whether the target has
+    CUDA (None: this machine; the cost model passes its hardware's)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if plan.kernels == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError(
             "plan.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run Triton's interpreter on the "
             "CPU, slowly); use plan.kernels=torch here"
         )
+    if plan.attention == "cudnn" and (not cuda or plan.cp > 1):
+        why = ("a CUDA GPU" if not cuda
+               else f"plan.cp=1 (the ring of plan.cp={plan.cp} runs flash blocks)")
+        raise ConfigError(f"plan.attention=cudnn (cuDNN's fused attention) needs {why}; use plan.attention=sdpa")
     if plan.cp > 1 and (plan.pp > 1 or plan.compile):
         # the cost model estimates such plans (published runs have them); the engine does not run them yet
         what = f"plan.pp={plan.pp}" if plan.pp > 1 else "plan.compile=true"
@@ -307,6 +314,14 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
     )
 
 
+def pin_attention(model: nn.Module, plan: PlanConfig) -> None:
+    """plan.attention=cudnn: every attention layer runs cuDNN's fused attention (SDPA would pick
+    FlashAttention-2 on its own)."""
+    if plan.attention == "cudnn":
+        for block in model.layers.values():
+            block.attn.sdpa_backend = SDPBackend.CUDNN_ATTENTION
+
+
 def materialize(model: nn.Module, plan: PlanConfig, device: torch.device, seed: int) -> None:
     """Allocate a meta-built model (sharded or not) and initialise it; a loaded model is left alone."""
     if not any(p.is_meta for p in model.parameters()):
@@ -332,6 +347,7 @@ def apply_plan(model: nn.Module, plan: PlanConfig, mesh: DeviceMesh, device: tor
         apply_ep(model, expert_layout(mesh, plan.ep)["ep"])
     if plan.cp > 1:
         apply_cp(model, mesh["cp"].get_group())
+    pin_attention(model, plan)
     apply_activation_checkpointing(model, plan)
     apply_compile(model, plan)
     dp_mesh, experts_mesh = grad_mesh(plan, mesh), expert_mesh(plan, mesh)

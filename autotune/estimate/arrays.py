@@ -51,6 +51,7 @@ class PlanArrays:
     checkpointing: np.ndarray
     every_k: np.ndarray
     kernels: np.ndarray
+    cudnn_attention: np.ndarray  # plan.attention=cudnn: cuDNN's fused attention rather than SDPA's FlashAttention-2
     loss_kernels: np.ndarray  # the loss the engine runs: "triton" only where its fused loss can
     world: np.ndarray
     compiled: np.ndarray  # plan.compile: inductor fuses the blocks' memory-bound ops (estimate.fusion, the float8 casts)
@@ -96,6 +97,7 @@ class PlanArrays:
             checkpointing=_column(plans, "activation_checkpointing", "none").astype(str),
             every_k=_column(plans, "checkpoint_every_k", 2).astype(np.int64),
             kernels=kernels,
+            cudnn_attention=_column(plans, "attention", "sdpa").astype(str) == "cudnn",
             # The fused linear cross-entropy needs the whole head on one rank: under tp (vocabulary-sharded
             # head, loss_parallel) and pp (the schedule's loss_fn on the last stage's logits) the engine
             # computes torch's loss whatever plan.kernels says (autotune/engine/model.py, autotune/engine/pipeline.py).

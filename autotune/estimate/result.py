@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from autotune.engine.config import PlanConfig, TrainConfig
+from autotune.estimate.attention import attention_efficiency
 from autotune.estimate.calibration import Calibration, factors
 from autotune.estimate.columns import COMPUTE, MEMORY, TIME, flat_estimate
 from autotune.estimate.frame import estimate_frame
@@ -56,7 +57,7 @@ class Estimate:
                           "master_bytes": memory["master_bytes"], "optimizer_bytes": memory["optimizer_bytes"]},
             allocated_bytes=int(row["allocated_bytes"]),
             flops_per_token=flops_per_token(train.model, train.job.seq_len)["total"],
-            compute={f"{k}_s": float(row[f"compute_{k}_s"]) for k in COMPUTE}, factors=factors(hw, calib),
+            compute={f"{k}_s": float(row[f"compute_{k}_s"]) for k in COMPUTE}, factors=plan_factors(train, hw, calib),
             calibration=(calib or Calibration()).changes(hw),
         )
 
@@ -84,3 +85,11 @@ def estimate(train: TrainConfig, hw: Hardware, calib: Calibration | None = None)
     """The estimate of one plan: `estimate_frame` on a one-row frame, so the two agree exactly."""
     row = estimate_frame(train.model, train.job, plan_frame([train.plan]), hw, calib).iloc[0]
     return Estimate.from_row(row, train, hw, calib)
+
+
+def plan_factors(train: TrainConfig, hw: Hardware, calib: Calibration | None) -> dict[str, float]:
+    """The efficiency factors the time model used for this plan: attention's is cuDNN's under
+    plan.attention=cudnn."""
+    out = factors(hw, calib)
+    cudnn = train.plan.attention == "cudnn"
+    return out | {"attention_efficiency": float(attention_efficiency(cudnn, out["attention_efficiency"], hw))}

@@ -18,7 +18,7 @@ import numpy as np
 from autotune.engine.config import OP_CHECKPOINT_EVERY_K, JobConfig, ModelConfig
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration, factors
-from autotune.estimate.attention import relative_attention_efficiency
+from autotune.estimate.attention import attention_efficiency, relative_attention_efficiency
 from autotune.estimate.columns import TIME
 from autotune.estimate import float8
 from autotune.estimate.context import ring_exchange, ring_traffic
@@ -97,13 +97,15 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     per_token = flops["matmul_params"] - head_weights - flops["expert_params"] * (1 - routing.arrived)
     # SDPA's flash kernels skip the masked half of the causal s x s scores: forward 2 matmuls of
     # b·a·s²·d/2 each [FlashAttention-2]. MFU still counts the full 12·L·a·d·s (flops_per_token).
-    # SDPA at its rate for this sequence length, head width and heads on the rank [Attention]
-    attention_rate = relative_attention_efficiency(plans.micro_batch * model.n_heads / tp, seq_len, model.head_dim,
-                                                   hw.sms, hw.tensor_flops_per_clock)
+    # SDPA's kernel (or cuDNN's, plan.attention) at its rate for this sequence length, head width and
+    # heads on the rank [Attention]
+    attention_rate = (relative_attention_efficiency(plans.micro_batch * model.n_heads / tp, seq_len, model.head_dim,
+                                                    hw.sms, hw.tensor_flops_per_clock)
+                      * attention_efficiency(plans.cudnn_attention, efficiency["attention_efficiency"], hw))
     # Under context parallelism seq_len is the rank's S / cp queries, which see S / 2 keys on
     # average, as every query does: the rank does 1/cp of the sequence's attention [Context parallelism]
     attention = (2 * plans.micro_batch * seq_len * seq_len * plans.cp * model.n_heads * model.head_dim * layers / tp
-                 / (peak * efficiency["attention_efficiency"] * attention_rate))
+                 / (peak * attention_rate))
     traffic = micro_batch_traffic(model, plans, seq_len, routing)
     casts = float8.cast_traffic(model, plans, seq_len)
     # float8 linears: their share of the blocks' matmul time, at the float8 GEMM rate [Float8]

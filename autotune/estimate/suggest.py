@@ -10,19 +10,14 @@ from autotune.estimate.columns import GiB
 from autotune.estimate.frame import estimate_frame
 from autotune.estimate.result import plan_frame
 from autotune.hardware import Hardware
-from autotune.profile import temporary_env
 
 
 def check_engine_supports(plan: PlanConfig, hw: Hardware) -> None:
     """autotune.engine.parallel.check_supported for the target hardware: a catalog GPU has CUDA even when
-    this machine has none, so the engine's "Triton needs CUDA here" check does not apply to it."""
+    this machine has none, so the engine's "needs CUDA" checks (Triton, cuDNN) hold for it."""
     from autotune.engine.parallel import check_supported
 
-    if hw.device == "cuda":
-        with temporary_env("TRITON_INTERPRET", "1"):
-            check_supported(plan)
-    else:
-        check_supported(plan)
+    check_supported(plan, cuda=hw.device == "cuda")
 
 
 def fit_suggestion(train: TrainConfig, hw: Hardware, calib: Calibration | None = None) -> str:

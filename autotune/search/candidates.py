@@ -15,7 +15,7 @@ import pandas as pd
 from autotune.config import PlannerConfig
 from autotune.engine.files import write_atomic
 from autotune.estimate import estimate_frame
-from autotune.hardware import Hardware, fp8_modes, supported_precisions
+from autotune.hardware import Hardware, attention_kernels, fp8_modes, supported_precisions
 from autotune.plans import dominated_by, enumerate_plans, plan_from_row, plan_keys, plan_label
 
 GIB = 2**30
@@ -39,7 +39,7 @@ def candidate_table(pc: PlannerConfig, hw: Hardware, dominance: bool = True) -> 
     in speed and memory is dropped too; a measured search drops only what cannot fit, since an
     estimate must not veto plans no trial has tested."""
     plans = enumerate_plans(pc.train, pc.cluster, pc.search, device=hw.device, precisions=supported_precisions(hw),
-                            fp8=fp8_modes(hw))
+                            fp8=fp8_modes(hw), attention=attention_kernels(hw))
     frame = estimate_frame(pc.model, pc.job, plans, hw)
     frame["objective_est"] = objective_estimate(frame, pc.search.objective)
     fits = frame["fits"].astype(bool)

@@ -292,7 +292,36 @@ def _sequence_parallel(run: Run, tp: int, free: dict, assumed: list[str]) -> boo
     return False
 
 
-def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
+# The attention kernel (plan.attention) of frameworks whose source names them, on Hopper: cuDNN's fused
+# attention or SDPA's own (FlashAttention-2), with where it is documented
+ATTENTION_KERNELS = (
+    (r"NVIDIA/Megatron-LM", "cudnn", "Megatron-Core runs Transformer Engine, whose get_attention_backend "
+                                     "prefers its cuDNN FusedAttention to FlashAttention on sm90+"),
+    (r"pytorch/torchtitan|foundation-model-stack/fms-fsdp", "sdpa", ""),  # F.scaled_dot_product_attention
+)
+HOPPER = ("h100", "h200")  # the GPUs whose catalog entries have cuDNN's attention figure
+
+
+def _attention(run: Run, gpu: str, precision: str, assumed: list[str]) -> str:
+    """Stated ('cudnn', 'flash attention'); else SDPA's own kernel off Hopper and in fp32 (cuDNN's runs
+    16-bit only); else the framework's (ATTENTION_KERNELS); else, an unnamed framework on Hopper:
+    cuDNN's, the fastest kernel the engine has there (1.6x FlashAttention-2 from 4k, FlashAttention-3
+    paper), as the row says."""
+    text = run.other.lower()
+    if "cudnn" in text:
+        return "cudnn"
+    if re.search(r"flash.?attention|sdpa", text) or not gpu.startswith(HOPPER) or precision == "fp32":
+        return "sdpa"
+    for source, kernel, says in ATTENTION_KERNELS:
+        if re.search(source, run.source):
+            if says:
+                assumed.append(f"attention: {kernel} ({says})")
+            return kernel
+    assumed.append("attention kernel unstated: cuDNN's fused attention, the engine's fastest on Hopper")
+    return "cudnn"
+
+
+def _plan(run: Run, gpu: str, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     tp, pp = _parallel(run, gpus_per_node, free)
     micro_batch = run.micro_batch
     if micro_batch is None:
@@ -303,8 +332,10 @@ def _plan(run: Run, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     mode, every_k = _checkpointing(run, assumed, free)
     text = f"{run.ac} {run.other}".lower()
     compiled = "compile" in text and "no compile" not in text
+    precision = _precision(run, assumed)
     return {
-        "zero_stage": _zero(run, assumed), "precision": _precision(run, assumed), "fp8": _fp8(run, assumed),
+        "zero_stage": _zero(run, assumed), "precision": precision, "fp8": _fp8(run, assumed),
+        "attention": _attention(run, gpu, precision, assumed),
         "micro_batch": micro_batch,
         "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
@@ -344,7 +375,7 @@ def map_run(run: Run) -> Mapped:
     hw = replace(base, gpus_per_node=gpus_per_node, nodes=nodes)
     if network is not None:
         hw.inter_node_bytes_per_s = network_bytes_per_s(network)
-    plan = _plan(run, gpus_per_node, assumed, free)
+    plan = _plan(run, gpu, gpus_per_node, assumed, free)
     global_batch = run.global_batch
     if global_batch is None:
         global_batch = plan["micro_batch"] * run.dp
