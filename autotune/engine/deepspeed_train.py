@@ -34,7 +34,7 @@ from autotune.engine.config import ConfigError, TrainConfig, load_train_config
 from autotune.engine.data import micro_batches
 from autotune.engine.model import build_model
 from autotune.engine.moe import step_stats
-from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks, param_groups
+from autotune.engine.parallel import apply_activation_checkpointing, checkpointed_blocks, param_groups, pin_attention
 from autotune.engine.train import (MemoryMeter, StopFlag, forget_metrics_after, launch_workers, log_record,
                                    lr_factor, peak_flops, preflight, reduce_loss)
 from autotune.profile import flops_per_token
@@ -79,6 +79,7 @@ def build_model_for(cfg: TrainConfig, ds: dict[str, Any]) -> torch.nn.Module:
     """The engine's model, initialised (or loaded) as the engine's own run starts it, on the CPU
     (DeepSpeed moves it to this rank's device)."""
     model = build_model(cfg.model, "cpu", seed=cfg.job.seed, kernels=cfg.plan.kernels)
+    pin_attention(model, cfg.plan)
     if cfg.model.init_from:
         from autotune.engine.hf import load_hf_weights
 
