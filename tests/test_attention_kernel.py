@@ -68,12 +68,16 @@ def test_a_pinned_kernel_also_runs_in_a_checkpointed_blocks_recompute():
     model = build_model(ModelConfig(**TINY), seed=0)
     apply_activation_checkpointing(model, config(activation_checkpointing="full").plan)
     tokens = torch.randint(0, TINY["vocab_size"], (2, JOB["seq_len"]))
+    flash = "aten._scaled_dot_product_flash_attention_for_cpu"
+    with OpNames() as unpinned:
+        model(tokens, tokens).backward()
+    assert unpinned.names.count(flash) == 2 * TINY["n_layers"]  # SDPA's own choice: forward and recompute
     for block in model.layers.values():
         block.attn.sdpa_backend = SDPBackend.MATH
-    with OpNames() as ops:
+    with OpNames() as pinned:
         model(tokens, tokens).backward()
-    assert "aten._scaled_dot_product_flash_attention_for_cpu" not in ops.names
-    assert ops.names.count("aten._safe_softmax") == 2 * TINY["n_layers"]  # the math kernel: forward and recompute
+    assert flash not in pinned.names
+    assert pinned.names.count("aten._safe_softmax") == 2 * TINY["n_layers"]  # the math kernel: forward and recompute
 
 
 @pytest.mark.gpu
@@ -92,6 +96,8 @@ def test_cudnn_attention_trains_as_sdpas_own_kernel_does():
             loss.backward()
         results[attention] = (loss.float(), [p.grad.float() for p in model.parameters()], ops.names)
     assert "aten._scaled_dot_product_cudnn_attention" in results["cudnn"][2]
+    # SDPA's own priority puts FlashAttention first (torch._C._get_sdp_priority_order())
+    assert "aten._scaled_dot_product_flash_attention" in results["sdpa"][2]
     assert "aten._scaled_dot_product_cudnn_attention" not in results["sdpa"][2]
     torch.testing.assert_close(results["cudnn"][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
     for a, b in zip(results["cudnn"][1], results["sdpa"][1]):
