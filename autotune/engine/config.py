@@ -499,6 +499,26 @@ def validate_optimizer(o: OptimizerConfig) -> None:
 
 def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
     """Check a plan against its model and job, and fill in the derived grad_accum."""
+    from autotune.engine.plan_dims import (validate_async_tp, validate_attention, validate_cp, validate_dp_replicate,
+                                           validate_fp8, validate_pipeline, validate_sequence_parallel, validate_tp)
+
+    _validate_settings(p)
+    validate_tp(p, model)
+    validate_ep(p, model)
+    validate_dp_replicate(p)
+    validate_async_tp(p)
+    validate_fp8(p)
+    validate_cp(p, job)
+    validate_attention(p)
+    validate_sequence_parallel(p, job)
+    validate_pipeline(p, model)
+    if job.seq_len > model.max_seq_len:
+        raise ConfigError(f"job.seq_len={job.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    p.grad_accum = _grad_accum(p, job)
+
+
+def _validate_settings(p: PlanConfig) -> None:
+    """The plan's own settings, each on its own: ranges, checkpointing, fp16's loss scale, offload."""
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"plan.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
     if p.checkpoint_every_k < 1:
@@ -523,40 +543,11 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
         raise ConfigError("plan.offload_optimizer needs plan.zero_stage >= 1")
     if p.offload_params and p.zero_stage < 3:
         raise ConfigError("plan.offload_params needs plan.zero_stage=3")
-    if p.tp > 1:
-        if model.n_heads % p.tp or model.kv_heads % p.tp:
-            raise ConfigError(
-                f"plan.tp={p.tp} must divide model.n_heads={model.n_heads} and "
-                f"model.n_kv_heads={model.kv_heads}; try a tp that divides {math.gcd(model.n_heads, model.kv_heads)}"
-            )
-        if model.d_ff % p.tp:
-            raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
-    validate_ep(p, model)
-    from autotune.engine.plan_dims import validate_async_tp, validate_cp, validate_dp_replicate, validate_fp8
 
-    validate_dp_replicate(p)
-    validate_async_tp(p)
-    validate_fp8(p)
-    validate_cp(p, job)
-    if p.attention == "cudnn" and p.precision == "fp32":
-        raise ConfigError("plan.attention=cudnn runs 16-bit attention only: set plan.precision=bf16 (or fp16) "
-                          "or plan.attention=sdpa")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
-    if p.sequence_parallel and job.seq_len % p.tp:
-        raise ConfigError(f"plan.sequence_parallel needs job.seq_len={job.seq_len} divisible by plan.tp={p.tp}")
-    stages = p.pp * p.pp_virtual_stages
-    if stages > model.n_layers:
-        raise ConfigError(
-            f"plan.pp={p.pp} x plan.pp_virtual_stages={p.pp_virtual_stages} = {stages} stages "
-            f"exceeds model.n_layers={model.n_layers}"
-        )
-    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
-        raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
-    if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:
-        raise ConfigError(f"plan.pp_virtual_stages={p.pp_virtual_stages} needs plan.pp_schedule=interleaved_1f1b")
-    if job.seq_len > model.max_seq_len:
-        raise ConfigError(f"job.seq_len={job.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+
+def _grad_accum(p: PlanConfig, job: JobConfig) -> int:
+    """The micro-batches a step takes (the global batch over micro_batch x dp), checked against a
+    grad_accum the plan gives and the pipeline schedule's needs."""
     per_step = p.micro_batch * p.dp
     if job.global_batch % per_step:
         raise ConfigError(
@@ -569,7 +560,6 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             f"plan.grad_accum={p.grad_accum} disagrees with job.global_batch={job.global_batch} / "
             f"(micro_batch={p.micro_batch} x dp={p.dp}) = {accum}; leave grad_accum unset"
         )
-    p.grad_accum = accum
     if p.pp > 1 and p.pp_schedule == "interleaved_1f1b" and accum % p.pp:
         raise ConfigError(
             f"plan.pp_schedule=interleaved_1f1b needs grad_accum={accum} (micro-batches) divisible by plan.pp={p.pp}"
@@ -579,6 +569,7 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
             f"plan.pp_schedule=1f1b needs at least plan.pp={p.pp} micro-batches per step, but grad_accum={accum}; "
             "use a smaller plan.micro_batch or plan.pp_schedule=gpipe"
         )
+    return accum
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -1,8 +1,53 @@
-"""Checks of the plan's newer dimensions: hybrid sharding, float8, context parallelism and async tp (each
+"""Checks of the plan's parallel dimensions and kernels: tensor and sequence parallelism, pipeline
+stages, hybrid sharding, float8, context parallelism, async tp and the attention kernel (each
 violation one ConfigError that says what to change; autotune.engine.config.validate_plan calls them)."""
 from __future__ import annotations
 
-from autotune.engine.config import ConfigError, JobConfig, PlanConfig
+import math
+
+from autotune.engine.config import ConfigError, JobConfig, ModelConfig, PlanConfig
+
+
+def validate_tp(p: PlanConfig, model: ModelConfig) -> None:
+    """Tensor parallelism splits the heads (q and kv alike) and the MLP's width evenly."""
+    if p.tp == 1:
+        return
+    if model.n_heads % p.tp or model.kv_heads % p.tp:
+        raise ConfigError(
+            f"plan.tp={p.tp} must divide model.n_heads={model.n_heads} and "
+            f"model.n_kv_heads={model.kv_heads}; try a tp that divides {math.gcd(model.n_heads, model.kv_heads)}"
+        )
+    if model.d_ff % p.tp:
+        raise ConfigError(f"plan.tp={p.tp} must divide model.d_ff={model.d_ff}")
+
+
+def validate_sequence_parallel(p: PlanConfig, job: JobConfig) -> None:
+    """Sequence parallelism shards the tp group's tokens: it needs tp and a sequence tp divides."""
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("plan.sequence_parallel needs plan.tp > 1")
+    if p.sequence_parallel and job.seq_len % p.tp:
+        raise ConfigError(f"plan.sequence_parallel needs job.seq_len={job.seq_len} divisible by plan.tp={p.tp}")
+
+
+def validate_pipeline(p: PlanConfig, model: ModelConfig) -> None:
+    """pp x pp_virtual_stages stages of whole blocks; virtual stages only under the interleaved schedule."""
+    stages = p.pp * p.pp_virtual_stages
+    if stages > model.n_layers:
+        raise ConfigError(
+            f"plan.pp={p.pp} x plan.pp_virtual_stages={p.pp_virtual_stages} = {stages} stages "
+            f"exceeds model.n_layers={model.n_layers}"
+        )
+    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1 and p.pp_virtual_stages < 2:
+        raise ConfigError("plan.pp_schedule=interleaved_1f1b needs plan.pp_virtual_stages >= 2")
+    if p.pp_schedule != "interleaved_1f1b" and p.pp_virtual_stages != 1:
+        raise ConfigError(f"plan.pp_virtual_stages={p.pp_virtual_stages} needs plan.pp_schedule=interleaved_1f1b")
+
+
+def validate_attention(p: PlanConfig) -> None:
+    """cuDNN's fused attention runs 16-bit inputs only."""
+    if p.attention == "cudnn" and p.precision == "fp32":
+        raise ConfigError("plan.attention=cudnn runs 16-bit attention only: set plan.precision=bf16 (or fp16) "
+                          "or plan.attention=sdpa")
 
 
 def validate_dp_replicate(p: PlanConfig) -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from autotune.hardware import Hardware
+
 BLOCK = 128  # FlashAttention-2's query/key block on A100/H100 for head width <= 128
 EXP_PER_CLOCK = 16  # special-function-unit exponentials per clock per SM (compute capability 8.x, 9.0)
 REFERENCE = {"batch_heads": 2 * 16, "seq_len": 4096, "head_dim": 128}
@@ -36,7 +38,7 @@ def _rate(batch_heads, seq_len, head_dim, sms: int, tensor_flops_per_clock: floa
     return seq_len / (seq_len + BLOCK) * head_dim / (head_dim + exp_width) * wave
 
 
-def attention_efficiency(cudnn: np.ndarray, attention_efficiency: float, hw) -> np.ndarray:
+def attention_efficiency(cudnn: np.ndarray, attention_efficiency: float, hw: Hardware) -> np.ndarray:
     """Each plan's attention efficiency at REFERENCE: `attention_efficiency` (the hardware's SDPA
     figure, as calibrated) or, for cuDNN's kernel, that times the hardware's cuDNN-over-SDPA ratio (a
     calibration scales both alike); a GPU without a cuDNN figure is taken at SDPA's."""
