@@ -166,6 +166,11 @@ def network_bytes_per_s(line_rate_gbps: float) -> float:
     return line_rate_gbps / 8 * 1e9 * NETWORK_EFFICIENCY
 
 
+def port_gbps(hw: Hardware) -> float:
+    """The line rate (Gb/s) of the network port whose bus bandwidth is hw.inter_node_bytes_per_s."""
+    return hw.inter_node_bytes_per_s * 8 / 1e9 / NETWORK_EFFICIENCY
+
+
 def catalog_gpu(name: str) -> Hardware:
     """Datasheet figures of conf/gpu/<name>.yaml."""
     path = CONF_DIR / "gpu" / f"{name}.yaml"

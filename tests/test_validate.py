@@ -108,10 +108,18 @@ def test_a_ports_line_rate_per_node_is_shared_by_the_nodes_gpus():
     per_node = map_run(parse_run(1, json.dumps(row(interconnect="8x 200Gbps HDR InfiniBand per node"))))
     per_gpu = map_run(parse_run(1, json.dumps(row(interconnect="NDR 400 Gb/s per GPU"))))
     assert per_gpu.hw.inter_node_bytes_per_s == pytest.approx(2 * per_node.hw.inter_node_bytes_per_s)
-    bare = map_run(parse_run(1, json.dumps(row(interconnect="400 Gbps"))))
-    assert bare.hw.inter_node_bytes_per_s == per_gpu.hw.inter_node_bytes_per_s
+    bare = map_run(parse_run(1, json.dumps(row(interconnect="200 Gbps"))))
+    assert bare.hw.inter_node_bytes_per_s == pytest.approx(per_gpu.hw.inter_node_bytes_per_s / 2)
     assert any("neither per GPU nor per node: taken per GPU" in a for a in bare.assumptions)
     assert not any("network" in a for a in per_gpu.assumptions)
+
+
+def test_a_bare_line_rate_beyond_one_gpus_port_is_the_nodes():
+    # an A100 server's ports are 200 Gb/s each: 400 Gb/s can only be the node's 8 GPUs together
+    bare = map_run(parse_run(1, json.dumps(row(interconnect="400 Gbps"))))
+    per_node = map_run(parse_run(1, json.dumps(row(interconnect="2x 200Gbps per node"))))
+    assert bare.hw.inter_node_bytes_per_s == pytest.approx(per_node.hw.inter_node_bytes_per_s)
+    assert any("so the node's: 50 Gb/s per GPU" in a for a in bare.assumptions)
 
 
 def test_the_measured_speed_comes_from_what_the_source_gives():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from autotune.config import CONF_DIR
 from autotune.engine.config import ConfigError, TrainConfig, build_train_config
-from autotune.hardware import Hardware, catalog_gpu, check_fp8, network_bytes_per_s
+from autotune.hardware import Hardware, catalog_gpu, check_fp8, network_bytes_per_s, port_gbps
 from autotune.profile import flops_per_token
 from autotune.validate.runs import Run
 
@@ -58,18 +58,27 @@ def _gpu(run: Run, assumed: list[str]) -> str:
     raise NotExpressible(f"gpu {run.gpu!r} is not in the catalog (conf/gpu/)")
 
 
-def _network_gbps(run: Run, gpus_per_node: int, assumed: list[str]) -> float | None:
+def _network_gbps(run: Run, gpus_per_node: int, port_gbps: float, assumed: list[str]) -> float | None:
     """The network's line rate per GPU in Gb/s: 'N x R Gbps per node' shares N ports among the node's
-    GPUs; any other 'R Gb/s' is per GPU; None (unstated): the catalog GPU's reference server's."""
+    GPUs; 'R Gb/s per GPU' is one GPU's; a bare 'R Gb/s' is one GPU's unless it is more than one
+    port of the catalog GPU's reference server (`port_gbps`) carries, which only a node's ports
+    together can; None (unstated): the reference server's port."""
     text = run.interconnect or ""
     per_node = re.search(r"(\d+)\s*x\s*(\d+)\s*Gb(?:ps|/s).*per node", text, re.IGNORECASE)
     if per_node:
         return int(per_node.group(1)) * float(per_node.group(2)) / gpus_per_node
     rate = re.search(r"(\d+)\s*Gb(?:ps|/s)", text, re.IGNORECASE)
     if rate:
-        if not re.search(r"per\s+GPU", text, re.IGNORECASE):
-            assumed.append(f"network {text!r} says neither per GPU nor per node: taken per GPU")
-        return float(rate.group(1))
+        gbps = float(rate.group(1))
+        if re.search(r"per\s+GPU", text, re.IGNORECASE):
+            return gbps
+        if gbps > port_gbps:
+            assumed.append(f"network {text!r} says neither per GPU nor per node: more than one GPU's port on "
+                           f"this GPU's servers ({port_gbps:g} Gb/s) carries, so the node's: "
+                           f"{gbps / gpus_per_node:g} Gb/s per GPU")
+            return gbps / gpus_per_node
+        assumed.append(f"network {text!r} says neither per GPU nor per node: taken per GPU")
+        return gbps
     if run.gpus > gpus_per_node:
         assumed.append("network unstated: the catalog GPU's reference server's ports")
     return None
@@ -371,7 +380,7 @@ def map_run(run: Run) -> Mapped:
     nodes = run.nodes or max(run.gpus // 8, 1)
     gpus_per_node = run.gpus // nodes if run.gpus % nodes == 0 else 8
     base = catalog_gpu(gpu)
-    network = _network_gbps(run, gpus_per_node, assumed)
+    network = _network_gbps(run, gpus_per_node, port_gbps(base), assumed)
     hw = replace(base, gpus_per_node=gpus_per_node, nodes=nodes)
     if network is not None:
         hw.inter_node_bytes_per_s = network_bytes_per_s(network)
