@@ -35,6 +35,18 @@ def test_the_catalogs_reference_gemm_runs_at_the_catalog_efficiency():
         assert relative_efficiency(16384, 4096, 4096, hw.sms) > 0.95  # large GEMMs lose little
 
 
+def test_a_power_cap_slows_the_power_limited_gemms_more_than_attention():
+    # the 500 W part's GEMMs run at the clock the power above idle allows (linear), its attention
+    # kernels, which draw less, at the cube-root rule; peaks, HBM and SMs are the SXM part's
+    sxm, capped = catalog_gpu("h100-sxm"), catalog_gpu("h100-sxm-96g-500w")
+    gemm, attention = (500 - 88) / (700 - 88), (500 / 700) ** (1 / 3)
+    assert capped.matmul_efficiency == pytest.approx(sxm.matmul_efficiency * gemm, rel=2e-3)
+    assert capped.fp8_matmul_efficiency == pytest.approx(sxm.fp8_matmul_efficiency * gemm, rel=2e-3)
+    assert capped.attention_efficiency == pytest.approx(sxm.attention_efficiency * attention, rel=3e-3)
+    assert capped.cudnn_attention_efficiency == pytest.approx(sxm.cudnn_attention_efficiency * attention, rel=3e-3)
+    assert (capped.peak_flops, capped.sms) == (sxm.peak_flops, sxm.sms)
+
+
 def test_wave_quantization_one_tile_past_a_full_wave_costs_most_of_a_wave():
     """108 tiles of 128 x 256 fill an A100's 108 SMs once; 109 need a second wave (or half tiles)."""
     full = relative_efficiency(128 * 12, 256 * 9, 8192, 108)
