@@ -37,9 +37,10 @@ COLLECTIVE_LATENCY_S = 20e-6
 # Host time to dispatch one op in eager PyTorch on a GPU: a kernel launch through the CUDA driver
 # takes about 5 us [Fixed overheads].
 DISPATCH_S = 5e-6
-# The share of a network port's line rate NCCL's rings reach at large messages (the figure the
-# cluster files use: 36 GB/s for NDR 400 Gb/s, 18 for HDR 200) [GPU catalog].
-NETWORK_EFFICIENCY = 0.73
+# The share of a network port's line rate NCCL's rings reach at large messages: "for NDR @ 400Gbps
+# you should see 46-48GB/s per NIC" (NCCL's maintainer, NVIDIA/nccl-tests issue #290, 2025), the low
+# end taken (the cluster files' 46 GB/s for NDR 400 Gb/s, 23 for HDR 200) [GPU catalog].
+NETWORK_EFFICIENCY = 0.92
 # torch.cuda.get_device_name() -> its conf/gpu entry, first match wins ("NVIDIA H100 80GB HBM3" is
 # the SXM part, "NVIDIA H100 PCIe" the PCIe one; PCIe A100s have the SXM parts' peaks).
 CUDA_NAMES = (
