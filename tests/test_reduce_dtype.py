@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import functools
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -61,26 +62,21 @@ def test_ddp_bf16_reduction_is_refused_without_cuda():
     parallel.check_supported(config(dict(dp=2, zero_stage=3, precision="bf16", reduce_dtype="bf16")).plan, cuda=False)
 
 
+# the tensor each gradient reduction sends: FSDP2's reduce-scatter input, any all-reduce's tensor
+REDUCED_TENSOR = {"reduce_scatter_single": lambda args, kwargs: kwargs["input"],
+                  "all_reduce": lambda args, kwargs: args[0] if args else kwargs["tensor"]}
+
+
 @contextlib.contextmanager
 def reduced_dtypes(seen: set):
-    """Notes the dtype of every gradient reduction (FSDP2's reduce-scatter input, any all-reduce)."""
-    names = ("reduce_scatter_single", "all_reduce")
-    originals = {name: getattr(torch.distributed, name) for name in names}
+    """Notes (collective, dtype) of every gradient reduction made inside."""
+    def noting(name, original):
+        return lambda *args, **kwargs: seen.add((name, REDUCED_TENSOR[name](args, kwargs).dtype)) or original(*args, **kwargs)
 
-    def noting(name):
-        def call(*args, **kwargs):
-            tensor = kwargs["input"] if name == "reduce_scatter_single" else (args[0] if args else kwargs["tensor"])
-            seen.add((name, tensor.dtype))
-            return originals[name](*args, **kwargs)
-        return call
-
-    for name in names:
-        setattr(torch.distributed, name, noting(name))
-    try:
+    with contextlib.ExitStack() as patches:
+        for name in REDUCED_TENSOR:
+            patches.enter_context(mock.patch.object(torch.distributed, name, noting(name, getattr(torch.distributed, name))))
         yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.distributed, name, original)
 
 
 @contextlib.contextmanager
@@ -88,16 +84,12 @@ def bf16_hook_on_gloo():
     """DDP registers bf16_compress_hook only in a CUDA build with NCCL (and the engine refuses it
     elsewhere, in one line); gloo all-reduces bf16 just as well, so here both guards are lifted to
     run torch's own hook on the CPU."""
-    guard, check = DDP._check_comm_hook, parallel.check_supported
-    DDP._check_comm_hook = lambda self, hook: None
-    for module in (parallel, train):
-        module.check_supported = functools.partial(check, cuda=True)
-    try:
-        yield
-    finally:
-        DDP._check_comm_hook = guard
+    on_cuda = functools.partial(parallel.check_supported, cuda=True)
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(DDP, "_check_comm_hook", lambda self, hook: None))
         for module in (parallel, train):
-            module.check_supported = check
+            patches.enter_context(mock.patch.object(module, "check_supported", on_cuda))
+        yield
 
 
 def run_plan(plan: dict) -> dict:
