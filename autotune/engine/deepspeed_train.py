@@ -7,9 +7,9 @@ either launcher:
 
 `deepspeed.initialize` gets the ds_config as it is: ZeRO stage, offload, precision, clipping and the
 optimizer come from it; only its `communication_data_type`, where the file has none, is the plan's
-reduce dtype (a file's own must agree with it). What DeepSpeed's config cannot say comes from the training config: the model,
-the data (each rank's micro-batches of each step, as the engine cuts them, so both train on the same
-tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
+reduce dtype (a file's own must agree with it). What DeepSpeed's config cannot say comes from the
+training config: the model, the data (each rank's micro-batches of each step, as the engine cuts
+them, so both train on the same tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
 at lr / warmup_steps, which none of DeepSpeed's schedulers computes: it is handed to DeepSpeed as the
 client lr_scheduler, which DeepSpeed steps once per optimizer step). When the file has an
 `activation_checkpointing` section, the plan's checkpointed blocks (or, for attention, their

@@ -455,8 +455,8 @@ def gradient_sync(model: nn.Module, plan: PlanConfig, enabled: bool) -> Iterator
     (FSDP2) skips the reduce-scatter and the post-backward reshard until then: the units stay
     gathered and their unsharded gradients accumulate in the reduce dtype (fp32: FSDP2 upcasts
     them after the first backward; bf16: they stay 16-bit), so the step gathers and
-    reduce-scatters each unit once, as Megatron's distributed optimizer does. ZeRO 2/3 reduce-scatter every micro-step, as
-    DeepSpeed's do, keeping only sharded fp32 gradients between micro-steps. Under hybrid sharding
+    reduce-scatters each unit once, as Megatron's distributed optimizer does. ZeRO 2/3
+    reduce-scatter every micro-step, as DeepSpeed's do, keeping only sharded fp32 gradients between micro-steps. Under hybrid sharding
     the replicas' all-reduce of the summed shards comes on the last micro-step only (ZeRO 2/3: the
     earlier ones wait in FSDP2's partial sum, a shard's size).
     """

@@ -78,9 +78,9 @@ def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, window: 
 def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute) -> dict:
     """ZeRO 1-3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
     parameters is prefetched during the previous unit's compute, and each unit's gradients are
-    reduce-scattered (in the reduce dtype) during the next one's backward. So a pass waits for its first gather, for every
-    unit whose collectives outlast its neighbour's compute, and a backward for its last
-    reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step.
+    reduce-scattered (in the reduce dtype) during the next one's backward. So a pass waits for its
+    first gather, for every unit whose collectives outlast its neighbour's compute, and a backward
+    for its last reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step.
     These run over the shard group; hybrid sharding adds `_replicas`."""
     layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
     unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
@@ -117,9 +117,9 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
 
 def _replicas(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, unit: np.ndarray,
               slack: np.ndarray) -> dict[str, np.ndarray]:
-    """Hybrid sharding: each unit's gradient shard (reduce dtype) all-reduced across the replicas once per
-    step, after its reduce-scatter in the last backward (engine.parallel.gradient_sync), during the
-    next unit's backward where that backward's own collectives leave it room (`slack`, per block);
+    """Hybrid sharding: each unit's gradient shard all-reduced (in the reduce dtype) across the
+    replicas once per step, after its reduce-scatter in the last backward
+    (engine.parallel.gradient_sync), during the next unit's backward where that backward's own collectives leave it room (`slack`, per block);
     the last unit's and the root's wait."""
     shards = plans.dp_shard
     block = replica_all_reduce(plans.reduce_bytes * unit / shards, plans, hw, eff)
