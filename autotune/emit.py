@@ -101,6 +101,9 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": plan.precision == "bf16"},
         "fp16": fp16,
         "gradient_clipping": opt.grad_clip,
+        # the dtype gradients are reduced in: the plan's (unset, DeepSpeed reduces in its 16-bit
+        # compute dtype, where the engine's default is fp32)
+        "communication_data_type": str(plan.reduce_dtype),
         # torch's AdamW (`torch_adam`), the update the engine runs and its plans were measured with;
         # without it DeepSpeed builds its FusedAdam (DeepSpeedCPUAdam when offloaded), C++ extensions
         # it compiles at first use. The parameter groups (no decay on norms and biases) and the lr

@@ -187,6 +187,7 @@ def enumerate_plans(train: TrainConfig, cluster: Any, search: Any, *, device: st
     plans = layout.merge(memory, how="cross").merge(compute, how="cross")
     plans = plans[(plans["dp_replicate"] == 1) | (plans["zero_stage"] >= 1)]  # hybrid sharding shards ZeRO 1-3
     plans["loss_scale"] = _DEFAULTS.loss_scale
+    plans["reduce_dtype"] = plain(_DEFAULTS.reduce_dtype)  # bf16 changes the numerics: left to the user
     plans["compile"] = False  # torch.compile is left to the user: its warm-up dwarfs a probe
     plans["compile_loss"] = _DEFAULTS.compile_loss
     plans = _with_fp8(plans, fp8)
@@ -255,11 +256,12 @@ def plan_keys(plans: pd.DataFrame) -> pd.Series:
 def plan_label(plan: PlanConfig) -> str:
     """A short name for a plan: `Z2+oo bf16 mb4 ckpt:full dp8 tp2+sp pp2 1f1b fp8:tensorwise triton` (`dp8 ep4`:
     expert parallel; `dp32 hsdp4x8`: hybrid sharding, 4 replicas of 8 sharding ranks; `dp2 cp4`: each sequence
-    over 4 context-parallel ranks)."""
+    over 4 context-parallel ranks; `dp8+reduce:bf16`: gradients reduced in bf16)."""
     zero = f"Z{plan.zero_stage}" + ("+oo" if plan.offload_optimizer else "") + ("+op" if plan.offload_params else "")
     ckpt = {"selective": f"sel{plan.checkpoint_every_k}", "op": f"op{plan.checkpoint_every_k}"}.get(
         str(plan.activation_checkpointing), str(plan.activation_checkpointing))
-    parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}"]
+    reduce = f"+reduce:{plan.reduce_dtype}" if plan.reduce_dtype != _DEFAULTS.reduce_dtype else ""
+    parts = [zero, str(plan.precision), f"mb{plan.micro_batch}", f"ckpt:{ckpt}", f"dp{plan.dp}{reduce}"]
     if plan.ep > 1:
         parts.append(f"ep{plan.ep}")
     if plan.dp_replicate > 1:
@@ -325,7 +327,8 @@ def outside_search_space(plan: PlanConfig, train: TrainConfig, cluster: Any, sea
         "float8 not on this device": plan.fp8 not in set(fp8) | {"none"},
         "attention kernel not on this device": plan.attention not in set(attention) | {"sdpa"},
         "cuDNN attention under cp (the engine refuses it)": plan.attention == "cudnn" and plan.cp > 1,
-        "a setting the search leaves to the user": plan.loss_scale != _DEFAULTS.loss_scale or plan.compile,
+        "a setting the search leaves to the user": (plan.loss_scale != _DEFAULTS.loss_scale or plan.compile
+                                                     or plan.reduce_dtype != _DEFAULTS.reduce_dtype),
     }
     return ", ".join(why for why, broken in rules.items() if broken)
 

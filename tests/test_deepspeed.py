@@ -106,6 +106,7 @@ PLANS = [
     dict(zero_stage=2, precision="fp16", activation_checkpointing="selective"),
     dict(zero_stage=3, offload_optimizer=True, offload_params=True, activation_checkpointing="full"),
     dict(zero_stage=3, dp=4, dp_replicate=2),  # hybrid sharding: ZeRO++ hierarchical partitioning
+    dict(zero_stage=2, precision="bf16", reduce_dtype="bf16"),  # communication_data_type
 ]
 
 
@@ -230,6 +231,8 @@ def test_command_errors(tmp_path, capsys, monkeypatch):
     assert "train_micro_batch_size_per_gpu=4 but the training config has 2" in error(
         json.dumps(ds | {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}))
     assert "data parallel only" in error(json.dumps(ds), "plan.tp=2", "plan.dp=1")
+    assert "communication_data_type=bf16 but the training config has plan.reduce_dtype=fp32" in error(
+        json.dumps(ds | {"communication_data_type": "bf16"}))
     if not torch.cuda.is_available():
         from deepspeed.accelerator import get_accelerator
         # a CPU with AVX512-FP16/AMX does train fp16: the refusal is checked as on one that does not

@@ -159,6 +159,18 @@ def test_plan_label():
     assert plan_label(PlanConfig(precision="bf16", attention="cudnn")) == "Z0 bf16 mb1 ckpt:none dp1 cudnn attention"
     assert plan_label(PlanConfig(dp=8, ep=4, zero_stage=2)) == "Z2 fp32 mb1 ckpt:none dp8 ep4"
     assert plan_label(PlanConfig(dp=32, dp_replicate=4, zero_stage=3)) == "Z3 fp32 mb1 ckpt:none dp32 hsdp4x8"
+    assert plan_label(PlanConfig(dp=2, precision="bf16", reduce_dtype="bf16")) == "Z0 bf16 mb1 ckpt:none dp2+reduce:bf16"
+
+
+def test_the_search_reduces_gradients_in_fp32_whatever_the_user_set():
+    """bf16 reduction changes the numerics: the search never tries it, and there is no user-fixed plan field."""
+    train = planner_config(["model=tiny", "job.global_batch=8", "plan.precision=bf16", "plan.reduce_dtype=bf16"]).train
+    assert train.plan.reduce_dtype == "bf16"
+    plans = enumerate_plans(train, ClusterConfig(gpus_per_node=2), SearchConfig())
+    assert set(plans["reduce_dtype"]) == {"fp32"} and "bf16" in set(plans["precision"])
+    bf16_reduce = PlanConfig(**{**plan_from_row(plans[plans["precision"] == "bf16"].iloc[0]).__dict__, "reduce_dtype": "bf16"})
+    why = outside_search_space(bf16_reduce, train, ClusterConfig(gpus_per_node=2), SearchConfig())
+    assert why == "a setting the search leaves to the user"
 
 
 def test_context_parallelism_is_searched_for_long_sequences_only():

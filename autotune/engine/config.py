@@ -49,6 +49,11 @@ Kernels = choices("Kernels", "torch", "triton")
 # which it prefers on Hopper), 16-bit on a CUDA GPU only
 Attention = choices("Attention", "sdpa", "cudnn")
 Float8 = choices("Float8", "none", "tensorwise", "rowwise")
+# The dtype data-parallel gradients are reduced in (FSDP2's reduce_dtype, DDP's bf16_compress_hook,
+# DeepSpeed's communication_data_type): bf16 halves their traffic but rounds the summed gradients,
+# so it needs 16-bit compute and the search never picks it (as DeepSpeed's autotuner, it leaves
+# it to the user; searched plans reduce in fp32)
+ReduceDtype = choices("ReduceDtype", "fp32", "bf16")
 TokenDtype = choices("TokenDtype", "uint16", "uint32")
 RouterSoftmax = choices("RouterSoftmax", "before", "after")
 
@@ -220,6 +225,7 @@ class PlanConfig:
     grad_accum: Optional[int] = None  # derived: global_batch / (micro_batch * dp)
     precision: Precision = Precision.fp32
     loss_scale: str = "dynamic"  # fp16 only: dynamic | none | a fixed number
+    reduce_dtype: ReduceDtype = ReduceDtype.fp32  # see ReduceDtype
     activation_checkpointing: Checkpointing = Checkpointing.none
     checkpoint_every_k: int = 2  # selective: checkpoint every k-th block; op: keep every k-th matmul output
     dp: int = 1
@@ -518,7 +524,8 @@ def validate_plan(p: PlanConfig, model: ModelConfig, job: JobConfig) -> None:
 
 
 def _validate_settings(p: PlanConfig) -> None:
-    """The plan's own settings, each on its own: ranges, checkpointing, fp16's loss scale, offload."""
+    """The plan's own settings, each on its own: ranges, checkpointing, fp16's loss scale, the reduce
+    dtype, offload."""
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"plan.zero_stage={p.zero_stage}: use 0, 1, 2 or 3")
     if p.checkpoint_every_k < 1:
@@ -539,6 +546,9 @@ def _validate_settings(p: PlanConfig) -> None:
                 raise ConfigError(f"plan.loss_scale={p.loss_scale!r}: use dynamic, none or a positive number")
             if not scale > 0 or math.isinf(scale):
                 raise ConfigError(f"plan.loss_scale={p.loss_scale!r}: use dynamic, none or a positive number")
+    if p.reduce_dtype == "bf16" and p.precision == "fp32":
+        raise ConfigError("plan.reduce_dtype=bf16 needs 16-bit compute: set plan.precision=bf16 (or fp16) "
+                          "or plan.reduce_dtype=fp32")
     if p.offload_optimizer and p.zero_stage < 1:
         raise ConfigError("plan.offload_optimizer needs plan.zero_stage >= 1")
     if p.offload_params and p.zero_stage < 3:

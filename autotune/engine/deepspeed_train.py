@@ -6,9 +6,10 @@ either launcher:
     torchrun --nproc_per_node N -m autotune.engine.deepspeed_train CONFIG.yaml --deepspeed ds_config.json
 
 `deepspeed.initialize` gets the ds_config as it is: ZeRO stage, offload, precision, clipping and the
-optimizer come from it. What DeepSpeed's config cannot say comes from the training config: the model,
-the data (each rank's micro-batches of each step, as the engine cuts them, so both train on the same
-tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
+optimizer come from it; only its `communication_data_type`, where the file has none, is the plan's
+reduce dtype (a file's own must agree with it). What DeepSpeed's config cannot say comes from the
+training config: the model, the data (each rank's micro-batches of each step, as the engine cuts
+them, so both train on the same tokens), the seed and, when the file has no `scheduler`, the lr schedule (the engine's warmup starts
 at lr / warmup_steps, which none of DeepSpeed's schedulers computes: it is handed to DeepSpeed as the
 client lr_scheduler, which DeepSpeed steps once per optimizer step). When the file has an
 `activation_checkpointing` section, the plan's checkpointed blocks (or, for attention, their
@@ -42,6 +43,8 @@ from autotune.profile import flops_per_token
 
 # --- the ds_config and the training config together -------------------------------------------
 
+REDUCE_DTYPE_KEY = "communication_data_type"  # DeepSpeed's dtype of the gradients' reduction
+
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -71,6 +74,16 @@ def check_together(ds: dict[str, Any], cfg: TrainConfig) -> None:
                 f"--deepspeed: {key}={ds[key]} but the training config has {value} (job.global_batch="
                 f"{job.global_batch}, plan.micro_batch={plan.micro_batch}, plan.dp={plan.dp}); make them agree"
             )
+    given = ds.get(REDUCE_DTYPE_KEY)
+    if given is not None and str(given).lower() != plan.reduce_dtype:
+        raise ConfigError(f"--deepspeed: {REDUCE_DTYPE_KEY}={given} but the training config has "
+                          f"plan.reduce_dtype={plan.reduce_dtype}; make them agree")
+
+
+def with_reduce_dtype(ds: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The ds_config reducing gradients in the plan's dtype (left unset, DeepSpeed would reduce in
+    its 16-bit compute dtype)."""
+    return {**ds, REDUCE_DTYPE_KEY: str(cfg.plan.reduce_dtype)}
 
 
 # --- building DeepSpeed's engine ------------------------------------------------------------------
@@ -121,7 +134,8 @@ def initialize(cfg: TrainConfig, ds: dict[str, Any]):
     if "scheduler" not in ds:
         schedule = functools.partial(_engine_schedule, functools.partial(lr_factor, cfg.job))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                      lr_scheduler=schedule, config=ds, dist_init_required=False)
+                                      lr_scheduler=schedule, config=with_reduce_dtype(ds, cfg),
+                                      dist_init_required=False)
     return engine
 
 

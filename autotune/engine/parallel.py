@@ -15,7 +15,9 @@ pp the pipeline stages do the deferring themselves for both, so there ZeRO 1 and
 Offload is FSDP2's CPUOffloadPolicy: the sharded fp32 master parameters, their gradients and the
 AdamW states live in host memory and the optimizer step runs on the CPU, so offload_optimizer and
 offload_params are one mechanism. Compute precision is FSDP2's MixedPrecisionPolicy (ZeRO 1-3)
-or autocast (ZeRO 0); the parameters the optimizer updates stay fp32 either way.
+or autocast (ZeRO 0); the parameters the optimizer updates stay fp32 either way. Gradients cross
+the dp ranks in plan.reduce_dtype (`reduce_dtype`): fp32, or bf16 as FSDP2's reduce_dtype (ZeRO 1-3,
+replicate) or DDP's bf16_compress_hook (ZeRO 0); the reduced gradients are fp32 again either way.
 
 Tensor parallelism (autotune/engine/tensor_parallel.py) is applied first, on the mesh's tp dim, so that
 FSDP2 then shards the DTensor parameters over dp (a 2D mesh). Pipeline parallelism
@@ -50,6 +52,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.attention import SDPBackend
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -83,6 +86,10 @@ def check_supported(plan: PlanConfig, cuda: bool | None = None) -> None:
         why = ("a CUDA GPU" if not cuda
                else f"plan.cp=1 (the ring of plan.cp={plan.cp} runs flash blocks)")
         raise ConfigError(f"plan.attention=cudnn (cuDNN's fused attention) needs {why}; use plan.attention=sdpa")
+    if plan.reduce_dtype == "bf16" and not cuda and uses_ddp(plan):
+        raise ConfigError("plan.reduce_dtype=bf16 under DDP (plan.zero_stage=0) is torch's bf16_compress_hook, which "
+                          "needs CUDA with NCCL; use plan.zero_stage=1 (FSDP2 reduces in bf16 anywhere) or "
+                          "plan.reduce_dtype=fp32")
     if plan.cp > 1 and (plan.pp > 1 or plan.compile):
         # the cost model estimates such plans (published runs have them); the engine does not run them yet
         what = f"plan.pp={plan.pp}" if plan.pp > 1 else "plan.compile=true"
@@ -148,8 +155,19 @@ def compute_dtype(plan: PlanConfig) -> torch.dtype:
     return DTYPES[plan.precision]
 
 
+def reduce_dtype(plan: PlanConfig) -> torch.dtype:
+    """The dtype gradients cross the data-parallel ranks in (FSDP2 also accumulates the unsharded
+    gradients of deferred micro-steps in it)."""
+    return DTYPES[plan.reduce_dtype]
+
+
 def uses_fsdp(plan: PlanConfig) -> bool:
     return plan.zero_stage >= 1
+
+
+def uses_ddp(plan: PlanConfig) -> bool:
+    """Whether ZeRO 0 all-reduces gradients with DDP (see `apply_ddp`)."""
+    return not uses_fsdp(plan) and grad_ranks(plan) > 1 and not uses_replicate(plan)
 
 
 def uses_replicate(plan: PlanConfig) -> bool:
@@ -268,7 +286,7 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
                experts_mesh: DeviceMesh | None = None) -> None:
     """FSDP2 per block and at the root (embeddings, final norm, head); given experts_mesh (expert
     parallelism), each MoE layer's experts first, over those ranks."""
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(plan), reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(plan), reduce_dtype=reduce_dtype(plan))
     offload = plan.offload_optimizer or plan.offload_params
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else None
     kwargs = dict(mesh=dp_mesh, mp_policy=mp, **({"offload_policy": policy} if policy else {}))
@@ -276,7 +294,7 @@ def apply_fsdp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: 
     # Blocks get their hidden states already in the compute dtype from the root; casting their
     # inputs would also round the fp32 rotary tables passed to each block.
     block_kwargs = dict(kwargs, mp_policy=MixedPrecisionPolicy(
-        param_dtype=compute_dtype(plan), reduce_dtype=torch.float32, cast_forward_inputs=False))
+        param_dtype=compute_dtype(plan), reduce_dtype=reduce_dtype(plan), cast_forward_inputs=False))
     for experts in expert_modules(model) if experts_mesh is not None else ():
         fully_shard(experts, reshard_after_forward=reshard, **dict(block_kwargs, mesh=experts_mesh))
     for block in model.layers.values():
@@ -301,17 +319,22 @@ def apply_ddp(model: nn.Module, plan: PlanConfig, dp_mesh: DeviceMesh, device: t
                 f"plan.zero_stage=0 with plan.tp={plan.tp}, plan.pp={plan.pp}, plan.ep={plan.ep} needs FSDP2's "
                 f"replicate, which torch {torch.__version__} lacks; use plan.zero_stage=1 or a newer torch"
             )
+        # fp32 weights under autocast: only the reduction is cast (its gradients arrive in fp32)
+        mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype(plan))
         for experts in expert_modules(model) if experts_mesh is not None else ():
-            replicate(experts, mesh=experts_mesh)
+            replicate(experts, mesh=experts_mesh, mp_policy=mp)
         for block in model.layers.values():
-            replicate(block, mesh=dp_mesh)
-        return replicate(model, mesh=dp_mesh)
-    return DDP(
+            replicate(block, mesh=dp_mesh, mp_policy=mp)
+        return replicate(model, mesh=dp_mesh, mp_policy=mp)
+    ddp = DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=dp_mesh.get_group(),
         gradient_as_bucket_view=True,  # no second copy of the gradients in the buckets
     )
+    if plan.reduce_dtype == "bf16":  # each bucket all-reduced as a bf16 copy, decompressed back into it
+        ddp.register_comm_hook(dp_mesh.get_group(), bf16_compress_hook)
+    return ddp
 
 
 def pin_attention(model: nn.Module, plan: PlanConfig) -> None:
@@ -430,10 +453,10 @@ def gradient_sync(model: nn.Module, plan: PlanConfig, enabled: bool) -> Iterator
     DDP or `replicate` (ZeRO 0) skips the all-reduce until the last micro-step: its gradients are
     whole on every rank anyway (a pipeline schedule does the same for its stages itself). ZeRO 1
     (FSDP2) skips the reduce-scatter and the post-backward reshard until then: the units stay
-    gathered and their unsharded gradients accumulate in fp32 (the reduce dtype: FSDP2 upcasts
-    them after the first backward), so the step gathers and reduce-scatters each unit once, as
-    Megatron's distributed optimizer does. ZeRO 2/3 reduce-scatter every micro-step, as
-    DeepSpeed's do, keeping only sharded fp32 gradients between micro-steps. Under hybrid sharding
+    gathered and their unsharded gradients accumulate in the reduce dtype (fp32: FSDP2 upcasts
+    them after the first backward; bf16: they stay 16-bit), so the step gathers and
+    reduce-scatters each unit once, as Megatron's distributed optimizer does. ZeRO 2/3
+    reduce-scatter every micro-step, as DeepSpeed's do, keeping only sharded fp32 gradients between micro-steps. Under hybrid sharding
     the replicas' all-reduce of the summed shards comes on the last micro-step only (ZeRO 2/3: the
     earlier ones wait in FSDP2's partial sum, a shard's size).
     """

@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from autotune.engine.config import PlanConfig
 from autotune.engine.moe import moe_layers
-from autotune.engine.parallel import apply_plan, unwrap
+from autotune.engine.parallel import apply_plan, reduce_dtype, unwrap
 from autotune.engine.tensor_parallel import cross_entropy
 
 
@@ -147,6 +147,7 @@ class Pipeline:
         tied = self.model.cfg.tie_embeddings
         self.tied_group = tied_weight_group(mesh) if tied else None
         self.tied_weight = self.model.tok_emb.weight if tied and (self.has_first or self.has_last) else None
+        self.tied_dtype = reduce_dtype(plan)  # a gradient reduction like dp's: in the plan's reduce dtype
         # the head's copy duplicates the embedding's summed gradient: the global norm counts it once
         self.duplicate_grads = (self.tied_weight,) if self.tied_weight is not None and self.has_last else ()
         self.loss_scale: torch.Tensor | None = None
@@ -196,13 +197,14 @@ class Pipeline:
     @torch.no_grad()
     def _sum_tied_grads(self) -> None:
         """Embedding gradient + head gradient on both copies, summed shard by shard (the copies are
-        sharded alike; tp's embedding backward leaves its gradient replicated: this rank's rows)."""
+        sharded alike; tp's embedding backward leaves its gradient replicated: this rank's rows), in
+        the plan's reduce dtype."""
         weight = self.tied_weight
         if isinstance(weight.grad, DTensor) and weight.grad.placements != weight.placements:
             weight.grad = weight.grad.redistribute(weight.device_mesh, weight.placements)
         grad = weight.grad
         local = grad.to_local() if isinstance(grad, DTensor) else grad
-        on_device = local.to(self.device)  # offloaded (host) gradients travel through the device
+        on_device = local.to(self.device, self.tied_dtype)  # offloaded (host) gradients travel through the device
         dist.all_reduce(on_device, group=self.tied_group)
         if on_device is not local:
             local.copy_(on_device)

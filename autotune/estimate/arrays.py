@@ -47,6 +47,9 @@ class PlanArrays:
     async_tp: np.ndarray  # sequence parallel's collectives pipelined behind the matmuls
     precision: np.ndarray
     compute_bytes: np.ndarray  # bytes per element of the compute dtype (float)
+    # bytes per element of a gradient in the data-parallel reductions (and a tied embedding's sum
+    # under pp): 4, or 2 under plan.reduce_dtype=bf16 (engine.parallel.reduce_dtype)
+    reduce_bytes: np.ndarray
     autocast: np.ndarray  # 16-bit compute through autocast (ZeRO 0) rather than 16-bit copies (FSDP2)
     checkpointing: np.ndarray
     every_k: np.ndarray
@@ -93,6 +96,7 @@ class PlanArrays:
             async_tp=_column(plans, "async_tp", False).astype(bool),
             precision=precision,
             compute_bytes=compute_bytes,
+            reduce_bytes=np.where(_column(plans, "reduce_dtype", "fp32").astype(str) == "bf16", 2.0, 4.0),
             autocast=(precision != "fp32") & (zero == 0),  # engine.parallel.autocast; FSDP2 MixedPrecisionPolicy for 1-3
             checkpointing=_column(plans, "activation_checkpointing", "none").astype(str),
             every_k=_column(plans, "checkpoint_every_k", 2).astype(np.int64),

@@ -62,10 +62,13 @@ def dp_collective(kind: str, dense_bytes, expert_bytes, plans: PlanArrays, hw: H
 
 
 def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, window: np.ndarray) -> dict:
-    """ZeRO 0: the fp32 gradients all-reduced once per step in DDP's buckets, launched as they fill
-    during the last backward: what outlasts that backward is exposed, and at least the last bucket."""
-    dense, experts = 4 * (held.local - held.experts), 4 * held.experts
-    buckets = np.maximum(np.ceil((dense + experts) / DDP_BUCKET_BYTES), 1)
+    """ZeRO 0: the gradients all-reduced once per step in DDP's buckets (fp32, or bf16 copies under
+    bf16_compress_hook: the same buckets, half the bytes), launched as they fill during the last
+    backward: what outlasts that backward is exposed, and at least the last bucket."""
+    grad = plans.reduce_bytes
+    dense, experts = grad * (held.local - held.experts), grad * held.experts
+    # a bucket holds DDP_BUCKET_BYTES of fp32 gradients whatever dtype it is reduced in
+    buckets = np.maximum(np.ceil(4 * held.local / DDP_BUCKET_BYTES), 1)
     bucket = dp_collective("all_reduce", dense / buckets, experts / buckets, plans, hw, eff)
     total = buckets * bucket
     exposed = np.maximum(total - window, bucket)
@@ -74,18 +77,19 @@ def _ddp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, window: 
 
 def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute: PassCompute) -> dict:
     """ZeRO 1-3 (FSDP2, one unit per block and the root). Each unit's all-gather of its 16-bit
-    parameters is prefetched during the previous unit's compute, and each unit's fp32 gradients are
-    reduce-scattered during the next one's backward. So a pass waits for its first gather, for every
-    unit whose collectives outlast its neighbour's compute, and a backward for its last
-    reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step.
+    parameters is prefetched during the previous unit's compute, and each unit's gradients are
+    reduce-scattered (in the reduce dtype) during the next one's backward. So a pass waits for its
+    first gather, for every unit whose collectives outlast its neighbour's compute, and a backward
+    for its last reduce-scatter; the root (never resharded) is gathered and reduce-scattered once per step.
     These run over the shard group; hybrid sharding adds `_replicas`."""
     layers, m, pp = np.maximum(held.layers, 1), plans.micro_batches, plans.pp
     unit = np.maximum(held.local - held.root - held.experts, 0) / layers  # a block's dense numel
     unit_experts = held.experts / layers
     gather = dp_collective("all_gather", plans.gather_bytes * unit, plans.compute_bytes * unit_experts, plans, hw, eff)
-    scatter = dp_collective("reduce_scatter", 4 * unit, 4 * unit_experts, plans, hw, eff)
+    grad = plans.reduce_bytes
+    scatter = dp_collective("reduce_scatter", grad * unit, grad * unit_experts, plans, hw, eff)
     root = (dp_collective("all_gather", plans.compute_bytes * held.root, 0, plans, hw, eff)
-            + dp_collective("reduce_scatter", 4 * held.root, 0, plans, hw, eff))
+            + dp_collective("reduce_scatter", grad * held.root, 0, plans, hw, eff))
     # Gathers per step: ZeRO-2 once per forward; ZeRO-3 per forward and per backward. Where the sync
     # and the post-backward reshard wait for the last micro-batch (`deferred_sync`: ZeRO-1, and under
     # pp PipelineStage's nosync) nothing is resharded after a backward until the last one: ZeRO 1/2,
@@ -113,13 +117,13 @@ def _fsdp(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, compute
 
 def _replicas(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float, unit: np.ndarray,
               slack: np.ndarray) -> dict[str, np.ndarray]:
-    """Hybrid sharding: each unit's fp32 gradient shard all-reduced across the replicas once per
-    step, after its reduce-scatter in the last backward (engine.parallel.gradient_sync), during the
-    next unit's backward where that backward's own collectives leave it room (`slack`, per block);
+    """Hybrid sharding: each unit's gradient shard all-reduced (in the reduce dtype) across the
+    replicas once per step, after its reduce-scatter in the last backward
+    (engine.parallel.gradient_sync), during the next unit's backward where that backward's own collectives leave it room (`slack`, per block);
     the last unit's and the root's wait."""
     shards = plans.dp_shard
-    block = replica_all_reduce(4 * unit / shards, plans, hw, eff)
-    root = replica_all_reduce(4 * held.root / shards, plans, hw, eff)
+    block = replica_all_reduce(plans.reduce_bytes * unit / shards, plans, hw, eff)
+    root = replica_all_reduce(plans.reduce_bytes * held.root / shards, plans, hw, eff)
     layers = np.maximum(held.layers, 1)
     hybrid = plans.dp_replicate > 1
     return {"exposed": np.where(hybrid, block + layers * np.maximum(0, block - slack) + root, 0),
@@ -194,13 +198,14 @@ def async_tp_block(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hard
 def pipeline_transfers(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware,
                        eff: float) -> np.ndarray:
     """One activation forward and one gradient backward per micro-batch per boundary, across nodes
-    when a stage's dp x tp ranks fill a node; a tied embedding's two copies' fp32 gradients summed
-    once per step (shards under ZeRO 1-3)."""
+    when a stage's dp x tp ranks fill a node; a tied embedding's two copies' gradients summed once
+    per step in the reduce dtype (shards under ZeRO 1-3)."""
     across = (plans.world > hw.gpus_per_node) & (plans.dp * plans.tp >= hw.gpus_per_node)
     activation_bytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     boundary = plans.micro_batches * 2 * send_time(activation_bytes, across, hw, eff)
     if model.tie_embeddings:
-        tied_bytes = 4 * model.vocab_size * model.d_model / plans.tp / np.where(plans.zero_stage >= 1, plans.dp_shard, 1)
+        tied_bytes = (plans.reduce_bytes * model.vocab_size * model.d_model / plans.tp
+                      / np.where(plans.zero_stage >= 1, plans.dp_shard, 1))
         tied = send_time(tied_bytes, across, hw, eff)
     else:
         tied = np.zeros(plans.rows)

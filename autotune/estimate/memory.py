@@ -81,7 +81,9 @@ def in_flight(plans: PlanArrays) -> np.ndarray:
 
 def _model_states(plans: PlanArrays, held: HeldNumels) -> dict[str, np.ndarray]:
     """Params, grads (at the start of a backward), master, optimizer and the step's grads [Model states]:
-    fp32 params are the master weights; grads fp32 (reduce_dtype fp32)."""
+    fp32 params are the master weights; the reduced grads fp32 whatever the reduce dtype (FSDP2 casts
+    its reduce-scatter's output back; DDP's bf16_compress_hook decompresses into its fp32 buckets, its
+    bf16 copy one bucket at a time, too small to count)."""
     zero, offload = plans.zero_stage, plans.fsdp_offload
     persistent = np.where(zero >= 1, held.shard, held.local)
     # Two moments can peak. At the start of a backward the gradients are those of the earlier
@@ -91,14 +93,17 @@ def _model_states(plans: PlanArrays, held: HeldNumels) -> dict[str, np.ndarray]:
     step_grads = np.where(offload, 0, 4 * persistent)
     # Where FSDP2's gradient sync and post-backward reshard wait for the last micro-batch (ZeRO-1:
     # engine.parallel.gradient_sync; ZeRO 2/3 under pp: PipelineStage.backward_maybe_with_nosync)
-    # the unsharded gradients accumulate in fp32 (the reduce dtype, FSDPParam.to_accumulated_grad_if_needed)
-    # and the units stay gathered after the first micro-batch's backward.
+    # the unsharded gradients accumulate in the reduce dtype (FSDPParam.to_accumulated_grad_if_needed),
+    # and the units stay gathered after the first micro-batch's backward. ZeRO-0's under FSDP2's
+    # replicate (tp, pp, ep) accumulate in the reduce dtype too.
     # DDP's gradients are views of its buckets, which exist from its first step on (ZeRO-0
     # without tp or pp): all of them, through every backward
     accumulating = (plans.micro_batches > 1) | plans.ddp_buckets
+    replicated = (zero == 0) & (plans.dp > 1) & ~plans.ddp_buckets
+    unsharded = plans.reduce_bytes * held.local
     return {
         "params": np.where(offload, 0, 4 * persistent),
-        "grads": np.where(accumulating, np.where(plans.deferred_sync, 4 * held.local, step_grads), 0),
+        "grads": np.where(accumulating, np.where(plans.deferred_sync | replicated, unsharded, step_grads), 0),
         "master": np.zeros(plans.rows),
         # AdamW exp_avg + exp_avg_sq fp32, plus one fp32 `step` scalar per parameter tensor
         "optimizer": np.where(offload, 0, 8 * persistent + 4 * held.tensors),
@@ -152,9 +157,10 @@ def _dynamic_memory(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
                         + np.where(holds_head, saved.outside_per_token, 0) + float8.cast_buffers(model, plans, seq_len)),
         "logits": loss,
         # Communication buffers: FSDP2 reduce-scatter input of one block during backward (its 16-bit
-        # grads and their fp32 cast; the root's comes last, when the activations are gone);
+        # grads and their copy in the reduce dtype, fp32 or bf16; fp32 grads are their own; the root's
+        # comes last, when the activations are gone);
         # pipeline send/recv of one micro-batch's boundary activations
-        "comm": (np.where(zero >= 1, held.block * (beta + np.where(beta < 4, 4, 0)), 0)
+        "comm": (np.where(zero >= 1, held.block * (beta + np.where(beta < 4, plans.reduce_bytes, 0)), 0)
                  + np.where(plans.pp > 1, 2 * plans.micro_batch * seq_len * model.d_model * beta, 0)),
     }
 

@@ -28,7 +28,7 @@ from autotune.reports.tables import (
 
 PLAN_ROWS = [
     ("ZeRO stage", "zero_stage"), ("offload optimizer", "offload_optimizer"), ("offload params", "offload_params"),
-    ("precision", "precision"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
+    ("precision", "precision"), ("gradient reduce dtype", "reduce_dtype"), ("micro-batch", "micro_batch"), ("grad accumulation", "grad_accum"),
     ("activation checkpointing", "activation_checkpointing"), ("dp", "dp"),
     ("hybrid sharding replicas", "dp_replicate"), ("context parallel (cp)", "cp"), ("tp", "tp"),
     ("sequence parallel", "sequence_parallel"), ("async tp", "async_tp"), ("pp", "pp"), ("pipeline schedule", "pp_schedule"),
@@ -45,6 +45,7 @@ MEANINGFUL_WHEN = {
     "dp_replicate": lambda r: int(r.get("dp_replicate") or 1) > 1,
     "cp": lambda r: int(r.get("cp") or 1) > 1,
     "loss_scale": lambda r: r.get("precision") == "fp16",
+    "reduce_dtype": lambda r: r.get("reduce_dtype") not in (None, "fp32"),  # only a user's plan reduces in bf16
 }
 
 
