@@ -298,3 +298,14 @@ def test_a_runs_attention_kernel_is_the_one_it_states_or_its_framework_runs(sour
     assert mapped.train.plan.attention == kernel
     attention_notes = [a for a in mapped.assumptions if a.startswith("attention")]
     assert (said in attention_notes[0]) if said else not attention_notes
+
+
+@pytest.mark.parametrize("source,precision,reduce", [
+    ("github.com/foundation-model-stack/fms-fsdp README.md", "bf16", "bf16"),  # its bfSixteen policy
+    ("github.com/foundation-model-stack/fms-fsdp README.md", "fp32", "fp32"),  # bf16 needs 16-bit compute
+    ("github.com/pytorch/torchtitan docs/performance.md", "bf16", "fp32"),  # mixed_precision_reduce: float32
+])
+def test_a_runs_gradients_are_reduced_in_its_frameworks_dtype(source, precision, reduce):
+    mapped = map_run(parse_run(1, json.dumps(row(source=source, precision=precision))))
+    assert mapped.train.plan.reduce_dtype == reduce
+    assert any("reduced in bf16" in a for a in mapped.assumptions) == (reduce == "bf16")

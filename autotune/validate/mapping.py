@@ -330,6 +330,24 @@ def _attention(run: Run, gpu: str, precision: str, assumed: list[str]) -> str:
     return "cudnn"
 
 
+# Frameworks whose gradients cross the data-parallel ranks in bf16 by default (plan.reduce_dtype),
+# with where it is set; the others reduce in fp32 (torchtitan's mixed_precision_reduce, Megatron's
+# fp32 main grads under bf16)
+BF16_REDUCTION = (
+    (r"foundation-model-stack/fms-fsdp", "fms-fsdp's bfSixteen policy: FSDP MixedPrecision(reduce_dtype="
+                                         "torch.bfloat16), fms_fsdp/policies/mixed_precision.py"),
+)
+
+
+def _reduce_dtype(run: Run, precision: str, assumed: list[str]) -> str:
+    """bf16 for a 16-bit run of a framework in BF16_REDUCTION (said in the row's assumptions), else fp32."""
+    for source, says in BF16_REDUCTION:
+        if precision != "fp32" and re.search(source, run.source):
+            assumed.append(f"gradients reduced in bf16 ({says})")
+            return "bf16"
+    return "fp32"
+
+
 def _plan(run: Run, gpu: str, gpus_per_node: int, assumed: list[str], free: dict) -> dict:
     tp, pp = _parallel(run, gpus_per_node, free)
     micro_batch = run.micro_batch
@@ -345,6 +363,7 @@ def _plan(run: Run, gpu: str, gpus_per_node: int, assumed: list[str], free: dict
     return {
         "zero_stage": _zero(run, assumed), "precision": precision, "fp8": _fp8(run, assumed),
         "attention": _attention(run, gpu, precision, assumed),
+        "reduce_dtype": _reduce_dtype(run, precision, assumed),
         "micro_batch": micro_batch,
         "dp": run.dp, "cp": run.cp or 1, "dp_replicate": _replicas(run, gpus_per_node, tp, assumed), "tp": tp, "pp": pp,
         "activation_checkpointing": mode, "checkpoint_every_k": every_k,
