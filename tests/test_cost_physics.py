@@ -12,7 +12,7 @@ from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.calibration import Calibration
 from autotune.estimate.attention import relative_attention_efficiency
 from autotune.estimate.collectives import NETWORK_HOP_S, bus_bandwidth, collective_time, nvlink_hop_s
-from autotune.estimate.gemm import relative_efficiency
+from autotune.estimate.gemm import relative_efficiency, tile_overhead_k
 from autotune.estimate.routing import expert_routing
 from autotune.estimate.traffic import micro_batch_traffic
 from autotune.hardware import catalog_gpu, load_hardware
@@ -29,10 +29,24 @@ def config(model="llama-3-8b", seq_len=4096, global_batch=16, cluster="8xh100", 
 
 # --- GEMM efficiency by shape --------------------------------------------------------------------
 
+def tile_cost(hw) -> float:
+    """A bf16 GEMM tile's fixed cost in steps of K on a catalog GPU."""
+    return tile_overhead_k(2, hw.peak_flops["bf16"] * hw.matmul_efficiency, hw.hbm_bytes_per_s * hw.memory_efficiency)
+
+
 def test_the_catalogs_reference_gemm_runs_at_the_catalog_efficiency():
     for hw in (A100, H100):
-        assert relative_efficiency(8192, 8192, 8192, hw.sms) == pytest.approx(1.0)
-        assert relative_efficiency(16384, 4096, 4096, hw.sms) > 0.95  # large GEMMs lose little
+        assert relative_efficiency(8192, 8192, 8192, hw.sms, tile_cost(hw)) == pytest.approx(1.0)
+        assert relative_efficiency(16384, 4096, 4096, hw.sms, tile_cost(hw)) > 0.95  # large GEMMs lose little
+
+
+def test_a_tiles_fixed_cost_is_its_outputs_write_in_steps_of_the_main_loop():
+    # bf16 out over the SM's share of HBM, against 2·TM·TN FLOPs a step of K at its share of the rate
+    assert tile_cost(A100) == pytest.approx(312e12 * 0.827 / (2039e9 * 0.9), rel=1e-3)  # ~141
+    assert tile_cost(H100) == pytest.approx(989e12 * 0.80 / (3350e9 * 0.9), rel=1e-3)  # ~262
+    # so a shallow GEMM loses more on an H100, whose tensor cores outgrew its HBM
+    shallow = {hw.gpu: relative_efficiency(8192, 8192, 2048, hw.sms, tile_cost(hw)) for hw in (A100, H100)}
+    assert shallow[H100.gpu] < shallow[A100.gpu] < 0.97
 
 
 def test_a_power_cap_slows_the_power_limited_gemms_more_than_attention():
@@ -49,20 +63,22 @@ def test_a_power_cap_slows_the_power_limited_gemms_more_than_attention():
 
 def test_wave_quantization_one_tile_past_a_full_wave_costs_most_of_a_wave():
     """108 tiles of 128 x 256 fill an A100's 108 SMs once; 109 need a second wave (or half tiles)."""
-    full = relative_efficiency(128 * 12, 256 * 9, 8192, 108)
-    one_more = relative_efficiency(128 * 12 + 1, 256 * 9, 8192, 108)
+    full = relative_efficiency(128 * 12, 256 * 9, 8192, 108, tile_cost(A100))
+    one_more = relative_efficiency(128 * 12 + 1, 256 * 9, 8192, 108, tile_cost(A100))
     assert one_more < 0.85 * full
 
 
 def test_tile_quantization_a_dimension_just_past_a_tile_loses():
-    assert relative_efficiency(8192, 4096 + 8, 8192, 132) < relative_efficiency(8192, 4096, 8192, 132)
+    k = tile_cost(H100)
+    assert relative_efficiency(8192, 4096 + 8, 8192, 132, k) < relative_efficiency(8192, 4096, 8192, 132, k)
 
 
 def test_skinny_and_small_gemms_lose():
-    big = relative_efficiency(8192, 8192, 8192, 132)
-    assert relative_efficiency(8192, 8192, 256, 132) < 0.75 * big  # shallow K: the tile's fixed costs dominate
-    assert relative_efficiency(512, 512, 512, 132) < 0.2 * big  # a few tiles on 132 SMs
-    assert relative_efficiency(16384, 64, 8192, 132) < 0.6 * big  # one tile column wide
+    k = tile_cost(H100)
+    big = relative_efficiency(8192, 8192, 8192, 132, k)
+    assert relative_efficiency(8192, 8192, 256, 132, k) < 0.75 * big  # shallow K: the tile's fixed costs dominate
+    assert relative_efficiency(512, 512, 512, 132, k) < 0.2 * big  # a few tiles on 132 SMs
+    assert relative_efficiency(16384, 64, 8192, 132, k) < 0.6 * big  # one tile column wide
 
 
 def test_tensor_parallel_gemms_are_skinnier_and_slower_per_flop():

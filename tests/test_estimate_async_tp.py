@@ -14,6 +14,7 @@ from autotune.estimate import estimate
 from autotune.estimate.arrays import PlanArrays
 from autotune.estimate.collectives import collective_time
 from autotune.estimate.communication import async_tp_block
+from autotune.estimate.step_time import gemm_tile_overhead
 from autotune.hardware import catalog_gpu
 from autotune.plans import plan_label, plans_frame
 from autotune.profile import block_matmuls
@@ -30,7 +31,8 @@ def llama_8b(**plan):
 
 def block(cfg, hw, block_matmul: float) -> dict[str, float]:
     arrays = PlanArrays.of(plans_frame([cfg.plan]), cfg.job)
-    out = async_tp_block(cfg.model, SEQ, arrays, hw, 1.0, np.array([block_matmul]), 0.1)
+    overhead_k = gemm_tile_overhead(arrays, hw)
+    out = async_tp_block(cfg.model, SEQ, arrays, hw, 1.0, np.array([block_matmul]), 0.1, overhead_k)
     return {k: float(v[0]) for k, v in out.items()}
 
 

@@ -62,7 +62,7 @@ def test_the_kv_ring_is_exposed_only_where_its_sends_outlast_the_attention():
     grads = send_time(kv_bytes(cfg.model, 32768, arrays, 4.0), False, H100)
     layers, micro_batches = cfg.model.n_layers, cfg.job.global_batch // 4
     assert estimate(cfg, H100).time["cp_comm_s"] == pytest.approx(micro_batches * layers * float(grads[0]), rel=1e-9)
-    hw = dataclasses.replace(H100, nodes=2)
+    hw = dataclasses.replace(H100, nodes=2, inter_node_bytes_per_s=25e9)  # a 200 Gb/s port a GPU
     short = estimate(llama_8b(2048, global_batch=2, dp=1, cp=2, tp=8), hw)
     cfg = llama_8b(2048, global_batch=2, dp=1, cp=2, tp=8)
     arrays = PlanArrays.of(plans_frame([cfg.plan]), cfg.job)

@@ -147,14 +147,15 @@ def data_parallel(plans: PlanArrays, held: HeldNumels, hw: Hardware, eff: float,
 
 
 def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: HeldNumels, hw: Hardware,
-                    eff: float, block_matmul: np.ndarray, overlap_slowdown: float) -> dict[str, np.ndarray]:
+                    eff: float, block_matmul: np.ndarray, overlap_slowdown: float,
+                    overhead_k: np.ndarray) -> dict[str, np.ndarray]:
     """tp_comm: per micro-batch 4 all-reduces of b·s·h per block (2 forward, 2 backward), 2 more for a
     recomputed block (op recomputes them too: it keeps no all-reduce or all-gather output; the
     attention core has none); with sequence parallelism the same bytes as all-gather + reduce-scatter,
     the all-gathers in float8 under tensorwise float8, which adds its scalar amax all-reduces
     [Float8]. Inside a node, not overlapped, except under async tp [Async tensor parallelism]: tp_overlap is
     what async tp costs the compute (smaller chunked GEMMs, the ring's SMs). block_matmul: one
-    block's forward matmuls, one micro-batch."""
+    block's forward matmuls, one micro-batch; overhead_k: the GEMM tiles' fixed cost (gemm.tile_overhead_k)."""
     tp = plans.tp
     nbytes = plans.micro_batch * seq_len * model.d_model * plans.compute_bytes
     recomputed = np.where(plans.checkpointing == "attention", 0, plans.checkpointed(held.layers))
@@ -166,14 +167,14 @@ def tensor_parallel(model: ModelConfig, seq_len: int, plans: PlanArrays, held: H
     amax = collective_time("all_reduce", 4, tp, tp, hw, eff) * (amaxes["fwd"] * (held.layers + recomputed)
                                                                 + amaxes["bwd"] * held.layers)
     plain = passes * 2 * (collective_time("all_reduce", nbytes, tp, tp, hw, eff) - float8_saving) + amax
-    pipelined = async_tp_block(model, seq_len, plans, hw, eff, block_matmul, overlap_slowdown)
+    pipelined = async_tp_block(model, seq_len, plans, hw, eff, block_matmul, overlap_slowdown, overhead_k)
     many = (tp > 1) * plans.micro_batches
     return {"tp_comm": many * np.where(plans.async_tp, passes * pipelined["exposed"], plain),
             "tp_overlap": many * np.where(plans.async_tp, passes * pipelined["cost"], 0)}
 
 
 def async_tp_block(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hardware, eff: float,
-                   block_matmul: np.ndarray, overlap_slowdown: float) -> dict[str, np.ndarray]:
+                   block_matmul: np.ndarray, overlap_slowdown: float, overhead_k) -> dict[str, np.ndarray]:
     """One block pass under async tp. Each of its 4 sequence-parallel collectives (C: all-gather or
     reduce-scatter of b·s·h) runs as tp - 1 ring steps beside tp chunks of its matmul group (M: q/k/v,
     wo, gate/up, down; backward their input gradients, the same FLOPs): the first chunk (all-gather)
@@ -190,8 +191,8 @@ def async_tp_block(model: ModelConfig, seq_len: int, plans: PlanArrays, hw: Hard
         group_time = block_matmul * sum(matmuls.get(name, 0) for name in group) / total
         shown = np.maximum(0.0, one - group_time * (tp - 1) / tp)
         exposed, hidden = exposed + shown, hidden + one - shown
-    whole = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)["fwd"]
-    chunked = matmul_efficiency(block_gemms(model, tp), tokens / tp, hw.sms)["fwd"]
+    whole = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms, overhead_k)["fwd"]
+    chunked = matmul_efficiency(block_gemms(model, tp), tokens / tp, hw.sms, overhead_k)["fwd"]
     return {"exposed": exposed, "cost": overlap_slowdown * hidden + block_matmul * (whole / chunked - 1)}
 
 

@@ -23,7 +23,7 @@ from autotune.estimate.columns import TIME
 from autotune.estimate import float8
 from autotune.estimate.context import ring_exchange, ring_traffic
 from autotune.estimate.communication import PassCompute, data_parallel, pipeline_transfers, tensor_parallel
-from autotune.estimate.gemm import block_gemms, matmul_efficiency
+from autotune.estimate.gemm import block_gemms, matmul_efficiency, tile_overhead_k
 from autotune.estimate.layout import HeldNumels
 from autotune.estimate.routing import Routing, all_to_all_time
 from autotune.estimate.traffic import micro_batch_traffic
@@ -113,8 +113,9 @@ def micro_batch_compute(model: ModelConfig, seq_len: int, plans: PlanArrays, hel
     rates = float8.rate_ratio(plans, hw, efficiency["matmul_efficiency"])
     blocks_rate = {phase: 1 - converted + converted / rates[phase] for phase in ("fwd", "bwd")}
     recompute_share = _recompute_share(model, plans, layers, traffic)
-    block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms)
-    head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms)
+    overhead_k = gemm_tile_overhead(plans, hw)
+    block = matmul_efficiency(block_gemms(model, tp), tokens, hw.sms, overhead_k)
+    head = matmul_efficiency([(model.d_model, model.vocab_size / tp)], tokens, hw.sms, overhead_k)
     block_flops = 2 * tokens * per_token / model.n_layers * layers / tp
     head_flops = 2 * tokens * head_weights / pp / tp
     return MicroBatchCompute(
@@ -152,6 +153,14 @@ def _recompute_share(model: ModelConfig, plans: PlanArrays, layers: np.ndarray,
         "attention": np.select([mode == "op", mode == "attention"], [0.0, 1.0], whole),
         "memory": np.select([mode == "op", mode == "attention"], [1.0, core], whole),
     }
+
+
+def gemm_tile_overhead(plans: PlanArrays, hw: Hardware) -> np.ndarray:
+    """Each plan's GEMM tile fixed cost in steps of K ([Matmul shapes]): its compute dtype's output
+    written at the hardware's achieved HBM rate against its achieved matmul rate (the profile's, not
+    a calibration's: a calibrated scale multiplies the matmul time, shapes and all)."""
+    return tile_overhead_k(plans.compute_bytes, _peak_flops(plans, hw) * hw.matmul_efficiency,
+                           hw.hbm_bytes_per_s * hw.memory_efficiency)
 
 
 def compute_scale(plans: PlanArrays, hw: Hardware) -> np.ndarray:
@@ -209,7 +218,7 @@ def step_time(model: ModelConfig, job: JobConfig, plans: PlanArrays, held: HeldN
     dp = data_parallel(plans, held, hw, collective, per_block, efficiency["overlap_slowdown"], hbm)
     parts["dp_comm"], parts["overlap"] = dp["dp_comm"], dp["overlap"]
     tp = tensor_parallel(model, job.seq_len, plans, held, hw, collective, micro.matmul_blocks / layers,
-                         efficiency["overlap_slowdown"])
+                         efficiency["overlap_slowdown"], gemm_tile_overhead(plans, hw))
     parts["tp_comm"], parts["overlap"] = tp["tp_comm"], parts["overlap"] + tp["tp_overlap"]
     parts["cp_comm"] = micro_batches * ring_exchange(model, job.seq_len, plans, held.layers, micro.attention,
                                                      micro.recompute_share["attention"], hw, collective)
