@@ -32,7 +32,7 @@ def tile_overhead_k(out_bytes, tensor_flops_per_s, hbm_bytes_per_s):
     """A tile's fixed cost in steps of K (numbers or arrays). Its epilogue writes TM·TN outputs of
     out_bytes over the SM's share of HBM while one step of K is 2·TM·TN FLOPs at the SM's share of
     the tensor rate: out_bytes·F / (2·B) steps, the achieved rates (about 140 on an A100 in bf16, 260
-    on an H100, whose tensor cores doubled against HBM's 1.6x). Filling the pipeline (the first
+    on an H100, whose tensor rate grew 3.2x over the A100's and its HBM 1.6x). Filling the pipeline (the first
     stage's operand loads) costs about as much again, and Hopper's persistent kernels overlap one
     tile's epilogue with the next one's main loop, so one write is counted."""
     return out_bytes * tensor_flops_per_s / (2 * hbm_bytes_per_s)

@@ -58,10 +58,10 @@ def _gpu(run: Run, assumed: list[str]) -> str:
     raise NotExpressible(f"gpu {run.gpu!r} is not in the catalog (conf/gpu/)")
 
 
-def _network_gbps(run: Run, gpus_per_node: int, port_gbps: float, assumed: list[str]) -> float | None:
+def _network_gbps(run: Run, gpus_per_node: int, one_port_gbps: float, assumed: list[str]) -> float | None:
     """The network's line rate per GPU in Gb/s: 'N x R Gbps per node' shares N ports among the node's
     GPUs; 'R Gb/s per GPU' is one GPU's; a bare 'R Gb/s' is one GPU's unless it is more than one
-    port of the catalog GPU's reference server (`port_gbps`) carries, which only a node's ports
+    port of the catalog GPU's reference server (`one_port_gbps`) carries, which only a node's ports
     together can; None (unstated): the reference server's port."""
     text = run.interconnect or ""
     per_node = re.search(r"(\d+)\s*x\s*(\d+)\s*Gb(?:ps|/s).*per node", text, re.IGNORECASE)
@@ -72,9 +72,9 @@ def _network_gbps(run: Run, gpus_per_node: int, port_gbps: float, assumed: list[
         gbps = float(rate.group(1))
         if re.search(r"per\s+GPU", text, re.IGNORECASE):
             return gbps
-        if gbps > port_gbps:
+        if gbps > one_port_gbps:
             assumed.append(f"network {text!r} says neither per GPU nor per node: more than one GPU's port on "
-                           f"this GPU's servers ({port_gbps:g} Gb/s) carries, so the node's: "
+                           f"this GPU's servers ({one_port_gbps:g} Gb/s) carries, so the node's: "
                            f"{gbps / gpus_per_node:g} Gb/s per GPU")
             return gbps / gpus_per_node
         assumed.append(f"network {text!r} says neither per GPU nor per node: taken per GPU")
