@@ -40,7 +40,7 @@ def shared_launch(request, tmp_path_factory, nproc: int, fixture: str, spec: str
 @pytest.fixture(scope="session")
 def two_rank_run(request, tmp_path_factory) -> dict:
     """The modules' `two_rank_spec` on 2 ranks (test_context_parallel.py, test_engine_parallel.py,
-    test_float8_tp.py, test_tp_kernels.py): shared_launch."""
+    test_float8_tp.py, test_reduce_dtype.py, test_tp_kernels.py): shared_launch."""
     return shared_launch(request, tmp_path_factory, 2, "two_rank_run", "two_rank_spec")
 
 
